@@ -1,0 +1,47 @@
+"""Shared fixtures: where the real scanner files are, with a clear skip when they are absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _real_data_dir() -> Path:
+    env = os.environ.get("WSI_CMAF_TEST_DATA")
+    if env:
+        return Path(env)
+    return REPO_ROOT.parent / "shared" / "data" / "slides"
+
+
+REAL_SLIDES = {
+    "svs": "cmu_small_region.svs",
+    "tiff": "cmu_small_region_pyramid_3level.tiff",
+    "jp2k_svs": "tcga-cr-7395-01a-01-ts1.svs",
+    "dicom": "small_dicom.dcm",
+}
+
+
+@pytest.fixture(scope="session")
+def real_slides_dir() -> Path:
+    """The folder of real scanner files; skips the test (with the reason) when it is absent."""
+    d = _real_data_dir()
+    if not d.is_dir():
+        pytest.skip(f"real slide folder not found at {d} (set WSI_CMAF_TEST_DATA to point at it)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def real_slide(real_slides_dir: Path):
+    """Callable ``real_slide(key)`` -> Path of one real slide (keys: svs, tiff, jp2k_svs, dicom)."""
+
+    def get(key: str) -> Path:
+        path = real_slides_dir / REAL_SLIDES[key]
+        if not path.is_file():
+            pytest.skip(f"real slide {path} is missing")
+        return path
+
+    return get

@@ -1,0 +1,31 @@
+"""wsi-cmaf: whole-slide image analysis for breast cancer histopathology.
+
+Heavy submodules (torch, OpenSlide, dask) load lazily so ``import wsi_cmaf`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "open_slide": "wsi_cmaf.slide.reader",
+    "detect_tissue": "wsi_cmaf.slide.tissue",
+    "TileGrid": "wsi_cmaf.slide.grid",
+    "write_synthetic_slide": "wsi_cmaf.slide.synthetic",
+    "create_model": "wsi_cmaf.models",
+    "load_model": "wsi_cmaf.models",
+    "analyze_slide": "wsi_cmaf.infer",
+    "SlideResult": "wsi_cmaf.infer",
+    "analyze_slides": "wsi_cmaf.cluster",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'wsi_cmaf' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+import sys
+
+from wsi_cmaf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,74 @@
+"""Command-line entry point ``wsi-cmaf``.
+
+Each verb lives in its own module of this package and exposes ``VERB``, ``HELP``,
+``add_arguments(parser)`` and ``run(args) -> int``; :func:`main` discovers them, so
+adding a verb never touches this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+from types import ModuleType
+
+from wsi_cmaf import __version__
+from wsi_cmaf.errors import WsiCmafError
+
+logger = logging.getLogger("wsi_cmaf")
+
+
+def _verb_modules() -> list[ModuleType]:
+    modules = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(module, "VERB") and hasattr(module, "run"):
+            modules.append(module)
+    return modules
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with one sub-parser per discovered verb."""
+    parser = argparse.ArgumentParser(
+        prog="wsi-cmaf",
+        description="Whole-slide image analysis with CMAF-Net: tiling, inference, heatmaps, training.",
+    )
+    parser.add_argument("--version", action="version", version=f"wsi-cmaf {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for module in _verb_modules():
+        verb_parser = sub.add_parser(
+            module.VERB, help=module.HELP, description=module.HELP, parents=[common]
+        )
+        module.add_arguments(verb_parser)
+        verb_parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args._run(args) or 0)
+    except WsiCmafError as exc:
+        if args.debug:
+            raise
+        print(f"wsi-cmaf {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"wsi-cmaf {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

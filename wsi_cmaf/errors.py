@@ -1,0 +1,91 @@
+"""Named exceptions raised by wsi-cmaf.
+
+Every error a user can trigger with bad input derives from :class:`WsiCmafError`
+and carries a message that names what was wrong (usually the path) and what to
+do about it. The CLI prints ``str(error)`` as one line and exits non-zero.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class WsiCmafError(Exception):
+    """Base class of every error wsi-cmaf raises on purpose."""
+
+
+# --- slides -----------------------------------------------------------------
+class SlideError(WsiCmafError):
+    """A slide could not be used. ``path`` names the file."""
+
+    def __init__(self, path: str | Path | None, message: str) -> None:
+        self.path = None if path is None else Path(path)
+        prefix = f"{self.path}: " if self.path is not None else ""
+        super().__init__(prefix + message)
+
+
+class SlideNotFoundError(SlideError, FileNotFoundError):
+    """The path does not exist."""
+
+
+class NotASlideFileError(SlideError):
+    """The path exists but is not a regular, non-empty file (a directory, empty file...)."""
+
+
+class UnreadableSlideError(SlideError):
+    """No backend could open the file, or a read inside it failed (corrupt/truncated data)."""
+
+
+class UnsupportedSlideError(SlideError):
+    """The file opens but holds pixels we cannot analyse (e.g. 16-bit greyscale)."""
+
+
+class MissingResolutionError(SlideError):
+    """The slide carries no µm/px and no ``mpp=`` override was given."""
+
+
+class BackendUnavailableError(WsiCmafError):
+    """An explicitly requested reader backend is not installed."""
+
+
+# --- models -----------------------------------------------------------------
+class ModelError(WsiCmafError):
+    """A model, its weights or its config could not be used."""
+
+
+class ModelConfigError(ModelError):
+    """A model config is missing fields, has wrong values, or does not match its weights."""
+
+
+# --- outputs ----------------------------------------------------------------
+class OutputError(WsiCmafError):
+    """An output location cannot be written as asked."""
+
+
+class OutputExistsError(OutputError):
+    """A result already exists where we would write and ``overwrite`` was not given."""
+
+
+class StoreMismatchError(OutputError):
+    """An existing store was made by another model, config or slide; refusing to mix."""
+
+
+# --- data / training ----------------------------------------------------------
+class DataError(WsiCmafError):
+    """Training or evaluation data is invalid. ``problems`` lists every offending row."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        self.problems = list(problems or [])
+        if self.problems:
+            shown = "\n".join(f"  - {p}" for p in self.problems[:50])
+            more = f"\n  ... and {len(self.problems) - 50} more" if len(self.problems) > 50 else ""
+            message = f"{message} ({len(self.problems)} problem(s)):\n{shown}{more}"
+        super().__init__(message)
+
+
+class ManifestError(DataError):
+    """A manifest file has bad rows (missing images, bad labels, leaking patients...)."""
+
+
+class ConfigError(WsiCmafError):
+    """A configuration file or value is invalid."""
