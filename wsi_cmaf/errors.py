@@ -89,3 +89,7 @@ class ManifestError(DataError):
 
 class ConfigError(WsiCmafError):
     """A configuration file or value is invalid."""
+
+
+class StainFitError(DataError):
+    """A Macenko stain matrix could not be fitted (too few tissue pixels, degenerate colours)."""

@@ -1,0 +1,159 @@
+"""End-to-end slide inference throughput vs model-only throughput, and peak RSS vs slide area.
+
+    python benchmarks/bench_pipeline.py                       # CMAF-Net @224 and ResNet-18 @64 on a synthetic slide
+    python benchmarks/bench_pipeline.py --real ../shared/data/slides/tcga-cr-7395-01a-01-ts1.svs --real-mpp 0.25
+    python benchmarks/bench_pipeline.py --rss-only
+
+One JSON line per run. "model-only" runs the same model, batch size, device and autocast on
+preprocessed tensors already in memory; "e2e" is the whole ``analyze_slide`` call (open, tissue,
+grid, stain fit, reading, preprocessing, inference, Zarr writes, overlay, GeoJSON); "loop" is the
+streaming read+infer+write stage alone. efficiency = e2e tiles/s / model-only tiles/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from wsi_cmaf.infer import InferenceConfig, analyze_slide  # noqa: E402
+from wsi_cmaf.infer.modelspec import resolve_model  # noqa: E402
+from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor, resolve_device  # noqa: E402
+from wsi_cmaf.models import ModelConfig, create_model  # noqa: E402
+from wsi_cmaf.slide.synthetic import write_synthetic_slide  # noqa: E402
+
+MODELS = {
+    # name: (registry name, input size, model kwargs)
+    "cmaf_net@224": ("cmaf_net", 224, {}),
+    "resnet18@64": ("timm:resnet18", 64, {"input_size": 64}),
+}
+
+
+def model_only_tiles_per_s(resolved, batch_size: int, device, n_tiles: int, autocast: str) -> float:
+    """Throughput of the model alone on preprocessed input tensors already on the device."""
+    cfg = resolved.config
+    runner = BatchRunner(resolved.module, TilePreprocessor(cfg.input_size, cfg.mean, cfg.std), device,
+                         batch_size, autocast)
+    x = torch.randn(batch_size, 3, cfg.input_size, cfg.input_size, device=device)
+    n_batches = max(2, n_tiles // batch_size)
+    with torch.inference_mode():
+        for _ in range(2):  # warm-up
+            with runner._autocast():
+                torch.softmax(runner.model(x).float(), 1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n_batches):
+            with runner._autocast():
+                p = torch.softmax(runner.model(x).float(), 1).cpu()
+        t = time.perf_counter() - t0
+    del p
+    return n_batches * batch_size / t
+
+
+def bench_model(name: str, slide: Path, args, mpp=None) -> dict:
+    reg, size, kw = MODELS[name]
+    module = create_model(reg, num_classes=2, **kw)
+    cfg = ModelConfig(architecture=reg, input_size=size, stain_normalization="macenko",
+                      weights_note="untrained (benchmark)", model_kwargs=kw)
+    resolved = resolve_model(module, cfg)
+    device = resolve_device(args.device)
+    icfg = InferenceConfig(device=args.device, batch_size=args.batch_size, progress=False,
+                           autocast=args.autocast)
+    with tempfile.TemporaryDirectory() as out:
+        analyze_slide(slide, model=resolved, out=out, mpp=mpp, config=icfg, overwrite=True)  # warm caches
+        t0 = time.perf_counter()
+        res = analyze_slide(slide, model=resolved, out=out, mpp=mpp, config=icfg, overwrite=True,
+                            resume=False)
+        e2e = time.perf_counter() - t0
+    model_tps = model_only_tiles_per_s(resolved, args.batch_size, device, max(res.tiles_tissue, 512),
+                                       args.autocast)
+    e2e_tps = res.tiles_tissue / e2e
+    loop_tps = res.tiles_tissue / res.timings["inference"]
+    return {
+        "bench": "pipeline", "model": name, "slide": str(slide), "device": str(device),
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(), "batch_size": args.batch_size, "autocast": args.autocast,
+        "tissue_tiles": res.tiles_tissue, "e2e_s": round(e2e, 3),
+        "e2e_tiles_per_s": round(e2e_tps, 1), "loop_tiles_per_s": round(loop_tps, 1),
+        "model_only_tiles_per_s": round(model_tps, 1),
+        "efficiency": round(e2e_tps / model_tps, 3), "efficiency_loop": round(loop_tps / model_tps, 3),
+        "timings": res.timings, "backend": res.backend,
+    }
+
+
+RSS_CHILD = """
+import json, resource, sys, tempfile
+from wsi_cmaf.infer import InferenceConfig, analyze_slide
+from wsi_cmaf.models import ModelConfig, create_model
+from wsi_cmaf.infer.modelspec import resolve_model
+m = resolve_model(create_model("timm:resnet18", num_classes=2, input_size=64),
+                  ModelConfig(architecture="timm:resnet18", input_size=64, stain_normalization="macenko"))
+with tempfile.TemporaryDirectory() as out:
+    r = analyze_slide(sys.argv[1], model=m, out=out, config=InferenceConfig(progress=False, batch_size=256))
+print(json.dumps({"tiles": r.tiles_tissue, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def bench_rss(args, workdir: Path) -> dict:
+    """Peak RSS of a fresh process analysing a slide and one with 4x its area."""
+    out = {"bench": "pipeline_rss"}
+    w, h = args.rss_size
+    for tag, (sw, sh) in {"small": (w, h), "large": (2 * w, 2 * h)}.items():
+        p = workdir / f"rss_{tag}.tiff"
+        if not p.exists():
+            write_synthetic_slide(p, sw, sh, args.mpp, seed=11, tumour=True)
+        proc = subprocess.run([sys.executable, "-c", RSS_CHILD, str(p)], capture_output=True, text=True,
+                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[f"{tag}_size"] = [sw, sh]
+        out[f"{tag}_tiles"] = r["tiles"]
+        out[f"{tag}_peak_rss_mb"] = round(r["peak_rss_mb"], 1)
+    out["rss_ratio"] = round(out["large_peak_rss_mb"] / out["small_peak_rss_mb"], 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, nargs=2, default=[40000, 40000], help="synthetic slide w h (px)")
+    ap.add_argument("--mpp", type=float, default=0.25)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--autocast", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    ap.add_argument("--real", type=Path, default=None, help="also run on this real slide")
+    ap.add_argument("--real-mpp", type=float, default=None, help="µm/px override for the real slide")
+    ap.add_argument("--rss-size", type=int, nargs=2, default=[20000, 20000])
+    ap.add_argument("--rss-only", action="store_true")
+    ap.add_argument("--no-rss", action="store_true")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "wsi_cmaf_bench")
+    args = ap.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if not args.rss_only:
+        slide = args.workdir / f"pipeline_{args.size[0]}x{args.size[1]}_{args.mpp}.tiff"
+        if not slide.exists():
+            t0 = time.perf_counter()
+            write_synthetic_slide(slide, args.size[0], args.size[1], args.mpp, seed=5, tumour=True)
+            print(json.dumps({"bench": "synthetic_write", "size": args.size, "s": round(time.perf_counter() - t0, 1)}),
+                  flush=True)
+        for name in args.models:
+            print(json.dumps(bench_model(name, slide, args)), flush=True)
+            if args.real is not None:
+                print(json.dumps(bench_model(name, args.real, args, mpp=args.real_mpp)), flush=True)
+    if not args.no_rss:
+        print(json.dumps(bench_rss(args, args.workdir)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""analyze_slide end to end on synthetic slides with a tiny deterministic model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from tests._models import DarknessClassifier, tiny_config
+from wsi_cmaf.errors import (ModelConfigError, OutputExistsError, SlideNotFoundError,
+                             StoreMismatchError)
+from wsi_cmaf.infer import InferenceConfig, analyze_slide
+from wsi_cmaf.slide.synthetic import write_synthetic_slide
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = InferenceConfig(block_tiles=4, progress=False, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    d = tmp_path_factory.mktemp("infer")
+    return write_synthetic_slide(d / "s.tiff", 6400, 4800, 0.5, seed=3, tumour=True)
+
+
+def run(slide_path, out, **kw):
+    kw.setdefault("config", CFG)
+    return analyze_slide(slide_path, model=DarknessClassifier(), model_config=tiny_config(), out=out, **kw)
+
+
+def test_end_to_end_outputs_and_counts(slide, tmp_path):
+    res = run(slide.path, tmp_path / "o")
+    assert res.tiles_total == 16 * 12
+    assert 0 < res.tiles_tissue < res.tiles_total
+    assert res.tiles_failed == 0 and res.blocks_failed == 0
+    assert res.blocks_computed == res.blocks_total > 0
+    for key in ("store", "overlay", "geojson", "summary"):
+        assert res.outputs[key].exists(), key
+    # plain zarr-python, no wsi-cmaf code: OME-NGFF multiscale metadata and a probability array
+    root = zarr.open_group(str(res.store), mode="r")
+    ome = root.attrs["ome"]
+    assert ome["version"] == "0.5"
+    level0 = root[ome["multiscales"][0]["datasets"][0]["path"]]
+    probs = np.asarray(level0)
+    assert probs.shape == (2, 12, 16)
+    tissue = np.isfinite(probs[1])
+    assert tissue.sum() == res.tiles_tissue
+    np.testing.assert_allclose(probs[0][tissue] + probs[1][tissue], 1.0, rtol=1e-5)
+    summary = json.loads(res.outputs["summary"].read_text())
+    assert summary["tiles_tissue"] == res.tiles_tissue
+    assert res.tissue_area_mm2 > 0
+
+
+def test_heatmap_follows_known_tumour(slide, tmp_path):
+    from skimage.transform import resize
+    from sklearn.metrics import roc_auc_score
+
+    res = run(slide.path, tmp_path / "o")
+    probs = np.asarray(zarr.open_group(str(res.store), mode="r")["0"])[1]
+    truth = resize(slide.tumour_mask.astype(float), probs.shape, order=1, anti_aliasing=True) > 0.5
+    ok = np.isfinite(probs)
+    assert truth[ok].any() and not truth[ok].all()
+    assert roc_auc_score(truth[ok], probs[ok]) > 0.8
+
+
+def test_existing_store_guards(slide, tmp_path):
+    out = tmp_path / "o"
+    first = run(slide.path, out)
+    again = run(slide.path, out)  # resume: nothing left to do
+    assert again.blocks_computed == 0 and again.blocks_skipped == first.blocks_total
+    with pytest.raises(OutputExistsError):
+        run(slide.path, out, resume=False)
+    other = tiny_config(class_names=["benign", "tumour"])
+    with pytest.raises(StoreMismatchError):
+        analyze_slide(slide.path, model=DarknessClassifier(), model_config=other, out=out, config=CFG)
+    assert np.isfinite(np.asarray(zarr.open_group(str(first.store), mode="r")["0"])).any()
+    redo = run(slide.path, out, overwrite=True, resume=False)
+    assert redo.blocks_computed == first.blocks_total
+
+
+def test_bad_model_fails_before_slide_work(tmp_path):
+    with pytest.raises(ModelConfigError):
+        analyze_slide(tmp_path / "missing.svs", model=DarknessClassifier(num_classes=3),
+                      model_config=tiny_config(), out=tmp_path / "o", config=CFG)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SlideNotFoundError):
+        run(tmp_path / "missing.svs", tmp_path / "o")
+
+
+def test_blank_slide_gives_empty_result(tmp_path):
+    blank = write_synthetic_slide(tmp_path / "blank.tiff", 3200, 2400, 0.5, seed=1, blank=True)
+    res = run(blank.path, tmp_path / "o")
+    assert res.tiles_tissue == 0 and res.blocks_total == 0
+    assert any("no tissue" in w for w in res.warnings)
+    probs = np.asarray(zarr.open_group(str(res.store), mode="r")["0"])
+    assert np.isnan(probs).all()
+
+
+def _corrupt_one_tile(path: Path, dims: tuple[int, int]) -> None:
+    """Overwrite the JPEG header of one tissue-covered tile of the level of size ``dims`` (w, h)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        page = next(p for p in tf.pages if (p.imagewidth, p.imagelength) == tuple(dims) and p.is_tiled)
+        offsets, counts = page.dataoffsets, page.databytecounts
+        # the largest compressed tile is the most textured one: inside tissue
+        i = int(np.argmax(counts))
+        offset = offsets[i]
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\x00" * 64)
+
+
+def test_corrupt_block_is_recorded_and_rest_completes(slide, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad.tiff"
+    shutil.copy(slide.path, bad)
+    from wsi_cmaf.slide.reader import open_slide
+
+    with open_slide(bad) as r:
+        dims = r.level_dimensions[r.level_for_mpp(4.0)]
+    _corrupt_one_tile(bad, dims)
+    res = run(bad, tmp_path / "o")
+    assert res.blocks_failed >= 1
+    assert res.tiles_failed > 0
+    assert res.blocks_computed >= 1
+    assert res.blocks_computed + res.blocks_failed == res.blocks_total
+    root = zarr.open_group(str(res.store), mode="r")
+    assert np.isfinite(np.asarray(root["0"])).sum() == (res.tiles_tissue - res.tiles_failed) * 2
+
+
+KILL_SCRIPT = """
+import sys
+from tests._models import DarknessClassifier, tiny_config
+from wsi_cmaf.infer import InferenceConfig, analyze_slide
+analyze_slide(sys.argv[1], model=DarknessClassifier(delay=float(sys.argv[3])), model_config=tiny_config(),
+              out=sys.argv[2], config=InferenceConfig(block_tiles=4, progress=False, batch_size=64,
+              prefetch_blocks=1))
+"""
+
+
+def test_resume_after_sigkill_is_bit_identical(slide, tmp_path):
+    ref = run(slide.path, tmp_path / "ref")
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(slide.path), str(out), "0.4"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    store = out / f"{slide.path.stem}.zarr"
+    deadline = time.monotonic() + 120
+    done_blocks = 0
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            try:
+                done = np.asarray(zarr.open_group(str(store), mode="r")["wsi_cmaf/done"])
+            except (FileNotFoundError, KeyError, ValueError):
+                continue
+            done_blocks = int(done.sum())
+            if done_blocks >= 2:
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    assert done_blocks >= 2, proc.stderr.read().decode()[-2000:]
+    assert done_blocks < ref.blocks_total, "the run finished before it could be killed"
+    resumed = run(slide.path, out)
+    assert resumed.blocks_skipped >= 2
+    assert resumed.blocks_computed == ref.blocks_total - resumed.blocks_skipped
+    a = np.asarray(zarr.open_group(str(ref.store), mode="r")["0"])
+    b = np.asarray(zarr.open_group(str(resumed.store), mode="r")["0"])
+    np.testing.assert_array_equal(a, b)  # NaNs in the same places, identical bits elsewhere
+
+
+def test_cli_analyze_error_is_one_line(tmp_path):
+    from wsi_cmaf.cli import main
+
+    proc = subprocess.run([sys.executable, "-m", "wsi_cmaf", "analyze", str(tmp_path / "nope.svs"),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "WARNING" not in ln]
+    assert len(lines) == 1 and "nope.svs" in lines[0], proc.stderr
+    assert main is not None

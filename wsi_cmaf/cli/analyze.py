@@ -1,0 +1,48 @@
+"""``wsi-cmaf analyze``: run a model over one slide and write the heatmap store and pictures."""
+
+from __future__ import annotations
+
+import argparse
+
+VERB = "analyze"
+HELP = "analyse a slide: tissue tiles -> model -> OME-Zarr heatmap, overlay PNG, GeoJSON"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Register the verb's options."""
+    p.add_argument("slide", help="path of the whole-slide image")
+    p.add_argument("--model", default=None,
+                   help="registry name, weights directory/.safetensors or TorchScript file "
+                        "(default: the project's default model)")
+    p.add_argument("--model-config", default=None, help="JSON config for a TorchScript model")
+    p.add_argument("--out", default=None, help="output directory (default ./wsi_cmaf_results/<slide>)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--mpp", type=float, default=None, help="override the slide's µm/px (level 0)")
+    p.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "wsidicom"])
+    p.add_argument("--stain", default="auto", choices=["auto", "macenko", "none"],
+                   help="stain normalisation (auto: as the model config says)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast also on CPU (faster, less exact)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", dest="resume", action="store_true", default=True,
+                   help="compute only blocks not done in an existing store (default)")
+    g.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="refuse to reuse an existing store")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the analysis and print its summary."""
+    from wsi_cmaf.infer import InferenceConfig, analyze_slide
+
+    cfg = InferenceConfig(
+        device=args.device, batch_size=args.batch_size, progress=not args.no_progress,
+        stain=None if args.stain == "auto" else args.stain, autocast="bf16" if args.bf16 else "auto",
+    )
+    result = analyze_slide(
+        args.slide, model=args.model, out=args.out, model_config=args.model_config, mpp=args.mpp,
+        backend=args.backend, resume=args.resume, overwrite=args.overwrite, config=cfg,
+    )
+    print("\n".join(result.summary_lines()))
+    return 0

@@ -1,0 +1,55 @@
+"""``wsi-cmaf batch``: analyse a slide archive on dask.distributed (local, scheduler, SLURM/PBS)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+VERB = "batch"
+HELP = "analyse many slides (paths, glob, directory or CSV) on a dask cluster, skipping finished ones"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Register the verb's options."""
+    p.add_argument("inputs", nargs="+", help="slide paths, a glob, a directory (recursive) or a CSV (path[,mpp])")
+    p.add_argument("--out", required=True, help="output directory (one folder per slide + status.csv)")
+    p.add_argument("--model", default=None, help="model (default: the project's default model)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", default=None, help="address of a running dask scheduler (tcp://host:8786)")
+    where.add_argument("--cluster", default="local", choices=["local", "slurm", "pbs"],
+                       help="start a cluster of this kind (default local)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes (local) or jobs (slurm/pbs)")
+    p.add_argument("--gpus-per-worker", type=int, default=0, help="GPU resource per worker (0: CPU only)")
+    p.add_argument("--cluster-options", default=None,
+                   help="JSON of extra dask-jobqueue/LocalCluster options, e.g. "
+                        "'{\"queue\": \"gpu\", \"walltime\": \"04:00:00\"}'")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--retries", type=int, default=2, help="retries of a slide after a transient error")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the batch and print the final summary table."""
+    from wsi_cmaf.cluster import analyze_slides
+    from wsi_cmaf.infer import InferenceConfig
+
+    cfg = InferenceConfig(device=args.device, batch_size=args.batch_size, progress=False, reader_threads=1)
+    result = analyze_slides(
+        args.inputs if len(args.inputs) > 1 else args.inputs[0], args.out, model=args.model,
+        scheduler=args.scheduler, cluster=args.cluster, workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        cluster_kwargs=json.loads(args.cluster_options) if args.cluster_options else None,
+        config=cfg, retries=args.retries, progress=not args.no_progress,
+    )
+    if result.dashboard:
+        print(f"dashboard: {result.dashboard}")
+    print(f"{'slide':<40} {'status':<8} {'tiles':>7} {'sec':>7}  error")
+    for row in result.rows:
+        name = str(row.get("key", ""))[:40]
+        print(f"{name:<40} {row.get('status', ''):<8} {str(row.get('tissue_tiles', '')):>7} "
+              f"{str(row.get('seconds', '')):>7}  {str(row.get('error', ''))[:100]}")
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.counts.items()))
+    print(f"{len(result.rows)} slides ({counts}); {result.skipped} skipped as already done; "
+          f"{result.seconds:.1f}s; status table {result.status_path}")
+    return 0 if not result.counts.get("failed") else 1

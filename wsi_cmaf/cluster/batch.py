@@ -1,0 +1,134 @@
+"""``analyze_slides``: many slides on a dask.distributed cluster, one task per slide.
+
+Why one task per slide and not per block: a slide task reuses the single-slide code path
+(so a batch heatmap is bit-identical to ``analyze_slide``), keeps all of a slide's tile data on
+the worker that reads it (no tile transfer between workers), and gives archives of many slides
+full parallelism; see the closing measurements in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distributed import Client, as_completed
+from tqdm.auto import tqdm
+
+from wsi_cmaf.cluster.engine import connect
+from wsi_cmaf.cluster.inputs import SlideJob, collect_slides
+from wsi_cmaf.cluster.status import StatusTable
+from wsi_cmaf.errors import WsiCmafError
+from wsi_cmaf.infer.config import InferenceConfig
+from wsi_cmaf.infer.modelspec import ResolvedModel, resolve_model
+from wsi_cmaf.slide.reader import file_fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchResult:
+    """What a batch run did: the status table and per-status counts."""
+
+    status_path: Path
+    rows: list[dict[str, Any]]
+    counts: dict[str, int]
+    skipped: int
+    seconds: float
+    dashboard: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def slide_task(job: SlideJob, out_dir: str, model: ResolvedModel, cfg: InferenceConfig) -> dict[str, Any]:
+    """Analyse one slide on a worker. Bad slides return a 'failed' row; transient errors raise (retried)."""
+    from wsi_cmaf.infer import analyze_slide
+
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"slide": str(job.path), "key": job.key, "model_hash": model.weights_sha256}
+    try:
+        row["fingerprint"] = file_fingerprint(job.path)
+        result = analyze_slide(job.path, model=model, out=Path(out_dir) / job.key, mpp=job.mpp,
+                               resume=True, config=cfg)
+    except WsiCmafError as exc:  # a property of the slide: retrying cannot help
+        row.update(status="failed", error=str(exc), seconds=round(time.perf_counter() - t0, 3))
+        return row
+    row.update(status="done" if not result.blocks_failed else "partial", error="; ".join(result.warnings),
+               tissue_tiles=result.tiles_tissue, seconds=round(time.perf_counter() - t0, 3),
+               output=str(result.store))
+    return row
+
+
+def _already_done(row: dict[str, Any] | None, job: SlideJob, model_hash: str) -> bool:
+    if not row or row.get("status") != "done" or row.get("model_hash") != model_hash:
+        return False
+    if not row.get("output") or not Path(row["output"]).exists():
+        return False
+    try:
+        return row.get("fingerprint") == file_fingerprint(job.path)
+    except WsiCmafError:
+        return False
+
+
+def analyze_slides(
+    slides: str | Path | list[str | Path],
+    out_dir: str | Path,
+    *,
+    model: Any = None,
+    model_config: Any = None,
+    client: Client | None = None,
+    scheduler: str | None = None,
+    cluster: str = "local",
+    workers: int = 2,
+    gpus_per_worker: int = 0,
+    cluster_kwargs: dict[str, Any] | None = None,
+    config: InferenceConfig | None = None,
+    retries: int = 2,
+    progress: bool = True,
+) -> BatchResult:
+    """Analyse every slide in ``slides`` into ``out_dir/<key>/``, tracking them in ``out_dir/status.csv``.
+
+    Completed slides (same file fingerprint, same model) are skipped; partial ones resume chunk by
+    chunk. A slide that cannot be read fails alone with its error recorded.
+    """
+    t0 = time.perf_counter()
+    jobs = collect_slides(slides)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = resolve_model(model, model_config)  # validate once, before any slide work
+    cfg = config or InferenceConfig(progress=False, reader_threads=1)
+    table = StatusTable(out / "status.csv")
+    todo = [j for j in jobs if not _already_done(table.get(j.key), j, resolved.weights_sha256)]
+    skipped = len(jobs) - len(todo)
+    if skipped:
+        logger.info("%d of %d slides already done; skipping them", skipped, len(jobs))
+    dashboard = None
+    with connect(client=client, scheduler=scheduler, cluster=cluster, workers=workers,
+                 gpus_per_worker=gpus_per_worker, cluster_kwargs=cluster_kwargs) as c:
+        dashboard = c.dashboard_link
+        if todo:
+            model_ref = c.scatter(resolved, broadcast=True, hash=False)  # loaded once per worker
+            resources = {"GPU": 1} if gpus_per_worker else None
+            futures = {}
+            for job in todo:
+                table.update(job.key, slide=str(job.path), status="running", model_hash=resolved.weights_sha256)
+                fut = c.submit(slide_task, job, str(out), model_ref, cfg, retries=retries,
+                               resources=resources, pure=False, key=f"slide-{job.key}-{time.time_ns()}")
+                futures[fut] = job
+            bar = tqdm(total=len(todo), unit="slide", disable=not progress, desc="slides")
+            tiles = 0
+            for fut in as_completed(futures, loop=c.loop):
+                job = futures[fut]
+                try:
+                    row = fut.result()
+                except Exception as exc:  # exhausted retries or a killed worker: record, go on
+                    row = {"slide": str(job.path), "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+                row.pop("key", None)
+                table.update(job.key, **row)
+                tiles += int(row.get("tissue_tiles") or 0)
+                bar.set_postfix(tiles=tiles, failed=table.counts().get("failed", 0))
+                bar.update(1)
+            bar.close()
+    rows = [table.get(j.key) for j in jobs]
+    return BatchResult(table.path, rows, table.counts(), skipped, time.perf_counter() - t0, dashboard)

@@ -1,0 +1,52 @@
+"""Configuration of one inference run (everything that is not the model or the slide)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How ``analyze_slide`` runs: device, batching, prefetch, outputs.
+
+    The tile geometry (µm/px, tile size) comes from the model's config, not from here,
+    so a model is always run at the spacing it was trained for.
+    """
+
+    device: str = "auto"
+    batch_size: int = 256
+    #: "auto": bf16/fp16 autocast on CUDA, fp32 on CPU; "bf16" forces bf16 (also on CPU); "off" disables.
+    autocast: str = "auto"
+    #: blocks read ahead of the model; bounds memory (each block <= block_tiles² tiles).
+    prefetch_blocks: int = 4
+    #: reader threads of the in-process dask cluster used when no client is given.
+    reader_threads: int = 2
+    block_tiles: int = 32
+    tissue_threshold: float = 0.5
+    #: probability above which a tile counts as positive in the summary, GeoJSON and overlay outline.
+    decision_threshold: float = 0.5
+    #: None: take the model config's choice; "macenko" or "none" overrides it.
+    stain: str | None = None
+    overlay: bool = True
+    geojson: bool = True
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from wsi_cmaf.errors import ConfigError
+
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.prefetch_blocks < 1:
+            raise ConfigError(f"prefetch_blocks must be >= 1, got {self.prefetch_blocks}")
+        if self.autocast not in {"auto", "bf16", "fp16", "off"}:
+            raise ConfigError(f"autocast must be auto|bf16|fp16|off, got {self.autocast!r}")
+        if self.stain not in {None, "macenko", "none"}:
+            raise ConfigError(f"stain must be 'macenko', 'none' or None, got {self.stain!r}")
+        if not 0.0 <= self.decision_threshold <= 1.0:
+            raise ConfigError(f"decision_threshold must be in [0, 1], got {self.decision_threshold}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able view."""
+        return asdict(self)

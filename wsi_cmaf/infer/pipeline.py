@@ -1,0 +1,300 @@
+"""``analyze_slide``: tissue -> tile grid -> dask-read blocks -> batched model -> OME-Zarr heatmap."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from distributed import Client, as_completed
+from tqdm.auto import tqdm
+
+from wsi_cmaf import __version__
+from wsi_cmaf.errors import WsiCmafError
+from wsi_cmaf.infer.config import InferenceConfig
+from wsi_cmaf.infer.modelspec import ResolvedModel, config_identity, resolve_model
+from wsi_cmaf.infer.result import SlideResult
+from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor, resolve_device
+from wsi_cmaf.infer.stainfit import fit_slide_stain
+from wsi_cmaf.infer.tasks import BlockFailure, SlideSpec, read_block_task
+from wsi_cmaf.output.store import HeatmapStore
+from wsi_cmaf.slide.grid import GridConfig, TileGrid
+from wsi_cmaf.slide.reader import open_slide
+from wsi_cmaf.slide.tissue import TissueConfig, detect_tissue
+
+logger = logging.getLogger(__name__)
+
+
+class _Timer(dict):
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - t0
+
+
+@contextmanager
+def _dask_client(client: Client | None, threads: int) -> Iterator[Client]:
+    """Use the caller's client, or a short-lived in-process one (no extra processes, no pickling)."""
+    if client is not None:
+        yield client
+        return
+    own = Client(processes=False, n_workers=1, threads_per_worker=threads, dashboard_address=":0",
+                 set_as_default=False)
+    try:
+        yield own
+    finally:
+        own.close()
+
+
+def default_output_dir(slide: Path) -> Path:
+    """Where results go when ``out`` is not given: ``./wsi_cmaf_results/<slide stem>``."""
+    return Path.cwd() / "wsi_cmaf_results" / slide.stem
+
+
+def analyze_slide(
+    path: str | Path,
+    model: Any = None,
+    out: str | Path | None = None,
+    *,
+    model_config: Any = None,
+    mpp: float | tuple[float, float] | None = None,
+    backend: str = "auto",
+    device: str = "auto",
+    batch_size: int = 256,
+    stain: str | None = "auto",
+    tissue: TissueConfig | None = None,
+    resume: bool = True,
+    overwrite: bool = False,
+    client: Client | None = None,
+    progress: bool = True,
+    config: InferenceConfig | None = None,
+) -> SlideResult:
+    """Analyse one slide and write its heatmap store, overlay PNG, GeoJSON and summary JSON.
+
+    ``model``: registry name, weights directory/.safetensors, TorchScript file, or ``nn.Module``
+    (with ``model_config``); None takes the project's default model. ``stain``: "auto" follows the
+    model config, "macenko" forces Macenko normalisation, None disables it. With ``resume`` a rerun
+    computes only the blocks not marked done; ``overwrite`` replaces an existing store.
+    """
+    cfg = config or InferenceConfig(
+        device=device, batch_size=batch_size, progress=progress,
+        stain=None if stain == "auto" else (stain or "none"),
+    )
+    timer = _Timer()
+    warn: list[str] = []
+    slide_path = Path(path)
+    with timer("model"):
+        resolved = resolve_model(model, model_config)  # fail on a bad model before any slide work
+    if resolved.untrained:
+        warn.append(f"model {resolved.name!r} has untrained weights: probabilities are meaningless")
+    out_dir = Path(out) if out is not None else default_output_dir(slide_path)
+    with ExitStack() as stack:
+        with timer("open"):
+            reader = stack.enter_context(open_slide(slide_path, backend=backend, mpp=mpp))
+            slide_mpp = reader.mpp  # raises MissingResolutionError before we create outputs
+        with timer("tissue"):
+            mask = detect_tissue(reader, tissue)
+        mc = resolved.config
+        with timer("grid"):
+            grid = TileGrid.from_slide(
+                reader,
+                GridConfig(mpp=mc.spacing_um_px, tile_size=mc.patch_size_pixels,
+                           tissue_threshold=cfg.tissue_threshold, block_tiles=cfg.block_tiles),
+                mask,
+            )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        store = HeatmapStore.open_or_create(
+            out_dir / f"{slide_path.stem}.zarr",
+            grid_shape=grid.shape, chunk=grid.block_shape, class_names=list(mc.class_names),
+            identity=_identity(reader, resolved, grid),
+            attrs=_attrs(reader, resolved, grid, cfg, mask),
+            um_per_tile=_um_per_tile(grid), resume=resume, overwrite=overwrite,
+        )
+        store.write_tissue(grid.tissue)
+        todo = [b for b in grid.blocks if not store.done[b.index]]
+        skipped = len(grid.blocks) - len(todo)
+        if not grid.blocks:
+            warn.append("no tissue found: the result is empty")
+            logger.warning("%s: no tissue tiles found; writing an empty result", slide_path)
+        dev = resolve_device(cfg.device)
+        failed = _run_blocks(reader, grid, resolved, cfg, dev, store, todo, client, timer, warn)
+        with timer("finalize"):
+            store.finalize(extra_attrs={"timings": dict(timer)})
+        outputs = {"store": store.path}
+        with timer("exports"):
+            outputs.update(_exports(store, slide_path, out_dir, reader, cfg, warn))
+        result = _summarise(slide_path, reader, grid, mask, store, resolved, cfg, dev, timer,
+                            warn, outputs, computed=len(todo) - failed, skipped=skipped)
+    summary = out_dir / f"{slide_path.stem}_summary.json"
+    result.outputs["summary"] = summary
+    result.to_json(summary)
+    return result
+
+
+def _run_blocks(reader, grid, resolved, cfg, dev, store, todo, client, timer, warn) -> int:
+    """Stream blocks through the model with a bounded number of reads in flight; return #failed."""
+    if not todo:
+        return 0
+    stain_module = None
+    use_stain = cfg.stain if cfg.stain is not None else (resolved.config.stain_normalization or "none")
+    if use_stain == "macenko":
+        with timer("stain_fit"):
+            stain_module, stain_warning = fit_slide_stain(reader, grid)
+        if stain_warning:
+            warn.append(stain_warning)
+    mc = resolved.config
+    runner = BatchRunner(
+        resolved.module,
+        TilePreprocessor(mc.input_size, tuple(mc.mean), tuple(mc.std), mc.resize_interpolation, stain_module),
+        dev, cfg.batch_size, cfg.autocast,
+    )
+    spec = SlideSpec(str(reader.path), reader.backend, _mpp_override(reader))
+    n_tiles = int(sum(int(grid.tissue[b.rows, b.cols].sum()) for b in todo))
+    n_failed = 0
+    t0 = time.perf_counter()
+    with _dask_client(client, cfg.reader_threads) as dc:
+        grid_ref = dc.scatter(grid, broadcast=True, hash=False) if client is not None else grid
+        pending = iter(todo)
+        futures = [dc.submit(read_block_task, spec, grid_ref, b, pure=False)
+                   for b in _take(pending, cfg.prefetch_blocks)]
+        ac = as_completed(futures, loop=dc.loop)
+        bar = tqdm(total=n_tiles, unit="tile", disable=not cfg.progress, desc=reader.path.name)
+        try:
+            for fut in ac:
+                item = fut.result()
+                fut.release()
+                for nxt in _take(pending, 1):
+                    ac.add(dc.submit(read_block_task, spec, grid_ref, nxt, pure=False))
+                if isinstance(item, BlockFailure):
+                    store.mark_failed(item.index, item.error)
+                    n_failed += 1
+                    bar.update(int(grid.tissue[_block_slices(grid, item.index)].sum()))
+                    continue
+                probs = runner(item.tiles) if len(item.tiles) else np.zeros((0, mc.num_classes), np.float32)
+                store.write_block(item.block.index, _chunk(grid, item, probs, mc.num_classes))
+                bar.update(len(item.tiles))
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            ac.clear()
+            raise
+        finally:
+            bar.close()
+    timer["inference"] = timer.get("inference", 0.0) + time.perf_counter() - t0
+    if n_failed:
+        warn.append(f"{n_failed} block(s) could not be read and are marked failed in the store")
+    return n_failed
+
+
+def _take(it: Iterator, n: int) -> list:
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(it))
+        except StopIteration:
+            break
+    return out
+
+
+def _block_slices(grid: TileGrid, index: tuple[int, int]) -> tuple[slice, slice]:
+    k0, k1 = grid.block_shape
+    return (slice(index[0] * k0, min(grid.shape[0], (index[0] + 1) * k0)),
+            slice(index[1] * k1, min(grid.shape[1], (index[1] + 1) * k1)))
+
+
+def _chunk(grid: TileGrid, item, probs: np.ndarray, n_classes: int) -> np.ndarray:
+    """Place tile probabilities into the block's chunk array (NaN where no tissue tile)."""
+    rs, cs = _block_slices(grid, item.block.index)
+    arr = np.full((n_classes, rs.stop - rs.start, cs.stop - cs.start), np.nan, dtype=np.float32)
+    arr[:, np.asarray(item.rows) - rs.start, np.asarray(item.cols) - cs.start] = probs.T
+    return arr
+
+
+def _mpp_override(reader) -> tuple[float, float] | None:
+    return tuple(reader.mpp) if reader.mpp_source == "override" else None
+
+
+def _um_per_tile(grid: TileGrid) -> tuple[float, float]:
+    stride = grid.config.stride or grid.config.tile_size
+    return (stride * grid.config.mpp, stride * grid.config.mpp)
+
+
+def _identity(reader, resolved: ResolvedModel, grid: TileGrid) -> dict[str, Any]:
+    return {
+        "slide_fingerprint": reader.fingerprint(),
+        "model": resolved.name,
+        "weights_sha256": resolved.weights_sha256,
+        "model_config": config_identity(resolved.config),
+        "grid": {"shape": list(grid.shape), "level": int(grid.level),
+                 "config": {k: getattr(grid.config, k) for k in vars(grid.config)}},
+    }
+
+
+def _attrs(reader, resolved: ResolvedModel, grid: TileGrid, cfg: InferenceConfig, mask) -> dict[str, Any]:
+    stride = grid.config.stride or grid.config.tile_size
+    return {
+        "slide": {"path": str(Path(reader.path).resolve()), "size": list(reader.level_dimensions[0]),
+                  "fingerprint": reader.fingerprint(), "backend": reader.backend,
+                  "mpp": list(reader.mpp), "mpp_source": reader.mpp_source, "vendor": reader.vendor},
+        "grid": {"level": int(grid.level), "shape": list(grid.shape), "tile_size": grid.config.tile_size,
+                 "stride": stride, "mpp": grid.config.mpp,
+                 "tile_origin_level0": list(grid.tile_location(0, 0)),
+                 "tile_stride_level0": [stride * grid.config.mpp / reader.mpp[1],
+                                        stride * grid.config.mpp / reader.mpp[0]]},
+        "tissue": {"mpp": mask.mpp, "fraction": float(mask.fraction())},
+        "model": {"name": resolved.name, "weights_sha256": resolved.weights_sha256,
+                  "weights_note": resolved.note, "config": config_identity(resolved.config)},
+        "inference": cfg.to_dict(),
+        "software": {"wsi_cmaf": __version__},
+    }
+
+
+def _exports(store, slide_path, out_dir, reader, cfg, warn) -> dict[str, Path]:
+    from wsi_cmaf.output.geojson import write_geojson
+    from wsi_cmaf.output.overlay import overlay
+
+    outputs: dict[str, Path] = {}
+    try:
+        if cfg.overlay:
+            outputs["overlay"] = overlay(store, slide=reader, out_png=out_dir / f"{slide_path.stem}_overlay.png",
+                                         threshold=cfg.decision_threshold)
+        if cfg.geojson:
+            outputs["geojson"] = write_geojson(store, out_dir / f"{slide_path.stem}_regions.geojson",
+                                               threshold=cfg.decision_threshold)
+    except WsiCmafError as exc:  # the heatmap is the primary result; a failed picture must not lose it
+        warn.append(f"export failed: {exc}")
+        logger.warning("export failed: %s", exc)
+    return outputs
+
+
+def _summarise(slide_path, reader, grid, mask, store, resolved, cfg, dev, timer, warn, outputs,
+               computed: int, skipped: int) -> SlideResult:
+    probs = store.probabilities(0)
+    pos = probs[resolved.config.positive_class]
+    valid = grid.tissue & np.isfinite(pos)
+    values = pos[valid]
+    failed_blocks = store.failed & ~store.done
+    failed_tiles = 0
+    for by, bx in zip(*np.nonzero(failed_blocks)):
+        failed_tiles += int(grid.tissue[_block_slices(grid, (int(by), int(bx)))].sum())
+    return SlideResult(
+        slide=slide_path, outputs=outputs,
+        tiles_total=int(grid.shape[0] * grid.shape[1]), tiles_tissue=int(grid.tissue.sum()),
+        tiles_failed=failed_tiles, blocks_total=len(grid.blocks), blocks_computed=computed,
+        blocks_skipped=skipped, blocks_failed=int(failed_blocks.sum()),
+        tissue_area_mm2=float(mask.mask.sum() * mask.mpp * mask.mpp / 1e6),
+        positive_fraction=float((values >= cfg.decision_threshold).mean()) if values.size else 0.0,
+        max_probability=float(values.max()) if values.size else 0.0,
+        mean_probability=float(values.mean()) if values.size else 0.0,
+        timings={k: round(v, 4) for k, v in timer.items()}, device=str(dev), backend=reader.backend,
+        mpp=tuple(reader.mpp), mpp_source=reader.mpp_source, model_name=resolved.name,
+        weights_note=resolved.note, warnings=warn,
+    )
+

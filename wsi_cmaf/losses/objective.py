@@ -1,0 +1,235 @@
+"""The CMAF-Net training objective: task loss + information-bottleneck terms (Eq. 5, 6, 9).
+
+.. math::
+
+    L = \\frac{1}{B}\\sum_i w_{y_i}\\,\\ell(x_i, y_i)
+        + r(s)\\big[\\beta_1\\,\\overline{(KL_s + KL_t)} + \\beta_2\\,\\hat I(Z_s;Z_t)
+        + \\lambda_{div} R_{div} + \\lambda_{ent} R_{ent} + \\lambda_{orth} R_{orth}\\big]
+
+* ``ℓ`` is the chosen classification loss (A-CBFL by default, :mod:`wsi_cmaf.losses.registry`).
+  It is the variational relevance term: ``−E[log q(y|z)]`` bounds ``−I(Z;Y)`` (Eq. 3); A-CBFL is its
+  margin-aware form (the ``L_margin`` of Eq. 9, which we do not add a second time).
+* ``w_c`` are the class-weighted IB weights of Sec. 3.3 (Eq. 6), applied where Eq. 6 puts them — on
+  the relevance term. Binary: ``w_1/w_0 = √(π_0/π_1)``. For ``C`` classes we generalise to
+  ``w_c ∝ π_c^{−1/2}`` (every pairwise ratio is then ``√(π_a/π_b)``), normalised so ``Σ_c π_c w_c = 1``:
+  the expected weight over the training distribution is 1, so the loss scale is unchanged.
+  With A-CBFL this stacks with ``α_c(t)``; at the end of training ``α`` is uniform and the net
+  class weighting is exactly the square-root weighting of Sec. 3.3.
+* ``KL_s, KL_t`` are per-sample closed-form ``KL(q(z|x) ‖ N(0, I))`` (Eq. 4), averaged over the batch.
+* ``β_2 Î(Z_s;Z_t)`` is **added**: Eq. 5 writes ``−β_2 I(Z_s;Z_t)`` but states that the term
+  "penalizes redundant information", which in a minimised loss needs a plus sign.
+* ``r(s) ∈ [0, 1]`` is the β ramp (:func:`beta_ramp`): every IB regulariser grows from 0 to its target
+  weight over ``ramp_steps`` optimiser steps (Sec. 4.5 "gradually increasing IB regularization
+  weight"); ``fixed_beta=True`` is the Table 6 ablation "Fixed β (no scheduling)" (``r ≡ 1``).
+* The model (``forward_with_aux``) provides ``kl_s, kl_t`` (B,), ``mi_st``, ``reg_diversity``,
+  ``reg_entropy``, ``reg_orthogonality`` (scalars). A key that is absent (branch or block switched
+  off) contributes nothing; a term switched off here is skipped even if present.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from wsi_cmaf.errors import ConfigError
+from wsi_cmaf.losses.base import class_priors
+from wsi_cmaf.losses.registry import canonical_loss_name, create_loss
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LossConfig", "IBObjective", "ObjectiveOutput", "beta_ramp", "class_ib_weights", "REG_TERMS"]
+
+# aux key -> LossConfig field holding its weight, LossConfig switch. Order = logging order.
+REG_TERMS: dict[str, tuple[str, str]] = {
+    "kl": ("beta1", "use_kl"),
+    "mi_st": ("beta2", "use_mi"),
+    "reg_diversity": ("diversity_weight", "use_diversity"),
+    "reg_entropy": ("entropy_weight", "use_entropy"),
+    "reg_orthogonality": ("orthogonality_weight", "use_orthogonality"),
+}
+RAMP_SHAPES = ("linear", "cosine")
+
+
+def beta_ramp(step: int, ramp_steps: int, shape: str = "linear") -> float:
+    """IB weight multiplier in [0, 1] at optimiser ``step``: 0 at step 0, 1 from ``ramp_steps`` on.
+
+    ``shape="linear"``: ``step/ramp_steps``; ``"cosine"``: ``(1 − cos(π·step/ramp_steps))/2`` (zero slope
+    at both ends). ``ramp_steps <= 0`` means no ramp (always 1).
+    """
+    if shape not in RAMP_SHAPES:
+        raise ConfigError(f"beta ramp shape must be one of {RAMP_SHAPES}, got {shape!r}")
+    if ramp_steps <= 0:
+        return 1.0
+    x = min(max(step / ramp_steps, 0.0), 1.0)
+    return x if shape == "linear" else 0.5 * (1.0 - math.cos(math.pi * x))
+
+
+def class_ib_weights(class_counts: Sequence[float] | Tensor) -> Tensor:
+    """Class-weighted IB weights ``w_c ∝ π_c^{−1/2}`` with ``Σ_c π_c w_c = 1`` (float64, shape ``(C,)``).
+
+    For two classes ``w_1/w_0 = √(π_0/π_1)`` (Sec. 3.3); see the module docstring for ``C > 2``.
+    """
+    pi = class_priors(class_counts)
+    w = pi.rsqrt()
+    return w / (pi * w).sum()
+
+
+@dataclass
+class LossConfig:
+    """Every switch of the training objective (paper defaults; Table 6 ablations in comments).
+
+    Weights of the diversity / entropy / orthogonality regularisers are not given in the paper;
+    ours are small (of the order of β2) so that they shape the attention without dominating the
+    task loss — they are hyper-parameters to tune.
+    """
+
+    loss: str = "acbfl"  # "cross_entropy", "focal", "class_balanced", "ldam", "balanced_softmax", ...
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)  # forwarded to create_loss
+    beta1: float = 0.01  # compression I(Z_s;X) + I(Z_t;X) (Eq. 5)
+    beta2: float = 0.005  # redundancy I(Z_s;Z_t); 0 = "w/o IB regularization (β2 = 0)"
+    diversity_weight: float = 0.005
+    entropy_weight: float = 0.001
+    orthogonality_weight: float = 0.005
+    use_kl: bool = True
+    use_mi: bool = True
+    use_diversity: bool = True  # False = "w/o Diversity loss"
+    use_entropy: bool = True  # False = "w/o Entropy regularization"
+    use_orthogonality: bool = True
+    ramp_steps: int = 2000  # optimiser steps to reach the target β's
+    ramp_shape: str = "linear"
+    fixed_beta: bool = False  # True = "Fixed β (no scheduling)"
+    class_weighted_ib: bool = True  # w_c on the relevance term (Sec. 3.3)
+
+    def validate(self) -> LossConfig:
+        """Raise :class:`ConfigError` on impossible values; return ``self`` for chaining."""
+        canonical_loss_name(self.loss)
+        for name, _ in REG_TERMS.values():
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"LossConfig.{name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.ramp_steps, int) or self.ramp_steps < 0:
+            raise ConfigError(f"LossConfig.ramp_steps must be an int >= 0, got {self.ramp_steps!r}")
+        if self.ramp_shape not in RAMP_SHAPES:
+            raise ConfigError(f"LossConfig.ramp_shape must be one of {RAMP_SHAPES}, got {self.ramp_shape!r}")
+        if not isinstance(self.loss_kwargs, dict):
+            raise ConfigError("LossConfig.loss_kwargs must be a dict")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of all fields."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LossConfig:
+        """Build from a dict (e.g. parsed JSON); unknown keys are a :class:`ConfigError`."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown LossConfig field(s): {', '.join(unknown)}")
+        return cls(**dict(data)).validate()
+
+
+@dataclass
+class ObjectiveOutput:
+    """Result of :class:`IBObjective`: ``total`` (differentiable scalar) and a logging breakdown.
+
+    ``terms`` holds *detached* tensors (no GPU sync until you read them): the weighted contribution of
+    each part (``task`` and each key of :data:`REG_TERMS` present) — these sum to ``total`` — plus the
+    unweighted values as ``raw/<name>`` and the current ramp factor ``beta_scale``.
+    """
+
+    total: Tensor
+    terms: dict[str, Tensor]
+
+    def as_floats(self) -> dict[str, float]:
+        """The breakdown (and ``total``) as Python floats, for loggers."""
+        out = {k: float(v) for k, v in self.terms.items()}
+        out["total"] = float(self.total.detach())
+        return out
+
+
+class IBObjective(nn.Module):
+    """Task loss plus the β-weighted information-bottleneck terms of the model's aux dict.
+
+    Call ``objective.update(step, total_steps)`` once per optimiser step (sets the β ramp step and
+    the task loss's training progress ``t = step / total_steps``), then
+    ``out = objective(logits, target, aux)`` and ``out.total.backward()``.
+    """
+
+    def __init__(self, config: LossConfig, class_counts: Sequence[float] | Tensor) -> None:
+        super().__init__()
+        self.config = config.validate()
+        self.task_loss = create_loss(config.loss, class_counts, **{**config.loss_kwargs, "reduction": "none"})
+        self.register_buffer("ib_weights", class_ib_weights(class_counts).float(), persistent=False)
+        self.step = 0
+        self._warned_missing: set[str] = set()
+
+    def update(self, step: int, total_steps: int | None = None) -> None:
+        """Set the optimiser step (β ramp) and, if ``total_steps`` is given, the progress ``step/total``."""
+        self.step = int(step)
+        if total_steps is not None:
+            if total_steps <= 0:
+                raise ConfigError(f"total_steps must be > 0, got {total_steps}")
+            self.task_loss.set_progress(step / total_steps)
+
+    def set_progress(self, t: float) -> None:
+        """Set the task loss's training progress ``t ∈ [0, 1]`` (A-CBFL α schedule)."""
+        self.task_loss.set_progress(t)
+
+    def beta_scale(self, step: int | None = None) -> float:
+        """Ramp factor ``r`` in [0, 1] applied to every IB weight (1 when ``fixed_beta``)."""
+        if self.config.fixed_beta:
+            return 1.0
+        return beta_ramp(self.step if step is None else step, self.config.ramp_steps, self.config.ramp_shape)
+
+    def _aux_terms(self, aux: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Raw (unweighted) scalar value of each enabled regulariser that the aux dict provides."""
+        found: dict[str, Tensor] = {}
+        kls = [aux[k].float().mean() for k in ("kl_s", "kl_t") if k in aux]
+        for name, (_weight, switch) in REG_TERMS.items():
+            if not getattr(self.config, switch):
+                continue
+            if name == "kl":
+                value = torch.stack(kls).sum() if kls else None
+            else:
+                value = aux[name].float().mean() if name in aux else None
+            if value is None:
+                if name not in self._warned_missing:  # once: an ablated branch legitimately lacks it
+                    logger.debug("objective: aux has no %r; term skipped", name)
+                    self._warned_missing.add(name)
+                continue
+            found[name] = value
+        return found
+
+    def forward(
+        self, logits: Tensor, target: Tensor, aux: Mapping[str, Tensor] | None = None, step: int | None = None
+    ) -> ObjectiveOutput:
+        """Total loss for a batch: ``logits`` (B, C), ``target`` (B,), ``aux`` from ``forward_with_aux``."""
+        per_sample = self.task_loss(logits, target)
+        if self.config.class_weighted_ib:
+            per_sample = per_sample * self.ib_weights.to(per_sample.device)[target]
+        task = per_sample.mean()
+        scale = self.beta_scale(step)
+        total = task
+        terms: dict[str, Tensor] = {"task": task.detach()}
+        for name, raw in self._aux_terms(aux or {}).items():
+            weight = getattr(self.config, REG_TERMS[name][0]) * scale
+            if weight == 0.0:  # skip, so a NaN in a switched-off/ramped-out term cannot leak into total
+                terms[name] = torch.zeros((), device=raw.device)
+            else:
+                contribution = weight * raw
+                total = total + contribution
+                terms[name] = contribution.detach()
+            terms[f"raw/{name}"] = raw.detach()
+        terms["beta_scale"] = torch.tensor(scale)
+        return ObjectiveOutput(total=total, terms=terms)
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}"

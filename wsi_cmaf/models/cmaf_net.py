@@ -1,0 +1,123 @@
+"""CMAF-Net (Ativi et al., Sci Rep 2026): spatial CNN + contextual MobileViT, fused by CMAF."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from wsi_cmaf.models.bottleneck import VariationalBottleneck, gaussian_kl, normalized_hsic
+from wsi_cmaf.models.cmaf_block import CMAFBlock
+from wsi_cmaf.models.config import CMAFConfig
+from wsi_cmaf.models.contextual import ContextualBranch
+from wsi_cmaf.models.spatial import SpatialBranch, resample_to
+
+logger = logging.getLogger(__name__)
+
+
+class CMAFNet(nn.Module):
+    """Dual-branch classifier; every ablation of the paper's Table 6 is a :class:`CMAFConfig` switch.
+
+    ``forward(x)`` returns logits and never materialises attention maps (fused SDPA).
+    ``forward_with_aux(x)`` also returns the monitoring / regularisation dict (see module
+    docs in MODEL.md for its keys). The network is fully convolutional up to global pooling and
+    uses no size-bound parameters, so it runs at any input size >= 32 px.
+    """
+
+    def __init__(self, config: CMAFConfig | None = None, num_classes: int = 2) -> None:
+        super().__init__()
+        cfg = config or CMAFConfig()
+        self.config = cfg
+        self.num_classes = num_classes
+        self.spatial = (
+            SpatialBranch(cfg.spatial_backbone, cfg.spatial_skip_stages, cfg.spatial_attention,
+                          cfg.spatial_attention_kernel)
+            if cfg.use_spatial else None
+        )
+        self.contextual = (
+            ContextualBranch(
+                cfg.mvit_stem_channels, cfg.mvit_channels, cfg.mvit_dims, cfg.mvit_depths,
+                cfg.patch_size, cfg.mvit_heads, cfg.mvit_mlp_ratio, cfg.mvit_expansion,
+                cfg.mvit_unfold, cfg.nystrom_landmarks, cfg.nystrom_pinv_iters,
+                cfg.scale_aware_pos, cfg.pos_scales, cfg.context_dim,
+            )
+            if cfg.use_contextual else None
+        )
+        d_s = self.spatial.out_channels if self.spatial is not None else 0
+        d_t = cfg.context_dim if self.contextual is not None else 0
+        self.cmaf = (
+            CMAFBlock(d_s, d_t, cfg.num_heads, cfg.tau_init, cfg.learn_temperature, cfg.gating,
+                      cfg.reg_diversity, cfg.reg_entropy, cfg.reg_orthogonality, cfg.attn_dropout)
+            if cfg.use_cmaf else None
+        )
+        self.vib_s = VariationalBottleneck(d_s, cfg.bottleneck_dim, cfg.logvar_clamp) if d_s else None
+        self.vib_t = VariationalBottleneck(d_t, cfg.bottleneck_dim, cfg.logvar_clamp) if d_t else None
+        fused_dim = cfg.context_dim if self.cmaf is not None else d_s + d_t
+        n_z = int(self.vib_s is not None) + int(self.vib_t is not None)
+        self.num_features = fused_dim + n_z * cfg.bottleneck_dim
+        layers: list[nn.Module] = []
+        width = self.num_features
+        for hidden in cfg.head_hidden:
+            layers += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(cfg.dropout)]
+            width = hidden
+        self.head_hidden = nn.Sequential(*layers)
+        self.head_drop = nn.Dropout(cfg.dropout)
+        self.fc = nn.Linear(width, num_classes)
+
+    # ------------------------------------------------------------------ features
+    def _features(self, x: torch.Tensor, aux: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        f_s = self.spatial(x) if self.spatial is not None else None
+        f_t = self.contextual(x) if self.contextual is not None else None
+        if f_s is not None and f_t is not None:
+            # Both branches reach stride 32, but rounding can differ for odd sizes: align F_t to F_s.
+            f_t = resample_to(f_t, (int(f_s.shape[-2]), int(f_s.shape[-1])))
+        parts: list[torch.Tensor] = []
+        pooled_s = f_s.mean(dim=(2, 3)) if f_s is not None else None
+        pooled_t = f_t.mean(dim=(2, 3)) if f_t is not None else None
+        if self.cmaf is not None:
+            parts.append(self.cmaf(f_s, f_t, aux).mean(dim=(2, 3)))
+        else:  # "simple concatenation" ablation and the single-branch ablations
+            parts.extend(p for p in (pooled_s, pooled_t) if p is not None)
+        zs: dict[str, torch.Tensor] = {}
+        for tag, vib, pooled in (("s", self.vib_s, pooled_s), ("t", self.vib_t, pooled_t)):
+            if vib is None or pooled is None:
+                continue
+            z, mu, logvar = vib(pooled)
+            parts.append(z)
+            zs[tag] = z
+            if aux is not None:
+                aux[f"z_{tag}"], aux[f"mu_{tag}"], aux[f"logvar_{tag}"] = z, mu, logvar
+                aux[f"kl_{tag}"] = gaussian_kl(mu, logvar)
+        if aux is not None and len(zs) == 2:
+            aux["mi_st"] = normalized_hsic(zs["s"], zs["t"])
+        return torch.cat(parts, dim=1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> head input (B, num_features): pooled fused map and the z's."""
+        return self._features(x, None)
+
+    def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Head input -> logits (B, C), or the last hidden layer when ``pre_logits``."""
+        h = self.head_hidden(feats)
+        return h if pre_logits else self.fc(self.head_drop(h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised RGB -> logits (B, num_classes)."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits plus the aux dict for training (KL, regularisers, dependence) and monitoring."""
+        aux: dict[str, torch.Tensor] = {}
+        logits = self.forward_head(self._features(x, aux))
+        return logits, aux
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, branches={self.config.branches}, fusion={self.config.fusion}"
+
+
+def build_cmaf_net(num_classes: int = 2, ablation: str | None = None, **overrides: Any) -> CMAFNet:
+    """Build CMAF-Net from :class:`CMAFConfig` overrides, optionally starting from an ablation row."""
+    cfg = CMAFConfig.for_ablation(ablation, **overrides) if ablation else CMAFConfig.from_dict(overrides)
+    return CMAFNet(cfg, num_classes=num_classes)

@@ -1,0 +1,26 @@
+"""Outputs of slide inference: the OME-Zarr heatmap store, overlay PNGs and GeoJSON regions.
+
+Imports are lazy so that writing a store never pays for importing matplotlib.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "HeatmapStore": "wsi_cmaf.output.store",
+    "TileGeometry": "wsi_cmaf.output.geometry",
+    "overlay": "wsi_cmaf.output.overlay",
+    "render_overlay": "wsi_cmaf.output.overlay",
+    "regions_geojson": "wsi_cmaf.output.geojson",
+    "write_geojson": "wsi_cmaf.output.geojson",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,397 @@
+"""One Zarr v3 store per slide: an OME-Zarr (NGFF 0.5) pyramid of class probabilities.
+
+Layout (``<slide>.zarr``)::
+
+    zarr.json            attributes: "ome" (multiscales, omero) and "wsi_cmaf" (identity, provenance)
+    0, 1, 2 ...          float32 (C, rows, cols) probabilities; level 0 = one pixel per tile,
+                         chunk (C, K, K) = one inference block; NaN = no tissue tile / not computed
+    labels/tissue/0 ...  uint8 (1, rows, cols) tissue mask as an NGFF label image
+    wsi_cmaf/done        bool (block rows, block cols), chunk (1, 1): block written
+    wsi_cmaf/failed      bool, same: block failed (messages in the group's "errors" attribute)
+
+Every block owns exactly one chunk of ``0``, ``done`` and ``failed``, so blocks written by
+different threads never share a chunk: no locks, no read-modify-write of stored data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from wsi_cmaf.errors import OutputError, OutputExistsError, StoreMismatchError
+from wsi_cmaf.output.geometry import TileGeometry
+from wsi_cmaf.output.ngff import AXES, image_metadata, label_image_metadata, labels_group_metadata
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "wsi-cmaf-heatmap"
+FORMAT_VERSION = 1
+META = "wsi_cmaf"  # root attribute key and name of the bookkeeping group
+_RESERVED = {"format", "format_version", "layout", "identity", "geometry", "layout_complete", "finalized"}
+
+
+def _compressor() -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)
+
+
+def jsonable(obj: Any) -> Any:
+    """Normalise ``obj`` to plain JSON types (tuples -> lists, numpy -> Python, other -> str)."""
+    def default(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        return str(o)
+
+    return json.loads(json.dumps(obj, sort_keys=True, default=default))
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Human-readable differences between two JSON values (paths joined with '.')."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            where = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old:
+                out.append(f"{where}: absent in store, requested {_short(new[key])}")
+            elif key not in new:
+                out.append(f"{where}: store has {_short(old[key])}, absent in request")
+            else:
+                out.extend(_diff(old[key], new[key], where))
+        return out
+    return [] if old == new else [f"{prefix or 'value'}: store has {_short(old)}, requested {_short(new)}"]
+
+
+def _short(v: Any, n: int = 70) -> str:
+    s = json.dumps(v, sort_keys=True)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def read_store_meta(path: Path) -> dict[str, Any] | None:
+    """The ``wsi_cmaf`` root attributes if ``path`` is a wsi-cmaf store, else None (never raises)."""
+    try:
+        doc = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    meta = (doc.get("attributes") or {}).get(META) if isinstance(doc, dict) else None
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+
+def nan_mean_pool2(data: np.ndarray) -> np.ndarray:
+    """2×2 mean pooling over the last two axes, ignoring NaN; odd edges pool what exists.
+
+    A window with no finite value stays NaN, so "no tissue" survives downsampling.
+    """
+    h, w = data.shape[-2:]
+    pad = [(0, 0)] * (data.ndim - 2) + [(0, h % 2), (0, w % 2)]
+    d = np.pad(data.astype(np.float64), pad, constant_values=np.nan)
+    d = d.reshape(*d.shape[:-2], d.shape[-2] // 2, 2, d.shape[-1] // 2, 2)
+    finite = np.isfinite(d)
+    total = np.where(finite, d, 0.0).sum(axis=(-3, -1))
+    count = finite.sum(axis=(-3, -1))
+    out = np.full(total.shape, np.nan)
+    np.divide(total, count, out=out, where=count > 0)
+    return out.astype(np.float32)
+
+
+def max_pool2(data: np.ndarray) -> np.ndarray:
+    """2×2 max pooling over the last two axes (odd edges padded with 0)."""
+    h, w = data.shape[-2:]
+    pad = [(0, 0)] * (data.ndim - 2) + [(0, h % 2), (0, w % 2)]
+    d = np.pad(data, pad)
+    return d.reshape(*d.shape[:-2], d.shape[-2] // 2, 2, d.shape[-1] // 2, 2).max(axis=(-3, -1))
+
+
+class HeatmapStore:
+    """Writer/reader of one slide's heatmap store (see module docstring for the layout)."""
+
+    def __init__(self, path: Path, root: zarr.Group, *, writable: bool) -> None:
+        self.path = Path(path)
+        self._root = root
+        self._writable = writable
+        meta = root.attrs[META]
+        layout = meta["layout"]
+        self.grid_shape: tuple[int, int] = tuple(layout["grid_shape"])
+        self.chunk: tuple[int, int] = tuple(layout["chunk"])
+        self.class_names: list[str] = list(layout["class_names"])
+        self.um_per_tile: tuple[float, float] = tuple(layout["um_per_tile"])
+        self.identity: dict[str, Any] = meta.get("identity", {})
+        self.geometry = TileGeometry.from_dict(meta["geometry"])
+        self._meta_group = root[META]
+        self._probs = root["0"]
+        self._tissue = root["labels/tissue/0"]
+        self._done_arr = self._meta_group["done"]
+        self._failed_arr = self._meta_group["failed"]
+        # Cached flags: the pipeline asks done[b] for every block; one read at open is enough.
+        self._done = np.asarray(self._done_arr[...], dtype=bool)
+        self._failed = np.asarray(self._failed_arr[...], dtype=bool)
+        self._lock = threading.Lock()  # guards the caches and the "errors" attribute only
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open_or_create(
+        cls, path: str | Path, *, grid_shape: tuple[int, int], chunk: tuple[int, int],
+        class_names: list[str], identity: dict, attrs: dict, um_per_tile: tuple[float, float],
+        resume: bool = True, overwrite: bool = False,
+    ) -> "HeatmapStore":
+        """Open the store at ``path`` for writing, creating it if needed.
+
+        An existing store is resumed only if ``identity`` (slide fingerprint, model, weights,
+        configs) and the layout match (else :class:`StoreMismatchError` naming what differs)
+        and ``resume`` is true (else :class:`OutputExistsError`). ``overwrite`` replaces an
+        existing *wsi-cmaf store* only; any other existing file or non-empty folder raises
+        :class:`OutputError` and is left untouched.
+        """
+        path = Path(path)
+        layout = jsonable({"grid_shape": [int(v) for v in grid_shape], "chunk": [int(v) for v in chunk],
+                           "class_names": list(class_names), "um_per_tile": [float(v) for v in um_per_tile]})
+        clash = _RESERVED & set(attrs)
+        if clash:
+            raise ValueError(f"attrs may not use the reserved keys {sorted(clash)}")
+        if min(layout["chunk"]) < 1 or min(layout["grid_shape"]) < 0 or not class_names:
+            raise ValueError(f"bad store layout {layout}")
+        identity = jsonable(identity)
+        if path.exists() or path.is_symlink():
+            meta = read_store_meta(path) if path.is_dir() else None
+            if meta is None:
+                if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+                    return cls._create(path, layout, identity, attrs)
+                raise OutputError(f"{path} exists and is not a wsi-cmaf heatmap store; "
+                                  "refusing to write there (choose another output location)")
+            if overwrite or not meta.get("layout_complete"):
+                if not meta.get("layout_complete"):
+                    logger.warning("%s: incomplete store from an interrupted creation; recreating", path)
+                _remove_store(path)
+                return cls._create(path, layout, identity, attrs)
+            problems = _diff(meta.get("layout"), layout, "layout") + _diff(meta.get("identity"), identity, "identity")
+            if problems:
+                raise StoreMismatchError(
+                    f"{path} holds a result made with different inputs; refusing to mix them "
+                    f"(use overwrite or another output folder): " + "; ".join(problems[:8])
+                    + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else ""))
+            if not resume:
+                raise OutputExistsError(f"{path} already exists (pass resume to continue it or overwrite to replace it)")
+            store = cls(path, zarr.open_group(str(path), mode="r+", zarr_format=3), writable=True)
+            store._set_meta(jsonable(attrs))
+            logger.info("%s: resuming, %d/%d blocks already done", path, store._done.sum(), store._done.size)
+            return store
+        return cls._create(path, layout, identity, attrs)
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> "HeatmapStore":
+        """Open an existing store (``mode`` "r" or "r+"); :class:`OutputError` if it is not one."""
+        path = Path(path)
+        meta = read_store_meta(path) if path.is_dir() else None
+        if meta is None:
+            raise OutputError(f"{path} is not a wsi-cmaf heatmap store")
+        if not meta.get("layout_complete"):
+            raise OutputError(f"{path} is an incomplete store (its creation was interrupted)")
+        return cls(path, zarr.open_group(str(path), mode=mode, zarr_format=3), writable=mode != "r")
+
+    @classmethod
+    def _create(cls, path: Path, layout: dict, identity: dict, attrs: dict) -> "HeatmapStore":
+        attrs = jsonable(attrs)
+        c, (rows, cols), (k0, k1) = len(layout["class_names"]), layout["grid_shape"], layout["chunk"]
+        geometry = TileGeometry.from_attrs(attrs, tuple(layout["um_per_tile"]))
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "layout": layout, "identity": identity,
+                "geometry": geometry.to_dict(), "layout_complete": False, "finalized": False, **attrs}
+        # The marker goes in first: an interrupted creation leaves a folder we recognise as ours.
+        root = zarr.create_group(str(path), zarr_format=3, attributes={META: meta})
+        root.create_array("0", shape=(c, rows, cols), chunks=(c, k0, k1), dtype="float32",
+                          fill_value=np.nan, compressors=_compressor(), dimension_names=AXES)
+        labels = root.create_group("labels", attributes={"ome": labels_group_metadata(["tissue"])})
+        tissue = labels.create_group("tissue", attributes={"ome": label_image_metadata("tissue", 1, geometry.pyramid())})
+        tissue.create_array("0", shape=(1, rows, cols), chunks=(1, k0, k1), dtype="uint8", fill_value=0,
+                            compressors=_compressor(), dimension_names=AXES)
+        group = root.create_group(META, attributes={"errors": {}})
+        nb = (-(-rows // k0), -(-cols // k1))
+        for name in ("done", "failed"):
+            group.create_array(name, shape=nb, chunks=(1, 1), dtype="bool", fill_value=False,
+                               dimension_names=("block_y", "block_x"))
+        meta["layout_complete"] = True
+        root.attrs.update({"ome": image_metadata(layout["class_names"], 1, geometry.pyramid()), META: meta})
+        logger.info("%s: created heatmap store %s, %d×%d blocks", path, (c, rows, cols), *nb)
+        return cls(path, root, writable=True)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def done(self) -> np.ndarray:
+        """bool (block rows, block cols): blocks whose probabilities are stored (read-only view)."""
+        v = self._done.view()
+        v.flags.writeable = False
+        return v
+
+    @property
+    def failed(self) -> np.ndarray:
+        """bool (block rows, block cols): blocks whose last attempt failed (read-only view)."""
+        v = self._failed.view()
+        v.flags.writeable = False
+        return v
+
+    @property
+    def errors(self) -> dict[tuple[int, int], str]:
+        """Error message of every failed block."""
+        raw = self._meta_group.attrs.get("errors", {})
+        return {tuple(int(v) for v in k.split(",")): msg for k, msg in raw.items()}
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """Provenance attributes given by the pipeline (slide, model, timings ...)."""
+        return {k: v for k, v in self._root.attrs[META].items() if k not in _RESERVED}
+
+    @property
+    def n_levels(self) -> int:
+        """Number of pyramid levels currently described in the NGFF metadata."""
+        return len(self._root.attrs["ome"]["multiscales"][0]["datasets"])
+
+    @property
+    def finalized(self) -> bool:
+        """True once :meth:`finalize` ran."""
+        return bool(self._root.attrs[META].get("finalized"))
+
+    def block_slices(self, block_index: tuple[int, int]) -> tuple[slice, slice]:
+        """Tile-row and tile-column ranges of block ``block_index`` (edge blocks are smaller)."""
+        by, bx = (int(v) for v in block_index)
+        if not (0 <= by < self._done.shape[0] and 0 <= bx < self._done.shape[1]):
+            raise IndexError(f"block {block_index} outside the {self._done.shape} block grid")
+        (k0, k1), (rows, cols) = self.chunk, self.grid_shape
+        return slice(by * k0, min(rows, (by + 1) * k0)), slice(bx * k1, min(cols, (bx + 1) * k1))
+
+    # ------------------------------------------------------------------ writing
+    def _check_writable(self) -> None:
+        if not self._writable:
+            raise OutputError(f"{self.path} was opened read-only")
+
+    def write_block(self, block_index: tuple[int, int], probs: np.ndarray) -> None:
+        """Store ``probs`` float32 (C, h, w) as block ``block_index``'s chunk, then mark it done.
+
+        The chunk is written before the flag, so a crash in between only costs the
+        recomputation of this block. Safe to call from several threads for distinct blocks.
+        """
+        self._check_writable()
+        rs, cs = self.block_slices(block_index)
+        probs = np.asarray(probs, dtype=np.float32)
+        expected = (len(self.class_names), rs.stop - rs.start, cs.stop - cs.start)
+        if probs.shape != expected:
+            raise ValueError(f"block {tuple(block_index)} needs probabilities of shape {expected}, got {probs.shape}")
+        by, bx = (int(v) for v in block_index)
+        self._probs[:, rs, cs] = probs
+        self._done_arr[by, bx] = True
+        with self._lock:
+            self._done[by, bx] = True
+            was_failed = bool(self._failed[by, bx])
+            self._failed[by, bx] = False
+        if was_failed:  # a retry succeeded: the block is no longer failed
+            self._failed_arr[by, bx] = False
+            self._record_error(by, bx, None)
+
+    def mark_failed(self, block_index: tuple[int, int], error: str) -> None:
+        """Flag block ``block_index`` as failed and record ``error`` (rerunning retries it)."""
+        self._check_writable()
+        self.block_slices(block_index)  # bounds check
+        by, bx = (int(v) for v in block_index)
+        self._failed_arr[by, bx] = True
+        with self._lock:
+            self._failed[by, bx] = True
+        self._record_error(by, bx, str(error))
+        logger.warning("%s: block (%d, %d) failed: %s", self.path.name, by, bx, error)
+
+    def _record_error(self, by: int, bx: int, error: str | None) -> None:
+        with self._lock:  # attributes are one JSON document: serialise its updates
+            errors = dict(self._meta_group.attrs.get("errors", {}))
+            if error is None:
+                errors.pop(f"{by},{bx}", None)
+            else:
+                errors[f"{by},{bx}"] = error
+            self._meta_group.attrs["errors"] = errors
+
+    def write_tissue(self, tissue: np.ndarray) -> None:
+        """Store the tile tissue mask (bool (rows, cols)) as the ``labels/tissue`` label image."""
+        self._check_writable()
+        tissue = np.asarray(tissue)
+        if tissue.shape != self.grid_shape:
+            raise ValueError(f"tissue mask has shape {tissue.shape}, grid is {self.grid_shape}")
+        self._tissue[0] = tissue.astype(np.uint8)
+
+    def _set_meta(self, updates: dict[str, Any]) -> None:
+        meta = dict(self._root.attrs[META])
+        meta.update(updates)
+        self._root.attrs[META] = meta
+
+    def finalize(self, *, levels: int = 3, extra_attrs: dict | None = None) -> None:
+        """Build pyramid levels 1 .. ``levels - 1`` (2×2 NaN-mean) and write the NGFF metadata.
+
+        ``levels`` counts level 0 and must be >= 3 (at least two downsampled levels).
+        Rebuilt from level 0 on every call, so calling it again after more blocks were
+        written (resume) gives up-to-date levels. ``extra_attrs`` (e.g. timings) are merged
+        into the provenance attributes.
+        """
+        self._check_writable()
+        if levels < 3:
+            raise ValueError(f"levels must be >= 3 (level 0 and two downsampled levels), got {levels}")
+        t0 = time.perf_counter()
+        # One pixel per tile: even a 10 cm slide at 50 µm tiles is 2000², a few MB per class.
+        probs = np.asarray(self._probs[...])
+        tissue = np.asarray(self._tissue[...])
+        tissue_group = self._root["labels/tissue"]
+        (k0, k1) = self.chunk
+        for level in range(1, levels):
+            probs, tissue = nan_mean_pool2(probs), max_pool2(tissue)
+            h, w = probs.shape[-2:]
+            chunks = (probs.shape[0], max(1, min(k0, h)), max(1, min(k1, w)))
+            arr = self._root.create_array(str(level), shape=probs.shape, chunks=chunks, dtype="float32",
+                                          fill_value=np.nan, compressors=_compressor(),
+                                          dimension_names=AXES, overwrite=True)
+            arr[...] = probs
+            tarr = tissue_group.create_array(str(level), shape=tissue.shape, chunks=(1,) + chunks[1:],
+                                             dtype="uint8", fill_value=0, compressors=_compressor(),
+                                             dimension_names=AXES, overwrite=True)
+            tarr[...] = tissue
+        for group in (self._root, tissue_group):  # levels left over from an earlier, deeper finalize
+            for name in list(group.array_keys()):
+                if name.isdigit() and int(name) >= levels:
+                    del group[name]
+        pyramid = self.geometry.pyramid()
+        tissue_group.attrs["ome"] = label_image_metadata("tissue", levels, pyramid)
+        self._root.attrs["ome"] = image_metadata(self.class_names, levels, pyramid)
+        updates = jsonable(extra_attrs or {})
+        clash = _RESERVED & set(updates)
+        if clash:
+            raise ValueError(f"extra_attrs may not use the reserved keys {sorted(clash)}")
+        updates.update(finalized=True, finalized_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       blocks={"done": int(self._done.sum()), "failed": int((self._failed & ~self._done).sum()),
+                               "total": int(self._done.size)})
+        self._set_meta(updates)
+        logger.debug("%s: finalized %d levels in %.3fs", self.path, levels, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ reading
+    def probabilities(self, level: int = 0) -> np.ndarray:
+        """float32 (C, rows, cols) probabilities of pyramid ``level`` (NaN = no value)."""
+        if str(level) not in self._root:
+            raise OutputError(f"{self.path} has no pyramid level {level} (finalize builds levels >= 1)")
+        return np.asarray(self._root[str(level)][...])
+
+    def tissue(self, level: int = 0) -> np.ndarray:
+        """bool (rows, cols) tile tissue mask of ``level``."""
+        return np.asarray(self._root[f"labels/tissue/{level}"][0]).astype(bool)
+
+    def __repr__(self) -> str:
+        return (f"HeatmapStore({str(self.path)!r}, grid={self.grid_shape}, classes={self.class_names}, "
+                f"done={int(self._done.sum())}/{self._done.size})")
+
+
+def _remove_store(path: Path) -> None:
+    """Delete a directory that :func:`read_store_meta` recognised as a wsi-cmaf store."""
+    if path.is_symlink() or read_store_meta(path) is None:
+        raise OutputError(f"{path} is not a wsi-cmaf store folder; refusing to delete it")
+    logger.info("%s: removing the existing store (overwrite)", path)
+    shutil.rmtree(path)

@@ -1,0 +1,303 @@
+"""Thin adapters that give OpenSlide, tiffslide and wsidicom one small interface.
+
+Every adapter exposes level geometry, string properties, vendor/objective/µm/px
+metadata as the backend reports it, lazy associated images and ``read_region``
+returning ``H x W x 3`` uint8 RGB composited on white. The public
+:class:`wsi_cmaf.slide.SlideReader` sits on top and owns error mapping and the
+µm/px resolution chain; these classes only translate.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import sys
+import warnings
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: Exceptions a backend library may raise for a file it cannot decode. Reader code
+#: catches these (never bare ``Exception``) and re-raises named wsi-cmaf errors.
+BACKEND_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    RuntimeError,
+    NotImplementedError,
+    AttributeError,
+    ZeroDivisionError,
+    AssertionError,
+    EOFError,
+)
+
+
+def library_errors(name: str) -> tuple[type[BaseException], ...]:
+    """Exception types backend ``name`` raises for undecodable input (importing it lazily)."""
+    extra: list[type[BaseException]] = []
+    if name == "openslide":
+        from openslide import OpenSlideError
+
+        extra.append(OpenSlideError)
+    elif name == "wsidicom":
+        from wsidicom import errors as wse
+
+        extra += [
+            obj for obj in vars(wse).values()
+            if isinstance(obj, type) and issubclass(obj, Exception)
+        ]
+    elif name == "pydicom":
+        from pydicom.errors import InvalidDicomError
+
+        extra.append(InvalidDicomError)
+    return BACKEND_ERRORS + tuple(extra)
+
+
+def _to_float(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if np.isfinite(out) and out > 0 else None
+
+
+def level_origin(location: tuple[int, int], downsample: float) -> tuple[int, int]:
+    """Level-0 location -> top-left pixel in a level (same rule as OpenSlide/tiffslide)."""
+    return int(location[0] / downsample), int(location[1] / downsample)
+
+
+def composite_straight_rgba(rgba: np.ndarray) -> np.ndarray:
+    """Composite straight (non-premultiplied) RGBA on white -> RGB uint8."""
+    alpha = rgba[..., 3]
+    rgb = np.ascontiguousarray(rgba[..., :3])
+    if alpha.min() == 255:
+        return rgb
+    a = alpha[..., None].astype(np.uint16)
+    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+def paste_clipped(
+    read: Any, origin: tuple[int, int], size: tuple[int, int], level_dims: tuple[int, int]
+) -> np.ndarray:
+    """Read the in-bounds part of a level window with ``read(x, y, w, h)`` and pad with white.
+
+    ``origin`` and ``size`` are in level pixels; ``read`` returns RGB uint8 for an
+    in-bounds rectangle. White padding matches OpenSlide (transparent -> white).
+    """
+    w, h = size
+    x0, y0 = origin
+    lw, lh = level_dims
+    if x0 >= 0 and y0 >= 0 and x0 + w <= lw and y0 + h <= lh:
+        return read(x0, y0, w, h)
+    out = np.full((h, w, 3), 255, dtype=np.uint8)
+    cx0, cy0 = max(x0, 0), max(y0, 0)
+    cx1, cy1 = min(x0 + w, lw), min(y0 + h, lh)
+    if cx1 > cx0 and cy1 > cy0:
+        out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = read(cx0, cy0, cx1 - cx0, cy1 - cy0)
+    return out
+
+
+class Backend(ABC):
+    """What :class:`SlideReader` needs from a slide library."""
+
+    name: str = ""
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    properties: dict[str, str]
+    vendor: str | None = None
+    objective_power: float | None = None
+    #: µm/px the library reports from scanner metadata (not from plain TIFF tags).
+    vendor_mpp: tuple[float, float] | None = None
+    associated_names: tuple[str, ...] = ()
+
+    @abstractmethod
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        """RGB uint8 (h, w, 3); location in level-0 pixels."""
+
+    @abstractmethod
+    def read_associated(self, name: str) -> np.ndarray:
+        """One associated image as RGB uint8."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release file handles."""
+
+
+# --------------------------------------------------------------------------- OpenSlide
+class OpenSlideBackend(Backend):
+    """OpenSlide (C library bundled by openslide-bin)."""
+
+    name = "openslide"
+
+    def __init__(self, path: Path) -> None:
+        import openslide
+        from openslide import lowlevel
+
+        self._lowlevel = lowlevel
+        self._slide = openslide.OpenSlide(str(path))
+        props = self._slide.properties
+        self.properties = {str(k): str(v) for k, v in props.items()}
+        self.level_dimensions = tuple(tuple(map(int, d)) for d in self._slide.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        vendor = props.get(openslide.PROPERTY_NAME_VENDOR)
+        self.vendor = vendor or None
+        self.objective_power = _to_float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+        mx = _to_float(props.get(openslide.PROPERTY_NAME_MPP_X))
+        my = _to_float(props.get(openslide.PROPERTY_NAME_MPP_Y))
+        # For generic TIFF OpenSlide derives mpp from the resolution tags; the reader
+        # reads those tags itself so the µm/px *source* is reported truthfully.
+        if mx and my and vendor not in (None, "", "generic-tiff"):
+            self.vendor_mpp = (mx, my)
+        self.associated_names = tuple(self._slide.associated_images.keys())
+        # The private ctypes entry point lets us decode straight into a numpy buffer and
+        # skip openslide-python's per-call un-premultiply + PIL round trip (the hot path
+        # of block reads). Fall back to the public API if it ever disappears.
+        self._raw_read = getattr(lowlevel, "_read_region", None)
+        if sys.byteorder != "little":
+            self._raw_read = None
+
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        w, h = int(size[0]), int(size[1])
+        x, y = int(location[0]), int(location[1])
+        if self._raw_read is None:
+            return self.read_region_public(location, level, size)
+        buf = np.empty((h, w), dtype=np.uint32)
+        if w and h:
+            self._raw_read(
+                self._slide._osr, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)),
+                x, y, level, w, h,
+            )
+        # Premultiplied ARGB in native (little-endian) words -> bytes B, G, R, A.
+        bgra = buf.view(np.uint8).reshape(h, w, 4)
+        rgb = bgra[..., 2::-1].copy()
+        alpha = bgra[..., 3]
+        if alpha.size and alpha.min() < 255:
+            # Premultiplied colour over white: c + (255 - a); c <= a so no overflow.
+            rgb += (255 - alpha)[..., None]
+        return rgb
+
+    def read_region_public(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        """Reference path through openslide-python's public API (used when ctypes is absent)."""
+        img = self._slide.read_region(tuple(map(int, location)), level, tuple(map(int, size)))
+        return composite_straight_rgba(np.asarray(img))
+
+    def read_associated(self, name: str) -> np.ndarray:
+        return composite_straight_rgba(np.asarray(self._slide.associated_images[name].convert("RGBA")))
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+# --------------------------------------------------------------------------- tiffslide
+class TiffSlideBackend(Backend):
+    """tiffslide (pure Python over tifffile + zarr)."""
+
+    name = "tiffslide"
+
+    def __init__(self, path: Path) -> None:
+        import tiffslide
+
+        self._slide = tiffslide.TiffSlide(str(path))
+        props = self._slide.properties
+        self.properties = {str(k): str(v) for k, v in props.items() if v is not None}
+        self.level_dimensions = tuple(tuple(map(int, d)) for d in self._slide.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        self.vendor = props.get("tiffslide.vendor") or None
+        self.objective_power = _to_float(props.get("tiffslide.objective-power"))
+        mx = _to_float(props.get("tiffslide.mpp-x"))
+        my = _to_float(props.get("tiffslide.mpp-y"))
+        if mx and my and self.vendor is not None:
+            self.vendor_mpp = (mx, my)
+        self.associated_names = tuple(self._slide.associated_images.keys())
+
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        w, h = int(size[0]), int(size[1])
+        loc = (int(location[0]), int(location[1]))
+        arr = self._slide.read_region(loc, level, (w, h), as_array=True, padding=True)
+        arr = composite_straight_rgba(arr) if arr.shape[-1] == 4 else np.ascontiguousarray(arr)
+        # tiffslide pads out-of-bounds areas with black; OpenSlide gives transparent
+        # (-> white). Whiten them so both backends agree.
+        x0, y0 = level_origin(loc, self.level_downsamples[level])
+        lw, lh = self.level_dimensions[level]
+        if x0 < 0 or y0 < 0 or x0 + w > lw or y0 + h > lh:
+            arr[: max(0, -y0)] = 255
+            arr[max(0, lh - y0) :] = 255
+            arr[:, : max(0, -x0)] = 255
+            arr[:, max(0, lw - x0) :] = 255
+        return arr
+
+    def read_associated(self, name: str) -> np.ndarray:
+        img = self._slide.associated_images[name]
+        return composite_straight_rgba(np.asarray(img.convert("RGBA")))
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+# --------------------------------------------------------------------------- wsidicom
+class WsiDicomBackend(Backend):
+    """wsidicom for standard-conformant DICOM WSI (single file or a series folder)."""
+
+    name = "wsidicom"
+
+    def __init__(self, path: Path) -> None:
+        from wsidicom import WsiDicom
+
+        with warnings.catch_warnings():
+            # pydicom warns on over-long UI/LO values, common in converted files; harmless.
+            warnings.simplefilter("ignore", UserWarning)
+            self._slide = WsiDicom.open(path if path.is_dir() else [path])
+        levels = list(self._slide.levels)
+        base = levels[0].size
+        self.level_dimensions = tuple((int(lv.size.width), int(lv.size.height)) for lv in levels)
+        self.level_downsamples = tuple(
+            float((base.width / lv.size.width + base.height / lv.size.height) / 2) for lv in levels
+        )
+        self._levels = [lv.level for lv in levels]
+        mpp = self._slide.mpp  # wsidicom reports µm per pixel despite the SizeMm type name
+        if mpp is not None:
+            mx, my = _to_float(mpp.width), _to_float(mpp.height)
+            if mx and my:
+                self.vendor_mpp = (mx, my)
+        self.vendor = "dicom"
+        self.properties = {"dicom.backend": "wsidicom", "dicom.levels": str(len(levels))}
+        names = []
+        if self._slide.labels:
+            names.append("label")
+        if self._slide.overviews:
+            names.append("macro")
+        self.associated_names = tuple(names)
+
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        origin = level_origin(location, self.level_downsamples[level])
+        dicom_level = self._levels[level]
+
+        def read(x: int, y: int, w: int, h: int) -> np.ndarray:
+            arr = self._slide.read_region((x, y), dicom_level, (w, h), as_array=True)
+            return composite_straight_rgba(arr) if arr.shape[-1] == 4 else np.ascontiguousarray(arr)
+
+        return paste_clipped(read, origin, (int(size[0]), int(size[1])), self.level_dimensions[level])
+
+    def read_associated(self, name: str) -> np.ndarray:
+        img = self._slide.read_label() if name == "label" else self._slide.read_overview()
+        return composite_straight_rgba(np.asarray(img.convert("RGBA")))
+
+    def close(self) -> None:
+        self._slide.close()

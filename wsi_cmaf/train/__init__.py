@@ -1,0 +1,9 @@
+"""Training and evaluation: manifests, synthetic patches, patch stores, augmentation, metrics.
+
+Submodules are imported on demand (``from wsi_cmaf.train.manifest import read_manifest``);
+this package itself imports nothing heavy so ``import wsi_cmaf.train`` stays cheap.
+"""
+
+from __future__ import annotations
+
+__all__ = ["augment", "datasets", "imbalance", "manifest", "metrics", "patchstore", "synthetic_patches"]

@@ -1,0 +1,294 @@
+"""Training configuration: one YAML/JSON file describes one training run.
+
+Sections (all optional except ``data``)::
+
+    data:     where patches come from (manifest CSV, patch store, or generated synthetic patches),
+              imbalance resampling, batch size, augmentation, stain normalisation
+    model:    registry name (``cmaf_net`` or ``timm:<name>``), CMAF-Net overrides / ablation,
+              input geometry written into the saved ``config.json``
+    loss:     :class:`wsi_cmaf.losses.LossConfig` (task loss + IB weights)
+    optim:    AdamW weight decay, SAM, adaptive gradient clipping
+    stages:   the paper's three stages (Sec. 4.5): epochs 30/40/30 by default
+    seed, amp, grad_checkpointing, early_stopping_patience, output_dir, device ...
+
+Unknown keys are errors (they are almost always typos). Relative paths in the file are
+resolved against the file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsi_cmaf.errors import ConfigError
+from wsi_cmaf.losses import LossConfig
+
+STAGE_KINDS = ("branches", "fusion", "all")
+STAGE_LOSSES = ("cross_entropy", "objective")
+IB_MODES = ("off", "ramp", "full")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+
+def _from_dict(cls: type, data: dict[str, Any] | None, where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``, naming unknown keys (typos) in the error."""
+    data = dict(data or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+@dataclass
+class DataConfig:
+    """Where training patches come from and how batches are made.
+
+    Exactly one of ``source`` (manifest CSV or patch-store directory) and ``synthetic``
+    (keyword arguments of :class:`~wsi_cmaf.train.synthetic_patches.SyntheticPatchConfig`;
+    generated once into ``synthetic_dir`` and reused) must be given.
+    """
+
+    source: str | None = None
+    synthetic: dict[str, Any] | None = None
+    synthetic_dir: str | None = None  # default: <output_dir>/synthetic_data
+    imbalance_ratio: str | None = None  # e.g. "95:5": undersample the TRAIN split only
+    target: str = "label"  # "label" (benign/malignant) or "subtype" (BreakHis 8-class)
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    in_memory: bool = True
+    check_images: str = "exists"
+    augment: bool = True
+    augment_kwargs: dict[str, Any] = field(default_factory=dict)
+    stain_patches_per_patient: int = 64  # patches sampled to fit each patient's Macenko matrix
+    max_steps_per_epoch: int | None = None  # cap (quick runs); None = full pass over train
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on inconsistent values."""
+        if (self.source is None) == (self.synthetic is None):
+            raise ConfigError("data: give exactly one of 'source' (manifest/patch store) or 'synthetic'")
+        if self.target not in ("label", "subtype"):
+            raise ConfigError(f"data.target must be 'label' or 'subtype', got {self.target!r}")
+        if self.batch_size < 2 or self.eval_batch_size < 1:
+            raise ConfigError("data.batch_size must be >= 2 and eval_batch_size >= 1")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ConfigError("data.max_steps_per_epoch must be >= 1 or null")
+
+
+@dataclass
+class ModelSection:
+    """The network and the geometry written into its ``config.json`` (see ``ModelConfig``)."""
+
+    name: str = "cmaf_net"
+    ablation: str | None = None  # a Table 6 row (``wsi_cmaf.models.ABLATIONS``)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # CMAFConfig overrides / timm kwargs
+    class_names: list[str] = field(default_factory=lambda: ["benign", "malignant"])
+    positive_class: int = 1
+    input_size: int = 224
+    spacing_um_px: float = 4.0
+    patch_size_pixels: int = 50
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    stain_normalization: str | None = "macenko"
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output classes (= len(class_names))."""
+        return len(self.class_names)
+
+    @property
+    def is_cmaf(self) -> bool:
+        """Whether the model is CMAF-Net (three-stage training) rather than a timm baseline."""
+        return not self.name.startswith("timm:")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (+ SAM) and adaptive gradient clipping (Sec. 4.5)."""
+
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    sam: bool = True
+    sam_rho: float = 0.05
+    sam_adaptive: bool = False
+    agc_clip_factor: float | None = 0.01  # timm's adaptive_clip_grad; null = no clipping
+
+
+@dataclass
+class StageConfig:
+    """One training stage.
+
+    ``trainable``: "branches" (stage 1: the two feature extractors, each with its own temporary
+    linear head), "fusion" (stage 2: everything except the extractors, which are frozen) or
+    "all" (stage 3). ``loss``: "cross_entropy" (plain CE) or "objective" (configured task loss
+    + IB terms). ``ib``: IB weights off / ramped 0 -> target over this stage / at target.
+    ``dynamic_weighting``: A-CBFL progress t runs 0 -> 1 over this stage (else t stays 0).
+    ``schedule``: a name of :data:`wsi_cmaf.train.schedules.SCHEDULES`; ``warmup_epochs`` is used by
+    "warmup"/"warmup_cosine"; "cyclic" cycles between lr/10 and lr with ``cycle_epochs`` per half cycle.
+    """
+
+    name: str
+    epochs: int
+    lr: float
+    trainable: str = "all"
+    loss: str = "objective"
+    ib: str = "full"
+    dynamic_weighting: bool = False
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    cycle_epochs: float = 2.0
+    select_best: bool = True  # may this stage's epochs become the best checkpoint?
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on impossible values."""
+        if self.trainable not in STAGE_KINDS:
+            raise ConfigError(f"stage {self.name}: trainable must be one of {STAGE_KINDS}")
+        if self.loss not in STAGE_LOSSES:
+            raise ConfigError(f"stage {self.name}: loss must be one of {STAGE_LOSSES}")
+        if self.ib not in IB_MODES:
+            raise ConfigError(f"stage {self.name}: ib must be one of {IB_MODES}")
+        if self.epochs < 0 or not self.lr > 0:
+            raise ConfigError(f"stage {self.name}: epochs must be >= 0 and lr > 0")
+
+
+def paper_stages(epochs: tuple[int, int, int] = (30, 40, 30)) -> list[StageConfig]:
+    """The three stages of Sec. 4.5 with the paper's learning rates and schedules."""
+    return [
+        StageConfig("branches", epochs[0], 1e-3, trainable="branches", loss="cross_entropy", ib="off",
+                    schedule="cosine", select_best=False),
+        StageConfig("fusion", epochs[1], 1e-4, trainable="fusion", loss="objective", ib="ramp",
+                    schedule="warmup", warmup_epochs=max(epochs[1] * 0.1, 0.5)),
+        StageConfig("finetune", epochs[2], 1e-5, trainable="all", loss="objective", ib="full",
+                    dynamic_weighting=True, schedule="cyclic", cycle_epochs=max(epochs[2] / 6, 0.5)),
+    ]
+
+
+def single_stage(epochs: int = 100, lr: float = 1e-4) -> list[StageConfig]:
+    """Baselines (timm models): one stage, everything trainable, chosen loss, cosine schedule."""
+    return [StageConfig("single", epochs, lr, trainable="all", loss="objective", ib="full",
+                        dynamic_weighting=True, schedule="warmup_cosine", warmup_epochs=max(epochs * 0.05, 0.5))]
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run. Build with :meth:`from_file` / :meth:`from_dict`."""
+
+    data: DataConfig
+    model: ModelSection = field(default_factory=ModelSection)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stages: list[StageConfig] | None = None  # None: paper_stages() for CMAF-Net, single_stage() for timm
+    seed: int = 0
+    amp: str = "auto"  # auto: fp16 + GradScaler on CUDA, fp32 on CPU; "bf16" to opt in on CPU
+    grad_checkpointing: bool = False
+    early_stopping_patience: int | None = 10  # epochs without val balanced-accuracy gain (per stage)
+    output_dir: str = "runs/train"
+    device: str = "auto"
+    log_every: int = 10  # optimiser steps between detailed log rows (tau, entropy, grad norms)
+    bootstrap: int = 1000  # bootstrap resamples for the test-set confidence intervals
+    progress_bar: bool = True
+    name: str = "run"
+    weights_note: str | None = None  # provenance recorded in config.json; default describes the run
+
+    def __post_init__(self) -> None:
+        if self.stages is None:
+            self.stages = paper_stages() if self.model.is_cmaf else single_stage()
+
+    def validate(self) -> TrainConfig:
+        """Check every section; returns ``self``."""
+        self.data.validate()
+        self.loss.validate()
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if not self.stages:
+            raise ConfigError("at least one training stage is needed")
+        for stage in self.stages:
+            stage.validate()
+            if not self.model.is_cmaf and stage.trainable != "all":
+                raise ConfigError(f"stage {stage.name}: timm baselines train single-stage (trainable: all)")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stage names must be unique, got {names}")
+        if self.model.num_classes < 2:
+            raise ConfigError("model.class_names needs at least two classes")
+        return self
+
+    # ------------------------------------------------------------------ IO
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base_dir: str | Path | None = None) -> TrainConfig:
+        """Build from a plain dict (parsed YAML/JSON); relative paths resolve against ``base_dir``."""
+        if not isinstance(data, dict) or "data" not in data:
+            raise ConfigError("training config must be a mapping with at least a 'data' section")
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"training config: unknown key(s) {unknown}; known: {sorted(known)}")
+        sections = {
+            "data": _from_dict(DataConfig, data.pop("data"), "data"),
+            "model": _from_dict(ModelSection, data.pop("model", None), "model"),
+            "loss": LossConfig.from_dict(data.pop("loss", None) or {}),
+            "optim": _from_dict(OptimConfig, data.pop("optim", None), "optim"),
+        }
+        stages = data.pop("stages", None)
+        if isinstance(stages, dict) and set(stages) == {"epochs"}:  # shorthand: stages: {epochs: [3, 4, 3]}
+            stages = [dataclasses.asdict(s) for s in paper_stages(tuple(stages["epochs"]))]
+        if stages is not None:
+            stages = [_from_dict(StageConfig, s, f"stages[{i}]") for i, s in enumerate(stages)]
+        cfg = cls(**sections, stages=stages, **data)
+        if base_dir is not None:
+            cfg.resolve_paths(Path(base_dir))
+        return cfg.validate()
+
+    def resolve_paths(self, base: Path) -> None:
+        """Make relative paths absolute against ``base`` (the config file's folder)."""
+        def fix(p: str | None) -> str | None:
+            return None if p is None or Path(p).is_absolute() else str((base / p).resolve())
+
+        self.data.source = fix(self.data.source) if self.data.source else None
+        self.data.synthetic_dir = fix(self.data.synthetic_dir) if self.data.synthetic_dir else None
+        self.output_dir = fix(self.output_dir) or self.output_dir
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """Read a ``.yaml``/``.yml``/``.json`` file; ``overrides`` are merged in (nested dicts merge)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: training config file does not exist")
+        import yaml  # PyYAML: a dependency of dask, so always present
+
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
+        except (yaml.YAMLError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot parse ({exc})") from exc
+        return cls.from_dict(merge_dicts(data or {}, overrides or {}), base_dir=path.parent)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (round-trips through :meth:`from_dict`)."""
+        out = dataclasses.asdict(self)
+        out["loss"] = self.loss.to_dict()
+        return json.loads(json.dumps(out))
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write the resolved config (as it was run) to ``path``."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+
+def merge_dicts(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursive merge: dict values merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = value
+    return out

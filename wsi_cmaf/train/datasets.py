@@ -1,0 +1,199 @@
+"""torch Datasets over manifests (one image file per row) and packed patch stores.
+
+Samples are ``(image, label)`` — or ``(image, label, index)`` with ``return_index=True`` —
+where ``image`` is float32 (3, H, W) with values in [0, 255] (uint8 converted, not scaled),
+the convention shared with ``wsi_cmaf.stain`` and the inference preprocessor. ``transform``
+is any callable on that tensor; batch augmentation (``augment.BatchAugment``) is meant to
+run in the training loop instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from wsi_cmaf.errors import DataError
+from wsi_cmaf.train.imbalance import ResampleReport, resample_to_ratio
+from wsi_cmaf.train.manifest import SPLITS, Manifest, read_manifest
+from wsi_cmaf.train.patchstore import PatchStore, load_patch
+
+logger = logging.getLogger(__name__)
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _to_tensor(hwc: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(hwc)).permute(2, 0, 1).float()
+
+
+class ManifestDataset(Dataset):
+    """Images listed in a manifest (optionally one split), decoded with Pillow on access."""
+
+    def __init__(self, manifest: Manifest, split: str | None = None, *, transform: Transform | None = None,
+                 patch_size: int = 50, return_index: bool = False) -> None:
+        self.manifest = manifest.split(split) if split else manifest
+        self.paths = self.manifest.paths()
+        self.labels = self.manifest.labels()
+        self.patient_ids = self.manifest.frame["patient_id"].astype(str).to_numpy()
+        self.transform, self.patch_size, self.return_index = transform, int(patch_size), return_index
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        try:
+            img = _to_tensor(load_patch(self.paths[i], self.patch_size, 255))
+        except OSError as exc:
+            raise DataError(f"cannot read training image {self.paths[i]}: {exc}") from exc
+        if self.transform is not None:
+            img = self.transform(img)
+        label = int(self.labels[i])
+        return (img, label, i) if self.return_index else (img, label)
+
+
+class PatchStoreDataset(Dataset):
+    """Rows of a packed patch store (optionally one split or an explicit row subset).
+
+    Defines ``__getitems__`` so a DataLoader fetches a whole batch with one store read.
+    """
+
+    def __init__(self, store: PatchStore | str | Path, split: str | None = None, *,
+                 rows: np.ndarray | None = None, transform: Transform | None = None,
+                 return_index: bool = False, in_memory: bool = False) -> None:
+        self.store = store if isinstance(store, PatchStore) else PatchStore(store, in_memory=in_memory)
+        self.rows = np.asarray(rows, dtype=np.int64) if rows is not None else self.store.indices(split)
+        self.labels = self.store.labels[self.rows]
+        self.patient_ids = self.store.patient_ids[self.rows]
+        self.transform, self.return_index = transform, return_index
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _sample(self, img: np.ndarray, i: int):
+        t = _to_tensor(img)
+        if self.transform is not None:
+            t = self.transform(t)
+        label = int(self.labels[i])
+        return (t, label, i) if self.return_index else (t, label)
+
+    def __getitem__(self, i: int):
+        return self._sample(self.store.read([self.rows[i]])[0], i)
+
+    def __getitems__(self, indices: list[int]) -> list:
+        images = self.store.read(self.rows[np.asarray(indices, dtype=np.int64)])
+        return [self._sample(img, i) for img, i in zip(images, indices)]
+
+
+class ChunkShuffleSampler(Sampler[int]):
+    """Shuffles while keeping reads local: chunks are shuffled, then rows are shuffled
+    within pools of ``pool_chunks`` chunks, so a batch touches about that many chunks.
+
+    ``store_rows``: the store row of each dataset position (``PatchStoreDataset.rows``).
+    Call ``set_epoch`` each epoch for a new, still seeded, order.
+    """
+
+    def __init__(self, store_rows: np.ndarray, chunk_patches: int, *, pool_chunks: int = 8, seed: int = 0) -> None:
+        self.store_rows = np.asarray(store_rows)
+        self.chunk_patches, self.pool_chunks, self.seed, self.epoch = int(chunk_patches), int(pool_chunks), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order ``__iter__`` yields."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.store_rows)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        chunk_of = self.store_rows // self.chunk_patches
+        chunks = rng.permutation(np.unique(chunk_of))
+        for start in range(0, len(chunks), self.pool_chunks):
+            members = np.flatnonzero(np.isin(chunk_of, chunks[start:start + self.pool_chunks]))
+            yield from rng.permutation(members).tolist()
+
+
+@dataclass
+class DataBundle:
+    """What :func:`build_dataloaders` made: loaders and datasets per split, train class counts."""
+
+    loaders: dict[str, DataLoader]
+    datasets: dict[str, Dataset]
+    class_counts: dict[int, int]
+    resample_report: ResampleReport | None = None
+    info: dict = field(default_factory=dict)
+
+
+def _is_store(path: Path) -> bool:
+    return path.is_dir() and (path / "zarr.json").is_file()
+
+
+def build_dataloaders(
+    source: str | Path,
+    *,
+    batch_size: int = 256,
+    eval_batch_size: int | None = None,
+    num_workers: int = 0,
+    seed: int = 0,
+    imbalance_ratio: str | None = None,
+    train_transform: Transform | None = None,
+    eval_transform: Transform | None = None,
+    in_memory: bool = False,
+    return_index: bool = False,
+    check_images: str = "exists",
+    num_classes: int = 2,
+) -> DataBundle:
+    """Train/val/test DataLoaders from a manifest CSV or a patch store directory.
+
+    ``imbalance_ratio`` (e.g. ``"95:5"``) undersamples the TRAINING split only
+    (:func:`~wsi_cmaf.train.imbalance.resample_to_ratio`, same seed). Training order is
+    seeded (store: :class:`ChunkShuffleSampler`; manifest: a seeded generator).
+    """
+    source = Path(source)
+    classes = tuple(range(num_classes))
+    if _is_store(source):
+        store = PatchStore(source, in_memory=in_memory)
+        frame = pd.DataFrame({"label": store.labels, "split": store.split_codes, "row": np.arange(len(store))})
+        frame["split"] = frame["split"].map(dict(enumerate(SPLITS))).fillna("none")
+        bad = sorted(set(np.unique(store.labels).tolist()) - set(classes))
+        if bad:
+            raise DataError(f"{source}: labels {bad} are outside the class set {list(classes)}")
+        make = lambda rows, tf: PatchStoreDataset(store, rows=rows, transform=tf,  # noqa: E731
+                                                  return_index=return_index)
+    else:
+        manifest = read_manifest(source, classes=classes, check_images=check_images)
+        frame = manifest.frame.assign(row=np.arange(len(manifest)))
+        make = lambda rows, tf: ManifestDataset(  # noqa: E731
+            Manifest(manifest.frame.iloc[rows].reset_index(drop=True), manifest.root),
+            transform=tf, return_index=return_index)
+    report = None
+    if imbalance_ratio:
+        frame, report = resample_to_ratio(frame, imbalance_ratio, seed=seed, split="train")
+    datasets: dict[str, Dataset] = {}
+    loaders: dict[str, DataLoader] = {}
+    for split in SPLITS:
+        rows = frame.loc[frame["split"] == split, "row"].to_numpy()
+        if len(rows) == 0:
+            raise DataError(f"{source}: split {split!r} is empty")
+        ds = make(rows, train_transform if split == "train" else eval_transform)
+        datasets[split] = ds
+        kwargs = {"num_workers": num_workers, "persistent_workers": num_workers > 0}
+        if split == "train":
+            if isinstance(ds, PatchStoreDataset):
+                sampler = ChunkShuffleSampler(ds.rows, ds.store.chunk_patches, seed=seed)
+                loaders[split] = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=False, **kwargs)
+            else:
+                gen = torch.Generator().manual_seed(seed)
+                loaders[split] = DataLoader(ds, batch_size=batch_size, shuffle=True, generator=gen, **kwargs)
+        else:
+            loaders[split] = DataLoader(ds, batch_size=eval_batch_size or batch_size, shuffle=False, **kwargs)
+    train_labels = datasets["train"].labels  # type: ignore[attr-defined]
+    counts = {c: int((train_labels == c).sum()) for c in classes}
+    logger.info("train class counts %s%s", counts, f" after {report}" if report else "")
+    return DataBundle(loaders, datasets, counts, report, {"source": str(source)})

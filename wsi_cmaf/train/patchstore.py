@@ -1,0 +1,211 @@
+"""Packed patch store: many small patches in one Zarr v3 group instead of one PNG each.
+
+Layout (group attributes ``format = "wsi-cmaf-patchstore"``, ``version = 1``)::
+
+    images       uint8 (N, H, W, 3), chunks (chunk_patches, H, W, 3), zstd
+    labels       int64 (N,)
+    patient      int32 (N,)   index into attrs["patients"]
+    split        int8  (N,)   index into attrs["splits"] (train, val, test); -1 = none
+
+Reading a random batch costs one decompression per touched chunk, so training samplers
+should draw batches from a few chunks at a time (see ``datasets.ChunkShuffleSampler``);
+``PatchStore(in_memory=True)`` loads everything once when it fits in RAM.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from wsi_cmaf.errors import DataError, ManifestError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "wsi-cmaf-patchstore"
+VERSION = 1
+SPLIT_NAMES = ("train", "val", "test")
+#: 256 patches of 50x50x3 = 1.9 MB per chunk: large enough to compress well, small
+#: enough that a batch drawn from a few chunks decodes little it does not use.
+DEFAULT_CHUNK = 256
+
+
+def write_patch_store(
+    path: str | Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    patient_ids: np.ndarray,
+    splits: np.ndarray | None = None,
+    *,
+    chunk_patches: int = DEFAULT_CHUNK,
+    attrs: dict | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write in-memory patches (N, H, W, 3) uint8 with their labels, patients and splits."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise DataError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    n = len(images)
+    writer = PatchStoreWriter(path, n, images.shape[1:3], chunk_patches=chunk_patches,
+                              attrs=attrs, overwrite=overwrite)
+    writer.write(0, images, labels, patient_ids, splits)
+    return writer.close()
+
+
+class PatchStoreWriter:
+    """Incremental writer: create once with N and patch size, then ``write`` slices in order."""
+
+    def __init__(self, path: str | Path, n: int, patch_hw: tuple[int, int], *,
+                 chunk_patches: int = DEFAULT_CHUNK, attrs: dict | None = None, overwrite: bool = True) -> None:
+        import zarr
+        from zarr.codecs import ZstdCodec
+
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            from wsi_cmaf.errors import OutputExistsError
+
+            raise OutputExistsError(f"patch store already exists: {self.path}")
+        self.n = int(n)
+        h, w = (int(v) for v in patch_hw)
+        self.group = zarr.open_group(str(self.path), mode="w")
+        chunk = max(1, min(int(chunk_patches), max(self.n, 1)))
+        small = (max(1, min(self.n, 1 << 16)),)
+        self.images = self.group.create_array("images", shape=(self.n, h, w, 3), dtype="uint8",
+                                              chunks=(chunk, h, w, 3), compressors=ZstdCodec(level=3))
+        self.labels = self.group.create_array("labels", shape=(self.n,), dtype="int64", chunks=small)
+        self.patient = self.group.create_array("patient", shape=(self.n,), dtype="int32", chunks=small)
+        self.split = self.group.create_array("split", shape=(self.n,), dtype="int8", chunks=small, fill_value=-1)
+        self._patients: dict[str, int] = {}
+        self._written = 0
+        self._attrs = dict(attrs or {})
+
+    def write(self, start: int, images: np.ndarray, labels: np.ndarray, patient_ids: np.ndarray,
+              splits: np.ndarray | None = None) -> None:
+        """Write rows ``start:start+len(images)`` (chunk-aligned starts write fastest)."""
+        k = len(images)
+        if not (len(labels) == len(patient_ids) == k) or (splits is not None and len(splits) != k):
+            raise DataError("images, labels, patient_ids and splits must have the same length")
+        stop = start + k
+        if stop > self.n:
+            raise DataError(f"rows {start}:{stop} exceed the store size {self.n}")
+        codes = np.array([self._patients.setdefault(str(p), len(self._patients)) for p in patient_ids], np.int32)
+        self.images[start:stop] = images
+        self.labels[start:stop] = np.asarray(labels, dtype=np.int64)
+        self.patient[start:stop] = codes
+        if splits is not None:
+            lookup = {s: i for i, s in enumerate(SPLIT_NAMES)}
+            self.split[start:stop] = np.array([lookup.get(str(s), -1) for s in splits], np.int8)
+        self._written += k
+
+    def close(self) -> Path:
+        """Write the group attributes; returns the store path."""
+        if self._written != self.n:
+            raise DataError(f"patch store {self.path}: wrote {self._written} of {self.n} rows")
+        patients = sorted(self._patients, key=self._patients.__getitem__)
+        self.group.attrs.update({"format": FORMAT, "version": VERSION, "n": self.n,
+                                 "patch_shape": list(self.images.shape[1:3]), "patients": patients,
+                                 "splits": list(SPLIT_NAMES), **self._attrs})
+        return self.path
+
+
+def load_patch(path: str | Path, size: int = 50, pad_value: int = 255) -> np.ndarray:
+    """Decode an image file to (size, size, 3) uint8 RGB (smaller ones padded, larger centre-cropped)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = np.array(im.convert("RGB"))  # writable copy (torch.from_numpy needs one)
+    if arr.shape[:2] == (size, size):
+        return arr
+    # IDC has a few edge patches smaller than 50x50: pad (white, bottom/right) rather than
+    # resize, so every patch keeps the same µm/px. Larger ones are centre-cropped.
+    out = np.full((size, size, 3), pad_value, np.uint8)
+    h, w = min(arr.shape[0], size), min(arr.shape[1], size)
+    y0, x0 = (arr.shape[0] - h) // 2, (arr.shape[1] - w) // 2
+    out[:h, :w] = arr[y0:y0 + h, x0:x0 + w]
+    return out
+
+
+def build_patch_store(manifest, path: str | Path, *, patch_size: int = 50,
+                      chunk_patches: int = DEFAULT_CHUNK, workers: int = 2, pad_value: int = 255) -> Path:
+    """Pack every image of a :class:`~wsi_cmaf.train.manifest.Manifest` into a store (row order kept)."""
+    frame = manifest.frame
+    paths = manifest.paths()
+    writer = PatchStoreWriter(path, len(frame), (patch_size, patch_size), chunk_patches=chunk_patches,
+                              attrs={"source": "manifest", "manifest_root": str(manifest.root)})
+    bad: list[str] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PIL decoding releases the GIL
+        for start in range(0, len(frame), chunk_patches):
+            stop = min(start + chunk_patches, len(frame))
+            futures = [pool.submit(load_patch, p, patch_size, pad_value) for p in paths[start:stop]]
+            batch = np.empty((stop - start, patch_size, patch_size, 3), np.uint8)
+            for i, fut in enumerate(futures):
+                try:
+                    batch[i] = fut.result()
+                except OSError as exc:
+                    bad.append(f"line {start + i + 2}: cannot decode {paths[start + i]} ({exc})")
+            rows = frame.iloc[start:stop]
+            writer.write(start, batch, rows["label"].to_numpy(), rows["patient_id"].to_numpy(),
+                         rows["split"].to_numpy())
+    if bad:
+        raise ManifestError("images could not be packed", bad)
+    return writer.close()
+
+
+class PatchStore:
+    """Read access to a packed store; ``read(indices)`` returns (k, H, W, 3) uint8 in that order."""
+
+    def __init__(self, path: str | Path, *, in_memory: bool = False) -> None:
+        import zarr
+
+        self.path = Path(path)
+        try:
+            self.group = zarr.open_group(str(self.path), mode="r")
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            raise DataError(f"not a patch store: {self.path} ({exc})") from exc
+        attrs = dict(self.group.attrs)
+        if attrs.get("format") != FORMAT:
+            raise DataError(f"{self.path} is not a {FORMAT} (format={attrs.get('format')!r})")
+        self.attrs = attrs
+        self._images = self.group["images"]
+        self.labels: np.ndarray = self.group["labels"][:]
+        self.patient_codes: np.ndarray = self.group["patient"][:]
+        self.split_codes: np.ndarray = self.group["split"][:]
+        self.patients: list[str] = list(attrs["patients"])
+        self.chunk_patches = int(self._images.chunks[0])
+        self._memory = self._images[:] if in_memory else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def patch_shape(self) -> tuple[int, int]:
+        """(H, W) of every patch."""
+        return tuple(self._images.shape[1:3])  # type: ignore[return-value]
+
+    @property
+    def patient_ids(self) -> np.ndarray:
+        """Patient id per row (str array)."""
+        return np.asarray(self.patients, dtype=object)[self.patient_codes].astype(str)
+
+    def indices(self, split: str | None = None) -> np.ndarray:
+        """Row indices of one split (all rows when None)."""
+        if split is None:
+            return np.arange(len(self))
+        if split not in SPLIT_NAMES:
+            raise DataError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
+        return np.flatnonzero(self.split_codes == SPLIT_NAMES.index(split))
+
+    def read(self, indices: np.ndarray | list[int]) -> np.ndarray:
+        """Patches at ``indices`` (any order, repeats allowed); each touched chunk is decoded once."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"patch index out of range 0..{len(self) - 1}")
+        if self._memory is not None:
+            return self._memory[idx]
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        if uniq.size == 0:
+            return np.empty((0, *self.patch_shape, 3), np.uint8)
+        data = self._images.get_orthogonal_selection((uniq,))
+        return data[inverse]
