@@ -57,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # Our own loggers speak at INFO; third-party ones (distributed's per-worker chatter above
+    # all) only at WARNING unless --debug asks for everything.
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("wsi_cmaf").setLevel(level)
     try:
         return int(args._run(args) or 0)
     except WsiCmafError as exc:

@@ -190,6 +190,7 @@ class SlideReader:
         self.path = path
         self._impl = impl
         self.backend: str = impl.name
+        self.call_overhead_px: int = int(impl.call_overhead_px)
         self.level_count: int = len(impl.level_dimensions)
         self.level_dimensions: tuple[tuple[int, int], ...] = impl.level_dimensions
         self.level_downsamples: tuple[float, ...] = impl.level_downsamples
