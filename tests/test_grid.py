@@ -172,3 +172,40 @@ def test_cli_tiles_with_preview(synthetic, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tissue tiles:" in out and "blocks:" in out
     assert png.is_file() and png.stat().st_size > 10_000
+
+
+def test_read_planning_trades_calls_against_pixels():
+    from wsi_cmaf.slide.grid import plan_reads
+
+    # Two tissue islands in opposite corners of a 32 x 32 block.
+    rows = np.array([0, 0, 1, 30, 31, 31])
+    cols = np.array([0, 1, 0, 30, 30, 31])
+    # Calls dearer than decoding the whole 1600 x 1600 px block: one bounding box.
+    assert plan_reads(rows, cols, 50, 50, 5_000_000) == [(0, 31, 0, 31)]
+    # Two nearby islands with tiffslide's ~200k px call cost: still one read.
+    assert plan_reads(np.array([0, 2]), np.array([0, 2]), 50, 50, 200_000) == [(0, 2, 0, 2)]
+    # Cheap calls (OpenSlide-like): one strip per island, glass between them never decoded.
+    strips = plan_reads(rows, cols, 50, 50, 2_000)
+    assert 2 <= len(strips) <= len(np.unique(rows))
+    assert all(r1 <= 1 or r0 >= 30 for r0, r1, _, _ in strips)  # no strip spans the glass
+    decoded = sum(((r1 - r0) * 50 + 50) * ((c1 - c0) * 50 + 50) for r0, r1, c0, c1 in strips)
+    assert decoded <= 8 * 50 * 50
+    # Every tissue tile lies in exactly one strip.
+    for r, c in zip(rows, cols):
+        assert sum(r0 <= r <= r1 and c0 <= c <= c1 for r0, r1, c0, c1 in strips) == 1
+
+
+def test_strip_reads_give_the_same_tiles_as_one_read():
+    reader = CoordReader(8000, 6000)
+    mask = np.zeros((60, 80), bool)
+    mask[5:12, 5:10] = True
+    mask[40:50, 60:75] = True
+    grid = TileGrid.from_slide(reader, GridConfig(mpp=2.0, tile_size=50, block_tiles=32), TissueMask(mask, 50.0))
+    one = [read_block(reader, grid, b) for b in grid.blocks]
+    reader.calls.clear()
+    reader.call_overhead_px = 100  # cheap calls: the planner splits sparse blocks
+    split = [read_block(reader, grid, b) for b in grid.blocks]
+    assert len(reader.calls) > len(grid.blocks)
+    for a, b in zip(one, split):
+        assert np.array_equal(a.rows, b.rows) and np.array_equal(a.cols, b.cols)
+        assert np.array_equal(a.tiles, b.tiles)

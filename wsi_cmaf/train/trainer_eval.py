@@ -1,0 +1,168 @@
+"""Evaluation of a trained model on a split: the trainer's final test report and ``wsi-cmaf evaluate``.
+
+Both use the training pipeline's evaluation preprocessing (per-patient Macenko fit when the model's
+config asks for it, bicubic resize, channel normalisation), so numbers match what training reported.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from wsi_cmaf.errors import ConfigError, DataError, ModelError
+from wsi_cmaf.models import ModelConfig, load_model
+from wsi_cmaf.train.config import ModelSection
+from wsi_cmaf.train.data_setup import BatchPipeline, fit_patient_stain
+from wsi_cmaf.train.datasets import DataBundle, ManifestDataset, PatchStoreDataset
+from wsi_cmaf.train.evaluation import full_report, predict
+from wsi_cmaf.train.manifest import SPLITS, Manifest, read_manifest
+from wsi_cmaf.train.trainer_state import json_safe, write_json
+
+logger = logging.getLogger(__name__)
+
+EVAL_SPLITS = (*SPLITS, "all")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else as given (checked)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {name!r} is not a torch device name ({exc})") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    return device
+
+
+def split_report(model: nn.Module, loader: Iterable, prepare: Any, *, device: torch.device,
+                 autocast_dtype: torch.dtype | None, class_names: Sequence[str], positive_class: int,
+                 meta: pd.DataFrame | None, patient_ids: Sequence[str], out_dir: Path, n_boot: int,
+                 seed: int, prefix: str) -> dict[str, Any]:
+    """Predict over ``loader`` and build the full report (patient-grouped bootstrap CIs, figures)."""
+    probs, labels, idx = predict(model, loader, prepare, device, autocast_dtype)  # type: ignore[arg-type]
+    meta_rows = meta.iloc[idx].reset_index(drop=True) if meta is not None else None
+    groups = np.asarray(patient_ids)[idx]
+    return full_report(probs, labels, list(class_names), out_dir, positive_class=positive_class, groups=groups,
+                       meta=meta_rows, n_boot=n_boot, seed=seed, prefix=prefix)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder means its exported ``model/``; a model folder or ``.safetensors`` file is used as is."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"checkpoint {p} does not exist (give a model folder, a run folder or a .safetensors)")
+    if p.is_dir() and not (p / "config.json").is_file() and (p / "model" / "config.json").is_file():
+        return p / "model"
+    if p.is_dir() and (p / "checkpoints").is_dir() and not (p / "model").is_dir():
+        raise ModelError(f"{p} is a training run that has not finished (no model/ yet); "
+                         "resume it with `wsi-cmaf train --config ... --resume`")
+    return p
+
+
+def _subtype_labels(frame: pd.DataFrame, class_names: Sequence[str], where: str) -> pd.DataFrame:
+    """Replace ``label`` by the subtype's index in ``class_names``; list every row that cannot be mapped."""
+    if "subtype" not in frame.columns:
+        raise DataError(f"{where}: --target subtype needs a 'subtype' column (BreakHis manifests have one)")
+    index = {name: i for i, name in enumerate(class_names)}
+    bad = [f"line {i + 2}: subtype {s!r} is not one of the model's classes"
+           for i, s in zip(frame.index, frame["subtype"]) if s not in index]
+    if bad:
+        raise DataError(f"{where}: subtypes outside the class set {list(class_names)}", bad)
+    out = frame.copy()
+    out["binary_label"] = out["label"]
+    out["label"] = out["subtype"].map(index).astype(np.int64)
+    return out
+
+
+def eval_dataset(source: str | Path, split: str, target: str, class_names: Sequence[str],
+                 check_images: str = "exists") -> tuple[Dataset, pd.DataFrame]:
+    """Dataset (returning indices) and per-row metadata of one split (or ``all``) of a manifest/store."""
+    if split not in EVAL_SPLITS:
+        raise ConfigError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
+    source = Path(source)
+    if source.is_dir() and (source / "zarr.json").is_file():
+        from wsi_cmaf.train.patchstore import PatchStore
+
+        if target == "subtype":
+            raise ConfigError(f"{source}: patch stores carry no subtype; evaluate 8-class models on a manifest")
+        store = PatchStore(source)
+        rows = store.indices(None if split == "all" else split)
+        if len(rows) == 0:
+            raise DataError(f"{source}: split {split!r} is empty")
+        bad = sorted(set(np.unique(store.labels[rows]).tolist()) - set(range(len(class_names))))
+        if bad:
+            raise DataError(f"{source}: labels {bad} are outside the class set {list(class_names)}")
+        ds = PatchStoreDataset(store, rows=rows, return_index=True)
+        return ds, pd.DataFrame({"label": ds.labels, "patient_id": ds.patient_ids})
+    require = () if split == "all" else (split,)
+    manifest = read_manifest(source, check_images=check_images, require_splits=require)
+    frame = manifest.frame
+    if target == "subtype":
+        frame = _subtype_labels(frame, class_names, str(source))
+    if split != "all":
+        frame = frame[frame["split"] == split]
+    frame = frame.reset_index(drop=True)
+    ds = ManifestDataset(Manifest(frame, manifest.root), return_index=True)
+    return ds, frame
+
+
+def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, *, split: str = "test",
+                        out_dir: str | Path | None = None, target: str = "auto", device: str = "auto",
+                        batch_size: int = 256, n_boot: int = 1000, seed: int = 0, check_images: str = "exists",
+                        stain_patches_per_patient: int = 64, progress: bool = True) -> tuple[dict[str, Any], Path]:
+    """Evaluate an exported model on a manifest/patch store; writes metrics.json + confusion PNG.
+
+    ``target``: ``label`` (benign/malignant), ``subtype`` (BreakHis 8-class) or ``auto`` (subtype
+    when the model has more than two classes). Returns (report, output folder).
+    """
+    model_dir = resolve_checkpoint(checkpoint)
+    dev = resolve_device(device)
+    model, mc = load_model(model_dir, map_location="cpu")
+    model.to(dev)
+    if target == "auto":
+        target = "subtype" if mc.num_classes > 2 else "label"
+    if target not in ("label", "subtype"):
+        raise ConfigError(f"target must be 'label', 'subtype' or 'auto', got {target!r}")
+    if target == "label" and mc.num_classes != 2:
+        raise ConfigError(f"the model has {mc.num_classes} classes {mc.class_names}; "
+                          "benign/malignant labels need a 2-class model (use --target subtype)")
+    ds, meta = eval_dataset(manifest, split, target, mc.class_names, check_images)
+    out = Path(out_dir) if out_dir else model_dir.parent / f"eval_{Path(manifest).stem}_{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline = eval_pipeline(mc, ds, stain_patches_per_patient, seed, dev)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
+    pids = np.asarray(ds.patient_ids).astype(str)  # type: ignore[attr-defined]
+
+    def prepare(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return pipeline(x, pids[idx.cpu().numpy()], train=False)
+
+    bar = tqdm(loader, disable=not progress, desc="evaluate", unit="batch", dynamic_ncols=True)
+    report = split_report(model, bar, prepare, device=dev, autocast_dtype=None, class_names=mc.class_names,
+                          positive_class=mc.positive_class, meta=meta, patient_ids=pids, out_dir=out,
+                          n_boot=n_boot, seed=seed, prefix=split)
+    report.update({"split": split, "target": target, "manifest": str(manifest), "model_dir": str(model_dir),
+                   "weights_note": mc.weights_note, "bootstrap": n_boot})
+    write_json(out / "metrics.json", report)
+    return json_safe(report), out
+
+
+def eval_pipeline(mc: ModelConfig, ds: Dataset, per_patient: int, seed: int, device: torch.device) -> BatchPipeline:
+    """The evaluation batch pipeline for an exported model's config (stain fit on ``ds``'s patients)."""
+    section = ModelSection(name=mc.architecture, class_names=list(mc.class_names), positive_class=mc.positive_class,
+                           input_size=mc.input_size, mean=tuple(mc.mean), std=tuple(mc.std),  # type: ignore[arg-type]
+                           stain_normalization=mc.stain_normalization)
+    stain = None
+    if mc.stain_normalization == "macenko":
+        stain = fit_patient_stain(DataBundle({}, {"eval": ds}, {}), per_patient, seed)
+    return BatchPipeline(section, None, stain).to(device)
