@@ -249,7 +249,7 @@ class TrainConfig:
     def resolve_paths(self, base: Path) -> None:
         """Make relative paths absolute against ``base`` (the config file's folder)."""
         def fix(p: str | None) -> str | None:
-            return None if p is None or Path(p).is_absolute() else str((base / p).resolve())
+            return p if p is None or Path(p).is_absolute() else str((base / p).resolve())
 
         self.data.source = fix(self.data.source) if self.data.source else None
         self.data.synthetic_dir = fix(self.data.synthetic_dir) if self.data.synthetic_dir else None
