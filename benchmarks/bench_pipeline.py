@@ -94,7 +94,7 @@ def bench_model(name: str, slide: Path, args, mpp=None) -> dict:
 
 
 RSS_CHILD = """
-import json, resource, sys, tempfile
+import json, sys, tempfile
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.models import ModelConfig, create_model
 from wsi_cmaf.infer.modelspec import resolve_model
@@ -102,7 +102,10 @@ m = resolve_model(create_model("timm:resnet18", num_classes=2, input_size=64),
                   ModelConfig(architecture="timm:resnet18", input_size=64, stain_normalization="macenko"))
 with tempfile.TemporaryDirectory() as out:
     r = analyze_slide(sys.argv[1], model=m, out=out, config=InferenceConfig(progress=False, batch_size=256))
-print(json.dumps({"tiles": r.tiles_tissue, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM, not getrusage: Linux keeps ru_maxrss across execve, so a child of a big parent
+# would report the parent's peak.
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+print(json.dumps({"tiles": r.tiles_tissue, "peak_rss_mb": int(hwm) / 1024}))
 """
 
 
