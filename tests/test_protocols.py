@@ -155,6 +155,7 @@ def test_efficiency_on_tiny_models(tmp_path):
     assert np.allclose(table["gmacs"] * 2, table["gflops"])
     assert table["params_M"].iloc[1] > table["params_M"].iloc[0]  # resnet18 >> the tiny CMAF-Net
     assert set(table["memory_method"]) == {"cpu_rss_peak_delta"}
+    assert (table["peak_memory_MiB"] > 0).all()  # each model measured from a clean baseline
     assert "timm:resnet18" in md and (tmp_path / "results.csv").is_file()
     assert (tmp_path / "table8_efficiency.png").is_file()
     with pytest.raises(ConfigError):

@@ -3,8 +3,8 @@
 No training: each model is built with random weights and timed on random input. Peak memory is
 ``torch.cuda.max_memory_allocated`` on a GPU; on CPU it is the rise of the process's resident set
 size (RSS) over its value before the model was built, sampled every 10 ms with psutil up to the end
-of the warm-up passes (weights + one forward's activations) — the column ``memory_method`` says
-which one a row used. Throughput is timed after the warm-up, without the sampler running.
+of the warm-up passes (weights + one forward's activations), each model in a fresh process so the
+baseline is clean — the column ``memory_method`` says which one a row used. Throughput is timed after the warm-up, without the sampler running.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ class EfficiencyConfig:
     iters: int = 5
     device: str = "auto"
     num_classes: int = 2
+    #: CPU only: measure each model in a fresh process. In one process, heap freed by the
+    #: previous model is reused and the RSS rise of the next one reads near zero.
+    isolate: bool = True
 
     def resolved_models(self) -> list[str]:
         """The models to measure (defaults filled in)."""
@@ -134,6 +137,16 @@ def measure_model(name: str, cfg: EfficiencyConfig, kwargs: dict[str, Any] | Non
             "batch_size": cfg.batch_size, "input_size": cfg.input_size, "device": str(device)}
 
 
+def _measure_in_fresh_process(name: str, cfg: EfficiencyConfig) -> dict[str, Any]:
+    """:func:`measure_model` in a spawned single-use process (clean RSS baseline)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(measure_model, name, cfg, cfg.model_kwargs.get(name)).result()
+
+
 def markdown_efficiency(table: pd.DataFrame) -> str:
     """Markdown of the Table 8 frame."""
     cols = ["model", "params_M", "gmacs", "gflops", "peak_memory_MiB", "images_per_s"]
@@ -157,8 +170,12 @@ def run_efficiency(cfg: EfficiencyConfig, out_dir: str | Path, progress: bool = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    isolate = cfg.isolate and _device(cfg.device).type != "cuda"
     for name in tqdm(cfg.resolved_models(), desc="efficiency", disable=not progress):
-        rows.append(measure_model(name, cfg, cfg.model_kwargs.get(name)))
+        if isolate:
+            rows.append(_measure_in_fresh_process(name, cfg))
+        else:
+            rows.append(measure_model(name, cfg, cfg.model_kwargs.get(name)))
         logger.info("%s: %.2f M params, %.2f GMACs, %.1f images/s", name, rows[-1]["params_M"],
                     rows[-1]["gmacs"], rows[-1]["images_per_s"])
     table = pd.DataFrame(rows)
