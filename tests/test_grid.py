@@ -209,3 +209,18 @@ def test_strip_reads_give_the_same_tiles_as_one_read():
     for a, b in zip(one, split):
         assert np.array_equal(a.rows, b.rows) and np.array_equal(a.cols, b.cols)
         assert np.array_equal(a.tiles, b.tiles)
+
+
+def test_block_backend_choice_reads_the_same_pixels(synthetic, tmp_path):
+    from wsi_cmaf.slide.grid import block_read_backend
+
+    with open_slide(synthetic.path, backend="openslide") as a, open_slide(synthetic.path, backend="tiffslide") as b:
+        assert block_read_backend(a) == "tiffslide" and block_read_backend(b) == "tiffslide"
+        grid = TileGrid.from_slide(a, GridConfig(mpp=1.0, tile_size=50, block_tiles=8), detect_tissue(a))
+        for block in grid.blocks[:4]:
+            np.testing.assert_array_equal(read_block(a, grid, block).tiles, read_block(b, grid, block).tiles)
+    # A file tiffslide cannot read keeps the opening backend.
+    class Fake:
+        backend, path = "openslide", tmp_path / "not-a-tiff.mrxs"
+    Fake.path.write_text("x")
+    assert block_read_backend(Fake()) == "openslide"

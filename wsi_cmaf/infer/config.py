@@ -23,6 +23,10 @@ class InferenceConfig:
     #: reader threads of the in-process dask cluster used when no client is given.
     reader_threads: int = 2
     block_tiles: int = 32
+    #: backend for block reads: "auto" (tiffslide for files OpenSlide opened when tiffslide reads
+    #: the same pyramid: faster for large reads, see slide.grid.block_read_backend), "same" (the
+    #: backend that opened the slide) or a backend name.
+    block_backend: str = "auto"
     tissue_threshold: float = 0.5
     #: probability above which a tile counts as positive in the summary, GeoJSON and overlay outline.
     decision_threshold: float = 0.5
@@ -44,6 +48,10 @@ class InferenceConfig:
             raise ConfigError(f"autocast must be auto|bf16|fp16|off, got {self.autocast!r}")
         if self.stain not in {None, "macenko", "none"}:
             raise ConfigError(f"stain must be 'macenko', 'none' or None, got {self.stain!r}")
+        from wsi_cmaf.slide.reader import BACKENDS
+
+        if self.block_backend not in {"auto", "same", *BACKENDS}:
+            raise ConfigError(f"block_backend must be auto, same or one of {BACKENDS}, got {self.block_backend!r}")
         if not 0.0 <= self.decision_threshold <= 1.0:
             raise ConfigError(f"decision_threshold must be in [0, 1], got {self.decision_threshold}")
 

@@ -22,7 +22,7 @@ from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor, resolve_device
 from wsi_cmaf.infer.stainfit import fit_slide_stain
 from wsi_cmaf.infer.tasks import BlockFailure, SlideSpec, read_block_task
 from wsi_cmaf.output.store import HeatmapStore
-from wsi_cmaf.slide.grid import GridConfig, TileGrid
+from wsi_cmaf.slide.grid import GridConfig, TileGrid, block_read_backend
 from wsi_cmaf.slide.reader import open_slide
 from wsi_cmaf.slide.tissue import TissueConfig, detect_tissue
 
@@ -155,7 +155,10 @@ def _run_blocks(reader, grid, resolved, cfg, dev, store, todo, client, timer, wa
         TilePreprocessor(mc.input_size, tuple(mc.mean), tuple(mc.std), mc.resize_interpolation, stain_module),
         dev, cfg.batch_size, cfg.autocast,
     )
-    spec = SlideSpec(str(reader.path), reader.backend, _mpp_override(reader))
+    spec = SlideSpec(str(reader.path), _block_backend(reader, cfg), _mpp_override(reader))
+    if spec.backend != reader.backend:
+        logger.info("blocks of %s are read with %s (metadata from %s)", reader.path.name, spec.backend,
+                    reader.backend)
     n_tiles = int(sum(int(grid.tissue[b.rows, b.cols].sum()) for b in todo))
     n_failed = 0
     t0 = time.perf_counter()
@@ -191,6 +194,12 @@ def _run_blocks(reader, grid, resolved, cfg, dev, store, todo, client, timer, wa
     if n_failed:
         warn.append(f"{n_failed} block(s) could not be read and are marked failed in the store")
     return n_failed
+
+
+def _block_backend(reader, cfg: InferenceConfig) -> str:
+    if cfg.block_backend == "auto":
+        return block_read_backend(reader)
+    return reader.backend if cfg.block_backend == "same" else cfg.block_backend
 
 
 def _take(it: Iterator, n: int) -> list:

@@ -354,3 +354,29 @@ def read_tile(reader: SlideReader, grid: TileGrid, row: int, col: int) -> np.nda
     """One tile (t, t, 3) read on its own (reference for tests and naive loops)."""
     t, step = grid.config.tile_size, grid.config.step
     return _read_target_window(reader, grid, row * step, col * step, t, t)
+
+
+def block_read_backend(reader: SlideReader) -> str:
+    """The backend block reads should use for ``reader``'s file.
+
+    OpenSlide pays ~20-25 ns per pixel even for tiles in its cache (measured: a cached 512 px
+    tile takes ~6 ms, libjpeg-turbo decodes it in ~1.4 ms), so for large block reads tiffslide,
+    which decodes TIFF tiles straight into the output array, is 1.5-2x faster. When OpenSlide
+    opened the file and tiffslide reads the same pyramid (same level sizes and downsamples), blocks
+    are read with tiffslide; otherwise with the reader's own backend. Metadata (µm/px, vendor,
+    associated images) always come from the backend that opened the slide.
+    """
+    if reader.backend != "openslide":
+        return reader.backend
+    from wsi_cmaf.errors import WsiCmafError
+    from wsi_cmaf.slide.reader import open_slide
+
+    try:
+        with open_slide(reader.path, backend="tiffslide", mpp=1.0) as other:
+            same = (other.level_dimensions == reader.level_dimensions
+                    and all(abs(a - b) < 1e-6 * max(a, 1.0)
+                            for a, b in zip(other.level_downsamples, reader.level_downsamples)))
+    except WsiCmafError as exc:
+        logger.debug("tiffslide cannot read %s (%s); blocks are read with openslide", reader.path, exc)
+        return reader.backend
+    return "tiffslide" if same else reader.backend
