@@ -15,12 +15,21 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when present, else CPU; anything else is passed to ``torch.device``."""
+    """``"auto"`` picks CUDA when present, else CPU; a name is checked (a valid torch device,
+    and CUDA actually available when asked for), so a wrong device fails before any work."""
     if isinstance(device, torch.device):
         return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    from wsi_cmaf.errors import ConfigError
+
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {device!r} is not a torch device name ({exc})") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    return resolved
 
 
 def autocast_dtype(device: torch.device, mode: str) -> torch.dtype | None:

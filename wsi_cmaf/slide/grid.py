@@ -306,14 +306,17 @@ def plan_reads(rows: np.ndarray, cols: np.ndarray, tile: int, step: int,
     return strips[::-1]
 
 
-def _cut(window: np.ndarray, r0: int, c0: int, n_rows: int, n_cols: int, tile: int, step: int,
-         rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Tiles (rows, cols) from a window whose top-left tile is (r0, c0)."""
-    window = np.ascontiguousarray(window)
+def _read_strip(reader: SlideReader, grid: TileGrid, strip: tuple[int, int, int, int],
+                rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Tiles (rows, cols) of one strip ``(r0, r1, c0, c1)``, cut from ONE read of its window."""
+    r0, r1, c0, c1 = strip
+    t, step = grid.config.tile_size, grid.config.step
+    window = np.ascontiguousarray(_read_target_window(reader, grid, r0 * step, c0 * step,
+                                                      (r1 - r0) * step + t, (c1 - c0) * step + t))
     s0, s1, s2 = window.strides
     # View of every tile origin in the window (tiles may overlap when stride < tile size).
     views = np.lib.stride_tricks.as_strided(
-        window, shape=(n_rows, n_cols, tile, tile, 3),
+        window, shape=(r1 - r0 + 1, c1 - c0 + 1, t, t, 3),
         strides=(s0 * step, s1 * step, s0, s1, s2), writeable=False,
     )
     return views[rows - r0, cols - c0]  # fancy indexing copies only the tissue tiles
@@ -335,18 +338,12 @@ def read_block(reader: SlideReader, grid: TileGrid, block: Block) -> BlockTiles:
         strips = [(int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max()))]
     else:
         strips = plan_reads(rows, cols, t, step, float(overhead))
-    if len(strips) == 1:
-        r0, r1, c0, c1 = strips[0]
-        window = _read_target_window(reader, grid, r0 * step, c0 * step, (r1 - r0) * step + t,
-                                     (c1 - c0) * step + t)
-        return BlockTiles(block, _cut(window, r0, c0, r1 - r0 + 1, c1 - c0 + 1, t, step, rows, cols),
-                          rows, cols)
+    if len(strips) == 1:  # the common case: no extra copy into a gathered array
+        return BlockTiles(block, _read_strip(reader, grid, strips[0], rows, cols), rows, cols)
     tiles = np.empty((rows.size, t, t, 3), np.uint8)
-    for r0, r1, c0, c1 in strips:
-        sel = (rows >= r0) & (rows <= r1)
-        window = _read_target_window(reader, grid, r0 * step, c0 * step, (r1 - r0) * step + t,
-                                     (c1 - c0) * step + t)
-        tiles[sel] = _cut(window, r0, c0, r1 - r0 + 1, c1 - c0 + 1, t, step, rows[sel], cols[sel])
+    for strip in strips:
+        sel = (rows >= strip[0]) & (rows <= strip[1])
+        tiles[sel] = _read_strip(reader, grid, strip, rows[sel], cols[sel])
     return BlockTiles(block, tiles, rows, cols)
 
 

@@ -36,7 +36,7 @@ from wsi_cmaf.slide import _synthetic_render as render
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SyntheticSlide", "write_synthetic_slide", "load_tumour_mask", "auto_downsamples"]
+__all__ = ["SyntheticSlide", "write_synthetic_slide", "load_synthetic_slide", "load_tumour_mask", "auto_downsamples"]
 
 THUMBNAIL_MAX_SIDE = 1024
 
@@ -242,7 +242,7 @@ def write_synthetic_slide(
         (math.ceil(height * mpp / mask_mpp), math.ceil(width * mpp / mask_mpp)), dtype=bool)
     mask_path = None
     if save_mask:
-        mask_path = path.with_name(f"{path.stem}_tumour_mask.png")
+        mask_path = tumour_mask_path(path)
         Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
         meta = {"mask_mpp": mask_mpp, "slide": path.name, "width": width, "height": height,
                 "mpp": mpp, "seed": seed, "shape": list(mask.shape)}
@@ -253,10 +253,16 @@ def write_synthetic_slide(
                           downsamples, tile, seed, seconds)
 
 
+def tumour_mask_path(slide_path: str | Path) -> Path:
+    """Where the ground-truth mask PNG of a synthetic slide lives (its JSON sits beside it)."""
+    slide_path = Path(slide_path)
+    return slide_path.with_name(f"{slide_path.stem}_tumour_mask.png")
+
+
 def load_tumour_mask(slide_path: str | Path) -> tuple[np.ndarray, float]:
     """Read the ground-truth mask saved beside a synthetic slide: ``(mask bool, mask_mpp)``."""
     slide_path = Path(slide_path)
-    png = slide_path.with_name(f"{slide_path.stem}_tumour_mask.png")
+    png = tumour_mask_path(slide_path)
     meta = json.loads(png.with_suffix(".json").read_text())
     return np.asarray(Image.open(png)) > 127, float(meta["mask_mpp"])
 
@@ -266,13 +272,13 @@ def load_synthetic_slide(slide_path: str | Path) -> SyntheticSlide | None:
     ground truth (``<stem>_tumour_mask.png`` + ``.json``) is missing or unreadable — the caller
     then writes the slide again rather than trusting a half-written one."""
     slide_path = Path(slide_path)
-    png = slide_path.with_name(f"{slide_path.stem}_tumour_mask.png")
+    png = tumour_mask_path(slide_path)
     meta_path = png.with_suffix(".json")
     if not (slide_path.is_file() and png.is_file() and meta_path.is_file()):
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        mask, mask_mpp = load_tumour_mask(slide_path)
+        mask, mask_mpp = np.asarray(Image.open(png)) > 127, float(meta["mask_mpp"])
         width, height, mpp = int(meta["width"]), int(meta["height"]), float(meta["mpp"])
     except (OSError, ValueError, KeyError) as exc:
         logger.warning("cannot reuse synthetic slide %s (%s); it will be rewritten", slide_path, exc)

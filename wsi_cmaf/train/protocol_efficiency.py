@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from wsi_cmaf.errors import ConfigError
+from wsi_cmaf.infer.runner import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -82,18 +83,12 @@ class _RssSampler:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def measure_model(name: str, cfg: EfficiencyConfig, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """One Table 8 row: params, FLOPs/MACs per image, peak memory (MiB), images/s (inference)."""
     from wsi_cmaf.models import create_model
     from wsi_cmaf.models.profile import count_flops, count_parameters
 
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     kwargs = dict(kwargs or {})
     kwargs.setdefault("input_size", cfg.input_size)
     cuda = device.type == "cuda"
@@ -170,7 +165,7 @@ def run_efficiency(cfg: EfficiencyConfig, out_dir: str | Path, progress: bool = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    isolate = cfg.isolate and _device(cfg.device).type != "cuda"
+    isolate = cfg.isolate and resolve_device(cfg.device).type != "cuda"
     for name in tqdm(cfg.resolved_models(), desc="efficiency", disable=not progress):
         if isolate:
             rows.append(_measure_in_fresh_process(name, cfg))

@@ -44,7 +44,8 @@ from wsi_cmaf.train.stages import (
     enable_grad_checkpointing,
     ramp_steps,
 )
-from wsi_cmaf.train.trainer_eval import resolve_device, split_report
+from wsi_cmaf.infer.runner import resolve_device
+from wsi_cmaf.train.trainer_eval import split_report
 from wsi_cmaf.train.trainer_loop import (
     Amp,
     RunContext,

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from wsi_cmaf.errors import ConfigError, DataError, ModelError
+from wsi_cmaf.infer.runner import resolve_device
 from wsi_cmaf.models import ModelConfig, load_model
 from wsi_cmaf.train.config import ModelSection
 from wsi_cmaf.train.data_setup import BatchPipeline, fit_patient_stain
@@ -30,19 +31,6 @@ from wsi_cmaf.train.trainer_state import json_safe, write_json
 logger = logging.getLogger(__name__)
 
 EVAL_SPLITS = (*SPLITS, "all")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else as given (checked)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"device {name!r} is not a torch device name ({exc})") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available; use 'cpu' or 'auto'")
-    return device
 
 
 def split_report(model: nn.Module, loader: Iterable, prepare: Any, *, device: torch.device,
