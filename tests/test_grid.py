@@ -98,13 +98,14 @@ def test_stride_overlap_tiles_share_pixels():
     np.testing.assert_array_equal(tiles[(0, 0)][20:], tiles[(1, 0)][:30])
 
 
-def test_tissue_fraction_is_exact_area():
+@pytest.mark.parametrize("shape", [(12, 17), (20, 26)])  # inside the mask; past its bottom/right edge
+def test_tissue_fraction_is_exact_area(shape):
     rng = np.random.default_rng(0)
     mask = rng.random((23, 31)) > 0.6
     mask_mpp, tile_mpp, tile, stride = 6.0, 1.5, 6, 5  # tiles cover 9 µm = 1.5 mask px
-    shape = (12, 17)
     got = tissue_fractions(mask, (mask_mpp, mask_mpp), tile_mpp, tile, stride, shape)
     fine = np.kron(mask, np.ones((4, 4))).astype(float)  # 1.5 µm per fine px: tiles are whole px
+    fine = np.pad(fine, ((0, 20), (0, 20)))  # beyond the mask there is no tissue
     want = np.array([[fine[r * stride:r * stride + tile, c * stride:c * stride + tile].mean()
                       for c in range(shape[1])] for r in range(shape[0])])
     np.testing.assert_allclose(got, want, atol=1e-5)

@@ -189,3 +189,11 @@ def test_cli_analyze_error_is_one_line(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith(("INFO ", "WARNING "))]
     assert len(lines) == 1 and "nope.svs" in lines[0], proc.stderr
     assert main is not None
+
+
+def test_cli_analyze_keeps_dask_chatter_out(slide, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "wsi_cmaf", "analyze", str(slide.path), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "wsi_cmaf.slide.grid" in proc.stderr  # our INFO lines are there ...
+    assert "distributed." not in proc.stderr  # ... distributed's start-up chatter is not

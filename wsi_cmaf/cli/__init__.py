@@ -52,6 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_distributed() -> None:
+    """Keep dask.distributed's start-up and connection INFO lines out of the CLI's output.
+
+    distributed sets its loggers' levels from dask's config when it is first imported (and
+    hands that config to worker processes), so the root level alone does not silence it.
+    """
+    import dask
+
+    dask.config.set({"logging.distributed": "warning"})
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # when already imported
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     parser = build_parser()
@@ -62,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("wsi_cmaf").setLevel(level)
+    if not args.debug:
+        _quiet_distributed()
     try:
         return int(args._run(args) or 0)
     except WsiCmafError as exc:

@@ -99,8 +99,9 @@ def analyze_slide(
         with timer("open"):
             reader = stack.enter_context(open_slide(slide_path, backend=backend, mpp=mpp))
             slide_mpp = reader.mpp  # raises MissingResolutionError before we create outputs
+            pixels = _pixel_reader(reader, cfg, stack)
         with timer("tissue"):
-            mask = detect_tissue(reader, tissue)
+            mask = detect_tissue(pixels, tissue)
         mc = resolved.config
         with timer("grid"):
             grid = TileGrid.from_slide(
@@ -124,12 +125,15 @@ def analyze_slide(
             warn.append("no tissue found: the result is empty")
             logger.warning("%s: no tissue tiles found; writing an empty result", slide_path)
         dev = resolve_device(cfg.device)
-        failed = _run_blocks(reader, grid, resolved, cfg, dev, store, todo, client, timer, warn)
+        # Per-tile reads: the opening reader (OpenSlide, where it opened the file, caches decoded
+        # tiles, so scattered single tiles are cheap there).
+        stain_module = _fit_stain(reader, grid, resolved, cfg, timer, warn) if todo else None
+        failed = _run_blocks(pixels, grid, resolved, cfg, dev, store, todo, stain_module, client, timer, warn)
         with timer("finalize"):
             store.finalize(extra_attrs={"timings": dict(timer)})
         outputs = {"store": store.path}
         with timer("exports"):
-            outputs.update(_exports(store, slide_path, out_dir, reader, cfg, warn))
+            outputs.update(_exports(store, slide_path, out_dir, pixels, cfg, warn))
         result = _summarise(slide_path, reader, grid, mask, store, resolved, cfg, dev, timer,
                             warn, outputs, computed=len(todo) - failed, skipped=skipped)
     summary = out_dir / f"{slide_path.stem}_summary.json"
@@ -138,27 +142,46 @@ def analyze_slide(
     return result
 
 
-def _run_blocks(reader, grid, resolved, cfg, dev, store, todo, client, timer, warn) -> int:
-    """Stream blocks through the model with a bounded number of reads in flight; return #failed."""
+def _pixel_reader(reader, cfg: InferenceConfig, stack: ExitStack):
+    """The reader that decodes pixels (thumbnails, stain sample, blocks) for ``reader``'s slide.
+
+    Usually ``reader`` itself; for TIFF-family slides OpenSlide opened, a tiffslide reader of the
+    same pyramid (see :func:`~wsi_cmaf.slide.grid.block_read_backend`), given the µm/px the
+    opening reader resolved. Metadata always comes from ``reader``.
+    """
+    backend = _block_backend(reader, cfg)
+    if backend == reader.backend:
+        return reader
+    logger.info("pixels of %s are read with %s (metadata from %s)", reader.path.name, backend, reader.backend)
+    return stack.enter_context(open_slide(reader.path, backend=backend, mpp=tuple(reader.mpp)))
+
+
+def _fit_stain(reader, grid, resolved, cfg, timer, warn):
+    """The slide's fitted Macenko normaliser, or None when the model or the user turns it off."""
+    use_stain = cfg.stain if cfg.stain is not None else (resolved.config.stain_normalization or "none")
+    if use_stain != "macenko":
+        return None
+    with timer("stain_fit"):
+        stain_module, stain_warning = fit_slide_stain(reader, grid)
+    if stain_warning:
+        warn.append(stain_warning)
+    return stain_module
+
+
+def _run_blocks(reader, grid, resolved, cfg, dev, store, todo, stain_module, client, timer, warn) -> int:
+    """Stream blocks through the model with a bounded number of reads in flight; return #failed.
+
+    ``reader`` is the pixel reader; worker threads reopen the same file with the same backend.
+    """
     if not todo:
         return 0
-    stain_module = None
-    use_stain = cfg.stain if cfg.stain is not None else (resolved.config.stain_normalization or "none")
-    if use_stain == "macenko":
-        with timer("stain_fit"):
-            stain_module, stain_warning = fit_slide_stain(reader, grid)
-        if stain_warning:
-            warn.append(stain_warning)
     mc = resolved.config
     runner = BatchRunner(
         resolved.module,
         TilePreprocessor(mc.input_size, tuple(mc.mean), tuple(mc.std), mc.resize_interpolation, stain_module),
         dev, cfg.batch_size, cfg.autocast,
     )
-    spec = SlideSpec(str(reader.path), _block_backend(reader, cfg), _mpp_override(reader))
-    if spec.backend != reader.backend:
-        logger.info("blocks of %s are read with %s (metadata from %s)", reader.path.name, spec.backend,
-                    reader.backend)
+    spec = SlideSpec(str(reader.path), reader.backend, _mpp_override(reader))
     n_tiles = int(sum(int(grid.tissue[b.rows, b.cols].sum()) for b in todo))
     n_failed = 0
     t0 = time.perf_counter()

@@ -46,12 +46,29 @@ def autocast_dtype(device: torch.device, mode: str) -> torch.dtype | None:
     return None
 
 
+def resize_matrix(n_in: int, n_out: int, mode: str = "bicubic") -> torch.Tensor:
+    """(n_out, n_in) matrix that resamples one axis exactly as ``F.interpolate(mode=...)`` does.
+
+    Every ``F.interpolate`` mode is linear and separable, so the matrix is its response to the
+    impulses of an identity image (antialiasing included when it shrinks, the same rule
+    :class:`TilePreprocessor` applies). Why a matrix: on CPU ``F.interpolate(mode="bicubic")``
+    runs ~5x slower than the two small matrix products that give the same numbers (50 -> 64 px,
+    256 tiles: ~30 ms vs ~5 ms), which is a tenth of a cheap model's time per tile.
+    """
+    eye = torch.eye(n_in, dtype=torch.float64).view(1, 1, n_in, n_in)
+    smooth = mode in {"bilinear", "bicubic"}
+    kwargs = {"align_corners": False, "antialias": n_out < n_in} if smooth else {}
+    # Only axis -2 changes size; axis -1 keeps its size, which every mode maps to itself.
+    return F.interpolate(eye, size=(n_out, n_in), mode=mode, **kwargs)[0, 0].float()
+
+
 class TilePreprocessor(nn.Module):
     """uint8 NHWC tiles -> normalised float NCHW model input, all on the model's device.
 
     Order follows the paper: stain normalisation on the native tile, then bicubic resize
     to the model's input size, then channel normalisation. Doing it batched on the device
-    avoids the per-tile CPU resizing that dominates simpler pipelines.
+    avoids the per-tile CPU resizing that dominates simpler pipelines; the resize is two
+    matrix products with :func:`resize_matrix` (same result as ``F.interpolate``, faster).
     """
 
     def __init__(
@@ -68,20 +85,22 @@ class TilePreprocessor(nn.Module):
         self.stain = stain
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
+        self._matrices: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def _matrix(self, n_in: int, device: torch.device) -> torch.Tensor:
+        key = (n_in, device)
+        if key not in self._matrices:
+            self._matrices[key] = resize_matrix(n_in, self.input_size, self.interpolation).to(device)
+        return self._matrices[key]
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         """``tiles``: uint8 (B, H, W, 3) -> float32 (B, 3, S, S)."""
         x = tiles.permute(0, 3, 1, 2).float()
         if self.stain is not None:
             x = self.stain(x)
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
-            down = x.shape[-1] > self.input_size
-            mode = self.interpolation
-            kwargs = {"align_corners": False} if mode in {"bilinear", "bicubic"} else {}
-            x = F.interpolate(
-                x, size=(self.input_size, self.input_size), mode=mode,
-                antialias=down and mode in {"bilinear", "bicubic"}, **kwargs,
-            )
+        h, w = x.shape[-2:]
+        if h != self.input_size or w != self.input_size:
+            x = self._matrix(h, x.device) @ x @ self._matrix(w, x.device).T
             # Bicubic overshoots; keep the model's input inside the range it was trained on.
             x = x.clamp_(0.0, 255.0)
         return (x - self.mean) / self.std
@@ -91,7 +110,8 @@ class BatchRunner:
     """Runs ``model`` over uint8 tiles in fixed-size batches and returns class probabilities.
 
     Batches are cut from each call's tiles only, never across calls, so a block's output
-    does not depend on which other blocks ran (needed for bit-identical resume).
+    does not depend on which other blocks ran (needed for bit-identical resume); a call's
+    tiles are split into equal batches of at most ``batch_size``.
     A CUDA out-of-memory error halves the batch size and retries.
     """
 
@@ -115,8 +135,12 @@ class BatchRunner:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def _batches(self, n: int) -> Iterator[slice]:
-        for start in range(0, n, self.batch_size):
-            yield slice(start, min(n, start + self.batch_size))
+        # Equal batches (300 tiles -> 150 + 150, not 256 + 44): a small remainder batch runs
+        # ~20 % slower per tile on CPU. The split depends only on n, so resume stays exact.
+        k = -(-n // self.batch_size)
+        bounds = [round(i * n / k) for i in range(k + 1)]
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            yield slice(start, stop)
 
     @torch.inference_mode()
     def _run(self, tiles: np.ndarray) -> np.ndarray:

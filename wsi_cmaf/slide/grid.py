@@ -106,8 +106,6 @@ def tissue_fractions(mask: np.ndarray, mask_mpp: tuple[float, float], target_mpp
     n_rows, n_cols = shape
     if n_rows == 0 or n_cols == 0:
         return np.zeros(shape, dtype=np.float32)
-    sat = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.float64)
-    sat[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
 
     def edges(n: int, px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         start = np.arange(n) * stride * target_mpp / px
@@ -123,7 +121,17 @@ def tissue_fractions(mask: np.ndarray, mask_mpp: tuple[float, float], target_mpp
     xs, left, right = edges(n_cols, mask_mpp[0])
     yi, yw = interp_weights(ys, mask.shape[0])
     xi, xw = interp_weights(xs, mask.shape[1])
-    rows = sat[yi] * (1 - yw)[:, None] + sat[yi + 1] * yw[:, None]
+    # Summed-area table rows only where tile edges need them (a few hundred of thousands of mask
+    # rows on a large slide): prefix sums of the mask rows up to each needed row, by reduceat.
+    need = np.unique(np.concatenate([yi, yi + 1]))
+    table = np.zeros((need.size, mask.shape[1] + 1), dtype=np.float64)
+    inner = need[need > 0]
+    if inner.size:
+        starts = np.concatenate([[0], inner[:-1]])
+        prefix = np.cumsum(np.add.reduceat(mask[:inner[-1]], starts, axis=0, dtype=np.int64), axis=0)
+        table[need > 0, 1:] = np.cumsum(prefix, axis=1)
+    where = np.searchsorted(need, yi)
+    rows = table[where] * (1 - yw)[:, None] + table[np.searchsorted(need, yi + 1)] * yw[:, None]
     corner = rows[:, xi] * (1 - xw) + rows[:, xi + 1] * xw  # F at every (y edge, x edge)
     area = (corner[np.ix_(bottom, right)] - corner[np.ix_(top, right)]
             - corner[np.ix_(bottom, left)] + corner[np.ix_(top, left)])
