@@ -240,6 +240,51 @@ def test_bad_arguments(synthetic) -> None:
             r.read_region((0, 0), 0, (0, 10))
 
 
+def _strips_of(backend, level: int, rows: int) -> list[np.ndarray]:
+    return list(backend.level_rows(level, rows))
+
+
+@pytest.mark.parametrize("rows", [1, 37, 256, 300, 10_000])
+def test_level_rows_tifffile_path_matches_reference(synthetic, rows: int) -> None:
+    """tiffslide's whole-level strips (decoded by tifffile, several tiles at once) are the level's
+    exact pixels in strips of exactly ``rows`` rows, whatever ``rows`` is relative to the tiles."""
+    from wsi_cmaf.slide._backends import Backend
+
+    path, img = synthetic
+    with open_slide(path, backend="tiffslide") as r:
+        impl = r._impl
+        for level, ds in enumerate((1, 4, 16)):
+            assert impl._level_page(level) is not None  # the fast path is the one under test
+            strips = _strips_of(impl, level, rows)
+            lh = r.level_dimensions[level][1]
+            assert [len(s) for s in strips] == [min(rows, lh - y) for y in range(0, lh, rows)]
+            got = np.concatenate(strips)
+            np.testing.assert_array_equal(got, img[::ds, ::ds])
+            np.testing.assert_array_equal(got, np.concatenate(list(Backend.level_rows(impl, level, rows))))
+
+
+def test_level_rows_falls_back_for_other_layouts(tmp_path: Path) -> None:
+    """A stripped (untiled) level is not streamed by tile rows; the read_region path serves it."""
+    img = make_image(300, 200)
+    path = tmp_path / "stripped.tiff"
+    tifffile.imwrite(path, img, photometric="rgb", resolution=(40_000.0, 40_000.0), resolutionunit="CENTIMETER")
+    with open_slide(path, backend="tiffslide") as r:
+        assert r._impl._level_page(0) is None
+        np.testing.assert_array_equal(np.concatenate(_strips_of(r._impl, 0, 64)), img)
+        assert r.thumbnail(r.mpp[0]).shape == img.shape
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_thumbnail_same_for_any_strip_size(synthetic, backend: str, monkeypatch) -> None:
+    import wsi_cmaf.slide.reader as reader_mod
+
+    path, _ = synthetic
+    with open_slide(path, backend=backend) as r:
+        whole = r.thumbnail(2.0)
+        monkeypatch.setattr(reader_mod, "_THUMB_STRIP_BYTES", 3 * 250 * 4)  # 3 rows of level 1
+        np.testing.assert_array_equal(r.thumbnail(2.0), whole)
+
+
 # --- real scanner files ------------------------------------------------------------------
 @pytest.mark.realdata
 @pytest.mark.parametrize("key", ["svs", "tiff"])
@@ -253,6 +298,20 @@ def test_real_openslide_and_tiffslide_agree(real_slide, key: str) -> None:
         ra = a.read_region((500, 700), 0, (256, 256)).astype(int)
         rb = b.read_region((500, 700), 0, (256, 256)).astype(int)
         assert np.abs(ra - rb).mean() < 2.0  # same JPEG data, decoders may round differently
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("key", ["svs", "tiff", "jp2k_svs"])
+def test_real_level_rows_match_tiffslide_reads(real_slide, key: str) -> None:
+    """On scanner files (JPEG, JPEG 2000, generic TIFF) the tifffile strips equal tiffslide's reads."""
+    from wsi_cmaf.slide._backends import Backend
+
+    with open_slide(real_slide(key), backend="tiffslide", mpp=0.5) as r:
+        for level in range(r.level_count):
+            assert r._impl._level_page(level) is not None
+            fast = np.concatenate(_strips_of(r._impl, level, 10_000))
+            ref = np.concatenate(list(Backend.level_rows(r._impl, level, 10_000)))
+            np.testing.assert_array_equal(fast, ref)
 
 
 @pytest.mark.realdata

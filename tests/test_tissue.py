@@ -101,3 +101,41 @@ def test_real_slides_have_tissue(real_slide, key: str, mpp: float | None, low: f
         green = (hsv[..., 0] > 0.2) & (hsv[..., 0] < 0.55) & (hsv[..., 1] > 0.2)
         assert green.sum() > 500  # the slide has green ink ...
         assert not (tm.mask & green).any()  # ... and none of it is called tissue
+
+
+@pytest.mark.parametrize("radius", [1, 2, 4])
+def test_closing_in_row_chunks_equals_skimage(radius: int) -> None:
+    """The parallel closing (scipy, dask row chunks with a 2 * radius halo) is skimage's closing,
+    image borders included."""
+    import dask.array as da
+    from skimage.morphology import closing, disk
+
+    from wsi_cmaf.slide.tissue import _closing
+
+    rng = np.random.default_rng(radius)
+    mask = rng.random((301, 157)) > 0.7
+    mask[:4] |= rng.random((4, 157)) > 0.4  # structure on the image border
+    footprint = disk(radius)
+    ref = closing(mask, footprint)
+    np.testing.assert_array_equal(_closing(mask, footprint), ref)
+    chunked = da.from_array(mask, chunks=(37, -1)).map_overlap(
+        _closing, depth={0: 2 * radius, 1: 0}, boundary="none", footprint=footprint, dtype=bool,
+    ).compute(scheduler="threads")
+    np.testing.assert_array_equal(chunked, ref)
+
+
+def test_tissue_mask_same_in_one_piece_and_in_chunks(monkeypatch) -> None:
+    import dask
+
+    import wsi_cmaf.slide.tissue as tissue_mod
+
+    img, _ = _scene(700, 1.0, np.random.default_rng(3))
+    img[350:352] = GREEN_INK  # an ink line across chunk borders
+    monkeypatch.setattr(tissue_mod, "_PARALLEL_MIN_PIXELS", 10**12)
+    whole = tissue_mask_from_rgb(img, 8.0)
+    monkeypatch.setattr(tissue_mod, "_PARALLEL_MIN_PIXELS", 0)
+    with dask.config.set(num_workers=5):
+        assert tissue_mod._row_chunks(700, 700 * 700) == 140
+        chunked = tissue_mask_from_rgb(img, 8.0)
+    assert whole.threshold == chunked.threshold
+    np.testing.assert_array_equal(whole.mask, chunked.mask)

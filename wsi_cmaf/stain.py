@@ -217,7 +217,8 @@ class MacenkoNormalizer(nn.Module):
             # Deconvolve with the source pseudo-inverse, rescale the concentrations, re-colour
             # with the reference matrix: all linear in OD, so one 3x3 product per pixel
             # (od_map, precomputed in set_source) instead of two; ~40 % less time per batch.
-            neg_od = torch.log((x.float() + 1.0) * (1.0 / self.io))
+            # one new tensor, then in place: each fresh batch-sized tensor costs page faults
+            neg_od = x.float().add(1.0).mul_(1.0 / self.io).log_()
             out = torch.matmul(self.od_map, neg_od.flatten(2)).view_as(neg_od)
             out = out.exp_().mul_(self.io).clamp_(0.0, 255.0)
         out = out.to(out_dtype)

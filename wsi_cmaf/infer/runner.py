@@ -95,7 +95,7 @@ class TilePreprocessor(nn.Module):
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         """``tiles``: uint8 (B, H, W, 3) -> float32 (B, 3, S, S)."""
-        x = tiles.permute(0, 3, 1, 2).float()
+        x = tiles.permute(0, 3, 1, 2).to(torch.float32, copy=True)  # own copy: modified in place below
         if self.stain is not None:
             x = self.stain(x)
         h, w = x.shape[-2:]
@@ -103,7 +103,8 @@ class TilePreprocessor(nn.Module):
             x = self._matrix(h, x.device) @ x @ self._matrix(w, x.device).T
             # Bicubic overshoots; keep the model's input inside the range it was trained on.
             x = x.clamp_(0.0, 255.0)
-        return (x - self.mean) / self.std
+        # in place: x is always this call's own tensor here (a fresh float copy at least)
+        return x.sub_(self.mean).div_(self.std)
 
 
 class BatchRunner:

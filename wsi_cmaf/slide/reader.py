@@ -62,8 +62,9 @@ def file_fingerprint(path: str | Path) -> str:
                 digest.update(fh.read(_MIB))
         digest.update(str(size).encode())
     return f"size={total};sha256={digest.hexdigest()}"
-#: Peak bytes of one strip read while building a thumbnail (keeps memory flat on big slides).
-_THUMB_STRIP_BYTES = 128 * _MIB
+#: Bytes of one strip reduced at a time while building a thumbnail: small strips stay in
+#: cache (PIL's unpack and box reduce run ~2x faster on 8 MiB than on 100 MiB strips).
+_THUMB_STRIP_BYTES = 8 * _MIB
 
 
 def _make_backend(name: str, path: Path) -> Backend:
@@ -296,13 +297,14 @@ class SlideReader:
         lmx, lmy = self.level_mpp(level)
         factor = max(1, int(min(mpp / lmx, mpp / lmy) + 1e-6))
         rows = max(factor, (_THUMB_STRIP_BYTES // (lw * 4)) // factor * factor)
-        ds = self.level_downsamples[level]
+        self._check_level(level)
+        strips = self._guard(lambda: self._impl.level_rows(level, rows), f"level {level} for a thumbnail")
         parts = []
-        for y in range(0, lh, rows):
-            y0 = round(y * ds)  # see read_region: exact multiples avoid OpenSlide resampling
-            strip = self.read_region((0, y0), level, (lw, min(rows, lh - y)))
-            image = Image.fromarray(strip)
-            parts.append(np.asarray(image.reduce(factor)) if factor > 1 else strip)
+        while True:
+            strip = self._guard(lambda: next(strips, None), f"level {level} for a thumbnail")
+            if strip is None:
+                break
+            parts.append(np.asarray(Image.fromarray(strip).reduce(factor)) if factor > 1 else strip)
         reduced = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         if (reduced.shape[1], reduced.shape[0]) == out_size:
             return np.ascontiguousarray(reduced)
