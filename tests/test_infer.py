@@ -197,3 +197,21 @@ def test_cli_analyze_keeps_dask_chatter_out(slide, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "wsi_cmaf.slide.grid" in proc.stderr  # our INFO lines are there ...
     assert "distributed." not in proc.stderr  # ... distributed's start-up chatter is not
+
+
+@pytest.mark.parametrize(("tissue_mpp", "reads"), [(2.0, 1), (8.0, 2)])
+def test_overlay_reuses_the_tissue_thumbnail_when_fine_enough(slide, tmp_path, monkeypatch, tissue_mpp, reads):
+    """A tissue thumbnail at least as fine as the overlay's map is reused; a coarser one is not."""
+    from wsi_cmaf.slide import SlideReader, TissueConfig
+
+    calls = []
+    original = SlideReader.thumbnail
+
+    def counting(self, mpp):
+        calls.append(mpp)
+        return original(self, mpp)
+
+    monkeypatch.setattr(SlideReader, "thumbnail", counting)
+    res = run(slide.path, tmp_path / "o", tissue=TissueConfig(mpp=tissue_mpp))
+    assert res.outputs["overlay"].exists()
+    assert len(calls) == reads and calls[0] == tissue_mpp  # 3.2 mm wide: 1,600 px at 2 µm, 400 at 8

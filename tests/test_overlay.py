@@ -11,6 +11,7 @@ from matplotlib import colormaps
 from matplotlib.image import imread
 
 from wsi_cmaf.cli import main
+from wsi_cmaf.errors import OutputError
 from wsi_cmaf.output.overlay import _nice_length, overlay, render_overlay
 from wsi_cmaf.output.store import HeatmapStore
 
@@ -128,3 +129,31 @@ def test_cli_overlay(tmp_path, capsys):
 @pytest.mark.parametrize("span, nice", [(2.3, 2.0), (0.07, 0.05), (7.0, 5.0), (10.0, 10.0), (0.0011, 0.001)])
 def test_scale_bar_length(span, nice):
     assert _nice_length(span) == pytest.approx(nice)
+
+
+def test_given_thumbnail_is_drawn_without_reading_the_slide(tmp_path):
+    store = make_store(tmp_path / "s.zarr")
+    reader = FakeReader()
+    picture = np.zeros((300, 420, 3), np.uint8)
+    picture[:, :, 1] = 255
+    fig = render_overlay(store, reader, thumbnail=picture)
+    assert reader.calls == []
+    thumb = fig.axes[0].get_images()[0]
+    np.testing.assert_array_equal(thumb.get_array(), picture)
+    w0, h0 = reader.level_dimensions[0]
+    assert thumb.get_extent() == pytest.approx([0, w0, h0, 0])
+    with pytest.raises(OutputError, match="RGB"):
+        render_overlay(store, reader, thumbnail=picture[..., 0])
+
+
+def test_background_from_tissue_thumbnail():
+    from wsi_cmaf.output.overlay import background_from
+
+    assert background_from(np.zeros((500, 1000, 3), np.uint8)) is None  # coarser than the map: read anew
+    same = np.zeros((1000, 1300, 3), np.uint8)
+    assert background_from(same) is same  # about figure-sized: as it is
+    big = np.random.default_rng(0).integers(0, 256, (2500, 3125, 3), dtype=np.uint8)
+    small = background_from(big)
+    assert small.shape == (1250, 1563, 3)  # reduced 2x, still at least 1,500 px wide
+    np.testing.assert_allclose(small[:10, :10].astype(float),
+                               big[:20, :20].reshape(10, 2, 10, 2, 3).mean(axis=(1, 3)), atol=0.51)

@@ -24,7 +24,7 @@ from wsi_cmaf.infer.tasks import BlockFailure, SlideSpec, read_block_task
 from wsi_cmaf.output.store import HeatmapStore
 from wsi_cmaf.slide.grid import GridConfig, TileGrid, block_read_backend
 from wsi_cmaf.slide.reader import open_slide
-from wsi_cmaf.slide.tissue import TissueConfig, detect_tissue
+from wsi_cmaf.slide.tissue import TissueConfig, tissue_mask_from_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,16 @@ def analyze_slide(
             slide_mpp = reader.mpp  # raises MissingResolutionError before we create outputs
             pixels = _pixel_reader(reader, cfg, stack)
         with timer("tissue"):
-            mask = detect_tissue(pixels, tissue)
+            tcfg = tissue or TissueConfig()
+            thumb = pixels.thumbnail(tcfg.mpp)
+            mask = tissue_mask_from_rgb(thumb, tcfg.mpp, tcfg)
+            # kept (cut down to figure size) for the overlay, which then decodes nothing again
+            background = None
+            if cfg.overlay:
+                from wsi_cmaf.output.overlay import background_from
+
+                background = background_from(thumb)
+            del thumb
         mc = resolved.config
         with timer("grid"):
             grid = TileGrid.from_slide(
@@ -133,7 +142,7 @@ def analyze_slide(
             store.finalize(extra_attrs={"timings": dict(timer)})
         outputs = {"store": store.path}
         with timer("exports"):
-            outputs.update(_exports(store, slide_path, out_dir, pixels, cfg, warn))
+            outputs.update(_exports(store, slide_path, out_dir, pixels, cfg, warn, background))
         result = _summarise(slide_path, reader, grid, mask, store, resolved, cfg, dev, timer,
                             warn, outputs, computed=len(todo) - failed, skipped=skipped)
     summary = out_dir / f"{slide_path.stem}_summary.json"
@@ -288,7 +297,7 @@ def _attrs(reader, resolved: ResolvedModel, grid: TileGrid, cfg: InferenceConfig
     }
 
 
-def _exports(store, slide_path, out_dir, reader, cfg, warn) -> dict[str, Path]:
+def _exports(store, slide_path, out_dir, reader, cfg, warn, background=None) -> dict[str, Path]:
     from wsi_cmaf.output.geojson import write_geojson
     from wsi_cmaf.output.overlay import overlay
 
@@ -296,7 +305,7 @@ def _exports(store, slide_path, out_dir, reader, cfg, warn) -> dict[str, Path]:
     try:
         if cfg.overlay:
             outputs["overlay"] = overlay(store, slide=reader, out_png=out_dir / f"{slide_path.stem}_overlay.png",
-                                         threshold=cfg.decision_threshold)
+                                         threshold=cfg.decision_threshold, thumbnail=background)
         if cfg.geojson:
             outputs["geojson"] = write_geojson(store, out_dir / f"{slide_path.stem}_regions.geojson",
                                                threshold=cfg.decision_threshold)

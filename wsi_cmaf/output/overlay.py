@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
@@ -34,6 +35,25 @@ TISSUE_COLOUR = "#00c853"
 POSITIVE_COLOUR = "#00e5ff"
 FAILED_COLOUR = "#ff1744"
 FIG_WIDTH_IN = 10.0
+#: default resolution of the PNG (dots per inch)
+DPI = 150
+#: the map's axes take about this share of the figure's width (the rest: colour bar, margins)
+AXES_WIDTH_SHARE = 0.8
+
+
+def background_from(thumb: np.ndarray, dpi: int = DPI) -> np.ndarray | None:
+    """``thumb`` (the whole slide, RGB) cut down to what an overlay at ``dpi`` shows, or None.
+
+    None when ``thumb`` is coarser than the map's axes (the overlay then reads a finer picture);
+    otherwise box-reduced by the largest integer factor that keeps it at least figure-wide.
+    Lets the pipeline reuse its tissue thumbnail instead of decoding the slide again.
+    """
+    want = int(FIG_WIDTH_IN * dpi)
+    longest = max(thumb.shape[:2])
+    if longest < AXES_WIDTH_SHARE * want:
+        return None
+    factor = longest // want
+    return np.asarray(Image.fromarray(thumb).reduce(factor)) if factor > 1 else thumb
 
 
 def _nice_length(span: float) -> float:
@@ -102,8 +122,9 @@ def overlay(
     threshold: float = 0.5,
     cmap: str = "inferno",
     max_size: int | None = None,
-    dpi: int = 150,
+    dpi: int = DPI,
     compress_level: int = 1,
+    thumbnail: np.ndarray | None = None,
 ) -> Path:
     """Draw the probability of one class over the slide thumbnail and save it as PNG.
 
@@ -111,7 +132,9 @@ def overlay(
     it cannot be opened the heatmap is drawn alone with a note. ``class_index`` defaults
     to the model's positive class. ``thumbnail_mpp`` defaults to the µm/px that makes the
     slide's long side ``max_size`` pixels (default: the figure's width in pixels, the most
-    the picture can show). ``compress_level`` is the PNG zlib level: 1 writes ~20 % larger
+    the picture can show). ``thumbnail``: an RGB picture of the whole slide, at any
+    resolution, to draw instead of reading one (the pipeline passes its tissue thumbnail).
+    ``compress_level`` is the PNG zlib level: 1 writes ~20 % larger
     files than 6 in about half the time. The figure has a colour bar, a legend (tissue
     outline, regions with p >= ``threshold``, failed blocks), a scale bar in mm and, for
     untrained weights, a warning in the title. Returns the PNG path (default: beside the
@@ -120,7 +143,7 @@ def overlay(
     store = store_or_path if isinstance(store_or_path, HeatmapStore) else HeatmapStore.open(store_or_path)
     out = Path(out_png) if out_png is not None else store.path.with_name(store.path.stem + "_overlay.png")
     fig = render_overlay(store, slide, class_index=class_index, thumbnail_mpp=thumbnail_mpp, alpha=alpha,
-                         threshold=threshold, cmap=cmap, max_size=max_size, dpi=dpi)
+                         threshold=threshold, cmap=cmap, max_size=max_size, dpi=dpi, thumbnail=thumbnail)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=dpi, pil_kwargs={"compress_level": int(compress_level)})
@@ -140,7 +163,8 @@ def render_overlay(
     threshold: float = 0.5,
     cmap: str = "inferno",
     max_size: int | None = None,
-    dpi: int = 150,
+    dpi: int = DPI,
+    thumbnail: np.ndarray | None = None,
 ) -> Figure:
     """The overlay as a matplotlib Figure (Agg canvas); see :func:`overlay` for the arguments.
 
@@ -150,6 +174,8 @@ def render_overlay(
         raise OutputError(f"unknown matplotlib colour map {cmap!r}")
     if not 0.0 <= alpha <= 1.0:
         raise OutputError(f"alpha must be in [0, 1], got {alpha}")
+    if thumbnail is not None and (np.ndim(thumbnail) != 3 or np.shape(thumbnail)[2] != 3):
+        raise OutputError(f"thumbnail must be an (H, W, 3) RGB image, got shape {np.shape(thumbnail)}")
     k = positive_class(store, class_index)
     name = store.class_names[k]
     prob = store.probabilities(0)[k]
@@ -166,10 +192,13 @@ def render_overlay(
         if reader is not None:
             try:
                 w0, h0 = reader.level_dimensions[0]
-                # Finer than the figure's own pixels only costs decoding and resampling time.
-                long_side = max_size or int(FIG_WIDTH_IN * dpi)
-                mpp = thumbnail_mpp or max(w0 * reader.mpp[0], h0 * reader.mpp[1]) / long_side
-                thumb = np.asarray(reader.thumbnail(max(mpp, min(reader.mpp))))
+                if thumbnail is not None:
+                    thumb = np.asarray(thumbnail)
+                else:
+                    # Finer than the figure's own pixels only costs decoding and resampling time.
+                    long_side = max_size or int(FIG_WIDTH_IN * dpi)
+                    mpp = thumbnail_mpp or max(w0 * reader.mpp[0], h0 * reader.mpp[1]) / long_side
+                    thumb = np.asarray(reader.thumbnail(max(mpp, min(reader.mpp))))
                 extent = (0.0, float(w0), float(h0), 0.0)
             except (WsiCmafError, OSError) as exc:
                 logger.warning("overlay: thumbnail failed (%s); drawing the heatmap alone", exc)
