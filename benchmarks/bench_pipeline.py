@@ -2,6 +2,7 @@
 
     python benchmarks/bench_pipeline.py                       # CMAF-Net @224 and ResNet-18 @64 on synthetic slides
     python benchmarks/bench_pipeline.py --real ../shared/data/slides/tcga-cr-7395-01a-01-ts1.svs --real-mpp 0.25
+    python benchmarks/bench_pipeline.py --models cmaf_net@224 --real SLIDE --real-only   # the real slide alone
     python benchmarks/bench_pipeline.py --rss-only
 
 One JSON line per model and slide. "model-only" runs the same model, batch size, device and
@@ -216,13 +217,19 @@ def main() -> None:
     ap.add_argument("--real", type=Path, default=None, help="also run on this real slide")
     ap.add_argument("--real-mpp", type=float, default=None, help="µm/px override for the real slide")
     ap.add_argument("--rss-size", type=int, nargs=2, default=[20000, 20000])
+    ap.add_argument("--real-only", action="store_true", help="skip the synthetic slide (with --real)")
     ap.add_argument("--rss-only", action="store_true")
     ap.add_argument("--no-rss", action="store_true")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "wsi_cmaf_bench")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.real_only and args.real is None:
+        ap.error("--real-only needs --real SLIDE")
     if not args.rss_only:
         for name in args.models:
+            if args.real_only:
+                print(json.dumps(bench_model(name, args.real, args, mpp=args.real_mpp)), flush=True)
+                continue
             w, h = args.size or MODELS[name][3]
             slide = args.workdir / f"pipeline_{w}x{h}_{args.mpp}.tiff"
             if not slide.exists():
