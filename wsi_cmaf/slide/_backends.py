@@ -248,6 +248,7 @@ class TiffSlideBackend(Backend):
         import tiffslide
 
         self._path = str(path)
+        self._tiff: Any = None  # own tifffile handle for whole-level reads, opened on first use
         self._slide = tiffslide.TiffSlide(str(path))
         props = self._slide.properties
         self.properties = {str(k): str(v) for k, v in props.items() if v is not None}
@@ -318,7 +319,7 @@ class TiffSlideBackend(Backend):
 
     def _level_page(self, level: int) -> Any:
         """tifffile's page of ``level`` when it is a tiled, 8-bit, 3-sample RGB(-decoded) image."""
-        if not hasattr(self, "_tiff"):
+        if self._tiff is None:
             import tifffile
 
             # An own handle: tiffslide's is shared with its zarr store and this one may be
@@ -340,7 +341,7 @@ class TiffSlideBackend(Backend):
         return composite_straight_rgba(np.asarray(img.convert("RGBA")))
 
     def close(self) -> None:
-        if hasattr(self, "_tiff"):
+        if self._tiff is not None:
             self._tiff.close()
         self._slide.close()
 

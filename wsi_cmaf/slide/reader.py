@@ -297,8 +297,8 @@ class SlideReader:
         lmx, lmy = self.level_mpp(level)
         factor = max(1, int(min(mpp / lmx, mpp / lmy) + 1e-6))
         rows = max(factor, (_THUMB_STRIP_BYTES // (lw * 4)) // factor * factor)
-        self._check_level(level)
-        strips = self._guard(lambda: self._impl.level_rows(level, rows), f"level {level} for a thumbnail")
+        # level_rows is a generator: it reads (and may fail) only as the loop pulls strips
+        strips = self._impl.level_rows(level, rows)
         parts = []
         while True:
             strip = self._guard(lambda: next(strips, None), f"level {level} for a thumbnail")

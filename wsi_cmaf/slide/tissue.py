@@ -107,6 +107,15 @@ def _closing(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
     return ndi.binary_erosion(ndi.binary_dilation(mask, footprint), footprint, border_value=1)
 
 
+def _closing_in_rows(mask: np.ndarray, footprint: np.ndarray, rows: int) -> np.ndarray:
+    """:func:`_closing` over row chunks of ``rows`` on dask's threads; exact, since a closing
+    looks at most 2 * radius away and that is the halo each chunk gets."""
+    radius = footprint.shape[0] // 2
+    return da.from_array(mask, chunks=(rows, -1)).map_overlap(
+        _closing, depth={0: 2 * radius, 1: 0}, boundary="none", footprint=footprint, dtype=bool,
+    ).compute(scheduler="threads")
+
+
 def _steps_at_least(fraction: float) -> int:
     """Smallest uint8 step s with s / 255 >= ``fraction``."""
     return int(np.ceil(fraction * 255.0 - 1e-9))
@@ -147,12 +156,7 @@ def tissue_mask_from_rgb(rgb: np.ndarray, mpp: float, config: TissueConfig | Non
     radius = int(round(cfg.closing_radius_um / mpp))
     if radius >= 1 and mask.any():
         footprint = disk(radius)
-        if rows is None:
-            mask = _closing(mask, footprint)
-        else:  # a closing looks 2 * radius far: that halo makes row chunks exact
-            mask = da.from_array(mask, chunks=(rows, -1)).map_overlap(
-                _closing, depth={0: 2 * radius, 1: 0}, boundary="none", footprint=footprint, dtype=bool,
-            ).compute(scheduler="threads")
+        mask = _closing(mask, footprint) if rows is None else _closing_in_rows(mask, footprint, rows)
     # skimage >= 0.26: max_size removes objects/holes of size <= max_size (pixels).
     holes = int(cfg.fill_holes_um2 / px_area)
     if holes >= 1:
