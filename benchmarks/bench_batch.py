@@ -1,6 +1,14 @@
 """Batch throughput on a dask LocalCluster: slides/hour with 1 and 2 worker processes, and overheads.
 
     python benchmarks/bench_batch.py --slides 8
+    # one GPU, several slides in flight (issue 12): slides/hour vs the model alone and vs decoding alone
+    python benchmarks/bench_batch.py --gpu --slides 20 --size 40000 40000 --slides-per-gpu 2 \
+        --precision bf16 --compile off --reader-threads 4 --workdir /tmp/wsi_bench_batch
+
+``--gpu`` prints one ``batch_gpu`` line: slides/hour of ``analyze_slides`` on a one-worker-per-GPU
+cluster (``cluster="local-cuda"``), what the model alone would allow (all tissue tiles at
+model-only tiles/s) and what decoding alone would allow (the project's block reads of every
+tissue block on ``slides_per_gpu * reader_threads`` threads), and which bound applies (the lower one).
 
 Prints one JSON line per measurement:
 - ``batch``: slides/hour for N synthetic slides with 1 and 2 worker processes (same model, CPU);
@@ -37,23 +45,114 @@ def _noop(x: int) -> int:
     return x
 
 
+def _decode_tiles(path: Path, mpp_tile: float, tile: int) -> tuple[list, int]:
+    """(read callables of every tissue block, tissue tiles) of a slide, as the loop reads them."""
+    from wsi_cmaf.slide.grid import GridConfig, TileGrid, block_read_backend, read_block
+    from wsi_cmaf.slide.reader import open_slide
+    from wsi_cmaf.slide.tissue import TissueConfig, detect_tissue
+
+    with open_slide(path) as r:
+        grid = TileGrid.from_slide(r, GridConfig(mpp=mpp_tile, tile_size=tile), detect_tissue(r, TissueConfig()))
+        backend = block_read_backend(r)
+    import threading
+
+    local = threading.local()
+
+    def read(block):
+        if not hasattr(local, "r"):
+            local.r = open_slide(path, backend=backend)
+        return len(read_block(local.r, grid, block).tiles)
+
+    return [(read, b) for b in grid.blocks], grid.n_tissue
+
+
+def decode_bound_tiles_per_s(slides: list[Path], threads: int, mpp_tile: float = 4.0, tile: int = 50) -> float:
+    """Tissue tiles/s of the project's block reads alone, on ``threads`` dask threads."""
+    import dask
+
+    reads, total = [], 0
+    for p in slides:
+        r, n = _decode_tiles(p, mpp_tile, tile)
+        reads += r
+        total += n
+    t0 = time.perf_counter()
+    dask.compute(*[dask.delayed(f)(b) for f, b in reads], scheduler="threads", num_workers=threads)
+    return total / (time.perf_counter() - t0)
+
+
+def bench_gpu(slides: list[Path], model, args) -> None:
+    """Slides/hour on one GPU with several slides in flight, vs model-only and decode bounds."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_pipeline import model_only_tiles_per_s  # noqa: E402
+
+    device = torch.device(args.device)
+    cfg = InferenceConfig(progress=False, reader_threads=args.reader_threads, batch_size=args.batch_size,
+                          autocast=args.precision, compile=args.compile, device=args.device,
+                          overlay=not args.no_exports, geojson=not args.no_exports)
+    model_tps = model_only_tiles_per_s(model, args.batch_size, device, 3.0, args.precision, args.compile)
+    with tempfile.TemporaryDirectory() as out:
+        # warm-up slide (CUDA context, kernels, compile) in the same cluster kind, not timed
+        analyze_slides(slides[:1], Path(out) / "warm", model=model, cluster="local-cuda", workers=1,
+                       slides_per_gpu=args.slides_per_gpu, config=cfg, progress=False)
+        t0 = time.perf_counter()
+        res = analyze_slides(slides, Path(out) / "run", model=model, cluster="local-cuda", workers=1,
+                             slides_per_gpu=args.slides_per_gpu, config=cfg, progress=False)
+        wall = time.perf_counter() - t0
+    tiles = int(sum(int(r["tissue_tiles"] or 0) for r in res.rows))
+    decode_tps = decode_bound_tiles_per_s(slides, args.slides_per_gpu * args.reader_threads)
+    sph = 3600 * len(slides) / wall
+    model_sph = 3600 * len(slides) / (tiles / model_tps)
+    decode_sph = 3600 * len(slides) / (tiles / decode_tps)
+    bound = "decode" if decode_sph < model_sph else "model"
+    ref = min(model_sph, decode_sph)
+    print(json.dumps({
+        "bench": "batch_gpu", "slides": len(slides), "size": args.size, "tissue_tiles": tiles,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "slides_per_gpu": args.slides_per_gpu, "reader_threads": args.reader_threads,
+        "batch_size": args.batch_size, "precision": args.precision, "compile": args.compile,
+        "wall_s": round(wall, 2), "slides_per_hour": round(sph, 1),
+        "model_only_tiles_per_s": round(model_tps, 1), "model_bound_slides_per_hour": round(model_sph, 1),
+        "decode_tiles_per_s": round(decode_tps, 1), "decode_threads": args.slides_per_gpu * args.reader_threads,
+        "decode_bound_slides_per_hour": round(decode_sph, 1), "bound_applies": bound,
+        "ratio_to_bound": round(sph / ref, 3), "floor": {"min": 0.7, "ok": sph / ref >= 0.7},
+        "statuses": res.counts,
+    }), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slides", type=int, default=8)
     ap.add_argument("--size", type=int, nargs=2, default=[16000, 12000])
     ap.add_argument("--mpp", type=float, default=0.5)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "wsi_cmaf_bench_batch")
+    ap.add_argument("--gpu", action="store_true", help="one-GPU batch (local-cuda cluster) instead of CPU workers")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--slides-per-gpu", type=int, default=2)
+    ap.add_argument("--reader-threads", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    ap.add_argument("--compile", default="off")
+    ap.add_argument("--no-exports", action="store_true", help="no overlay/GeoJSON per slide")
+    ap.add_argument("--write-workers", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     slides = []
     for i in range(args.slides):
-        p = args.workdir / f"slide_{i}.tiff"
+        p = args.workdir / f"slide_{args.size[0]}x{args.size[1]}_{i}.tiff"
         if not p.exists():
-            write_synthetic_slide(p, args.size[0], args.size[1], args.mpp, seed=100 + i, tumour=True)
+            partial = p.with_name(p.stem + ".partial.tiff")  # an interrupted write is no cache
+            write_synthetic_slide(partial, args.size[0], args.size[1], args.mpp, seed=100 + i, tumour=True,
+                                  workers=args.write_workers)
+            os.replace(partial, p)
         slides.append(p)
     model = resolve_model(create_model("timm:resnet18", num_classes=2, input_size=64),
                           ModelConfig(architecture="timm:resnet18", input_size=64, stain_normalization="macenko",
                                       weights_note="untrained (benchmark)"))
+    if args.gpu:
+        bench_gpu(slides, model, args)
+        return
     cfg = InferenceConfig(progress=False, reader_threads=1, batch_size=256)
     for workers in (1, 2):
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,

@@ -9,6 +9,25 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+try:  # hypothesis is a dev dependency; without it only the fuzz test is skipped
+    from hypothesis import HealthCheck, settings
+
+    # "ci" (the default here): a fixed seed and a few dozen cases, well under a minute on 2 cores.
+    # "long" (pytest --hypothesis-profile=long): thousands of cases with a fresh seed each run.
+    _FUZZ_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+    settings.register_profile("ci", max_examples=30, derandomize=True, deadline=None, database=None,
+                              suppress_health_check=_FUZZ_HEALTH, print_blob=True)
+    settings.register_profile("long", max_examples=3000, derandomize=False, deadline=None, database=None,
+                              suppress_health_check=_FUZZ_HEALTH, print_blob=True)
+except ImportError:  # pragma: no cover - hypothesis not installed
+    settings = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Load the short "ci" Hypothesis profile unless ``--hypothesis-profile`` names another."""
+    if settings is not None and not config.getoption("--hypothesis-profile", default=None):
+        settings.load_profile("ci")
+
 
 def _real_data_dir() -> Path:
     env = os.environ.get("WSI_CMAF_TEST_DATA")

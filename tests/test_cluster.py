@@ -150,8 +150,74 @@ def test_slurm_job_script_has_gpu_resources():
     assert "#SBATCH --gres=gpu:1" in script
     assert "--resources GPU=1" in script
     assert "#SBATCH -p gpu" in script
+    two = make_jobqueue_cluster("slurm", gpus_per_job=1, slides_per_gpu=2, cores=4, memory="8GiB")
+    try:
+        assert "--resources GPU=2" in two.job_script()
+    finally:
+        two.close()
     pbs = make_jobqueue_cluster("pbs", gpus_per_job=2, cores=4, memory="8GiB")
     try:
         assert "-l ngpus=2" in pbs.job_script()
     finally:
         pbs.close()
+
+
+def test_rerun_of_finished_batch_starts_no_cluster_and_loads_no_model(archive, client, tmp_path, monkeypatch):
+    import wsi_cmaf.cluster.batch as batch_mod
+
+    root, paths, bad, rows = archive
+    out = tmp_path / "out"
+    model = resolve_model(DarknessClassifier(), tiny_config())
+    first = analyze_slides(paths[:2], out, model=model, client=client, config=CFG, progress=False)
+    assert first.counts == {"done": 2}
+
+    def forbidden(*a, **k):
+        raise AssertionError("a finished batch must not start a cluster or load the model")
+
+    monkeypatch.setattr(batch_mod, "connect", forbidden)
+    monkeypatch.setattr(batch_mod, "resolve_model", forbidden)
+    t0 = time.perf_counter()
+    again = analyze_slides(paths[:2], out, model=DarknessClassifier(), config=CFG, progress=False)
+    assert again.skipped == 2 and again.counts == {"done": 2}
+    assert time.perf_counter() - t0 < 1.0
+    # one slide not done (its row lost): now the cluster is needed
+    table = StatusTable(out / "status.csv")
+    table.update(table.rows[next(iter(table.rows))]["key"], status="failed")
+    with pytest.raises(AssertionError, match="must not start"):
+        analyze_slides(paths[:2], out, model=DarknessClassifier(), config=CFG, progress=False)
+
+
+def test_local_gpu_cluster_pins_one_device_per_worker(monkeypatch):
+    """One worker per GPU, its own device first in CUDA_VISIBLE_DEVICES (checked without a GPU)."""
+    import sys
+
+    from wsi_cmaf.cluster.engine import connect
+
+    monkeypatch.setitem(sys.modules, "dask_cuda", None)  # LocalCUDACluster needs NVML: use our pinning
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with connect(cluster="local", gpus_per_worker=1, slides_per_gpu=2) as c:
+        info = c.scheduler_info()["workers"]
+        envs = c.run(os.getenv, "CUDA_VISIBLE_DEVICES")  # a stdlib function: workers import nothing of ours
+    assert sorted(envs.values()) == ["0,1", "1,0"]
+    for addr, w in info.items():
+        assert envs[addr].split(",")[0] == str(w["name"])  # worker named after its own device
+        assert w["nthreads"] == 2 and w["resources"] == {"GPU": 2}  # two slides in flight per GPU
+
+
+def test_two_slides_in_flight_per_gpu_worker_give_identical_heatmaps(archive, tmp_path, monkeypatch):
+    """GPU-style workers (2 slide tasks at once, here computing on CPU) match the single-slide API."""
+    import sys
+
+    root, paths, bad, rows = archive
+    monkeypatch.setitem(sys.modules, "dask_cuda", None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    model = resolve_model(DarknessClassifier(delay=0.05), tiny_config())
+    cfg = InferenceConfig(block_tiles=4, progress=False, batch_size=64, reader_threads=1, device="cpu",
+                          overlay=False, geojson=False)
+    res = analyze_slides(paths[:4], tmp_path / "out", model=model, cluster="local-cuda", slides_per_gpu=2,
+                         config=cfg, progress=False)
+    assert res.counts == {"done": 4}, res.rows
+    single = analyze_slide(paths[2], model=model, out=tmp_path / "single", config=cfg)
+    row = next(r for r in res.rows if r["slide"] == str(paths[2]))
+    np.testing.assert_array_equal(np.asarray(zarr.open_group(str(single.store), mode="r")["0"]),
+                                  np.asarray(zarr.open_group(row["output"], mode="r")["0"]))

@@ -150,7 +150,7 @@ analyze_slide(sys.argv[1], model=DarknessClassifier(delay=float(sys.argv[3])), m
 def test_resume_after_sigkill_is_bit_identical(slide, tmp_path):
     ref = run(slide.path, tmp_path / "ref")
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(slide.path), str(out), "0.4"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     store = out / f"{slide.path.stem}.zarr"

@@ -206,3 +206,72 @@ def test_schema_matches_the_code():
     assert tuple(schema["required"]) == REQUIRED_COLUMNS
     assert set(schema["properties"]) == set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
     assert tuple(schema["properties"]["split"]["enum"]) == SPLITS
+
+
+# --- forgiving builders (issue 13 §5) ----------------------------------------------------
+def _idc_messy_tree(root):
+    """2 patients x 2 patches, one malformed name, one folder mismatch, a stray text file and a
+    nested copy of one patient's folder (as in the common IDC download)."""
+    for patient in ("8863", "9000"):
+        for cls, x in ((0, 0), (1, 50)):
+            d = root / patient / str(cls)
+            d.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (50, 50)).save(d / f"{patient}_idx5_x{x}_y0_class{cls}.png")
+    Image.new("RGB", (50, 50)).save(root / "8863" / "0" / "8863_idx5_x0_y0_class0 (copy).png")
+    Image.new("RGB", (50, 50)).save(root / "9000" / "1" / "9000_idx5_x100_y0_class0.png")  # class 0 in folder 1
+    (root / "README.txt").write_text("not a patch")
+    nested = root / "IDC_regular_ps50_idx5" / "8863"
+    for cls, x in ((0, 0), (1, 50)):
+        (nested / str(cls)).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (50, 50)).save(nested / str(cls) / f"8863_idx5_x{x}_y0_class{cls}.png")
+    return root
+
+
+def test_idc_scan_keeps_valid_files_lists_rejects_and_counts_duplicates_once(tmp_path):
+    from wsi_cmaf.train.dataset_builders import scan_idc
+
+    root = _idc_messy_tree(tmp_path / "idc")
+    built = scan_idc(root, relative_to=root)
+    assert len(built.frame) == 4  # 2 patients x 2 patches; the nested copies are not counted again
+    assert sorted(built.frame["path"]) == ["8863/0/8863_idx5_x0_y0_class0.png", "8863/1/8863_idx5_x50_y0_class1.png",
+                                           "9000/0/9000_idx5_x0_y0_class0.png", "9000/1/9000_idx5_x50_y0_class1.png"]
+    assert built.duplicates == 2
+    reasons = dict(zip([p.split("/idc/")[1] for p in built.rejects["path"]], built.rejects["reason"]))
+    assert len(reasons) == 4
+    assert "does not match" in reasons["8863/0/8863_idx5_x0_y0_class0 (copy).png"]
+    assert "folder says patient 9000 class 1" in reasons["9000/1/9000_idx5_x100_y0_class0.png"]
+    assert reasons["IDC_regular_ps50_idx5/8863/0/8863_idx5_x0_y0_class0.png"].startswith("duplicate of ")
+    assert built.summary() == "idc: 4 images from 2 patients kept, 2 rejected, 2 duplicate(s) counted once"
+    with pytest.raises(ManifestError) as err:
+        scan_idc(root, strict=True)
+    assert len(err.value.problems) == 2  # duplicates are not errors, even in strict mode
+
+
+def test_cli_manifest_idc_forgiving_and_strict(tmp_path, capsys):
+    root = _idc_messy_tree(tmp_path / "idc")
+    out = tmp_path / "out" / "idc.csv"
+    assert main(["manifest", "idc", str(root), "--out", str(out)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("idc: 4 images from 2 patients kept, 2 rejected, 2 duplicate(s) counted once; wrote ")
+    assert len(pd.read_csv(out)) == 4
+    rejects = pd.read_csv(tmp_path / "out" / "idc_rejects.csv")
+    assert list(rejects.columns) == ["path", "reason"] and len(rejects) == 4
+    strict_out = tmp_path / "strict.csv"
+    assert main(["manifest", "idc", str(root), "--out", str(strict_out), "--strict"]) == 2
+    assert not strict_out.exists()
+    assert "2 problem(s)" in capsys.readouterr().err
+
+
+def test_breakhis_scan_rejects_and_duplicates(tmp_path):
+    from wsi_cmaf.train.dataset_builders import scan_breakhis
+
+    _breakhis_tree(tmp_path / "BreaKHis_v1")
+    _breakhis_tree(tmp_path / "BreaKHis_v1" / "copy")  # nested duplicate tree: 96 more files
+    Image.new("RGB", (8, 8)).save(tmp_path / "BreaKHis_v1" / "SOB_X_A-14-1000AB-40-001.png")  # bad class letter
+    Image.new("RGB", (8, 8)).save(tmp_path / "BreaKHis_v1" / "thumbs.png")
+    built = scan_breakhis(tmp_path / "BreaKHis_v1")
+    assert len(built.frame) == 96 and built.duplicates == 96
+    assert len(built.rejects) == 98
+    with pytest.raises(ManifestError) as err:
+        scan_breakhis(tmp_path / "BreaKHis_v1", strict=True)
+    assert len(err.value.problems) == 2 and "thumbs.png" in str(err.value)

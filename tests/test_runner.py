@@ -107,3 +107,29 @@ def test_stain_fit_without_tissue_tiles_warns(slide_grid):
                      np.zeros_like(grid.tissue_fraction))
     norm, warning = fit_slide_stain(reader, empty)
     assert norm is None and "no tissue" in warning
+
+
+def test_small_slide_stain_fit_comes_from_the_block_reads(slide_grid):
+    """<= SAMPLE_TILES tissue tiles: the fit uses the loop's block reads (one decode) and matches
+    the fit from single-tile reads of the same tiles."""
+    from wsi_cmaf.infer.stainfit import SAMPLE_TILES, fit_from_blocks, sample_is_all_tissue
+
+    reader, grid = slide_grid
+    frac = grid.tissue_fraction.copy()
+    keep = np.flatnonzero(grid.tissue.ravel())[:40]
+    small_frac = np.zeros_like(frac).ravel()
+    small_frac[keep] = frac.ravel()[keep]
+    small = TileGrid(grid.config, grid.level, grid.level_downsample, grid.slide_mpp, grid.level0_size,
+                     small_frac.reshape(frac.shape))
+    assert sample_is_all_tissue(small) and small.n_tissue == min(40, grid.n_tissue) <= SAMPLE_TILES
+    blocks_fit, warning = fit_from_blocks(small, [read_block(reader, small, b) for b in small.blocks])
+    tiles_fit, _ = fit_slide_stain(reader, small)
+    assert warning is None
+    cos = np.sum(blocks_fit.source.stain_matrix * tiles_fit.source.stain_matrix, axis=0)
+    assert cos.min() > 0.999
+    np.testing.assert_allclose(blocks_fit.source.max_conc, tiles_fit.source.max_conc, rtol=0.02)
+    full = TileGrid(grid.config, grid.level, grid.level_downsample, grid.slide_mpp, grid.level0_size,
+                    np.ones_like(frac))  # 192 tissue tiles: sampled, not all read
+    assert not sample_is_all_tissue(full)
+    with pytest.raises(ValueError):
+        fit_from_blocks(full, [])

@@ -133,3 +133,57 @@ def test_errors() -> None:
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
     with pytest.raises(ConfigError, match="closure"):
         opt.step()
+
+
+def _adamw_state(opt: SAM) -> dict:
+    return {k: {n: t.clone() for n, t in v.items()} for k, v in opt.base_optimizer.state_dict()["state"].items()}
+
+
+def test_nonfinite_first_pass_applies_no_perturbation() -> None:
+    model, x, y = _problem(4)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    w0 = _flat(model).clone()
+    F.cross_entropy(model(x), y).backward()
+    next(model.parameters()).grad[0, 0] = float("nan")
+    found = opt.first_step(zero_grad=True)
+    assert float(found) == 1.0
+    assert torch.equal(_flat(model), w0)  # ε = 0, and no NaN reached the weights
+    model2, _, _ = _problem(4)
+    F.cross_entropy(model2(x), y).backward()
+    assert float(SAM(model2.parameters(), torch.optim.SGD, rho=0.1, lr=0.1).first_step()) == 0.0
+
+
+@pytest.mark.parametrize("fused", [True, False])  # fused: skipped on the device; else one host sync
+def test_skipped_second_step_restores_w_and_leaves_the_optimizer_alone(fused: bool) -> None:
+    model, x, y = _problem(5)
+    opt = SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-2, fused=fused)
+    for _ in range(2):  # some real steps first, so there is optimiser state to protect
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True, found_inf=torch.tensor(0.0))
+    w0, state = _flat(model).clone(), _adamw_state(opt)
+    assert all(float(v["step"]) == 2.0 for v in state.values())
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    assert not torch.equal(_flat(model), w0)  # at w + ε
+    F.cross_entropy(model(x), y).backward()
+    opt.second_step(zero_grad=True, found_inf=torch.tensor(1.0))  # e.g. the second pass overflowed
+    assert torch.equal(_flat(model), w0)
+    after = _adamw_state(opt)
+    for key, value in state.items():
+        for name, tensor in value.items():
+            assert torch.equal(tensor, after[key][name]), name
+
+
+def test_found_inf_zero_is_the_plain_second_step() -> None:
+    results = []
+    for found in (None, torch.tensor(0.0)):
+        model, x, y = _problem(6)
+        opt = SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-2, fused=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True, found_inf=found)
+        results.append(_flat(model))
+    assert torch.equal(results[0], results[1])

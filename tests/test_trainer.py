@@ -26,6 +26,8 @@ from wsi_cmaf.train.trainer import TrainResult, train
 
 torch.set_num_threads(1)
 
+REPO = Path(__file__).resolve().parents[1]
+
 #: A CMAF-Net with the paper's structure and a tiny width (~0.4 M parameters).
 TINY = dict(spatial_backbone="test_resnet", mvit_stem_channels=8, mvit_channels=[8, 16, 16, 16, 16],
             mvit_dims=[16, 16, 16], mvit_depths=[1, 1, 1], mvit_heads=2, context_dim=32, num_heads=2,
@@ -41,6 +43,9 @@ def tiny_config(out: Path, syn_dir: Path, **override) -> dict:
         "model": {"kwargs": TINY, "input_size": 32},
         "stages": {"epochs": [1, 1, 1]},
         "output_dir": str(out), "bootstrap": 20, "log_every": 1, "progress_bar": False,
+        # Compiling each tiny run would cost minutes on a GPU; compilation has its own tests
+        # (tests/test_train_fast_paths.py).
+        "compile": "off",
     }
     return merge_dicts(base, override)
 
@@ -156,7 +161,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, syn_dir):
             "from wsi_cmaf.train.trainer import train; train(TrainConfig.from_file(sys.argv[1]))")
     with open(tmp_path / "child.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-c", code, str(cfg_path)], stdout=log, stderr=log,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+                                    filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
         deadline = time.monotonic() + 120
         while proc.poll() is None and not (out / "checkpoints" / "last.json").exists():
             assert time.monotonic() < deadline, "no checkpoint after 120 s"

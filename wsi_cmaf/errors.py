@@ -93,3 +93,21 @@ class ConfigError(WsiCmafError):
 
 class StainFitError(DataError):
     """A Macenko stain matrix could not be fitted (too few tissue pixels, degenerate colours)."""
+
+
+# --- fault tolerance / implausible numbers (issue 13) -------------------------------------
+class ImplausibleValueError(ConfigError, ValueError):
+    """A user number is outside the range wsi-cmaf can use (or would allocate memory in
+    proportion to it). The message says what was given and what is expected."""
+
+
+class ImplausibleResolutionError(ImplausibleValueError):
+    """An ``mpp=`` override lies outside the plausible range of µm/px (0.05-100)."""
+
+
+class RequestTooLargeError(ImplausibleValueError):
+    """A region, thumbnail or tile grid would be too large to hold in memory."""
+
+
+class NoDecodableTissueError(UnreadableSlideError):
+    """Every tile of the level the tissue stage reads failed to decode: nothing to analyse."""

@@ -20,6 +20,20 @@ from wsi_cmaf.errors import WsiCmafError
 logger = logging.getLogger("wsi_cmaf")
 
 
+def add_inference_options(p: argparse.ArgumentParser, *, reader_threads_default: int | None) -> None:
+    """Options shared by ``analyze`` and ``batch``: precision, compile, reader threads, exports."""
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="autocast: auto = bf16/fp16 on CUDA, fp32 on CPU; off = fp32 everywhere")
+    p.add_argument("--compile", default="auto",
+                   choices=["auto", "off", "on", "default", "max-autotune", "reduce-overhead"],
+                   help="torch.compile the model (auto: on CUDA only; the first batches compile)")
+    p.add_argument("--reader-threads", type=int, default=reader_threads_default,
+                   help="threads decoding blocks per slide" + (
+                       f" (default {reader_threads_default})" if reader_threads_default else " (default: automatic)"))
+    p.add_argument("--no-overlay", dest="overlay", action="store_false", help="do not draw the overlay PNG")
+    p.add_argument("--no-geojson", dest="geojson", action="store_false", help="do not write the GeoJSON")
+
+
 def _verb_modules() -> list[ModuleType]:
     modules = []
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):

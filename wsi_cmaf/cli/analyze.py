@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from wsi_cmaf.cli import add_inference_options
+
 VERB = "analyze"
 HELP = "analyse a slide: tissue tiles -> model -> OME-Zarr heatmap, overlay PNG, GeoJSON"
 
@@ -22,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "wsidicom"])
     p.add_argument("--stain", default="auto", choices=["auto", "macenko", "none"],
                    help="stain normalisation (auto: as the model config says)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast also on CPU (faster, less exact)")
+    p.add_argument("--bf16", action="store_true", help="same as --precision bf16 (faster on CPU, less exact)")
+    add_inference_options(p, reader_threads_default=2)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", dest="resume", action="store_true", default=True,
                    help="compute only blocks not done in an existing store (default)")
@@ -38,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = InferenceConfig(
         device=args.device, batch_size=args.batch_size, progress=not args.no_progress,
-        stain=None if args.stain == "auto" else args.stain, autocast="bf16" if args.bf16 else "auto",
+        stain=None if args.stain == "auto" else args.stain, autocast="bf16" if args.bf16 else args.precision,
+        compile=args.compile, reader_threads=args.reader_threads, overlay=args.overlay, geojson=args.geojson,
     )
     result = analyze_slide(
         args.slide, model=args.model, out=args.out, model_config=args.model_config, mpp=args.mpp,

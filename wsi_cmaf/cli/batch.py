@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+
+from wsi_cmaf.cli import add_inference_options
 
 VERB = "batch"
 HELP = "analyse many slides (paths, glob, directory or CSV) on a dask cluster, skipping finished ones"
@@ -16,10 +19,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model (default: the project's default model)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--scheduler", default=None, help="address of a running dask scheduler (tcp://host:8786)")
-    where.add_argument("--cluster", default="local", choices=["local", "slurm", "pbs"],
-                       help="start a cluster of this kind (default local)")
-    p.add_argument("--workers", type=int, default=2, help="worker processes (local) or jobs (slurm/pbs)")
+    where.add_argument("--cluster", default="local", choices=["local", "local-cuda", "slurm", "pbs"],
+                       help="start a cluster of this kind (default local; local-cuda: one worker per "
+                            "visible GPU, also chosen by local with --gpus-per-worker)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (local: default 2; local-cuda: default one per GPU) or jobs (slurm/pbs)")
     p.add_argument("--gpus-per-worker", type=int, default=0, help="GPU resource per worker (0: CPU only)")
+    p.add_argument("--slides-per-gpu", type=int, default=2,
+                   help="slides in flight per GPU, so one's CPU stages overlap another's model (default 2)")
     p.add_argument("--cluster-options", default=None,
                    help="JSON of extra dask-jobqueue/LocalCluster options, e.g. "
                         "'{\"queue\": \"gpu\", \"walltime\": \"04:00:00\"}'")
@@ -27,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--retries", type=int, default=2, help="retries of a slide after a transient error")
     p.add_argument("--no-progress", action="store_true")
+    add_inference_options(p, reader_threads_default=None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,11 +42,16 @@ def run(args: argparse.Namespace) -> int:
     from wsi_cmaf.cluster import analyze_slides
     from wsi_cmaf.infer import InferenceConfig
 
-    cfg = InferenceConfig(device=args.device, batch_size=args.batch_size, progress=False, reader_threads=1)
+    gpu = bool(args.gpus_per_worker) or args.cluster == "local-cuda"
+    threads = args.reader_threads
+    if threads is None:  # CPU workers: one decoder each (the model takes the cores); GPU: share the cores
+        threads = max(1, (os.cpu_count() or 2) // (2 * args.slides_per_gpu)) if gpu else 1
+    cfg = InferenceConfig(device=args.device, batch_size=args.batch_size, progress=False, reader_threads=threads,
+                          autocast=args.precision, compile=args.compile, overlay=args.overlay, geojson=args.geojson)
     result = analyze_slides(
         args.inputs if len(args.inputs) > 1 else args.inputs[0], args.out, model=args.model,
         scheduler=args.scheduler, cluster=args.cluster, workers=args.workers,
-        gpus_per_worker=args.gpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker, slides_per_gpu=args.slides_per_gpu,
         cluster_kwargs=json.loads(args.cluster_options) if args.cluster_options else None,
         config=cfg, retries=args.retries, progress=not args.no_progress,
     )

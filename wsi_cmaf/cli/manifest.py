@@ -28,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
         p.add_argument("--fractions", type=_fractions, default=(0.7, 0.1, 0.2), help="train,val,test (0.7,0.1,0.2)")
         p.add_argument("--absolute", action="store_true", help="write absolute paths (default: relative to --out)")
+        p.add_argument("--strict", action="store_true",
+                       help="refuse the dataset when any file is malformed (exit 2, every bad file listed) "
+                            "instead of leaving it out")
+        p.add_argument("--rejects", type=Path, default=None,
+                       help="CSV of the files left out, with the reason (default: <out stem>_rejects.csv)")
     p = sub.add_parser("synthetic", help="generate synthetic H&E-like patches with a manifest")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--patients", type=int, default=20)
@@ -65,11 +70,17 @@ def run(args: argparse.Namespace) -> int:
     from wsi_cmaf.train import manifest as mf
 
     if args.kind in ("idc", "breakhis"):
-        build = mf.build_idc_manifest if args.kind == "idc" else mf.build_breakhis_manifest
+        from wsi_cmaf.train.dataset_builders import scan_breakhis, scan_idc
+
+        scan = scan_idc if args.kind == "idc" else scan_breakhis
         rel = None if args.absolute else args.out.resolve().parent
-        frame = build(args.root.resolve(), seed=args.seed, fractions=args.fractions, relative_to=rel)
-        mf.write_manifest(frame, args.out)
-        print(f"wrote {args.out} ({len(frame)} rows)\n{_summary(frame)}")
+        built = scan(args.root.resolve(), seed=args.seed, fractions=args.fractions, relative_to=rel,
+                     strict=args.strict)
+        mf.write_manifest(built.frame, args.out)
+        rejects = args.rejects or args.out.with_name(f"{args.out.stem}_rejects.csv")
+        rejects.parent.mkdir(parents=True, exist_ok=True)
+        built.rejects.to_csv(rejects, index=False, lineterminator="\n")
+        print(f"{built.summary()}; wrote {args.out}, rejects in {rejects}\n{_summary(built.frame)}")
         return 0
     if args.kind == "synthetic":
         from wsi_cmaf.train.synthetic_patches import SyntheticPatchConfig, write_synthetic_dataset

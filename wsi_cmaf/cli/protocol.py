@@ -29,8 +29,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(e.g. --set stages.epochs=[2,2,2] --set data.max_steps_per_epoch=20); repeatable")
     p.add_argument("--log", default=None,
                    help="fig4: plot this existing run log (log.jsonl or its folder) instead of training")
-    p.add_argument("--batch-size", type=int, default=32, help="efficiency: images per forward pass")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="efficiency: throughput batch (default 256 on CUDA, 32 on CPU)")
+    p.add_argument("--latency-batch", type=int, default=None, help="efficiency: latency batch (default 1)")
     p.add_argument("--input-size", type=int, default=224, help="efficiency: input side length")
+    p.add_argument("--precisions", nargs="+", default=None,
+                   help="efficiency: fp32 bf16 fp16 (default fp32 + bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--compile", nargs="+", default=None,
+                   help="efficiency: compile settings to compare, e.g. off auto on reduce-overhead "
+                        "(default off + auto on CUDA, off on CPU)")
+    p.add_argument("--device", default=None, help="efficiency: auto, cpu, cuda, cuda:1 ... (default auto)")
+    p.add_argument("--quick", action="store_true",
+                   help="efficiency: only CMAF-Net and ResNet-50 at the settings the floors need")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -49,9 +59,12 @@ def run(args: argparse.Namespace) -> int:
     if args.name == "efficiency":
         from wsi_cmaf.train.protocol_efficiency import efficiency_from_base, run_efficiency
 
-        cfg = efficiency_from_base(base, args.models, batch_size=args.batch_size, input_size=args.input_size)
+        cfg = efficiency_from_base(base, args.models, batch_size=args.batch_size, input_size=args.input_size,
+                                   latency_batch=args.latency_batch, precisions=args.precisions,
+                                   compile=args.compile, device=args.device, quick=args.quick or None)
         _, md = run_efficiency(cfg, out, progress=progress)
         print(md)
+        print(f"machine-readable: {out / 'results.json'} (rows and floors)")
         return 0
     if args.name == "fig4" and args.log:
         from wsi_cmaf.train.protocol_report import plot_tau_entropy

@@ -22,7 +22,7 @@ from wsi_cmaf.cluster.inputs import SlideJob, collect_slides
 from wsi_cmaf.cluster.status import StatusTable
 from wsi_cmaf.errors import WsiCmafError
 from wsi_cmaf.infer.config import InferenceConfig
-from wsi_cmaf.infer.modelspec import ResolvedModel, resolve_model
+from wsi_cmaf.infer.modelspec import ResolvedModel, quick_weights_sha256, resolve_model
 from wsi_cmaf.slide.reader import file_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -80,8 +80,9 @@ def analyze_slides(
     client: Client | None = None,
     scheduler: str | None = None,
     cluster: str = "local",
-    workers: int = 2,
+    workers: int | None = None,
     gpus_per_worker: int = 0,
+    slides_per_gpu: int = 2,
     cluster_kwargs: dict[str, Any] | None = None,
     config: InferenceConfig | None = None,
     retries: int = 2,
@@ -90,26 +91,42 @@ def analyze_slides(
     """Analyse every slide in ``slides`` into ``out_dir/<key>/``, tracking them in ``out_dir/status.csv``.
 
     Completed slides (same file fingerprint, same model) are skipped; partial ones resume chunk by
-    chunk. A slide that cannot be read fails alone with its error recorded.
+    chunk. A slide that cannot be read fails alone with its error recorded. When the status table
+    says every slide is done, no model is loaded and no cluster is started.
+
+    GPU workers (``gpus_per_worker`` > 0, or ``cluster="local-cuda"``) run ``slides_per_gpu``
+    slides at once per GPU; a local cluster then gets one worker process per visible GPU.
     """
     t0 = time.perf_counter()
     jobs = collect_slides(slides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    resolved = resolve_model(model, model_config)  # validate once, before any slide work
+    # The status table alone decides what is left: hashing the weights file is enough for that.
+    weights_sha = quick_weights_sha256(model)
+    resolved = None
+    if weights_sha is None:
+        resolved = resolve_model(model, model_config)
+        weights_sha = resolved.weights_sha256
     cfg = config or InferenceConfig(progress=False, reader_threads=1)
     table = StatusTable(out / "status.csv")
-    todo = [j for j in jobs if not _already_done(table.get(j.key), j, resolved.weights_sha256)]
+    todo = [j for j in jobs if not _already_done(table.get(j.key), j, weights_sha)]
     skipped = len(jobs) - len(todo)
     if skipped:
         logger.info("%d of %d slides already done; skipping them", skipped, len(jobs))
+    if not todo:
+        rows = [table.get(j.key) for j in jobs]
+        return BatchResult(table.path, rows, table.counts(), skipped, time.perf_counter() - t0, None)
+    if resolved is None:
+        resolved = resolve_model(model, model_config)  # validate once, before any slide work
+    gpu = bool(gpus_per_worker) or cluster == "local-cuda"
     dashboard = None
     with connect(client=client, scheduler=scheduler, cluster=cluster, workers=workers,
-                 gpus_per_worker=gpus_per_worker, cluster_kwargs=cluster_kwargs) as c:
+                 gpus_per_worker=gpus_per_worker, slides_per_gpu=slides_per_gpu,
+                 cluster_kwargs=cluster_kwargs) as c:
         dashboard = c.dashboard_link
         if todo:
             model_ref = c.scatter(resolved, broadcast=True, hash=False)  # loaded once per worker
-            resources = {"GPU": 1} if gpus_per_worker else None
+            resources = {"GPU": 1} if gpu else None
             futures = {}
             for job in todo:
                 table.update(job.key, slide=str(job.path), status="running", model_hash=resolved.weights_sha256)

@@ -6,6 +6,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+def _compile_modes() -> tuple[str, ...]:
+    try:
+        from wsi_cmaf.models.optimize import COMPILE_MODES
+    except ImportError:  # models package without the optimiser: only eager execution exists
+        return ("auto", "off")
+    return tuple(COMPILE_MODES)
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
     """How ``analyze_slide`` runs: device, batching, prefetch, outputs.
@@ -18,11 +26,18 @@ class InferenceConfig:
     batch_size: int = 256
     #: "auto": bf16/fp16 autocast on CUDA, fp32 on CPU; "bf16" forces bf16 (also on CPU); "off" disables.
     autocast: str = "auto"
+    #: model preparation (wsi_cmaf.models.optimize): "auto" = torch.compile on CUDA, eager on CPU;
+    #: "off" = eager everywhere; "on"/"default"/"max-autotune"/"reduce-overhead" = that compile mode.
+    compile: str = "auto"
     #: blocks read ahead of the model; bounds memory (each block <= block_tiles² tiles).
     prefetch_blocks: int = 4
     #: reader threads of the in-process dask cluster used when no client is given.
     reader_threads: int = 2
     block_tiles: int = 32
+    #: batches in flight on the device: size of the ring of reused pinned input buffers (CUDA).
+    inflight_batches: int = 3
+    #: computed blocks waiting for the writer thread; bounds results held in memory.
+    write_queue: int = 4
     #: backend for block reads: "auto" (tiffslide for files OpenSlide opened when tiffslide reads
     #: the same pyramid: faster for large reads, see slide.grid.block_read_backend), "same" (the
     #: backend that opened the slide) or a backend name.
@@ -44,6 +59,12 @@ class InferenceConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.prefetch_blocks < 1:
             raise ConfigError(f"prefetch_blocks must be >= 1, got {self.prefetch_blocks}")
+        if self.inflight_batches < 1 or self.write_queue < 1:
+            raise ConfigError(f"inflight_batches and write_queue must be >= 1, got "
+                              f"{self.inflight_batches} and {self.write_queue}")
+        compile_modes = _compile_modes()
+        if self.compile not in compile_modes:
+            raise ConfigError(f"compile must be one of {compile_modes}, got {self.compile!r}")
         if self.autocast not in {"auto", "bf16", "fp16", "off"}:
             raise ConfigError(f"autocast must be auto|bf16|fp16|off, got {self.autocast!r}")
         if self.stain not in {None, "macenko", "none"}:

@@ -143,6 +143,30 @@ def resolve_model(
     raise ModelError(f"model {model!s} is neither an existing file/directory nor a registered model name")
 
 
+def quick_weights_sha256(model: Any) -> str | None:
+    """The ``weights_sha256`` that :func:`resolve_model` would report, without building the model.
+
+    Hashing a weights file takes milliseconds while loading and checking the model takes much
+    longer; a batch rerun compares this with its status table to skip finished slides. None
+    when only building the model tells (registry names: their random initialisation).
+    """
+    if isinstance(model, ResolvedModel):
+        return model.weights_sha256
+    if isinstance(model, nn.Module):
+        return state_dict_sha256(model)
+    if model is None:
+        if (DEFAULT_MODEL_DIR / "config.json").is_file():
+            return quick_weights_sha256(DEFAULT_MODEL_DIR)
+        return None
+    path = Path(model)
+    if not path.exists():
+        return None
+    if path.suffix in TORCHSCRIPT_SUFFIXES or path.is_file():
+        return _sha256_file(path) if path.is_file() else None
+    weights = path / "model.safetensors"
+    return _sha256_file(weights) if weights.is_file() else None
+
+
 def _with_arch(cfg: ModelConfig, arch: str) -> ModelConfig:
     d = cfg.to_dict()
     d["architecture"] = arch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from distributed import Client, as_completed
+from distributed import Client
 from tqdm.auto import tqdm
 
 from wsi_cmaf import __version__
@@ -19,7 +20,8 @@ from wsi_cmaf.infer.config import InferenceConfig
 from wsi_cmaf.infer.modelspec import ResolvedModel, config_identity, resolve_model
 from wsi_cmaf.infer.result import SlideResult
 from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor, resolve_device
-from wsi_cmaf.infer.stainfit import fit_slide_stain
+from wsi_cmaf.infer.stainfit import fit_from_blocks, fit_from_tiles, read_sample, sample_is_all_tissue, sample_tiles
+from wsi_cmaf.infer.stream import BlockFeed, block_slices, stream_blocks
 from wsi_cmaf.infer.tasks import BlockFailure, SlideSpec, read_block_task
 from wsi_cmaf.output.store import HeatmapStore
 from wsi_cmaf.slide.grid import GridConfig, TileGrid, block_read_backend
@@ -134,17 +136,16 @@ def analyze_slide(
             warn.append("no tissue found: the result is empty")
             logger.warning("%s: no tissue tiles found; writing an empty result", slide_path)
         dev = resolve_device(cfg.device)
-        # Per-tile reads: the opening reader (OpenSlide, where it opened the file, caches decoded
-        # tiles, so scattered single tiles are cheap there).
-        stain_module = _fit_stain(reader, grid, resolved, cfg, timer, warn) if todo else None
-        failed = _run_blocks(pixels, grid, resolved, cfg, dev, store, todo, stain_module, client, timer, warn)
+        failed = _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer, warn)
         with timer("finalize"):
+            # the heatmap is the result that must be durable first; pictures come after
             store.finalize(extra_attrs={"timings": dict(timer)})
         outputs = {"store": store.path}
-        with timer("exports"):
-            outputs.update(_exports(store, slide_path, out_dir, pixels, cfg, warn, background))
+        exports = _Exports(store, slide_path, out_dir, pixels, cfg, background)
         result = _summarise(slide_path, reader, grid, mask, store, resolved, cfg, dev, timer,
                             warn, outputs, computed=len(todo) - failed, skipped=skipped)
+        result.outputs.update(exports.join(result.warnings))
+        result.timings["exports"] = round(exports.seconds, 4)
     summary = out_dir / f"{slide_path.stem}_summary.json"
     result.outputs["summary"] = summary
     result.to_json(summary)
@@ -165,64 +166,65 @@ def _pixel_reader(reader, cfg: InferenceConfig, stack: ExitStack):
     return stack.enter_context(open_slide(reader.path, backend=backend, mpp=tuple(reader.mpp)))
 
 
-def _fit_stain(reader, grid, resolved, cfg, timer, warn):
-    """The slide's fitted Macenko normaliser, or None when the model or the user turns it off."""
-    use_stain = cfg.stain if cfg.stain is not None else (resolved.config.stain_normalization or "none")
-    if use_stain != "macenko":
-        return None
-    with timer("stain_fit"):
-        stain_module, stain_warning = fit_slide_stain(reader, grid)
-    if stain_warning:
-        warn.append(stain_warning)
-    return stain_module
+def _stain_method(resolved, cfg: InferenceConfig) -> str:
+    return cfg.stain if cfg.stain is not None else (resolved.config.stain_normalization or "none")
 
 
-def _run_blocks(reader, grid, resolved, cfg, dev, store, todo, stain_module, client, timer, warn) -> int:
-    """Stream blocks through the model with a bounded number of reads in flight; return #failed.
+def _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer, warn) -> int:
+    """Fit the stain matrix and stream the ``todo`` blocks through the model; return #failed.
 
-    ``reader`` is the pixel reader; worker threads reopen the same file with the same backend.
+    Reads run on dask reader threads (``pixels``' file reopened with its backend). The first
+    blocks are already decoding while the stain sample is read (through the opening ``reader``)
+    and fitted.
     """
     if not todo:
         return 0
     mc = resolved.config
-    runner = BatchRunner(
-        resolved.module,
-        TilePreprocessor(mc.input_size, tuple(mc.mean), tuple(mc.std), mc.resize_interpolation, stain_module),
-        dev, cfg.batch_size, cfg.autocast,
-    )
-    spec = SlideSpec(str(reader.path), reader.backend, _mpp_override(reader))
+    spec = SlideSpec(str(pixels.path), pixels.backend, _mpp_override(pixels))
     n_tiles = int(sum(int(grid.tissue[b.rows, b.cols].sum()) for b in todo))
-    n_failed = 0
+    use_stain = _stain_method(resolved, cfg) == "macenko"
+    # a small slide's stain sample is all its tissue tiles: read every block once, fit from them
+    from_blocks = use_stain and sample_is_all_tissue(grid)
     t0 = time.perf_counter()
+    bar = None
     with _dask_client(client, cfg.reader_threads) as dc:
         grid_ref = dc.scatter(grid, broadcast=True, hash=False) if client is not None else grid
-        pending = iter(todo)
-        futures = [dc.submit(read_block_task, spec, grid_ref, b, pure=False)
-                   for b in _take(pending, cfg.prefetch_blocks)]
-        ac = as_completed(futures, loop=dc.loop)
-        bar = tqdm(total=n_tiles, unit="tile", disable=not cfg.progress, desc=reader.path.name)
+        feed = BlockFeed(dc, read_block_task, (spec, grid_ref), grid.blocks if from_blocks else todo,
+                         cfg.prefetch_blocks)
         try:
-            for fut in ac:
-                item = fut.result()
-                fut.release()
-                for nxt in _take(pending, 1):
-                    ac.add(dc.submit(read_block_task, spec, grid_ref, nxt, pure=False))
-                if isinstance(item, BlockFailure):
-                    store.mark_failed(item.index, item.error)
-                    n_failed += 1
-                    bar.update(int(grid.tissue[_block_slices(grid, item.index)].sum()))
-                    continue
-                probs = runner(item.tiles) if len(item.tiles) else np.zeros((0, mc.num_classes), np.float32)
-                store.write_block(item.block.index, _chunk(grid, item, probs, mc.num_classes))
-                bar.update(len(item.tiles))
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            ac.clear()
-            raise
+            source, stain_module = feed, None
+            if use_stain:
+                t_fit = time.perf_counter()
+                if from_blocks:
+                    items = list(feed)
+                    stain_module, stain_warning = fit_from_blocks(grid, items)
+                    wanted = {b.index for b in todo}
+                    source = [it for it in items if (it.index if isinstance(it, BlockFailure)
+                                                     else it.block.index) in wanted]
+                else:
+                    feed.start()  # the first blocks decode on the reader threads meanwhile
+                    # Sample reads here, through the opening reader: it is open already (a reader
+                    # thread would open the file once more first) and OpenSlide caches decoded tiles.
+                    rng, rows, cols = sample_tiles(grid)
+                    stain_module, stain_warning = fit_from_tiles(read_sample(reader, grid, rows, cols), rng)
+                timer["stain_fit"] = time.perf_counter() - t_fit
+                if stain_warning:
+                    warn.append(stain_warning)
+            runner = BatchRunner(
+                resolved.module,
+                TilePreprocessor(mc.input_size, tuple(mc.mean), tuple(mc.std), mc.resize_interpolation, stain_module),
+                dev, cfg.batch_size, cfg.autocast, compile=cfg.compile, inflight=cfg.inflight_batches,
+                outputs_in_flight=cfg.write_queue + 2,
+            )
+            # disable=None: a bar only when stderr is a terminal
+            bar = tqdm(total=n_tiles, unit="tile", disable=None if cfg.progress else True, desc=pixels.path.name)
+            n_failed = stream_blocks(source, runner, store, grid, mc.num_classes,
+                                     write_queue=cfg.write_queue, on_written=bar.update)
         finally:
-            bar.close()
-    timer["inference"] = timer.get("inference", 0.0) + time.perf_counter() - t0
+            feed.cancel()
+            if bar is not None:
+                bar.close()
+    timer["inference"] = timer.get("inference", 0.0) + time.perf_counter() - t0 - timer.get("stain_fit", 0.0)
     if n_failed:
         warn.append(f"{n_failed} block(s) could not be read and are marked failed in the store")
     return n_failed
@@ -232,30 +234,6 @@ def _block_backend(reader, cfg: InferenceConfig) -> str:
     if cfg.block_backend == "auto":
         return block_read_backend(reader)
     return reader.backend if cfg.block_backend == "same" else cfg.block_backend
-
-
-def _take(it: Iterator, n: int) -> list:
-    out = []
-    for _ in range(n):
-        try:
-            out.append(next(it))
-        except StopIteration:
-            break
-    return out
-
-
-def _block_slices(grid: TileGrid, index: tuple[int, int]) -> tuple[slice, slice]:
-    k0, k1 = grid.block_shape
-    return (slice(index[0] * k0, min(grid.shape[0], (index[0] + 1) * k0)),
-            slice(index[1] * k1, min(grid.shape[1], (index[1] + 1) * k1)))
-
-
-def _chunk(grid: TileGrid, item, probs: np.ndarray, n_classes: int) -> np.ndarray:
-    """Place tile probabilities into the block's chunk array (NaN where no tissue tile)."""
-    rs, cs = _block_slices(grid, item.block.index)
-    arr = np.full((n_classes, rs.stop - rs.start, cs.stop - cs.start), np.nan, dtype=np.float32)
-    arr[:, np.asarray(item.rows) - rs.start, np.asarray(item.cols) - cs.start] = probs.T
-    return arr
 
 
 def _mpp_override(reader) -> tuple[float, float] | None:
@@ -297,22 +275,53 @@ def _attrs(reader, resolved: ResolvedModel, grid: TileGrid, cfg: InferenceConfig
     }
 
 
-def _exports(store, slide_path, out_dir, reader, cfg, warn, background=None) -> dict[str, Path]:
-    from wsi_cmaf.output.geojson import write_geojson
-    from wsi_cmaf.output.overlay import overlay
+class _Exports:
+    """Overlay PNG and GeoJSON, made on a background thread from the finalised store.
 
-    outputs: dict[str, Path] = {}
-    try:
-        if cfg.overlay:
-            outputs["overlay"] = overlay(store, slide=reader, out_png=out_dir / f"{slide_path.stem}_overlay.png",
-                                         threshold=cfg.decision_threshold, thumbnail=background)
-        if cfg.geojson:
-            outputs["geojson"] = write_geojson(store, out_dir / f"{slide_path.stem}_regions.geojson",
-                                               threshold=cfg.decision_threshold)
-    except WsiCmafError as exc:  # the heatmap is the primary result; a failed picture must not lose it
-        warn.append(f"export failed: {exc}")
-        logger.warning("export failed: %s", exc)
-    return outputs
+    They start only after ``store.finalize`` (the heatmap is durable first) and run while the
+    summary is computed; :meth:`join` waits for them. A failed picture never loses the heatmap:
+    its error becomes a warning.
+    """
+
+    def __init__(self, store, slide_path: Path, out_dir: Path, reader, cfg: InferenceConfig, background) -> None:
+        self.outputs: dict[str, Path] = {}
+        self.warnings: list[str] = []
+        self.seconds = 0.0
+        self._error: BaseException | None = None
+        self._args = (store, slide_path, out_dir, reader, cfg, background)
+        self._thread = threading.Thread(target=self._run, name="wsi-cmaf-exports", daemon=True)
+        if cfg.overlay or cfg.geojson:
+            self._thread.start()
+
+    def _run(self) -> None:
+        from wsi_cmaf.output.geojson import write_geojson
+        from wsi_cmaf.output.overlay import overlay
+
+        store, slide_path, out_dir, reader, cfg, background = self._args
+        t0 = time.perf_counter()
+        try:
+            if cfg.overlay:
+                self.outputs["overlay"] = overlay(store, slide=reader, out_png=out_dir / f"{slide_path.stem}_overlay.png",
+                                                  threshold=cfg.decision_threshold, thumbnail=background)
+            if cfg.geojson:
+                self.outputs["geojson"] = write_geojson(store, out_dir / f"{slide_path.stem}_regions.geojson",
+                                                        threshold=cfg.decision_threshold)
+        except WsiCmafError as exc:
+            self.warnings.append(f"export failed: {exc}")
+            logger.warning("export failed: %s", exc)
+        except BaseException as exc:  # a bug: re-raised in the caller's thread by join()
+            self._error = exc
+        finally:
+            self.seconds = time.perf_counter() - t0
+
+    def join(self, warn: list[str]) -> dict[str, Path]:
+        """Wait for the exports; add their warnings to ``warn``; return their paths."""
+        if self._thread.is_alive() or self._thread.ident is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        warn.extend(self.warnings)
+        return self.outputs
 
 
 def _summarise(slide_path, reader, grid, mask, store, resolved, cfg, dev, timer, warn, outputs,
@@ -324,7 +333,7 @@ def _summarise(slide_path, reader, grid, mask, store, resolved, cfg, dev, timer,
     failed_blocks = store.failed & ~store.done
     failed_tiles = 0
     for by, bx in zip(*np.nonzero(failed_blocks)):
-        failed_tiles += int(grid.tissue[_block_slices(grid, (int(by), int(bx)))].sum())
+        failed_tiles += int(grid.tissue[block_slices(grid, (int(by), int(bx)))].sum())
     return SlideResult(
         slide=slide_path, outputs=outputs,
         tiles_total=int(grid.shape[0] * grid.shape[1]), tiles_tissue=int(grid.tissue.sum()),

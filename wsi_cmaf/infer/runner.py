@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from wsi_cmaf.infer.buffers import HostBufferRing, PendingProbs
 
 logger = logging.getLogger(__name__)
 
@@ -107,28 +111,96 @@ class TilePreprocessor(nn.Module):
         return x.sub_(self.mean).div_(self.std)
 
 
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}
+_PREPARED: dict[tuple, tuple[weakref.ref, nn.Module, bool]] = {}
+_GLOBAL_LOCK = threading.Lock()
+_PREPARED_MAX = 4
+
+
+def device_lock(device: torch.device) -> threading.Lock:
+    """One lock per device of this process.
+
+    Slides in flight on one worker share its device and model: their batches are enqueued one
+    block at a time under this lock, so a compiled (or CUDA-graph) module is never entered by two
+    threads at once and CPU slides do not oversubscribe torch's thread pool. Reads, stain fits and
+    writes of the other slides go on meanwhile.
+    """
+    with _GLOBAL_LOCK:
+        return _DEVICE_LOCKS.setdefault(str(device), threading.Lock())
+
+
+def prepared_model(model: nn.Module, device: torch.device, compile: str = "auto",
+                   cuda_graph_batch: int | None = None) -> tuple[nn.Module, bool]:
+    """``model`` prepared for inference on ``device`` (cached per process), and whether it is compiled.
+
+    Uses :func:`wsi_cmaf.models.optimize.prepare_for_inference` (BN folding, channels_last,
+    ``torch.compile`` on CUDA for ``compile="auto"``). Cached by module identity, so a batch
+    worker that runs many slides with one model folds and compiles it once; a model whose weights
+    are changed in place after its first use is not re-prepared.
+    """
+    key = (id(model), str(device), compile, cuda_graph_batch)
+    with _GLOBAL_LOCK:
+        hit = _PREPARED.get(key)
+        if hit is not None and hit[0]() is model:
+            return hit[1], hit[2]
+    try:
+        from wsi_cmaf.models.optimize import prepare_for_inference, resolve_compile_mode
+    except ImportError:  # an older models package: plain eager execution, same numbers as before
+        logger.debug("wsi_cmaf.models.optimize not available; running %s eagerly", type(model).__name__)
+        prepared, compiled = model.to(device).eval(), False
+    else:
+        prepared = prepare_for_inference(model, device, compile=compile, cuda_graph_batch=cuda_graph_batch)
+        compiled = (resolve_compile_mode(compile, device, cuda_graph_batch) is not None
+                    and not isinstance(model, torch.jit.ScriptModule))
+    with _GLOBAL_LOCK:
+        if len(_PREPARED) >= _PREPARED_MAX:
+            _PREPARED.pop(next(iter(_PREPARED)))
+        _PREPARED[key] = (weakref.ref(model), prepared, compiled)
+    return prepared, compiled
+
+
 class BatchRunner:
-    """Runs ``model`` over uint8 tiles in fixed-size batches and returns class probabilities.
+    """Runs ``model`` over uint8 tiles in batches and returns class probabilities.
 
     Batches are cut from each call's tiles only, never across calls, so a block's output
     does not depend on which other blocks ran (needed for bit-identical resume); a call's
-    tiles are split into equal batches of at most ``batch_size``.
-    A CUDA out-of-memory error halves the batch size and retries.
+    tiles are split into equal batches of at most ``batch_size``. A compiled model specialises
+    on shapes, so its batches are zero-padded up to a multiple of a quarter of ``batch_size``
+    (at most four shapes, each compiled once); padding depends only on the batch, so resume
+    stays exact.
+
+    :meth:`submit` enqueues a block and returns at once on CUDA: tiles are copied into a ring of
+    ``inflight`` reused page-locked buffers, copied to the device without blocking, preprocessed
+    and run on the runner's own CUDA stream, and the probabilities copied back into a reused
+    page-locked output slot that a CUDA event guards. On CPU it computes before returning.
+    A CUDA out-of-memory error halves the batch size and retries the block.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        preprocess: TilePreprocessor,
+        preprocess: nn.Module,
         device: torch.device,
         batch_size: int,
         autocast: str = "auto",
+        *,
+        compile: str = "auto",
+        inflight: int = 3,
+        outputs_in_flight: int = 6,
     ) -> None:
-        self.device = device
-        self.model = model.to(device).eval()
-        self.preprocess = preprocess.to(device).eval()
+        self.device = torch.device(device)
+        self.model, self.compiled = prepared_model(model, self.device, compile)
+        self.preprocess = preprocess.to(self.device).eval()
         self.batch_size = int(batch_size)
-        self.dtype = autocast_dtype(device, autocast)
+        self.dtype = autocast_dtype(self.device, autocast)
+        self._lock = device_lock(self.device)
+        self._cuda = self.device.type == "cuda"
+        if self._cuda:
+            self.stream = torch.cuda.Stream(self.device)
+            # weights were copied on the default stream; our stream must see them finished
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            self.inputs = HostBufferRing(inflight, pin=True)
+            self.outputs = HostBufferRing(outputs_in_flight, pin=True)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -143,29 +215,74 @@ class BatchRunner:
         for start, stop in zip(bounds[:-1], bounds[1:]):
             yield slice(start, stop)
 
+    def padded(self, m: int) -> int:
+        """Rows a batch of ``m`` tiles is run with (padding only for compiled models)."""
+        if not self.compiled:
+            return m
+        q = max(1, -(-self.batch_size // 4))
+        return min(max(self.batch_size, m), -(-m // q) * q)
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(batch)
+        with self._autocast():
+            logits = self.model(x)
+        return torch.softmax(logits.float(), dim=1)
+
     @torch.inference_mode()
-    def _run(self, tiles: np.ndarray) -> np.ndarray:
-        out = []
-        for sl in self._batches(len(tiles)):
-            batch = torch.from_numpy(np.ascontiguousarray(tiles[sl]))
-            if self.device.type == "cuda":
-                batch = batch.pin_memory().to(self.device, non_blocking=True)
-            x = self.preprocess(batch)
-            with self._autocast():
-                logits = self.model(x)
-            out.append(torch.softmax(logits.float(), dim=1).cpu())
+    def _run_cpu(self, tiles: np.ndarray) -> np.ndarray:
+        out = [self._forward(torch.from_numpy(np.ascontiguousarray(tiles[sl]))) for sl in self._batches(len(tiles))]
         return torch.cat(out).numpy()
 
-    def __call__(self, tiles: np.ndarray) -> np.ndarray:
-        """``tiles`` uint8 (N, H, W, 3) -> float32 probabilities (N, C)."""
+    @torch.inference_mode()
+    def _enqueue_cuda(self, tiles: np.ndarray) -> PendingProbs:
+        n = len(tiles)
+        pending = PendingProbs(n)
+        try:
+            with torch.cuda.stream(self.stream):
+                for sl in self._batches(n):
+                    m = sl.stop - sl.start
+                    slot, host = self.inputs.acquire((self.padded(m), *tiles.shape[1:]), torch.uint8)
+                    np.copyto(host[:m].numpy(), tiles[sl])
+                    if len(host) > m:
+                        host[m:].zero_()  # deterministic padding rows (their outputs are dropped)
+                    batch = host.to(self.device, non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record(self.stream)
+                    self.inputs.release(slot, copied)
+                    probs = self._forward(batch)[:m]
+                    if pending.ring is None:  # the class count is known after the first batch
+                        pending.slot, pending.host = self.outputs.acquire((n, probs.shape[1]), torch.float32)
+                        pending.ring = self.outputs
+                    pending.host[sl].copy_(probs, non_blocking=True)
+                pending.event = torch.cuda.Event()
+                pending.event.record(self.stream)
+        except BaseException:
+            self.stream.synchronize()
+            pending.discard()
+            raise
+        return pending
+
+    def submit(self, tiles: np.ndarray) -> PendingProbs:
+        """Start the model on ``tiles`` uint8 (N, H, W, 3); ``.result()`` gives float32 (N, C)."""
         if len(tiles) == 0:
             raise ValueError("BatchRunner called with no tiles")
         while True:
+            if self._cuda:
+                # wait for a free output slot before taking the device: the writer frees it,
+                # and other slides on this device should not wait for our writer
+                self.outputs.wait_next()
             try:
-                return self._run(tiles)
+                with self._lock:
+                    if not self._cuda:
+                        return PendingProbs(len(tiles), array=self._run_cpu(tiles))
+                    return self._enqueue_cuda(tiles)
             except torch.cuda.OutOfMemoryError:
                 if self.batch_size == 1:
                     raise
                 self.batch_size = max(1, self.batch_size // 2)
                 torch.cuda.empty_cache()
                 logger.warning("CUDA out of memory; retrying with batch size %d", self.batch_size)
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        """``tiles`` uint8 (N, H, W, 3) -> float32 probabilities (N, C), synchronously."""
+        return self.submit(tiles).result()

@@ -73,3 +73,4 @@ def _drop_reader(spec: SlideSpec) -> None:
             reader.close()
         except Exception:  # closing a handle in error state may fail too; it is discarded anyway
             logger.debug("closing a failed reader raised", exc_info=True)
+

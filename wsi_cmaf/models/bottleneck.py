@@ -47,7 +47,11 @@ def _gaussian_gram(x: torch.Tensor) -> torch.Tensor:
     """RBF Gram matrix with the median heuristic: sigma^2 = median of the off-diagonal sq. distances."""
     sq = torch.cdist(x, x).pow(2)
     n = x.shape[0]
-    off = sq[~torch.eye(n, dtype=torch.bool, device=x.device)]
+    # The off-diagonal entries without a boolean-mask gather (whose output size is only known
+    # after a device->host sync): in the flattened n*n matrix the diagonal sits every n+1
+    # elements, so dropping element 0 and viewing the rest as (n-1, n+1) puts one diagonal
+    # entry at the end of each row. Same entries in the same order as sq[~eye(n)]: same median.
+    off = sq.reshape(-1)[1:].reshape(n - 1, n + 1)[:, :n]
     # Bandwidth is a statistic of the batch, not something to optimise through: detach it.
     sigma2 = off.detach().median().clamp_min(1e-6)
     return torch.exp(-sq / (2.0 * sigma2))

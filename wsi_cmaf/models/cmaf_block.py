@@ -107,6 +107,7 @@ class CMAFBlock(nn.Module):
     ) -> torch.Tensor:
         """Fuse; when ``aux`` is a dict, fill it with monitoring tensors and regularisers."""
         b, _, h, w = f_s.shape
+        # (B, C, h, w) -> (B, N, C) tokens: a free view for channels_last maps (inference path).
         s_tok = self.norm_s(self.proj_s(f_s.flatten(2).transpose(1, 2)))  # (B, N, D)
         t_tok = self.norm_t(f_t.flatten(2).transpose(1, 2))  # (B, Nk, D)
         q = s_tok.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
@@ -125,16 +126,19 @@ class CMAFBlock(nn.Module):
             att = F.dropout(attn, drop, self.training) @ v
             self._fill_attention_aux(attn, aux)
         att = att.transpose(1, 2).reshape(b, h * w, self.dim)  # (B, N, D), heads concatenated
-        att_map = att.transpose(1, 2).reshape(b, self.dim, h, w)
-        s_map = s_tok.transpose(1, 2).reshape(b, self.dim, h, w)
+        # The gate's 1x1 conv is a linear map per token: apply it to the tokens and fuse there,
+        # then view the result as a channels_last (B, D, h, w) map. No token<->map copies.
         if self.gate is not None:
-            g = torch.sigmoid(self.gate(torch.cat([att_map, s_map], dim=1)))
+            gate_w = self.gate.weight.flatten(1)  # (D, 2D, 1, 1) -> (D, 2D)
+            g = torch.sigmoid(F.linear(torch.cat([att, s_tok], dim=-1), gate_w, self.gate.bias))
+            fused = torch.addcmul(s_tok, g, att - s_tok)  # g * att + (1 - g) * s
         else:  # "w/o gating": an equal, fixed mix
-            g = torch.full_like(att_map[:, :1], 0.5)
-        fused = g * att_map + (1.0 - g) * s_map
+            g = None
+            fused = 0.5 * (att + s_tok)
+        fused = fused.view(b, h, w, self.dim).permute(0, 3, 1, 2)
         if aux is not None:
-            if self.gate is not None:
-                aux["gate"] = g
+            if g is not None:
+                aux["gate"] = g.view(b, h, w, self.dim).permute(0, 3, 1, 2)
             if self.use_orth:
                 # Squared cosine per token: anti-aligned features are as redundant as aligned ones.
                 cos = F.cosine_similarity(att.float(), s_tok.float(), dim=-1, eps=1e-6)

@@ -41,7 +41,8 @@ class CMAFNet(nn.Module):
                 cfg.mvit_stem_channels, cfg.mvit_channels, cfg.mvit_dims, cfg.mvit_depths,
                 cfg.patch_size, cfg.mvit_heads, cfg.mvit_mlp_ratio, cfg.mvit_expansion,
                 cfg.mvit_unfold, cfg.nystrom_landmarks, cfg.nystrom_pinv_iters,
-                cfg.scale_aware_pos, cfg.pos_scales, cfg.context_dim,
+                cfg.scale_aware_pos, cfg.pos_scales, cfg.context_dim, cfg.attention,
+                cfg.attention_exact_max_tokens,
             )
             if cfg.use_contextual else None
         )

@@ -133,6 +133,8 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------
 _TAU_RE = re.compile(r"^\s*(fixed|uniform|normal|lognormal)\s*\(([^)]*)\)\s*$", re.IGNORECASE)
 _TAU_NARGS = {"fixed": 1, "uniform": 2, "normal": 2, "lognormal": 2}
+_ATTENTION_MODES = ("nystrom", "exact", "auto")  # = models.nystrom.ATTENTION_MODES
+_NYSTROM_KEYS = frozenset({"nystrom_landmarks", "nystrom_pinv_iters"})
 
 #: Table 7 of the paper: the temperature initialisations that were compared.
 TAU_INITS_TABLE7 = (
@@ -199,6 +201,11 @@ class CMAFConfig:
     mvit_unfold: int = 2  # MobileViT unfold patch (tokens at the same offset attend globally)
     nystrom_landmarks: int = 64  # exact attention when a sequence has <= this many tokens
     nystrom_pinv_iters: int = 6
+    # "nystrom" (the paper), "exact" (fused SDPA), or "auto": exact for sequences of at most
+    # attention_exact_max_tokens tokens, where it is cheaper than Nyström, Nyström beyond. Configs
+    # that set nystrom_* options but predate this field keep "nystrom" (see from_dict).
+    attention: str = "auto"
+    attention_exact_max_tokens: int = 784  # CPU crossover measured at d_h=16, m=64 (MODEL.md)
     scale_aware_pos: bool = True  # gradient-magnitude positional embedding
     pos_scales: tuple[int, ...] = (1, 2, 4)
     context_dim: int = 480  # D_t
@@ -275,6 +282,10 @@ class CMAFConfig:
             problems.append(f"every mvit_dims entry must be divisible by mvit_heads={self.mvit_heads}")
         if self.nystrom_landmarks < 1 or self.mvit_unfold < 1:
             problems.append("nystrom_landmarks and mvit_unfold must be >= 1")
+        if self.attention not in _ATTENTION_MODES:
+            problems.append(f"attention must be one of {_ATTENTION_MODES}, got {self.attention!r}")
+        if self.attention_exact_max_tokens < 0:
+            problems.append("attention_exact_max_tokens must be >= 0")
         if self.bottleneck_dim < 1:
             problems.append("bottleneck_dim must be >= 1")
         if self.beta_schedule not in ("ramp", "fixed"):
@@ -296,11 +307,19 @@ class CMAFConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CMAFConfig:
-        """Build from a dict, rejecting unknown keys."""
+        """Build from a dict, rejecting unknown keys.
+
+        A dict that sets Nyström options but has no ``attention`` key was written before the
+        field existed (every saved ``config.json`` names ``nystrom_landmarks``): its weights were
+        trained with Nyström attention, so it keeps ``attention="nystrom"`` and computes exactly
+        what it computed before.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ModelConfigError(f"unknown CMAF-Net option(s) {unknown}")
+        if "attention" not in data and _NYSTROM_KEYS & set(data):
+            data = {**data, "attention": "nystrom"}
         return cls(**data)
 
     @classmethod

@@ -27,8 +27,7 @@ from wsi_cmaf.models.nystrom import NystromAttention
 logger = logging.getLogger(__name__)
 
 
-def sincos_2d(h: int, w: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position code (dim, h, w) for any grid (no size-bound parameters)."""
+def _sincos_2d(h: int, w: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     quarter = dim // 4
     omega = 1.0 / (10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / max(quarter, 1)))
     ys = torch.arange(h, device=device, dtype=torch.float32)[:, None] * omega  # (h, q)
@@ -39,6 +38,32 @@ def sincos_2d(h: int, w: int, dim: int, device: torch.device, dtype: torch.dtype
     if code.shape[-1] < dim:  # dims not divisible by 4: pad with zeros
         code = F.pad(code, (0, dim - code.shape[-1]))
     return code.permute(2, 0, 1).to(dtype)
+
+
+_SINCOS_CACHE: dict[tuple[int, int, int, torch.device, torch.dtype], torch.Tensor] = {}
+_SINCOS_CACHE_MAX = 64
+
+
+def sincos_2d(h: int, w: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position code (dim, h, w) for any grid (no size-bound parameters).
+
+    Input-independent, so it is built once per (h, w, dim, device, dtype) and reused: eager
+    forwards otherwise spend ~10 small kernels per MobileViT block on it. Under ``torch.compile``
+    it is computed in the graph (Inductor folds it into a constant).
+    """
+    if torch.compiler.is_compiling():
+        return _sincos_2d(h, w, dim, device, dtype)
+    key = (h, w, dim, torch.device(device), dtype)
+    code = _SINCOS_CACHE.get(key)
+    if code is None:
+        if len(_SINCOS_CACHE) >= _SINCOS_CACHE_MAX:
+            _SINCOS_CACHE.clear()
+        # A normal tensor even when first built under inference_mode, so later training
+        # forwards may use it too.
+        with torch.inference_mode(False):
+            code = _sincos_2d(h, w, dim, key[3], dtype)
+        _SINCOS_CACHE[key] = code
+    return code
 
 
 class GradientPyramid(nn.Module):
@@ -70,17 +95,24 @@ class GradientPyramid(nn.Module):
 
 
 def _unfold(x: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, C, H, W) with H, W multiples of p -> (B*p*p, N, C): same-offset pixels form a sequence."""
+    """(B, C, H, W) with H, W multiples of p -> (B*p*p, N, C): same-offset pixels form a sequence.
+
+    One copy (the final reshape); splitting H and W is a view in either memory format.
+    """
     b, c, h, w = x.shape
     x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 3, 5, 2, 4, 1)
     return x.reshape(b * p * p, (h // p) * (w // p), c)
 
 
 def _fold(x: torch.Tensor, b: int, h: int, w: int, p: int) -> torch.Tensor:
-    """Inverse of :func:`_unfold`."""
+    """Inverse of :func:`_unfold`, returned as a channels_last (B, C, H, W) view.
+
+    One copy into (B, H, W, C) order: the channel axis is already last in the token layout, so a
+    channels_last result costs nothing more, and the 1x1 conv that follows reads it directly.
+    """
     c = x.shape[-1]
-    x = x.reshape(b, p, p, h // p, w // p, c).permute(0, 5, 3, 1, 4, 2)
-    return x.reshape(b, c, h, w)
+    x = x.reshape(b, p, p, h // p, w // p, c).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class ContextualBlock(nn.Module):
@@ -98,6 +130,8 @@ class ContextualBlock(nn.Module):
         pinv_iters: int = 6,
         n_grad_scales: int = 3,
         scale_aware_pos: bool = True,
+        attention: str = "nystrom",
+        exact_max_tokens: int = 0,
     ) -> None:
         super().__init__()
         self.unfold = unfold
@@ -109,21 +143,36 @@ class ContextualBlock(nn.Module):
             blk = TransformerBlock(dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
                                    act_layer=nn.SiLU)
             blk.attn = NystromAttention(dim, num_heads, qkv_bias=True, num_landmarks=num_landmarks,
-                                        pinv_iters=pinv_iters)
+                                        pinv_iters=pinv_iters, mode=attention,
+                                        exact_max_tokens=exact_max_tokens)
             blocks.append(blk)
         self.transformer = nn.Sequential(*blocks)
         self.norm = nn.LayerNorm(dim)
         self.conv_proj = ConvNormAct(dim, channels, 1, act_layer=nn.SiLU)
         self.conv_fusion = ConvNormAct(2 * channels, channels, 3, act_layer=nn.SiLU)
 
-    def forward(self, x: torch.Tensor, grads: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """(B, C, h, w) -> (B, C, h, w); ``grads`` is the :class:`GradientPyramid` output."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        grads: list[torch.Tensor] | None = None,
+        grid_cache: dict[tuple[int, int], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """(B, C, h, w) -> (B, C, h, w); ``grads`` is the :class:`GradientPyramid` output.
+
+        ``grid_cache`` shares :meth:`GradientPyramid.to_grid` results between the blocks of one
+        forward pass (keyed by grid size).
+        """
         shortcut = x
         x = self.conv_1x1(self.conv_kxk(x))
         b, dim, h, w = x.shape
         x = x + sincos_2d(h, w, dim, x.device, x.dtype)
         if self.grad_proj is not None and grads is not None:
-            x = x + self.grad_proj(GradientPyramid.to_grid(grads, (h, w)).to(x.dtype))
+            grid = grid_cache.get((h, w)) if grid_cache is not None else None
+            if grid is None:
+                grid = GradientPyramid.to_grid(grads, (h, w))
+                if grid_cache is not None:
+                    grid_cache[(h, w)] = grid
+            x = x + self.grad_proj(grid.to(x.dtype))
         p = self.unfold
         ph, pw = math.ceil(h / p) * p, math.ceil(w / p) * p
         if (ph, pw) != (h, w):  # as timm's MobileViT: resample rather than pad (no masks needed)
@@ -159,6 +208,8 @@ class ContextualBranch(nn.Module):
         scale_aware_pos: bool = True,
         pos_scales: tuple[int, ...] = (1, 2, 4),
         out_dim: int = 480,
+        attention: str = "nystrom",
+        exact_max_tokens: int = 0,
     ) -> None:
         super().__init__()
         act = nn.SiLU
@@ -177,7 +228,7 @@ class ContextualBranch(nn.Module):
             if stride_log >= first_tr:
                 self.bodies.append(ContextualBlock(
                     c_out, dims[t], depths[t], num_heads, mlp_ratio, unfold, num_landmarks,
-                    pinv_iters, len(pos_scales), scale_aware_pos))
+                    pinv_iters, len(pos_scales), scale_aware_pos, attention, exact_max_tokens))
                 t += 1
             else:  # MobileViT: 2 extra MV2 blocks at stride 4, one at the other strides
                 n_ir = 2 if stride_log == 2 else 1
@@ -190,8 +241,9 @@ class ContextualBranch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Input (B, 3, H, W) -> F_t (B, D_t, ~H/32, ~W/32)."""
         grads = self.grads(x) if self.grads is not None else None
+        grid_cache: dict[tuple[int, int], torch.Tensor] = {}
         x = self.stem(x)
         for down, body in zip(self.down, self.bodies):
             x = down(x)
-            x = body(x, grads) if isinstance(body, ContextualBlock) else body(x)
+            x = body(x, grads, grid_cache) if isinstance(body, ContextualBlock) else body(x)
         return self.final(x)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import struct
 import sys
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +21,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from wsi_cmaf.slide._pixels import composite_straight_rgba, level_origin, paste_clipped
+from wsi_cmaf.slide.faults import DEFAULT_TILE, decode_segments_tolerant, read_window_tolerant
 
 logger = logging.getLogger(__name__)
 
@@ -30,24 +33,29 @@ _DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
 _READ_PIECE_BYTES = 128 * 1024 * 1024
 #: compressed bytes tifffile reads from the file per pass of a whole-level read
 _SEGMENT_BYTES = 32 * 1024 * 1024
+#: Largest tile the whole-level path decodes itself (tile sizes come from the file's header)
+_MAX_TILE_PIXELS = 16 * 1024 * 1024
 #: TIFF compressions whose decoders return RGB for YCbCr photometric (JPEG, Aperio and
 #: generic JPEG 2000)
 _YCBCR_DECODED = (7, 33003, 33005, 34712)
 
 #: Exceptions a backend library may raise for a file it cannot decode. Reader code
 #: catches these (never bare ``Exception``) and re-raises named wsi-cmaf errors.
+#: struct.error: tifffile unpacking a cut or garbled IFD; ArithmeticError: sizes that overflow;
+#: MemoryError: a header claiming a gigantic image (reported as an unreadable file).
 BACKEND_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     ValueError,
-    KeyError,
-    IndexError,
+    LookupError,
     TypeError,
     RuntimeError,
     NotImplementedError,
     AttributeError,
-    ZeroDivisionError,
+    ArithmeticError,
     AssertionError,
     EOFError,
+    struct.error,
+    MemoryError,
 )
 
 
@@ -58,17 +66,18 @@ def library_errors(name: str) -> tuple[type[BaseException], ...]:
         from openslide import OpenSlideError
 
         extra.append(OpenSlideError)
-    elif name == "wsidicom":
-        from wsidicom import errors as wse
+    elif name in ("wsidicom", "pydicom"):
+        from pydicom import errors as pde
 
+        modules: list[Any] = [pde]  # InvalidDicomError, BytesLengthException (a garbled length), ...
+        if name == "wsidicom":
+            from wsidicom import errors as wse
+
+            modules.append(wse)  # wsidicom parses with pydicom: both kinds surface
         extra += [
-            obj for obj in vars(wse).values()
+            obj for module in modules for obj in vars(module).values()
             if isinstance(obj, type) and issubclass(obj, Exception)
         ]
-    elif name == "pydicom":
-        from pydicom.errors import InvalidDicomError
-
-        extra.append(InvalidDicomError)
     return BACKEND_ERRORS + tuple(extra)
 
 
@@ -78,43 +87,6 @@ def _to_float(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return out if np.isfinite(out) and out > 0 else None
-
-
-def level_origin(location: tuple[int, int], downsample: float) -> tuple[int, int]:
-    """Level-0 location -> top-left pixel in a level (same rule as OpenSlide/tiffslide)."""
-    return int(location[0] / downsample), int(location[1] / downsample)
-
-
-def composite_straight_rgba(rgba: np.ndarray) -> np.ndarray:
-    """Composite straight (non-premultiplied) RGBA on white -> RGB uint8."""
-    alpha = rgba[..., 3]
-    rgb = np.ascontiguousarray(rgba[..., :3])
-    if alpha.min() == 255:
-        return rgb
-    a = alpha[..., None].astype(np.uint16)
-    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
-    return out.astype(np.uint8)
-
-
-def paste_clipped(
-    read: Any, origin: tuple[int, int], size: tuple[int, int], level_dims: tuple[int, int]
-) -> np.ndarray:
-    """Read the in-bounds part of a level window with ``read(x, y, w, h)`` and pad with white.
-
-    ``origin`` and ``size`` are in level pixels; ``read`` returns RGB uint8 for an
-    in-bounds rectangle. White padding matches OpenSlide (transparent -> white).
-    """
-    w, h = size
-    x0, y0 = origin
-    lw, lh = level_dims
-    if x0 >= 0 and y0 >= 0 and x0 + w <= lw and y0 + h <= lh:
-        return read(x0, y0, w, h)
-    out = np.full((h, w, 3), 255, dtype=np.uint8)
-    cx0, cy0 = max(x0, 0), max(y0, 0)
-    cx1, cy1 = min(x0 + w, lw), min(y0 + h, lh)
-    if cx1 > cx0 and cy1 > cy0:
-        out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = read(cx0, cy0, cx1 - cx0, cy1 - cy0)
-    return out
 
 
 class Backend(ABC):
@@ -141,18 +113,48 @@ class Backend(ABC):
     ) -> np.ndarray:
         """RGB uint8 (h, w, 3); location in level-0 pixels."""
 
-    def level_rows(self, level: int, rows: int) -> Iterator[np.ndarray]:
-        """All of ``level``, top to bottom, as strips of ``rows`` rows (the last may be shorter)."""
+    def level_rows(
+        self, level: int, rows: int, failures: list[tuple[int, int, int, int, str]] | None = None
+    ) -> Iterator[np.ndarray]:
+        """All of ``level``, top to bottom, as strips of ``rows`` rows (the last may be shorter).
+
+        ``failures``: when a list, a read that fails to decode is retried tile by tile; tiles
+        that still fail come back white and ``(x, y, w, h, reason)`` (level px) is appended.
+        When None, the first decoding error propagates.
+        """
         lw, lh = self.level_dimensions[level]
         ds = self.level_downsamples[level]
         # Few large reads, handed out in small strips: a read that cuts through the slide's
         # tiles decodes those tiles twice (OpenSlide's JPEG 2000 levels: ~2x slower at 8 MiB).
         piece = max(rows, _READ_PIECE_BYTES // (4 * lw) // rows * rows)
-        for y in range(0, lh, piece):
+
+        def read(x: int, y: int, w: int, h: int) -> np.ndarray:
             # exact multiples of the downsample: OpenSlide resamples off-grid level locations
-            block = self.read_region((0, round(y * ds)), level, (lw, min(piece, lh - y)))
+            return self.read_region((round(x * ds), round(y * ds)), level, (w, h))
+
+        for y in range(0, lh, piece):
+            box = (0, y, lw, min(piece, lh - y))
+            if failures is None:
+                block = read(*box)
+            else:
+                block = read_window_tolerant(
+                    read, box, self.tile_size(level), library_errors(self.name), self.recover,
+                    lambda cell, why: failures.append((*cell, why)))
             for r in range(0, len(block), rows):
                 yield block[r:r + rows]
+
+    def tile_size(self, level: int) -> tuple[int, int]:
+        """(w, h) of the level's storage tiles as the library reports them (a guess otherwise)."""
+        prefix = {"openslide": "openslide", "tiffslide": "tiffslide"}.get(self.name)
+        if prefix is not None:
+            w = _to_float(self.properties.get(f"{prefix}.level[{level}].tile-width"))
+            h = _to_float(self.properties.get(f"{prefix}.level[{level}].tile-height"))
+            if w and h:
+                return int(w), int(h)
+        return DEFAULT_TILE, DEFAULT_TILE
+
+    def recover(self) -> None:
+        """Make the handle usable again after a failed read (most libraries need nothing)."""
 
     @abstractmethod
     def read_associated(self, name: str) -> np.ndarray:
@@ -175,6 +177,9 @@ class OpenSlideBackend(Backend):
         from openslide import lowlevel
 
         self._lowlevel = lowlevel
+        self._path = str(path)
+        self._error_type = openslide.OpenSlideError
+        self._stale: list[Any] = []  # handles replaced by recover(), closed with the backend
         self._slide = openslide.OpenSlide(str(path))
         props = self._slide.properties
         self.properties = {str(k): str(v) for k, v in props.items()}
@@ -198,6 +203,28 @@ class OpenSlideBackend(Backend):
             self._raw_read = None
 
     def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        try:
+            return self._read_region(location, level, size)
+        except self._error_type:
+            # An OpenSlide handle refuses every later call once one read failed (the error is
+            # sticky): reopen it, so one bad tile does not fail the rest of the slide.
+            self.recover()
+            raise
+
+    def recover(self) -> None:
+        """Reopen the slide when OpenSlide has put the current handle in its error state."""
+        import openslide
+
+        if self._lowlevel.get_error(self._slide._osr) is None:
+            return
+        # The old handle is kept, not closed: another thread may still be inside a call on it.
+        self._stale.append(self._slide)
+        self._slide = openslide.OpenSlide(self._path)
+        logger.debug("reopened %s after a failed OpenSlide read", self._path)
+
+    def _read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
     ) -> np.ndarray:
         w, h = int(size[0]), int(size[1])
@@ -234,7 +261,9 @@ class OpenSlideBackend(Backend):
         return composite_straight_rgba(np.asarray(self._slide.associated_images[name].convert("RGBA")))
 
     def close(self) -> None:
-        self._slide.close()
+        for handle in [*self._stale, self._slide]:
+            handle.close()
+        self._stale.clear()
 
 
 # --------------------------------------------------------------------------- tiffslide
@@ -280,7 +309,9 @@ class TiffSlideBackend(Backend):
             arr[:, max(0, lw - x0) :] = 255
         return arr
 
-    def level_rows(self, level: int, rows: int) -> Iterator[np.ndarray]:
+    def level_rows(
+        self, level: int, rows: int, failures: list[tuple[int, int, int, int, str]] | None = None
+    ) -> Iterator[np.ndarray]:
         """Whole-level strips decoded by tifffile itself, several tiles at a time.
 
         tiffslide goes through zarr, whose event loop decodes one tile after another (tifffile's
@@ -291,13 +322,37 @@ class TiffSlideBackend(Backend):
         """
         page = self._level_page(level)
         if page is None:
-            yield from super().level_rows(level, rows)
+            yield from super().level_rows(level, rows, failures)
             return
+        lw, lh = self.level_dimensions[level]
+        tile_w, tile_h = page.tilewidth, page.tilelength
+
+        def failed(index: int, reason: str) -> None:
+            row, col = divmod(index, -(-lw // tile_w))
+            x, y = col * tile_w, row * tile_h
+            failures.append((x, y, min(tile_w, lw - x), min(tile_h, lh - y), reason))  # type: ignore[union-attr]
+
+        done = 0
+        for strip in self._segment_strips(page, level, rows, None if failures is None else failed):
+            done += len(strip)
+            yield strip
+        if done < lh:
+            # a corrupt file can list fewer tiles than its size needs: the rest is missing
+            why = f"tile data missing: the file lists tiles for {done} of {lh} rows"
+            if failures is None:
+                raise ValueError(f"level {level}: {why}")
+            failures.append((0, done, lw, lh - done, why))
+            for y in range(done, lh, rows):
+                yield np.full((min(rows, lh - y), lw, 3), 255, np.uint8)
+
+    def _segment_strips(self, page: Any, level: int, rows: int, failed: Any) -> Iterator[np.ndarray]:
+        """Strips of ``rows`` rows assembled from tifffile's decoded tiles (see level_rows)."""
         lw, lh = self.level_dimensions[level]
         pending: list[np.ndarray] = []  # finished tile rows not yet handed out
         n_pending = 0
         tile_row: np.ndarray | None = None
-        for data, index, shape in page.segments(maxworkers=_DECODE_THREADS, buffersize=_SEGMENT_BYTES):
+        segments = decode_segments_tolerant(page, library_errors(self.name), failed, _DECODE_THREADS, _SEGMENT_BYTES)
+        for data, index, shape in segments:
             y, x, tw = index[2], index[3], shape[2]
             if tile_row is None:
                 # absent (sparse) tiles stay white, as OpenSlide renders them
@@ -332,7 +387,8 @@ class TiffSlideBackend(Backend):
         lw, lh = self.level_dimensions[level]
         photometric_ok = page.photometric == 2 or (page.photometric == 6 and page.compression in _YCBCR_DECODED)
         if (page.is_tiled and page.dtype == np.uint8 and page.samplesperpixel == 3 and page.planarconfig == 1
-                and photometric_ok and page.shape[:2] == (lh, lw) and len(levels[level].pages) == 1):
+                and page.tilewidth * page.tilelength <= _MAX_TILE_PIXELS and photometric_ok
+                and page.shape[:2] == (lh, lw) and len(levels[level].pages) == 1):
             return page
         return None
 
@@ -343,58 +399,4 @@ class TiffSlideBackend(Backend):
     def close(self) -> None:
         if self._tiff is not None:
             self._tiff.close()
-        self._slide.close()
-
-
-# --------------------------------------------------------------------------- wsidicom
-class WsiDicomBackend(Backend):
-    """wsidicom for standard-conformant DICOM WSI (single file or a series folder)."""
-
-    name = "wsidicom"
-
-    def __init__(self, path: Path) -> None:
-        from wsidicom import WsiDicom
-
-        with warnings.catch_warnings():
-            # pydicom warns on over-long UI/LO values, common in converted files; harmless.
-            warnings.simplefilter("ignore", UserWarning)
-            self._slide = WsiDicom.open(path if path.is_dir() else [path])
-        levels = list(self._slide.levels)
-        base = levels[0].size
-        self.level_dimensions = tuple((int(lv.size.width), int(lv.size.height)) for lv in levels)
-        self.level_downsamples = tuple(
-            float((base.width / lv.size.width + base.height / lv.size.height) / 2) for lv in levels
-        )
-        self._levels = [lv.level for lv in levels]
-        mpp = self._slide.mpp  # wsidicom reports µm per pixel despite the SizeMm type name
-        if mpp is not None:
-            mx, my = _to_float(mpp.width), _to_float(mpp.height)
-            if mx and my:
-                self.vendor_mpp = (mx, my)
-        self.vendor = "dicom"
-        self.properties = {"dicom.backend": "wsidicom", "dicom.levels": str(len(levels))}
-        names = []
-        if self._slide.labels:
-            names.append("label")
-        if self._slide.overviews:
-            names.append("macro")
-        self.associated_names = tuple(names)
-
-    def read_region(
-        self, location: tuple[int, int], level: int, size: tuple[int, int]
-    ) -> np.ndarray:
-        origin = level_origin(location, self.level_downsamples[level])
-        dicom_level = self._levels[level]
-
-        def read(x: int, y: int, w: int, h: int) -> np.ndarray:
-            arr = self._slide.read_region((x, y), dicom_level, (w, h), as_array=True)
-            return composite_straight_rgba(arr) if arr.shape[-1] == 4 else np.ascontiguousarray(arr)
-
-        return paste_clipped(read, origin, (int(size[0]), int(size[1])), self.level_dimensions[level])
-
-    def read_associated(self, name: str) -> np.ndarray:
-        img = self._slide.read_label() if name == "label" else self._slide.read_overview()
-        return composite_straight_rgba(np.asarray(img.convert("RGBA")))
-
-    def close(self) -> None:
         self._slide.close()

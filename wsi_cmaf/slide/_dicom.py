@@ -1,4 +1,5 @@
-"""Minimal single-file DICOM WSI reader built on pydicom + imagecodecs.
+"""DICOM WSI backends: wsidicom (conformant files and series folders) and a minimal
+single-file reader built on pydicom + imagecodecs.
 
 Why hand-rolled: wsidicom (used first) and OpenSlide 4 refuse single DICOM files that
 lack the ``ImageType`` VOLUME marker or the shared functional groups, which is common
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_cmaf.slide._backends import Backend, level_origin, paste_clipped
+from wsi_cmaf.slide._backends import Backend, _to_float, composite_straight_rgba, level_origin, paste_clipped
 
 logger = logging.getLogger(__name__)
 
@@ -219,3 +220,56 @@ def _objective_power(ds: object) -> float | None:
     except (AttributeError, IndexError, KeyError, TypeError, ValueError):
         return None
     return value if value > 0 else None
+
+
+class WsiDicomBackend(Backend):
+    """wsidicom for standard-conformant DICOM WSI (single file or a series folder)."""
+
+    name = "wsidicom"
+
+    def __init__(self, path: Path) -> None:
+        from wsidicom import WsiDicom
+
+        with warnings.catch_warnings():
+            # pydicom warns on over-long UI/LO values, common in converted files; harmless.
+            warnings.simplefilter("ignore", UserWarning)
+            self._slide = WsiDicom.open(path if path.is_dir() else [path])
+        levels = list(self._slide.levels)
+        base = levels[0].size
+        self.level_dimensions = tuple((int(lv.size.width), int(lv.size.height)) for lv in levels)
+        self.level_downsamples = tuple(
+            float((base.width / lv.size.width + base.height / lv.size.height) / 2) for lv in levels
+        )
+        self._levels = [lv.level for lv in levels]
+        mpp = self._slide.mpp  # wsidicom reports µm per pixel despite the SizeMm type name
+        if mpp is not None:
+            mx, my = _to_float(mpp.width), _to_float(mpp.height)
+            if mx and my:
+                self.vendor_mpp = (mx, my)
+        self.vendor = "dicom"
+        self.properties = {"dicom.backend": "wsidicom", "dicom.levels": str(len(levels))}
+        names = []
+        if self._slide.labels:
+            names.append("label")
+        if self._slide.overviews:
+            names.append("macro")
+        self.associated_names = tuple(names)
+
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        origin = level_origin(location, self.level_downsamples[level])
+        dicom_level = self._levels[level]
+
+        def read(x: int, y: int, w: int, h: int) -> np.ndarray:
+            arr = self._slide.read_region((x, y), dicom_level, (w, h), as_array=True)
+            return composite_straight_rgba(arr) if arr.shape[-1] == 4 else np.ascontiguousarray(arr)
+
+        return paste_clipped(read, origin, (int(size[0]), int(size[1])), self.level_dimensions[level])
+
+    def read_associated(self, name: str) -> np.ndarray:
+        img = self._slide.read_label() if name == "label" else self._slide.read_overview()
+        return composite_straight_rgba(np.asarray(img.convert("RGBA")))
+
+    def close(self) -> None:
+        self._slide.close()

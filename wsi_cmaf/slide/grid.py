@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from wsi_cmaf.errors import ConfigError
+from wsi_cmaf.errors import ConfigError, RequestTooLargeError
 
 if TYPE_CHECKING:
     from wsi_cmaf.slide.reader import SlideReader
@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["GridConfig", "TileGrid", "Block", "BlockTiles", "read_block", "read_tile", "tissue_fractions"]
 
 _SAME_MPP_RTOL = 0.002  # level µm/px within 0.2 % of the target: read pixels as they are
+#: Most tiles one grid may have (16.7 M; a 200,000 px slide at 0.25 µm/px has ~62,000 tiles of
+#: 50 px at 4 µm/px). The grid's arrays grow with it, and it comes from user numbers.
+MAX_GRID_TILES = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,11 @@ class TileGrid:
         mx, my = reader.mpp
         w0, h0 = reader.level_dimensions[0]
         shape = cls.grid_shape((w0, h0), (mx, my), config)
+        if shape[0] * shape[1] > MAX_GRID_TILES:
+            raise RequestTooLargeError(
+                f"{reader.path}: a grid of {config.tile_size} px tiles (stride {config.step}) at "
+                f"{config.mpp:g} µm/px over this {w0}x{h0} px slide would have {shape[0]}x{shape[1]} "
+                f"tiles, over the limit of {MAX_GRID_TILES:,}; check the grid's mpp and tile size")
         level = reader.level_for_mpp(config.mpp, config.mpp_tolerance)
         if tissue_mask is None:
             fraction = np.ones(shape, dtype=np.float32)

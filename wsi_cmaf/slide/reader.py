@@ -25,12 +25,14 @@ from wsi_cmaf.errors import (
     ConfigError,
     MissingResolutionError,
     NotASlideFileError,
+    RequestTooLargeError,
     SlideNotFoundError,
     UnreadableSlideError,
     UnsupportedSlideError,
 )
 from wsi_cmaf.slide import _mpp
 from wsi_cmaf.slide._backends import Backend, library_errors
+from wsi_cmaf.slide.faults import Thumbnail, thumbnail_failures
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,9 @@ def file_fingerprint(path: str | Path) -> str:
 #: Bytes of one strip reduced at a time while building a thumbnail: small strips stay in
 #: cache (PIL's unpack and box reduce run ~2x faster on 8 MiB than on 100 MiB strips).
 _THUMB_STRIP_BYTES = 8 * _MIB
+#: Most pixels one read_region call or one thumbnail (and its intermediate) may hold: 256 Mpx
+#: (768 MiB RGB). Sizes come from user numbers and file headers; past this they are mistakes.
+MAX_PIXELS = 1 << 28
 
 
 def _make_backend(name: str, path: Path) -> Backend:
@@ -73,7 +78,7 @@ def _make_backend(name: str, path: Path) -> Backend:
     elif name == "tiffslide":
         from wsi_cmaf.slide._backends import TiffSlideBackend as cls
     elif name == "wsidicom":
-        from wsi_cmaf.slide._backends import WsiDicomBackend as cls
+        from wsi_cmaf.slide._dicom import WsiDicomBackend as cls
     else:
         from wsi_cmaf.slide._dicom import PydicomBackend as cls
     return cls(path)
@@ -196,7 +201,9 @@ class SlideReader:
         self.level_dimensions: tuple[tuple[int, int], ...] = impl.level_dimensions
         self.level_downsamples: tuple[float, ...] = impl.level_downsamples
         self.vendor: str | None = impl.vendor
-        self.objective_power: float | None = impl.objective_power
+        # the description's AppMag when the backend did not read it (e.g. OpenSlide generic-tiff)
+        self.objective_power: float | None = impl.objective_power or (
+            facts.description_objective if facts else None)
         self.properties: dict[str, str] = dict(impl.properties)
         self.associated_images: Mapping[str, np.ndarray] = _AssociatedImages(self)
         if self.level_count == 0 or min(min(d) for d in self.level_dimensions) <= 0:
@@ -208,7 +215,8 @@ class SlideReader:
         try:
             self._mpp, self._mpp_source = _mpp.resolve_mpp(
                 path, override, impl.vendor_mpp,
-                facts.resolution_mpp if facts else None, impl.objective_power,
+                facts.resolution_mpp if facts else None, self.objective_power,
+                description_mpp=facts.description_mpp if facts else None,
             )
         except MissingResolutionError as exc:
             # Deferred: `info` and thumbnails-by-level still work; anything needing µm/px raises.
@@ -233,7 +241,11 @@ class SlideReader:
 
     @property
     def mpp_source(self) -> str | None:
-        """'override' | 'vendor' | 'tiff-resolution' | 'objective-power'; None when unknown."""
+        """'override' | 'vendor' | 'description' | 'tiff-resolution' | 'objective-power'; None when unknown.
+
+        'vendor': the opening backend's scanner property; 'description': the level-0 TIFF
+        ImageDescription parsed by wsi-cmaf (Aperio ``MPP``, OME, Philips) whatever backend opened it.
+        """
         return self._mpp_source
 
     def level_mpp(self, level: int) -> tuple[float, float]:
@@ -276,19 +288,33 @@ class SlideReader:
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0:
             raise ValueError(f"region size must be positive, got {size!r}")
+        if w * h > MAX_PIXELS:
+            raise RequestTooLargeError(
+                f"{self.path}: region {w}x{h} px ({w * h / 1e6:.0f} Mpx) is larger than the "
+                f"{MAX_PIXELS / 1e6:.0f} Mpx one read may hold; read it in pieces")
         return self._guard(
             lambda: self._impl.read_region((int(location[0]), int(location[1])), level, (w, h)),
             f"region {w}x{h} at {tuple(location)} level {level}",
         )
 
-    def thumbnail(self, mpp: float) -> np.ndarray:
+    def thumbnail(self, mpp: float) -> Thumbnail:
         """The whole slide resampled to ``mpp`` µm/px (antialiased), as RGB uint8.
 
         Reads the coarsest level at least as fine as the target in strips (bounded
         memory), box-reduces each strip by the integer part of the scale factor, then
         resizes with Lanczos to the exact target grid
         ``floor(level0_size * level0_mpp / mpp + 0.5)``.
+
+        Undecodable tiles of that level are painted as background (white), logged in one
+        warning and listed in the result's ``failed_tiles`` (level-0 locations, see
+        :class:`~wsi_cmaf.slide.faults.TileFailure`); the result is a numpy array for every
+        other use. Raises NoDecodableTissueError when no tile of the level decodes and
+        RequestTooLargeError when ``mpp`` would make the thumbnail (or the level strips it is
+        made from) larger than :data:`MAX_PIXELS`.
         """
+        mpp = float(mpp)
+        if not (mpp > 0 and math.isfinite(mpp)):
+            raise ValueError(f"thumbnail mpp must be a positive number of µm/px, got {mpp!r}")
         mx, my = self.mpp
         w0, h0 = self.level_dimensions[0]
         out_size = (max(1, int(w0 * mx / mpp + 0.5)), max(1, int(h0 * my / mpp + 0.5)))
@@ -296,20 +322,37 @@ class SlideReader:
         lw, lh = self.level_dimensions[level]
         lmx, lmy = self.level_mpp(level)
         factor = max(1, int(min(mpp / lmx, mpp / lmy) + 1e-6))
+        self._check_thumbnail_size(mpp, out_size, (lw, lh), factor)
         rows = max(factor, (_THUMB_STRIP_BYTES // (lw * 4)) // factor * factor)
+        raw: list[tuple[int, int, int, int, str]] = []
         # level_rows is a generator: it reads (and may fail) only as the loop pulls strips
-        strips = self._impl.level_rows(level, rows)
+        strips = self._impl.level_rows(level, rows, raw)
         parts = []
         while True:
             strip = self._guard(lambda: next(strips, None), f"level {level} for a thumbnail")
             if strip is None:
                 break
             parts.append(np.asarray(Image.fromarray(strip).reduce(factor)) if factor > 1 else strip)
+        failures = thumbnail_failures(self.path, self.backend, level, self.level_downsamples[level],
+                                      self.level_dimensions[level], raw)
         reduced = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         if (reduced.shape[1], reduced.shape[0]) == out_size:
-            return np.ascontiguousarray(reduced)
+            return Thumbnail(np.ascontiguousarray(reduced), failures, level)
         resized = Image.fromarray(reduced).resize(out_size, Image.Resampling.LANCZOS)
-        return np.asarray(resized)
+        return Thumbnail(np.asarray(resized), failures, level)
+
+    def _check_thumbnail_size(self, mpp: float, out_size: tuple[int, int], level_size: tuple[int, int],
+                              factor: int) -> None:
+        """Refuse thumbnails whose output, reduced level or strips exceed MAX_PIXELS."""
+        lw, lh = level_size
+        sizes = {"thumbnail": out_size[0] * out_size[1], "reduced level": -(-lw // factor) * -(-lh // factor),
+                 "level strip": lw * factor}
+        what, n = max(sizes.items(), key=lambda kv: kv[1])
+        if n > MAX_PIXELS:
+            raise RequestTooLargeError(
+                f"{self.path}: a thumbnail at {mpp:g} µm/px needs a {what} of {n / 1e6:.0f} Mpx "
+                f"(level {self.level_dimensions.index(level_size)}: {lw}x{lh} px), over the "
+                f"{MAX_PIXELS / 1e6:.0f} Mpx limit; ask for a coarser µm/px")
 
     # -- identity ------------------------------------------------------------------------
     def fingerprint(self) -> str:

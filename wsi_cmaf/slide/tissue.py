@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dask
 import dask.array as da
@@ -43,6 +43,7 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import disk, remove_small_holes, remove_small_objects
 
 from wsi_cmaf.errors import ConfigError
+from wsi_cmaf.slide.faults import TileFailure
 from wsi_cmaf.slide.reader import SlideReader
 
 logger = logging.getLogger(__name__)
@@ -72,11 +73,21 @@ class TissueConfig:
 
 @dataclass
 class TissueMask:
-    """Boolean tissue mask over the whole slide; one pixel covers ``mpp`` µm (isotropic)."""
+    """Boolean tissue mask over the whole slide; one pixel covers ``mpp`` µm (isotropic).
+
+    ``failed_tiles``: slide tiles that could not be decoded for the thumbnail the mask was made
+    from (they count as background here; level-0 locations, see :class:`TileFailure`).
+    """
 
     mask: np.ndarray
     mpp: float
     threshold: float = float("nan")
+    failed_tiles: tuple[TileFailure, ...] = field(default=())
+
+    @property
+    def n_failed_tiles(self) -> int:
+        """Number of undecodable slide tiles painted as background before detection."""
+        return len(self.failed_tiles)
 
     def fraction(self) -> float:
         """Fraction of the slide area covered by tissue, in [0, 1]."""
@@ -122,8 +133,14 @@ def _steps_at_least(fraction: float) -> int:
 
 
 def tissue_mask_from_rgb(rgb: np.ndarray, mpp: float, config: TissueConfig | None = None) -> TissueMask:
-    """Tissue mask of an RGB uint8 image whose pixels are ``mpp`` µm wide."""
+    """Tissue mask of an RGB uint8 image whose pixels are ``mpp`` µm wide.
+
+    When ``rgb`` is a :class:`~wsi_cmaf.slide.faults.Thumbnail` (what ``SlideReader.thumbnail``
+    returns), its ``failed_tiles`` are carried over to the mask.
+    """
     cfg = config or TissueConfig()
+    failed = tuple(getattr(rgb, "failed_tiles", ()))
+    rgb = np.asarray(rgb)  # a plain array from here on (dask's chunking needs no subclass)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
     # Pillow's C conversion, not skimage.color.rgb2hsv: the same definitions (S = (max-min)/max,
@@ -168,7 +185,7 @@ def tissue_mask_from_rgb(rgb: np.ndarray, mpp: float, config: TissueConfig | Non
     if small >= 1:
         mask = remove_small_objects(mask, max_size=small)
     logger.debug("tissue: otsu=%.3f threshold=%.3f fraction=%.3f", otsu, threshold, mask.mean())
-    return TissueMask(mask=mask.astype(bool, copy=False), mpp=float(mpp), threshold=threshold)
+    return TissueMask(mask=mask.astype(bool, copy=False), mpp=float(mpp), threshold=threshold, failed_tiles=failed)
 
 
 def detect_tissue(reader: SlideReader, config: TissueConfig | None = None) -> TissueMask:

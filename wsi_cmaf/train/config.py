@@ -9,7 +9,21 @@ Sections (all optional except ``data``)::
     loss:     :class:`wsi_cmaf.losses.LossConfig` (task loss + IB weights)
     optim:    AdamW weight decay, SAM, adaptive gradient clipping
     stages:   the paper's three stages (Sec. 4.5): epochs 30/40/30 by default
-    seed, amp, grad_checkpointing, early_stopping_patience, output_dir, device ...
+    seed, amp, compile, grad_checkpointing, early_stopping_patience, output_dir, device ...
+
+``amp`` (precision): "auto" = bf16 autocast on CUDA GPUs with native bf16 (no loss scaling),
+fp16 + GradScaler on older CUDA GPUs, fp32 elsewhere; "bf16", "fp16" (with a GradScaler, on
+CUDA or CPU) and "off" (fp32) force one. Updates whose gradients are not finite are skipped on
+the device; while a GradScaler calibrates (its scale halving from 2^16) such skips are expected.
+Training stops with "training diverged" only when skips persist once loss scaling cannot explain
+them (no scaler, or its scale below 1): 24 consecutive skipped updates or a whole epoch of them.
+
+``compile``: "auto" compiles the training forward passes with ``torch.compile`` on CUDA and stays
+eager elsewhere; "off" never compiles; "on" compiles on any device (default mode); "default",
+"max-autotune" or "max-autotune-no-cudagraphs" compile with that mode. Compilation is in place
+(``module.compile()``), so checkpoints and exported weights have the same keys as eager runs.
+CUDA graphs ("reduce-overhead") are not offered for training: SAM perturbs the weights in place
+between two passes and the last batch of an epoch changes shape.
 
 Unknown keys are errors (they are almost always typos). Relative paths in the file are
 resolved against the file's folder.
@@ -30,6 +44,7 @@ STAGE_KINDS = ("branches", "fusion", "all")
 STAGE_LOSSES = ("cross_entropy", "objective")
 IB_MODES = ("off", "ramp", "full")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+COMPILE_MODES = ("auto", "off", "on", "default", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _from_dict(cls: type, data: dict[str, Any] | None, where: str) -> Any:
@@ -185,7 +200,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     stages: list[StageConfig] | None = None  # None: paper_stages() for CMAF-Net, single_stage() for timm
     seed: int = 0
-    amp: str = "auto"  # auto: fp16 + GradScaler on CUDA, fp32 on CPU; "bf16" to opt in on CPU
+    amp: str = "auto"  # auto: bf16 on CUDA (fp16 + GradScaler without native bf16), fp32 on CPU
+    compile: str = "auto"  # auto: torch.compile on CUDA, eager elsewhere (see the module docstring)
     grad_checkpointing: bool = False
     early_stopping_patience: int | None = 10  # epochs without val balanced-accuracy gain (per stage)
     output_dir: str = "runs/train"
@@ -206,6 +222,8 @@ class TrainConfig:
         self.loss.validate()
         if self.amp not in AMP_MODES:
             raise ConfigError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         if not self.stages:
             raise ConfigError("at least one training stage is needed")
         for stage in self.stages:

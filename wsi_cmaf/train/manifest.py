@@ -259,46 +259,6 @@ def _relative(path: Path, base: Path | None) -> str:
         return Path(os.path.relpath(path, base)).as_posix()
 
 
-def build_idc_manifest(
-    root: str | Path,
-    *,
-    seed: int = 0,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
-    relative_to: str | Path | None = None,
-) -> pd.DataFrame:
-    """Manifest of an IDC tree ``PATIENT/{0,1}/PATIENT_idx5_xX_yY_classC.png``.
-
-    Parses patient, x, y and class from each name; files that do not match the pattern,
-    or whose class disagrees with their folder, are listed in one ManifestError.
-    Paths are written relative to ``relative_to`` (absolute when None).
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise ManifestError(f"IDC root is not a directory: {root}")
-    rows, problems = [], []
-    for file in sorted(root.glob("*/*/*.png")):
-        m = _IDC_RE.match(file.name)
-        folder_patient, folder_cls = file.parent.parent.name, file.parent.name
-        if not m:
-            problems.append(f"{file}: name does not match PATIENT_idx5_xX_yY_classC.png")
-            continue
-        if m["patient"] != folder_patient or m["cls"] != folder_cls:
-            problems.append(f"{file}: name says patient {m['patient']} class {m['cls']}, "
-                            f"folder says patient {folder_patient} class {folder_cls}")
-            continue
-        rows.append({"path": _relative(file, None if relative_to is None else Path(relative_to)),
-                     "label": int(m["cls"]), "patient_id": m["patient"], "x": int(m["x"]), "y": int(m["y"]),
-                     "source": "idc"})
-    if problems:
-        raise ManifestError(f"unexpected files under IDC root {root}", problems)
-    if not rows:
-        raise ManifestError(f"no IDC patches (PATIENT/{{0,1}}/*.png) found under {root}")
-    frame = pd.DataFrame(rows)
-    # IDC patients hold both classes; stratify on whether a patient has any positive patch.
-    stratum = frame.groupby("patient_id")["label"].max()
-    return _with_splits(frame, stratum, fractions, seed)
-
-
 def parse_breakhis_name(name: str) -> dict[str, object] | None:
     """Parse ``SOB_B_A-14-22549AB-40-001.png`` -> label, subtype, patient_id, magnification (None if no match)."""
     m = _BREAKHIS_RE.match(name)
@@ -308,33 +268,13 @@ def parse_breakhis_name(name: str) -> dict[str, object] | None:
             "patient_id": f"{m['year']}-{m['patient']}", "magnification": int(m["mag"])}
 
 
-def build_breakhis_manifest(
-    root: str | Path,
-    *,
-    seed: int = 0,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
-    relative_to: str | Path | None = None,
-) -> pd.DataFrame:
-    """Manifest of a BreakHis v1 tree (any depth; names like ``SOB_B_A-14-22549AB-40-001.png``).
+#: Dataset builders live in :mod:`wsi_cmaf.train.dataset_builders`; still importable from here.
+_BUILDERS = ("ManifestBuild", "scan_idc", "scan_breakhis", "build_idc_manifest", "build_breakhis_manifest")
 
-    Patient id is ``YEAR-SLIDE`` (e.g. ``14-22549AB``); splits are patient-level and
-    stratified by subtype, so every split sees every subtype where possible.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise ManifestError(f"BreakHis root is not a directory: {root}")
-    rows, problems = [], []
-    for file in sorted(root.rglob("SOB_*.png")):
-        parsed = parse_breakhis_name(file.name)
-        if parsed is None:
-            problems.append(f"{file}: name does not match SOB_<B|M>_<SUBTYPE>-<YY>-<ID>-<MAG>-<SEQ>.png")
-            continue
-        rows.append({"path": _relative(file, None if relative_to is None else Path(relative_to)),
-                     **parsed, "source": "breakhis"})
-    if problems:
-        raise ManifestError(f"unexpected files under BreakHis root {root}", problems)
-    if not rows:
-        raise ManifestError(f"no BreakHis images (SOB_*.png) found under {root}")
-    frame = pd.DataFrame(rows)
-    stratum = frame.groupby("patient_id")["subtype"].first()
-    return _with_splits(frame, stratum, fractions, seed)
+
+def __getattr__(name: str) -> object:
+    if name in _BUILDERS:
+        from wsi_cmaf.train import dataset_builders
+
+        return getattr(dataset_builders, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,19 +1,27 @@
 """Table 8: parameters, FLOPs, peak memory and throughput of CMAF-Net and the timm baselines.
 
-No training: each model is built with random weights and timed on random input. Peak memory is
-``torch.cuda.max_memory_allocated`` on a GPU; on CPU it is the rise of the process's resident set
-size (RSS) over its value before the model was built, sampled every 10 ms with psutil up to the end
-of the warm-up passes (weights + one forward's activations), each model in a fresh process so the
-baseline is clean — the column ``memory_method`` says which one a row used. Throughput is timed after the warm-up, without the sampler running.
+No training: each model is built with random weights and timed on random input. Every model is
+prepared the same generic way (:func:`wsi_cmaf.models.optimize.prepare_for_inference`: BatchNorm
+folded, channels_last, optionally ``torch.compile``), so the comparison is fair. Each model runs
+in a fresh process. One *setting* is (precision, compile, batch); the table reports images/s for
+every setting measured, batch-1 latency included, and :func:`floor_checks` compares CMAF-Net with
+ResNet-50 where both were measured at the same setting.
+
+Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU; on CPU it is the rise of the process's
+resident set size (RSS) over its value before the model was built, sampled every 10 ms with psutil
+up to the end of the first setting's warm-up (weights + one forward's activations) — the column
+``memory_method`` says which. Throughput is timed after the warm-up, without the sampler running.
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import threading
+import json
+import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,36 +30,86 @@ import torch
 
 from wsi_cmaf.errors import ConfigError
 from wsi_cmaf.infer.runner import resolve_device
+from wsi_cmaf.train.protocol_efficiency_report import markdown_efficiency, plot_efficiency
 
 logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: (name, measured model, reference model, precision, compile, batch, minimum) of the issue's floors.
+FLOORS = (
+    ("cpu_fp32_eager_ratio", "cmaf_net", "timm:resnet50", "cpu", "fp32", "off", 32, 1.5),
+    ("gpu_bf16_compiled_b256_ratio", "cmaf_net", "timm:resnet50", "cuda", "bf16", "on", 256, 1.2),
+    ("gpu_b1_fps", "cmaf_net", None, "cuda", None, None, 1, 134.0),
+)
 
 
 @dataclass
 class EfficiencyConfig:
-    """What to measure: models (registry names) at ``input_size`` with ``batch_size`` images per pass."""
+    """What to measure: models (registry names) at ``input_size``, at each precision x compile x batch.
+
+    ``None`` fields get per-device defaults: throughput batch 256 on CUDA and 32 on CPU;
+    precisions fp32 + bf16 on CUDA, fp32 on CPU; compile "off" + "auto" on CUDA ("auto" = CUDA
+    graphs at the latency batch), "off" on CPU. ``quick`` measures only what the floors need.
+    """
 
     models: list[str] = field(default_factory=list)  # empty: CMAF-Net + the Table 1 timm baselines
     model_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per model name
     input_size: int = 224
-    batch_size: int = 32
+    batch_size: int | None = None  # throughput batch
+    latency_batch: int | None = 1  # None: no latency measurement
+    precisions: list[str] | None = None
+    compile: list[str] | None = None  # prepare_for_inference compile settings ("off" = eager)
+    channels_last: bool = True
     warmup: int = 2
     iters: int = 5
+    latency_iters: int = 20
     device: str = "auto"
     num_classes: int = 2
-    #: CPU only: measure each model in a fresh process. In one process, heap freed by the
-    #: previous model is reused and the RSS rise of the next one reads near zero.
+    quick: bool = False
+    #: measure each model in a fresh process: in one process, heap freed by the previous model is
+    #: reused (the RSS rise of the next one reads near zero) and compile caches carry over.
     isolate: bool = True
 
     def resolved_models(self) -> list[str]:
         """The models to measure (defaults filled in)."""
         from wsi_cmaf.train.protocols import TIMM_BASELINES
 
-        return list(self.models) or ["cmaf_net", *(f"timm:{a}" for a in TIMM_BASELINES)]
+        if self.models:
+            return list(self.models)
+        if self.quick:
+            return ["cmaf_net", "timm:resnet50"]
+        return ["cmaf_net", *(f"timm:{a}" for a in TIMM_BASELINES)]
+
+    def settings(self, device: torch.device) -> list[tuple[str, str, int]]:
+        """(precision, compile, batch) to measure, eager fp32 at the throughput batch first."""
+        cuda = device.type == "cuda"
+        big = self.batch_size or (256 if cuda else 32)
+        batches = [big] + ([self.latency_batch] if self.latency_batch and self.latency_batch != big else [])
+        if self.quick and self.precisions is None and self.compile is None:
+            if not cuda:
+                return [("fp32", "off", b) for b in batches]
+            plan = [("fp32", "off", big), ("bf16", "off", big), ("bf16", "on", big)]
+            return plan + [(p, c, b) for b in batches[1:] for p, c in (("fp32", "off"), ("bf16", "auto"))]
+        precisions = self.precisions or (["fp32", "bf16"] if cuda else ["fp32"])
+        modes = self.compile or (["off", "auto"] if cuda else ["off"])
+        out = [(p, c, b) for c in modes for p in precisions for b in batches]
+        return sorted(out, key=lambda s: (s != ("fp32", "off", big), modes.index(s[1])))
 
     def validate(self) -> EfficiencyConfig:
         """Raise :class:`ConfigError` on impossible values."""
-        if self.input_size < 32 or self.batch_size < 1 or self.iters < 1 or self.warmup < 0:
-            raise ConfigError("efficiency: need input_size >= 32, batch_size >= 1, iters >= 1, warmup >= 0")
+        from wsi_cmaf.models.optimize import COMPILE_MODES
+
+        if self.input_size < 32 or self.iters < 1 or self.warmup < 0 or self.latency_iters < 1:
+            raise ConfigError("efficiency: need input_size >= 32, iters >= 1, latency_iters >= 1, warmup >= 0")
+        if (self.batch_size is not None and self.batch_size < 1) or (
+                self.latency_batch is not None and self.latency_batch < 1):
+            raise ConfigError("efficiency: batch sizes must be >= 1")
+        bad = [p for p in self.precisions or () if p not in PRECISIONS]
+        bad += [c for c in self.compile or () if c not in COMPILE_MODES]
+        if bad:
+            raise ConfigError(f"efficiency: unknown precision/compile {bad}; precisions {PRECISIONS}, "
+                              f"compile {COMPILE_MODES}")
         return self
 
 
@@ -83,9 +141,37 @@ class _RssSampler:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
+def _time_setting(model_fn: Any, x: torch.Tensor, precision: str, warmup: int, iters: int,
+                  device: torch.device, sampler: _RssSampler | None) -> tuple[float, float]:
+    """(seconds of the first warm-up call, compile included; seconds per timed call)."""
+    cuda = device.type == "cuda"
+    amp = (torch.autocast(device.type, dtype=_DTYPES[precision]) if precision in _DTYPES
+           else contextlib.nullcontext())
+    with torch.inference_mode(), amp:
+        t0 = time.perf_counter()
+        if sampler is not None:
+            sampler.__enter__()
+        try:
+            for _ in range(max(warmup, 1)):
+                model_fn(x)
+                if cuda:
+                    torch.cuda.synchronize(device)
+        finally:
+            if sampler is not None:
+                sampler.__exit__()
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            model_fn(x)
+        if cuda:
+            torch.cuda.synchronize(device)
+        return first, (time.perf_counter() - t0) / iters
+
+
 def measure_model(name: str, cfg: EfficiencyConfig, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One Table 8 row: params, FLOPs/MACs per image, peak memory (MiB), images/s (inference)."""
+    """One model: params, FLOPs/MACs per image, peak memory (MiB) and one result per setting."""
     from wsi_cmaf.models import create_model
+    from wsi_cmaf.models.optimize import prepare_for_inference, resolve_compile_mode
     from wsi_cmaf.models.profile import count_flops, count_parameters
 
     device = resolve_device(cfg.device)
@@ -99,41 +185,44 @@ def measure_model(name: str, cfg: EfficiencyConfig, kwargs: dict[str, Any] | Non
         start_mem = torch.cuda.memory_allocated(device)
     model = create_model(name, num_classes=cfg.num_classes, **kwargs).eval()
     params = count_parameters(model)["total"]
-    model.to(device)
-    x = torch.randn(cfg.batch_size, 3, cfg.input_size, cfg.input_size, device=device)
-    with torch.inference_mode():
-        # Peak memory over the warm-up passes (weights + one forward's activations). The RSS
-        # sampler is stopped before timing: its wake-ups would stall the intra-op threads.
-        if sampler is not None:
-            sampler.__enter__()
-        try:
-            for _ in range(max(cfg.warmup, 1)):
-                model(x)
-        finally:
-            if sampler is not None:
-                sampler.__exit__()
-        if cuda:
-            torch.cuda.synchronize(device)
-            peak = (torch.cuda.max_memory_allocated(device) - start_mem) / 2**20
-        t0 = time.perf_counter()
-        for _ in range(cfg.iters):
-            model(x)
-        if cuda:
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
-    if sampler is not None:
-        peak = (sampler.peak - sampler.baseline) / 2**20
-    method = "cuda_max_memory_allocated" if cuda else "cpu_rss_peak_delta"
-    flops = count_flops(model.cpu(), cfg.input_size)["total"]  # FlopCounterMode, batch 1, on CPU
-    del model, x
+    flops = count_flops(model, cfg.input_size)["total"]  # FlopCounterMode, batch 1, on CPU
+    attention = getattr(getattr(model, "config", None), "attention", "")
+    # Eager model prepared in place (no second copy of the weights in the memory figure).
+    eager = prepare_for_inference(model, device, compile="off", channels_last=cfg.channels_last, inplace=True)
+    results, peak = [], 0.0
+    for i, (precision, comp, batch) in enumerate(cfg.settings(device)):
+        mode = resolve_compile_mode(comp, device, cuda_graph_batch=batch)
+        if mode is None:
+            fn = eager
+        else:
+            torch._dynamo.reset()  # a fresh compile per setting: no cache limit, no stale graphs
+            fn = prepare_for_inference(eager, device, compile=comp, channels_last=cfg.channels_last,
+                                       cuda_graph_batch=batch)
+        x = torch.randn(batch, 3, cfg.input_size, cfg.input_size, device=device)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        iters = cfg.latency_iters if batch == cfg.latency_batch else cfg.iters
+        first, per_call = _time_setting(fn, x, precision, cfg.warmup, iters, device,
+                                        sampler if i == 0 else None)
+        if i == 0:
+            if cuda:
+                peak = (torch.cuda.max_memory_allocated(device) - start_mem) / 2**20
+            elif sampler is not None:
+                peak = (sampler.peak - sampler.baseline) / 2**20
+        results.append({"precision": precision, "compile": comp, "compile_mode": mode or "eager",
+                        "batch": batch, "images_per_s": batch / max(per_call, 1e-9),
+                        "latency_ms": per_call * 1e3, "warmup_s": first})
+        logger.info("%s %s %s b%d: %.1f images/s (warm-up %.1f s)", name, precision, mode or "eager",
+                    batch, results[-1]["images_per_s"], first)
+        del fn, x
     return {"model": name, "params_M": params / 1e6, "gflops": flops / 1e9, "gmacs": flops / 2e9,
-            "peak_memory_MiB": peak, "memory_method": method,
-            "images_per_s": cfg.batch_size * cfg.iters / max(seconds, 1e-9),
-            "batch_size": cfg.batch_size, "input_size": cfg.input_size, "device": str(device)}
+            "peak_memory_MiB": peak, "memory_method": "cuda_max_memory_allocated" if cuda else "cpu_rss_peak_delta",
+            "attention": attention, "input_size": cfg.input_size, "device": str(device),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "settings": results}
 
 
 def _measure_in_fresh_process(name: str, cfg: EfficiencyConfig) -> dict[str, Any]:
-    """:func:`measure_model` in a spawned single-use process (clean RSS baseline)."""
+    """:func:`measure_model` in a spawned single-use process."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -142,66 +231,89 @@ def _measure_in_fresh_process(name: str, cfg: EfficiencyConfig) -> dict[str, Any
         return pool.submit(measure_model, name, cfg, cfg.model_kwargs.get(name)).result()
 
 
-def markdown_efficiency(table: pd.DataFrame) -> str:
-    """Markdown of the Table 8 frame."""
-    cols = ["model", "params_M", "gmacs", "gflops", "peak_memory_MiB", "images_per_s"]
-    head = ["Model", "Params (M)", "GMACs", "GFLOPs (2/MAC)", "Peak memory (MiB)", "Images/s"]
-    lines = ["### Table 8: efficiency", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for _, r in table.iterrows():
-        lines.append("| " + " | ".join([str(r["model"])] + [f"{r[c]:.3g}" if c != "images_per_s" else f"{r[c]:.1f}"
-                                                             for c in cols[1:]]) + " |")
-    first = table.iloc[0]
-    lines += ["", f"Input {int(first['input_size'])}², batch {int(first['batch_size'])}, device {first['device']}, "
-              f"inference mode; peak memory = {first['memory_method']} (memory above the level before the "
-              "model was built)."]
-    return "\n".join(lines) + "\n"
+def _label(precision: str, comp: str, batch: int) -> str:
+    return f"{precision}_{'eager' if comp == 'off' else 'compiled'}_b{batch}"
+
+
+def long_table(measured: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per model and setting."""
+    keep = ("model", "device", "input_size", "attention", "threads")
+    return pd.DataFrame([{**{k: m[k] for k in keep}, **s} for m in measured for s in m["settings"]])
+
+
+def wide_table(measured: list[dict[str, Any]], cfg: EfficiencyConfig) -> pd.DataFrame:
+    """One row per model: size columns, ``images_per_s`` (first setting) and ``<setting>_img_s`` columns."""
+    rows = []
+    for m in measured:
+        first = m["settings"][0]
+        row = {k: v for k, v in m.items() if k != "settings"}
+        row.update(images_per_s=first["images_per_s"], batch_size=first["batch"],
+                   precision=first["precision"], compile=first["compile"])
+        for s in m["settings"]:
+            row[_label(s["precision"], s["compile"], s["batch"]) + "_img_s"] = s["images_per_s"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def floor_checks(long: pd.DataFrame) -> list[dict[str, Any]]:
+    """The issue's floors that this run measured: value, minimum, pass/fail and the setting."""
+    out = []
+    for name, model, ref, dev, precision, comp, batch, minimum in FLOORS:
+        rows = long[(long["model"] == model) & long["device"].str.startswith(dev) & (long["batch"] == batch)]
+        if precision is not None:
+            rows = rows[rows["precision"] == precision]
+        if comp == "on":  # any compiled mode counts as "compiled"
+            rows = rows[rows["compile"] != "off"]
+        elif comp is not None:
+            rows = rows[rows["compile"] == comp]
+        if rows.empty:
+            continue
+        best = rows.loc[rows["images_per_s"].idxmax()]
+        value, note = float(best["images_per_s"]), ""
+        if ref is not None:
+            r = long[(long["model"] == ref) & (long["device"] == best["device"]) & (long["batch"] == batch)
+                     & (long["precision"] == best["precision"]) & (long["compile"] == best["compile"])]
+            if r.empty:
+                continue
+            value = value / float(r["images_per_s"].max())
+            note = f"{model} / {ref} images/s"
+        out.append({"floor": name, "value": round(value, 3), "minimum": minimum, "ok": value >= minimum,
+                    "setting": _label(best["precision"], best["compile"], batch), "device": best["device"],
+                    "compile_mode": best["compile_mode"], "note": note or f"{model} images/s"})
+    return out
 
 
 def run_efficiency(cfg: EfficiencyConfig, out_dir: str | Path, progress: bool = True) -> tuple[pd.DataFrame, str]:
-    """Measure every model, write ``results.csv``, ``results.md`` and ``table8_efficiency.png``."""
+    """Measure every model; write ``results.csv`` (per model), ``results_long.csv`` (per setting),
+    ``results.json`` (rows + floors), ``results.md`` and ``table8_efficiency.png``."""
     from tqdm.auto import tqdm
 
     cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    isolate = cfg.isolate and resolve_device(cfg.device).type != "cuda"
+    measured = []
     for name in tqdm(cfg.resolved_models(), desc="efficiency", disable=not progress):
-        if isolate:
-            rows.append(_measure_in_fresh_process(name, cfg))
-        else:
-            rows.append(measure_model(name, cfg, cfg.model_kwargs.get(name)))
-        logger.info("%s: %.2f M params, %.2f GMACs, %.1f images/s", name, rows[-1]["params_M"],
-                    rows[-1]["gmacs"], rows[-1]["images_per_s"])
-    table = pd.DataFrame(rows)
+        kwargs = cfg.model_kwargs.get(name)
+        measured.append(_measure_in_fresh_process(name, cfg) if cfg.isolate else measure_model(name, cfg, kwargs))
+        logger.info("%s: %.2f M params, %.2f GMACs, %.1f images/s", name, measured[-1]["params_M"],
+                    measured[-1]["gmacs"], measured[-1]["settings"][0]["images_per_s"])
+    table, long = wide_table(measured, cfg), long_table(measured)
+    floors = floor_checks(long)
     table.to_csv(out / "results.csv", index=False, float_format="%.6g")
-    md = markdown_efficiency(table)
+    long.to_csv(out / "results_long.csv", index=False, float_format="%.6g")
+    payload = {"config": asdict(cfg), "rows": long.to_dict(orient="records"), "floors": floors}
+    (out / "results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    md = markdown_efficiency(table, long, floors)
     (out / "results.md").write_text(md, encoding="utf-8")
-    _plot(table, out / "table8_efficiency.png")
+    plot_efficiency(table, out / "table8_efficiency.png")
     return table, md
-
-
-def _plot(table: pd.DataFrame, path: Path) -> None:
-    """Throughput against compute, marker size ~ parameters."""
-    from wsi_cmaf.train.protocol_report import _pyplot
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(table["gmacs"], table["images_per_s"], s=20 + 8 * table["params_M"], alpha=0.6)
-    for _, r in table.iterrows():
-        ax.annotate(str(r["model"]).removeprefix("timm:"), (r["gmacs"], r["images_per_s"]), fontsize=7)
-    ax.set_xlabel("GMACs per image")
-    ax.set_ylabel("images / s")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def efficiency_from_base(base: dict[str, Any], models: Sequence[str] | None = None, **kw: Any) -> EfficiencyConfig:
     """An :class:`EfficiencyConfig` from a base training config's ``model`` section and ``efficiency`` keys.
 
     ``--set efficiency.batch_size=64`` etc. set fields; CMAF-Net gets the base's ``model.kwargs``.
+    Keyword arguments that are ``None`` are ignored (unset command-line options).
     """
     eff = dict(base.get("efficiency") or {})
     model = base.get("model") or {}
@@ -209,7 +321,7 @@ def efficiency_from_base(base: dict[str, Any], models: Sequence[str] | None = No
         eff.setdefault("model_kwargs", {}).setdefault("cmaf_net", dict(model["kwargs"]))
     if models:
         eff["models"] = list(models)
-    eff.update(kw)
+    eff.update({k: v for k, v in kw.items() if v is not None})
     try:
         return EfficiencyConfig(**eff).validate()
     except TypeError as exc:

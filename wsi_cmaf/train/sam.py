@@ -23,11 +23,16 @@ gradient clipping between them). Usage::
 Learning-rate schedulers may wrap the SAM object: it shares ``param_groups`` with the base optimizer.
 BatchNorm running statistics are updated by both forward passes; a training loop that cares can put
 the BatchNorm layers in eval mode for the second pass.
+
+Both halves work on all parameters at once (``torch._foreach_*``) and never read a value back to
+the host: a non-finite gradient is handled on the device. ``first_step`` then applies no
+perturbation, and ``second_step(found_inf=...)`` restores ``w`` and lets the base optimiser skip
+its update on the device (:func:`step_unless_nonfinite`), so a training step needs no sync.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -36,7 +41,39 @@ from torch.optim import Optimizer
 
 from wsi_cmaf.errors import ConfigError
 
-__all__ = ["SAM"]
+__all__ = ["SAM", "nonfinite_flag", "step_unless_nonfinite"]
+
+
+def nonfinite_flag(params: Iterable[Tensor]) -> Tensor:
+    """0-d float32 tensor on the parameters' device: 1.0 if any gradient is NaN/inf, else 0.0.
+
+    Stays on the device (no sync): one ``_foreach_norm`` over every gradient; a NaN or inf element
+    makes its tensor's norm non-finite.
+    """
+    params = list(params)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=params[0].device if params else None)
+    norms = torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads)])
+    return (~torch.isfinite(norms).all()).to(torch.float32)
+
+
+def step_unless_nonfinite(optimizer: Optimizer, found_inf: Tensor) -> None:
+    """``optimizer.step()`` unless ``found_inf`` (0-d float, 1.0 = skip) is set.
+
+    Optimisers with ``_step_supports_amp_scaling`` (fused Adam, AdamW, SGD) skip on the device:
+    they take ``found_inf`` the same way ``GradScaler.step`` hands it to them, and leave
+    weights, moments and the step count untouched when it is set. Others need one host sync.
+    """
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.grad_scale = None  # type: ignore[attr-defined]  # gradients are already unscaled
+        optimizer.found_inf = found_inf.to(torch.float32).reshape(())  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf  # type: ignore[attr-defined]
+    elif not bool(found_inf):
+        optimizer.step()
 
 
 class SAM(Optimizer):
@@ -68,47 +105,79 @@ class SAM(Optimizer):
         # Share the group dicts: schedulers changing group["lr"] on SAM reach the base optimizer.
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
+        self._saved: list[tuple[list[Tensor], list[Tensor]]] = []  # (params, copies of w) between the halves
+
+    def _groups_with_grad(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
+        """(group, params, grads) of every group, restricted to parameters that have a gradient."""
+        out = []
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            if ps:
+                out.append((group, ps, [p.grad for p in ps]))
+        return out
 
     @torch.no_grad()
-    def _grad_norm(self) -> Tensor:
+    def _grad_norm(self, groups: Sequence[tuple[dict[str, Any], list[Tensor], list[Tensor]]] | None = None
+                   ) -> Tensor:
         """‖T g‖₂ over all parameters with a gradient (on the first parameter's device)."""
-        norms = []
-        device = None
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                device = device or p.device
-                g = p.grad.abs() * p.abs() if group["adaptive"] else p.grad
-                norms.append(g.norm(p=2).to(device))
-        if not norms:
+        groups = self._groups_with_grad() if groups is None else groups
+        if not groups:
             return torch.zeros(())
-        return torch.stack(norms).norm(p=2)
+        device = groups[0][1][0].device
+        norms: list[Tensor] = []
+        for group, ps, gs in groups:
+            tg = torch._foreach_mul(torch._foreach_abs(ps), gs) if group["adaptive"] else gs
+            norms.extend(n.to(device) for n in torch._foreach_norm(tg))
+        return torch.linalg.vector_norm(torch.stack(norms))
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Move every parameter to ``w + ε`` (ascent step) and remember ``w``; needs gradients at ``w``."""
-        grad_norm = self._grad_norm()
-        for group in self.param_groups:
-            scale = group["rho"] / (grad_norm + self.eps)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                self.state[p]["old_p"] = p.detach().clone()
-                e_w = (p * p if group["adaptive"] else 1.0) * p.grad * scale.to(p.device)
-                p.add_(e_w)
+    def first_step(self, zero_grad: bool = False) -> Tensor:
+        """Move every parameter to ``w + ε`` (ascent step) and remember ``w``; needs gradients at ``w``.
+
+        Returns a 0-d float tensor, 1.0 when the gradient was not finite: then ``ε = 0`` (the
+        second pass runs at ``w`` and no NaN reaches the weights or BatchNorm statistics).
+        """
+        groups = self._groups_with_grad()
+        if not groups:
+            self._saved = []
+            return torch.zeros((), dtype=torch.float32, device=self.param_groups[0]["params"][0].device)
+        grad_norm = self._grad_norm(groups)
+        finite = torch.isfinite(grad_norm)
+        self._saved = []
+        for group, ps, gs in groups:
+            scale = torch.where(finite, group["rho"] / (grad_norm + self.eps), 0.0)
+            e_w = torch._foreach_mul(torch._foreach_mul(ps, ps), gs) if group["adaptive"] else list(gs)
+            e_w = torch._foreach_mul(e_w, scale)
+            # NaN * 0 is NaN: zero the non-finite entries in one kernel over a flat copy (there is
+            # no foreach nan_to_num); a finite gradient is left exactly as it was.
+            flat = torch.cat([e.reshape(-1) for e in e_w]).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            old = [torch.empty_like(p) for p in ps]
+            torch._foreach_copy_(old, ps)
+            torch._foreach_add_(ps, [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in ps]), ps)])
+            self._saved.append((ps, old))
         if zero_grad:
             self.zero_grad()
+        return (~finite).to(torch.float32)
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore ``w`` exactly, then take the base optimizer's step with the gradient at ``w + ε``."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                old = self.state[p].pop("old_p", None)
-                if old is not None:
-                    p.copy_(old)
-        self.base_optimizer.step()
+    def restore(self) -> None:
+        """Put back the weights ``w`` saved by :meth:`first_step` (bit for bit); no optimiser step."""
+        for ps, old in self._saved:
+            torch._foreach_copy_(ps, old)
+        self._saved = []
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, found_inf: Tensor | None = None) -> None:
+        """Restore ``w`` exactly, then take the base optimizer's step with the gradient at ``w + ε``.
+
+        ``found_inf`` (0-d float, 1.0 = a pass had non-finite gradients): the base step is skipped
+        on the device (:func:`step_unless_nonfinite`), leaving weights and optimiser state as they were.
+        """
+        self.restore()
+        if found_inf is None:
+            self.base_optimizer.step()
+        else:
+            step_unless_nonfinite(self.base_optimizer, found_inf)
         if zero_grad:
             self.zero_grad()
 
@@ -127,7 +196,7 @@ class SAM(Optimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state (the SAM ``old_p`` copies are transient and not saved)."""
+        """The base optimizer's state (SAM's copies of ``w`` are transient and not saved)."""
         return self.base_optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -35,11 +35,14 @@ from wsi_cmaf.train.config import StageConfig, TrainConfig
 from wsi_cmaf.train.data_setup import build_data, build_pipeline, split_frame
 from wsi_cmaf.train.logging_utils import RunLogger
 from wsi_cmaf.train.stages import (
+    AdaptiveGradClip,
     BranchHeads,
     agc_parameters,
     build_optimizer,
     build_stage_scheduler,
     classifier_parameters,
+    compile_for_training,
+    compile_mode,
     configure_trainable,
     enable_grad_checkpointing,
     ramp_steps,
@@ -157,9 +160,10 @@ def stage_runtime(ctx: RunContext, loss_cfg: LossConfig, index: int) -> StageRun
     spe = steps_per_epoch(ctx.bundle, ctx.config)
     grad_params = list(ctx.heads.parameters()) if stage.trainable == "branches" and ctx.heads is not None \
         else classifier_parameters(ctx.model)
+    clip = ctx.config.optim.agc_clip_factor
+    clipper = AdaptiveGradClip(agc_parameters(ctx.model, ctx.heads), clip) if clip else None
     return StageRuntime(stage, index, optimizer, build_stage_scheduler(stage, optimizer, spe),
-                        stage_objective(ctx, loss_cfg, stage, spe), spe, agc_parameters(ctx.model, ctx.heads),
-                        grad_params)
+                        stage_objective(ctx, loss_cfg, stage, spe), spe, clipper, grad_params)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -244,6 +248,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
         if any(s.trainable == "branches" for s in config.stages or []) else None
     if config.grad_checkpointing and not enable_grad_checkpointing(model):
         logger.warning("grad_checkpointing: %s has nothing to checkpoint", config.model.name)
+    mode = compile_mode(config.compile, device)
+    if mode is not None:
+        compile_for_training(model, heads, mode)
     ckpt_dir = out / "checkpoints"
     if not (ckpt_dir / "last.json").is_file():  # written once data and model were built without error
         config.to_json(out / CONFIG_COPY)

@@ -15,14 +15,11 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.utils import adaptive_clip_grad
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -35,32 +32,62 @@ from wsi_cmaf.train.data_setup import BatchPipeline, batch_patient_ids
 from wsi_cmaf.train.datasets import DataBundle
 from wsi_cmaf.train.evaluation import predict, quick_metrics
 from wsi_cmaf.train.logging_utils import RunLogger, aux_statistics, per_class_grad_norms
-from wsi_cmaf.train.sam import SAM
-from wsi_cmaf.train.stages import set_train_mode
+from wsi_cmaf.train.sam import SAM, nonfinite_flag, step_unless_nonfinite
+from wsi_cmaf.train.stages import AdaptiveGradClip, frozen_bn_stats, set_train_mode
 
 logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- mixed precision
-class Amp:
-    """Autocast dtype and (fp16 only) the GradScaler of a run.
+#: GradScaler's first loss scale (torch's default); its first updates calibrate down from it.
+FP16_INIT_SCALE = 2.0**16
+#: Consecutive skipped updates that count as divergence (once loss scaling cannot explain them).
+DIVERGENCE_STREAK = 24
 
-    ``auto``: fp16 + GradScaler on CUDA, full precision elsewhere; ``bf16``: bf16 autocast on any
-    device, no scaler (bf16 has fp32's exponent range); ``off``: fp32.
+
+def resolve_precision(mode: str, device_type: str, bf16_supported: bool | None = None) -> str:
+    """The precision ("fp32", "bf16" or "fp16") an ``amp`` setting gives on a device type.
+
+    ``auto``: bf16 on CUDA GPUs with native bf16 (no loss scaling needed: bf16 has fp32's exponent
+    range), fp16 + GradScaler on older CUDA GPUs, fp32 elsewhere. ``bf16``/``fp16`` are honoured
+    on any device; ``off`` is fp32.
+    """
+    if mode == "auto":
+        if device_type != "cuda":
+            return "fp32"
+        if bf16_supported is None:
+            try:  # emulated bf16 (pre-Ampere) is slower than fp16: ask for native support only
+                bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
+            except TypeError:
+                bf16_supported = torch.cuda.is_bf16_supported()
+        return "bf16" if bf16_supported else "fp16"
+    return {"off": "fp32", "bf16": "bf16", "fp16": "fp16"}[mode]
+
+
+class Amp:
+    """Autocast dtype and (fp16 only) the GradScaler of a run; see :func:`resolve_precision`.
+
+    With fp16 the GradScaler (``torch.amp.GradScaler(device)``, CUDA or CPU) starts at
+    ``init_scale`` and halves the scale on every update with non-finite gradients; those skipped
+    updates are calibration, not divergence (:class:`SkipMonitor`).
     """
 
-    def __init__(self, mode: str, device: torch.device) -> None:
+    def __init__(self, mode: str, device: torch.device, init_scale: float | None = None) -> None:
         self.device = device
-        self.dtype: torch.dtype | None = None
+        self.precision = resolve_precision(mode, device.type)
+        self.dtype: torch.dtype | None = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         self.scaler: torch.amp.GradScaler | None = None
-        if mode == "bf16":
-            self.dtype = torch.bfloat16
-        elif mode == "fp16" or (mode == "auto" and device.type == "cuda"):
-            if device.type != "cuda":
-                raise ConfigError("amp 'fp16' needs a CUDA device; use 'bf16' or 'off' on CPU")
-            self.dtype = torch.float16
-            self.scaler = torch.amp.GradScaler("cuda")
-        self._unscaled = False
+        if self.dtype is not None:
+            try:  # torch disables (with a warning) or refuses autocast for unsupported device/dtype pairs
+                enabled = torch.autocast(device.type, dtype=self.dtype)._enabled
+            except RuntimeError:
+                enabled = False
+            if not enabled:
+                raise ConfigError(f"amp {mode!r}: torch {torch.__version__} has no {self.precision} autocast on "
+                                  f"{device.type}; use amp: off")
+        if self.precision == "fp16":
+            self.scaler = torch.amp.GradScaler(device.type, init_scale=init_scale or FP16_INIT_SCALE)
+        logger.info("precision: %s%s on %s", self.precision, " + GradScaler" if self.scaler else "", device.type)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast context (a no-op in full precision)."""
@@ -70,56 +97,77 @@ class Amp:
         """``loss.backward()``, scaled when a GradScaler is active."""
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def unscale(self, optimizer: Optimizer, params: list[nn.Parameter]) -> bool:
-        """Bring gradients back to true scale; return whether all of them are finite.
+    def unscale(self, optimizer: Optimizer) -> None:
+        """Bring the gradients of ``optimizer``'s parameters back to true scale (no host sync).
 
-        GradScaler allows one ``unscale_`` per update; SAM's second backward pass therefore
-        divides by the same scale by hand (the scale only changes in :meth:`update`).
+        GradScaler allows one ``unscale_`` per optimizer and update; SAM's two passes are
+        registered under SAM and under its base optimiser (same parameters), so each pass is
+        unscaled exactly once and :meth:`update` backs off if either overflowed.
         """
         if self.scaler is not None:
-            if not self._unscaled:
-                self.scaler.unscale_(optimizer)
-                self._unscaled = True
-            else:
-                inv = 1.0 / self.scaler.get_scale()
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.mul_(inv)
-        return grads_finite(params)
+            self.scaler.unscale_(optimizer)
 
-    def update(self, second_pass_overflow: bool = False) -> None:
+    def update(self) -> None:
         """End of an optimiser update: adapt the loss scale."""
         if self.scaler is not None:
-            if second_pass_overflow:  # GradScaler did not see this overflow: back off by hand
-                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
-            else:
-                self.scaler.update()
-        self._unscaled = False
+            self.scaler.update()
+
+    def scale_explains_overflow(self) -> bool:
+        """Whether skipped updates may still be loss-scale calibration (one host sync).
+
+        At a scale >= 1 an overflow can come from the scaling; below 1 the scaled gradients are
+        smaller than the true ones, so non-finite values are the gradients' (or the loss's) own.
+        """
+        return self.scaler is not None and self.scaler.get_scale() >= 1.0
 
 
-def grads_finite(params: list[nn.Parameter]) -> bool:
-    """Whether every gradient of ``params`` is finite (one device sync)."""
-    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
+class SkipMonitor:
+    """Counts updates skipped for non-finite gradients on the device; read only at cheap points.
 
-
-@contextlib.contextmanager
-def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
-    """BatchNorm layers normalise with batch statistics but do not update their running ones.
-
-    Used for SAM's second forward pass at the perturbed weights ``w + ε``: those statistics
-    belong to weights the model never takes.
+    Divergence rule: training stops when non-finite updates persist beyond what loss scaling can
+    explain, i.e. while no GradScaler is active or its scale has fallen below 1
+    (:meth:`Amp.scale_explains_overflow`), and either :data:`DIVERGENCE_STREAK` consecutive updates
+    were skipped or a whole epoch had no applied update. From GradScaler's initial 2^16 a real
+    divergence (NaN every step) therefore stops after 24 updates; calibration skips never count.
     """
-    saved = []
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None:
-            saved.append((m, m.momentum))
-            m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum in saved:
-            m.momentum = momentum
+
+    def __init__(self, device: torch.device) -> None:
+        self.streak = torch.zeros((), device=device)
+        self.reset_epoch()
+
+    def reset_epoch(self) -> None:
+        """Start an epoch's counts (the streak carries over: divergence may span epochs)."""
+        self.skipped = torch.zeros((), device=self.streak.device)
+        self.loss_sum = torch.zeros((), device=self.streak.device)
+        self.warned = 0
+
+    def record(self, found_inf: torch.Tensor, loss: torch.Tensor) -> None:
+        """Add one update (``found_inf`` 1.0 = skipped); no host sync."""
+        found = found_inf.to(self.streak.device)
+        self.streak.add_(1.0).mul_(found)
+        self.skipped.add_(found)
+        self.loss_sum.add_(torch.where(found > 0, 0.0, loss.detach().float()))
+
+    def check(self, amp: Amp, where: str, steps: int | None = None) -> tuple[int, int]:
+        """Read the counts (one sync); warn about new skips; raise :class:`ConfigError` on divergence.
+
+        ``steps``: updates of the finished epoch (end-of-epoch check), else None. Returns
+        (skipped updates this epoch, current streak).
+        """
+        skipped, streak = (int(v) for v in torch.stack([self.skipped, self.streak]).tolist())
+        calibrating = amp.scale_explains_overflow()
+        if skipped > self.warned:  # calibration skips are expected: INFO, not WARNING
+            logger.log(logging.INFO if calibrating else logging.WARNING,
+                       "%s: %d update(s) skipped for non-finite gradients so far this epoch%s", where, skipped,
+                       f" (loss scale now {amp.scaler.get_scale():g})" if amp.scaler is not None else "")
+            self.warned = skipped
+        whole_epoch = steps is not None and steps > 0 and skipped == steps
+        if (streak >= DIVERGENCE_STREAK or whole_epoch) and not calibrating:
+            what = f"every step of {where}" if whole_epoch else f"{streak} consecutive updates up to {where}"
+            scaled = " at a loss scale below 1" if amp.scaler is not None else ""
+            raise ConfigError(f"training diverged: {what} had non-finite gradients{scaled}; lower the learning "
+                              "rate or set amp: off")
+        return skipped, streak
 
 
 # ----------------------------------------------------------------------------- run state
@@ -138,6 +186,11 @@ class RunContext:
     progress: bool
     counters: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    monitor: SkipMonitor | None = None  # made from ``device`` when not given
+
+    def __post_init__(self) -> None:
+        if self.monitor is None:
+            self.monitor = SkipMonitor(self.device)
 
     def prepare(self, split: str):
         """``prepare(images, indices)`` for :func:`~wsi_cmaf.train.evaluation.predict` on ``split``."""
@@ -156,7 +209,7 @@ class StageRuntime:
     scheduler: LRScheduler
     objective: IBObjective | None
     steps_per_epoch: int
-    clip_params: list[nn.Parameter]
+    clipper: AdaptiveGradClip | None  # adaptive gradient clipping (None: off)
     grad_params: list[nn.Parameter]  # parameters of the per-class gradient norms
 
     @property
@@ -213,8 +266,13 @@ def batch_loss(ctx: RunContext, rt: StageRuntime, x: torch.Tensor, y: torch.Tens
 
 
 def optimizer_update(ctx: RunContext, rt: StageRuntime, x: torch.Tensor, y: torch.Tensor,
-                     log: bool) -> tuple[torch.Tensor, dict[str, float], bool]:
-    """One optimiser update (two passes with SAM) -> (loss at w, log values, whether it was applied)."""
+                     log: bool) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+    """One optimiser update (two passes with SAM) -> (loss at w, log values, found_inf).
+
+    ``found_inf`` (0-d float on the device) is 1.0 when a pass had non-finite gradients; the
+    update was then skipped on the device: weights and optimiser state are unchanged. Nothing is
+    read back to the host unless ``log`` (the logged values) or the optimiser cannot skip on device.
+    """
     amp, opt = ctx.amp, rt.optimizer
     params = rt.params()
     opt.zero_grad(set_to_none=True)
@@ -228,49 +286,31 @@ def optimizer_update(ctx: RunContext, rt: StageRuntime, x: torch.Tensor, y: torc
         values.update(per_class_grad_norms(per_sample, y, rt.grad_params, ctx.config.model.num_classes))
     del aux, per_sample
     amp.backward(loss)
-    finite = amp.unscale(opt, params)
-    if not finite:
-        opt.zero_grad(set_to_none=True)
-        amp.update()
-        return loss.detach(), values, False
-    clip = ctx.config.optim.agc_clip_factor
+    amp.unscale(opt)
     if isinstance(opt, SAM):
-        opt.first_step(zero_grad=True)
+        found = opt.first_step(zero_grad=True)  # no perturbation when the gradient is not finite
         with frozen_bn_stats(ctx.model), amp.autocast():
             loss2 = batch_loss(ctx, rt, x, y)[0]
         amp.backward(loss2)
-        if not amp.unscale(opt, params):
-            restore_sam_weights(opt)
-            opt.zero_grad(set_to_none=True)
-            amp.update(second_pass_overflow=True)
-            return loss.detach(), values, False
+        amp.unscale(opt.base_optimizer)
+        found = torch.maximum(found, nonfinite_flag(params))
         # Clip the gradient that is actually applied (SAM normalises the first one anyway).
-        if clip:
-            adaptive_clip_grad(rt.clip_params, clip_factor=clip)
-        opt.second_step(zero_grad=True)
+        if rt.clipper is not None:
+            rt.clipper()
+        opt.second_step(zero_grad=True, found_inf=found)
         # The schedulers watch SAM.step() to warn about a wrong call order; we drive SAM's two
         # halves directly, so record that the optimiser did step.
         opt._opt_called = True  # type: ignore[attr-defined]
     else:
-        if clip:
-            adaptive_clip_grad(rt.clip_params, clip_factor=clip)
-        if amp.scaler is not None:
-            amp.scaler.step(opt)
-        else:
-            opt.step()
+        found = nonfinite_flag(params)
+        if rt.clipper is not None:
+            rt.clipper()
+        step_unless_nonfinite(opt, found)
     amp.update()
+    # The schedule advances with every update, skipped or not (as in torch's AMP recipe): knowing
+    # whether it was skipped would need a host sync, and the schedule stays a function of the step.
     rt.scheduler.step()
-    return loss.detach(), values, True
-
-
-@torch.no_grad()
-def restore_sam_weights(opt: SAM) -> None:
-    """Undo SAM's ascent step without an optimiser step (used when the second pass overflowed)."""
-    for group in opt.param_groups:
-        for p in group["params"]:
-            old = opt.state[p].pop("old_p", None)
-            if old is not None:
-                p.copy_(old)
+    return loss.detach(), values, found
 
 
 # ----------------------------------------------------------------------------- epochs
@@ -299,8 +339,10 @@ def train_epoch(ctx: RunContext, rt: StageRuntime, epoch: int, stage_epoch: int)
     set_train_mode(ctx.model, ctx.heads, stage.trainable)
     prepare_epoch_data(ctx, epoch)
     loader = ctx.bundle.loaders["train"]
-    total_loss = torch.zeros((), device=ctx.device)
-    done = skipped = 0
+    monitor = ctx.monitor
+    assert monitor is not None
+    monitor.reset_epoch()
+    steps = 0
     t0 = time.perf_counter()
     bar = tqdm(total=rt.steps_per_epoch, disable=not ctx.progress, leave=False, dynamic_ncols=True,
                desc=f"{stage.name} {stage_epoch}/{stage.epochs}", unit="step")
@@ -316,16 +358,13 @@ def train_epoch(ctx: RunContext, rt: StageRuntime, epoch: int, stage_epoch: int)
             if rt.objective is not None:
                 rt.objective.update(c["stage_step"], rt.total_steps if stage.dynamic_weighting else None)
             log = c["global_step"] % max(cfg.log_every, 1) == 0
-            loss, values, applied = optimizer_update(ctx, rt, inp, target, log)
+            loss, values, found = optimizer_update(ctx, rt, inp, target, log)
+            monitor.record(found, loss)
             c["global_step"] += 1
             c["stage_step"] += 1
-            if applied:
-                total_loss += loss
-                done += 1
-            else:
-                skipped += 1
-                logger.warning("step %d: non-finite gradients, update skipped", c["global_step"])
-            if log:
+            steps += 1
+            if log:  # a step that syncs anyway (logged values): read the skip counters too
+                monitor.check(ctx.amp, f"epoch {epoch} ({stage.name}), step {c['global_step']}")
                 ctx.run_logger.log("step", {"epoch": epoch, "stage": stage.name, "stage_epoch": stage_epoch,
                                             "step": c["global_step"], "stage_step": c["stage_step"],
                                             "lr": rt.optimizer.param_groups[0]["lr"], **values})
@@ -334,10 +373,10 @@ def train_epoch(ctx: RunContext, rt: StageRuntime, epoch: int, stage_epoch: int)
                 bar.set_postfix(loss=f"{values['total']:.4f}")
     finally:
         bar.close()
-    if done == 0 and skipped > 0:
-        raise ConfigError(f"training diverged: every step of epoch {epoch} ({stage.name}) had non-finite "
-                          "gradients; lower the learning rate or set amp: off")
-    return {"train_loss": float(total_loss) / max(done, 1), "steps": done, "skipped_steps": skipped,
+    skipped, _ = monitor.check(ctx.amp, f"epoch {epoch} ({stage.name})", steps=steps)
+    done = steps - skipped
+    train_loss = float(monitor.loss_sum) / done if done else math.nan
+    return {"train_loss": train_loss, "steps": done, "skipped_steps": skipped,
             "lr": rt.optimizer.param_groups[0]["lr"], "train_seconds": time.perf_counter() - t0}
 
 
@@ -364,16 +403,3 @@ def steps_per_epoch(bundle: DataBundle, config: TrainConfig) -> int:
     n = len(bundle.loaders["train"])
     cap = config.data.max_steps_per_epoch
     return max(min(n, cap) if cap else n, 1)
-
-
-def numpy_rng_state() -> dict[str, Any]:
-    """NumPy's global RNG state as tensors and numbers (loadable with ``weights_only=True``)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
-
-
-def set_numpy_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`numpy_rng_state`."""
-    np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"],
-                         state["has_gauss"], state["cached"]))

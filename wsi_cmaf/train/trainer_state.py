@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -32,7 +33,7 @@ from wsi_cmaf.errors import ConfigError, OutputExistsError
 from wsi_cmaf.models import ModelConfig, save_model
 from wsi_cmaf.train.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, replace_dir
 from wsi_cmaf.train.config import TrainConfig
-from wsi_cmaf.train.trainer_loop import RunContext, numpy_rng_state, set_numpy_rng_state
+from wsi_cmaf.train.trainer_loop import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,9 @@ HEADS_PREFIX = "_stage_heads."
 RESULT = "result.json"
 CONFIG_COPY = "train_config.json"
 #: Config keys that may change between an interrupted run and its resumption.
-RESUME_FREE_KEYS = {"output_dir", "progress_bar", "device", "log_every", "bootstrap", "name", "weights_note"}
+#: ``compile`` changes how fast, not what is trained (a GPU run may be resumed on a CPU).
+RESUME_FREE_KEYS = {"output_dir", "progress_bar", "device", "log_every", "bootstrap", "name", "weights_note",
+                    "compile"}
 #: Entries that may be present in a fresh output_dir: generated data (cached) and derived manifests.
 REUSABLE_ENTRIES = {"synthetic_data", "manifest_subtype.csv"}
 
@@ -107,10 +110,21 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- RNG
+def numpy_rng_state() -> dict[str, Any]:
+    """NumPy's global RNG state as tensors and numbers (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def set_numpy_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`numpy_rng_state`."""
+    np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"],
+                         state["has_gauss"], state["cached"]))
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

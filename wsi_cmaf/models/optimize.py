@@ -1,0 +1,180 @@
+"""Inference-time preparation of any patch classifier: BN folding, channels_last, torch.compile.
+
+:func:`prepare_for_inference` is generic (CMAF-Net, timm models, TorchScript) and computes the
+same function as the model it is given; it works on a deep copy, so the caller's model (and the
+weights file it came from) are never touched. Used by the inference loop and by Table 8, so
+every model in a comparison is prepared the same way.
+
+BatchNorm folding walks the module tree instead of tracing it with ``torch.fx``: CMAF-Net's
+forward has data-dependent Python control flow (odd grid sizes, Nyström vs exact attention)
+that symbolic tracing cannot follow. Only (conv, BN) pairs whose forward order is known are
+folded: consecutive children of ``nn.Sequential`` (and timm's ``FeatureListNet``, which runs its
+children in order) and the named pairs of timm's building blocks listed in :data:`_NAMED_PAIRS`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+logger = logging.getLogger(__name__)
+
+#: Valid values of the ``compile`` setting (inference and training configs validate against it).
+COMPILE_MODES = ("auto", "off", "on", "default", "max-autotune", "reduce-overhead")
+#: ``compile="auto"`` with ``cuda_graph_batch`` at most this uses CUDA graphs: at small batches
+#: the launch overhead of ~1k kernels dominates, at large ones compiled kernels matter more.
+CUDA_GRAPH_MAX_BATCH = 16
+
+# Class name -> (conv attribute, BN attribute) pairs that the class's forward applies back to back.
+_NAMED_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
+    "ConvNormAct": (("conv", "bn"),),
+    "BasicBlock": (("conv1", "bn1"), ("conv2", "bn2")),
+    "Bottleneck": (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+    "ResNet": (("conv1", "bn1"),),
+    "InvertedResidual": (("conv_s2d", "bn_s2d"), ("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")),
+    "DepthwiseSeparableConv": (("conv_s2d", "bn_s2d"), ("conv_dw", "bn1"), ("conv_pw", "bn2")),
+    "EfficientNet": (("conv_stem", "bn1"), ("conv_head", "bn2")),
+    "EfficientNetFeatures": (("conv_stem", "bn1"),),
+}
+# Containers whose forward runs the children in registration order.
+_SEQUENTIAL_CLASSES = ("Sequential", "FeatureListNet")
+
+
+def _foldable_conv(m: nn.Module | None) -> bool:
+    # Plain convolutions only (timm's Conv2dSame only pads first): weight-standardising or
+    # otherwise re-parameterised convs (StdConv2d, ScaledStdConv2d) would fold wrongly.
+    return m is not None and type(m).__name__ in ("Conv2d", "Conv2dSame") and isinstance(m, nn.Conv2d)
+
+
+def _foldable_bn(m: nn.Module | None) -> bool:
+    if m is None or type(m).__name__ not in ("BatchNorm2d", "BatchNormAct2d"):
+        return False
+    bn = m  # type: ignore[assignment]
+    return bool(bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None)
+
+
+def _after_bn(bn: nn.Module) -> nn.Module:
+    """What stays of a BN once folded: nothing, or timm BatchNormAct2d's drop + activation."""
+    if type(bn).__name__ == "BatchNormAct2d":
+        return nn.Sequential(bn.drop, bn.act)
+    return nn.Identity()
+
+
+def _fold_pair(parent: nn.Module, conv_name: str, bn_name: str) -> bool:
+    conv_owner, conv = parent, getattr(parent, conv_name, None)
+    # A deep stem (timm ResNet "d" variants) is a Sequential whose last conv feeds the BN.
+    while isinstance(conv, nn.Sequential) and len(conv) and isinstance(conv[-1], nn.Module):
+        conv_owner, conv_name = conv, list(conv._modules)[-1]
+        conv = conv_owner._modules[conv_name]
+    bn = getattr(parent, bn_name, None)
+    if not (_foldable_conv(conv) and _foldable_bn(bn)) or conv.out_channels != bn.num_features:
+        return False
+    setattr(conv_owner, conv_name, fuse_conv_bn_eval(conv, bn))
+    setattr(parent, bn_name, _after_bn(bn))
+    return True
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every recognised (Conv2d -> BatchNorm2d) pair of an eval-mode model in place.
+
+    Returns the number of BatchNorms folded. The model must be in eval mode (running statistics
+    are what gets folded); training-mode models are refused.
+    """
+    if model.training:
+        raise ValueError("fold_batchnorm needs an eval-mode model (running stats are folded)")
+    folded = 0
+    for parent in list(model.modules()):
+        kind = type(parent).__name__
+        if kind in _SEQUENTIAL_CLASSES:
+            names = list(parent._modules)
+            for a, b in zip(names, names[1:]):
+                folded += _fold_pair(parent, a, b)
+        for conv_name, bn_name in _NAMED_PAIRS.get(kind, ()):
+            folded += _fold_pair(parent, conv_name, bn_name)
+    return folded
+
+
+def resolve_compile_mode(compile: str, device: torch.device, cuda_graph_batch: int | None = None) -> str | None:
+    """The ``torch.compile`` mode a ``compile`` setting means on ``device`` (None = eager)."""
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+    if compile == "off":
+        return None
+    if compile == "auto":
+        if device.type != "cuda":  # CPU Inductor compiles for minutes and gains little
+            return None
+        small = cuda_graph_batch is not None and cuda_graph_batch <= CUDA_GRAPH_MAX_BATCH
+        return "reduce-overhead" if small else "default"
+    return "default" if compile == "on" else compile
+
+
+class _CudaGraphModule(nn.Module):
+    """Runs a ``reduce-overhead`` compiled model and hands out outputs the next replay cannot overwrite.
+
+    A CUDA-graph replay writes into the same static output buffers every time; callers that keep a
+    batch's logits while running the next batch would read overwritten values. The clone costs one
+    small copy of the logits.
+    """
+
+    def __init__(self, compiled: nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        torch.compiler.cudagraph_mark_step_begin()
+        out = self.compiled(*args, **kwargs)
+        return out.clone() if isinstance(out, torch.Tensor) else out
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # config, num_classes...: the compiled wrapper forwards them to the original model
+            return getattr(self._modules["compiled"], name)
+
+
+def prepare_for_inference(
+    model: nn.Module,
+    device: torch.device | str,
+    *,
+    compile: str = "auto",
+    channels_last: bool = True,
+    cuda_graph_batch: int | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """An eval-mode copy of ``model`` on ``device`` computing the same function, faster.
+
+    * BatchNorm folded into the preceding convolutions (see :func:`fold_batchnorm`).
+    * ``channels_last`` weights for models with 2-D convolutions (inputs may stay NCHW).
+    * ``compile``: ``"auto"`` = ``torch.compile`` on CUDA (CUDA graphs when ``cuda_graph_batch``
+      is at most :data:`CUDA_GRAPH_MAX_BATCH`), eager on CPU; ``"off"`` = eager;
+      ``"on"``/``"default"``/``"max-autotune"`` = compile with that mode;
+      ``"reduce-overhead"`` = CUDA graphs (small fixed batches). Shapes are specialised
+      (``dynamic=False``): a new batch size compiles once more.
+
+    TorchScript modules are only moved and switched to eval. The caller's model is not mutated
+    unless ``inplace=True`` (which saves one copy of the weights, e.g. for memory measurements).
+    Mixed precision is left to the caller (``torch.autocast``): the weights stay fp32.
+    """
+    device = torch.device(device)
+    mode = resolve_compile_mode(compile, device, cuda_graph_batch)
+    if isinstance(model, torch.jit.ScriptModule):
+        return model.to(device).eval()
+    prepared = (model if inplace else copy.deepcopy(model)).eval()
+    n_folded = fold_batchnorm(prepared)
+    prepared.to(device)
+    if channels_last and any(isinstance(m, nn.Conv2d) for m in prepared.modules()):
+        prepared.to(memory_format=torch.channels_last)
+    logger.info("prepared %s for inference on %s: %d BatchNorms folded, channels_last=%s, compile=%s",
+                type(model).__name__, device, n_folded, channels_last, mode or "off")
+    if mode is None:
+        return prepared
+    compiled = torch.compile(prepared, mode=mode, dynamic=False)
+    if mode == "reduce-overhead" and device.type == "cuda":
+        return _CudaGraphModule(compiled)
+    return compiled
