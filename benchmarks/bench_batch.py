@@ -136,6 +136,7 @@ def main() -> None:
     ap.add_argument("--compile", default="off")
     ap.add_argument("--no-exports", action="store_true", help="no overlay/GeoJSON per slide")
     ap.add_argument("--write-workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--prepare-only", action="store_true", help="write the synthetic slides and stop")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     slides = []
@@ -147,6 +148,8 @@ def main() -> None:
                                   workers=args.write_workers)
             os.replace(partial, p)
         slides.append(p)
+    if args.prepare_only:
+        return
     model = resolve_model(create_model("timm:resnet18", num_classes=2, input_size=64),
                           ModelConfig(architecture="timm:resnet18", input_size=64, stain_normalization="macenko",
                                       weights_note="untrained (benchmark)"))

@@ -242,6 +242,7 @@ def main() -> None:
     ap.add_argument("--rss-size", type=int, nargs=2, default=[20000, 20000])
     ap.add_argument("--real-only", action="store_true", help="skip the synthetic slide (with --real)")
     ap.add_argument("--rss-only", action="store_true")
+    ap.add_argument("--prepare-only", action="store_true", help="write the synthetic slides and stop")
     ap.add_argument("--no-rss", action="store_true")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "wsi_cmaf_bench")
     args = ap.parse_args()
@@ -262,10 +263,12 @@ def main() -> None:
                 os.replace(partial, slide)
                 print(json.dumps({"bench": "synthetic_write", "size": [w, h],
                                   "s": round(time.perf_counter() - t0, 1)}), flush=True)
+            if args.prepare_only:
+                continue
             print(json.dumps(bench_model(name, slide, args)), flush=True)
             if args.real is not None:
                 print(json.dumps(bench_model(name, args.real, args, mpp=args.real_mpp)), flush=True)
-    if not args.no_rss:
+    if not args.no_rss and not args.prepare_only:
         print(json.dumps(bench_rss(args, args.workdir)), flush=True)
 
 

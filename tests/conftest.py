@@ -15,7 +15,7 @@ try:  # hypothesis is a dev dependency; without it only the fuzz test is skipped
     # "ci" (the default here): a fixed seed and a few dozen cases, well under a minute on 2 cores.
     # "long" (pytest --hypothesis-profile=long): thousands of cases with a fresh seed each run.
     _FUZZ_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
-    settings.register_profile("ci", max_examples=30, derandomize=True, deadline=None, database=None,
+    settings.register_profile("ci", max_examples=60, derandomize=True, deadline=None, database=None,
                               suppress_health_check=_FUZZ_HEALTH, print_blob=True)
     settings.register_profile("long", max_examples=3000, derandomize=False, deadline=None, database=None,
                               suppress_health_check=_FUZZ_HEALTH, print_blob=True)

@@ -15,9 +15,10 @@ of ../shared/data/slides when present (SVS JPEG, generic pyramidal TIFF, SVS JPE
 - byte flips in tile data (any tile of any level);
 - zeroed tile offsets (some or all entries of a level's TileOffsets array).
 
-Default run: the "ci" Hypothesis profile of tests/conftest.py (fixed seed, 30 cases plus the
-fixed cases below, ~30 s on 2 cores). ``pytest tests/test_fuzz.py --hypothesis-profile=long``
-runs 3,000 cases with a fresh seed.
+Default run: the "ci" Hypothesis profile of tests/conftest.py (fixed seed, 60 cases plus the
+fixed cases below; ~15 s for the file on 2 cores). ``pytest tests/test_fuzz.py -s
+--hypothesis-profile=long`` runs 3,000 cases with a fresh seed (~11 min on 2 shared cores; last
+run: 2,325 results, 675 named errors, no raw exception, crash or hang); ``-s`` prints the tally.
 """
 
 from __future__ import annotations

@@ -85,9 +85,9 @@ def test_existing_store_guards(slide, tmp_path):
     assert redo.blocks_computed == first.blocks_total
 
 
-def test_bad_model_fails_before_slide_work(tmp_path):
+def test_bad_model_fails_before_slide_work(slide, tmp_path):
     with pytest.raises(ModelConfigError):
-        analyze_slide(tmp_path / "missing.svs", model=DarknessClassifier(num_classes=3),
+        analyze_slide(slide.path, model=DarknessClassifier(num_classes=3),
                       model_config=tiny_config(), out=tmp_path / "o", config=CFG)
     assert not (tmp_path / "o").exists()
     with pytest.raises(SlideNotFoundError):
@@ -118,7 +118,9 @@ def _corrupt_one_tile(path: Path, dims: tuple[int, int]) -> None:
         fh.write(b"\x00" * 64)
 
 
-def test_corrupt_block_is_recorded_and_rest_completes(slide, tmp_path):
+def test_corrupt_tile_fails_only_its_grid_tiles(slide, tmp_path):
+    """A zeroed JPEG tile at the grid's level: the blocks around it are computed, only the grid
+    tiles that touch it are NaN, flagged in the store and listed (level-0) in the summary."""
     import shutil
 
     bad = tmp_path / "bad.tiff"
@@ -129,12 +131,17 @@ def test_corrupt_block_is_recorded_and_rest_completes(slide, tmp_path):
         dims = r.level_dimensions[r.level_for_mpp(4.0)]
     _corrupt_one_tile(bad, dims)
     res = run(bad, tmp_path / "o")
-    assert res.blocks_failed >= 1
-    assert res.tiles_failed > 0
-    assert res.blocks_computed >= 1
-    assert res.blocks_computed + res.blocks_failed == res.blocks_total
+    assert res.blocks_failed == 0 and res.blocks_computed == res.blocks_total
+    assert 0 < res.tiles_failed < res.tiles_tissue
     root = zarr.open_group(str(res.store), mode="r")
-    assert np.isfinite(np.asarray(root["0"])).sum() == (res.tiles_tissue - res.tiles_failed) * 2
+    probs = np.asarray(root["0"])
+    failed = np.asarray(root["wsi_cmaf/failed_tiles"])
+    assert np.isfinite(probs).sum() == (res.tiles_tissue - res.tiles_failed) * 2
+    assert failed.sum() == res.tiles_failed and np.isnan(probs[:, failed]).all()
+    listed = [f for f in res.failed_tiles if f["stage"] == "inference"]
+    assert len(listed) == res.tiles_failed and all("Jpeg" in f["reason"] for f in listed)
+    summary = json.loads(res.outputs["summary"].read_text())
+    assert summary["tiles_failed"] == res.tiles_failed and len(summary["failed_tiles"]) == len(res.failed_tiles)
 
 
 KILL_SCRIPT = """
@@ -215,3 +222,76 @@ def test_overlay_reuses_the_tissue_thumbnail_when_fine_enough(slide, tmp_path, m
     res = run(slide.path, tmp_path / "o", tissue=TissueConfig(mpp=tissue_mpp))
     assert res.outputs["overlay"].exists()
     assert len(calls) == reads and calls[0] == tissue_mpp  # 3.2 mm wide: 1,600 px at 2 µm, 400 at 8
+
+
+def _forget_blocks(store_path: Path, n: int) -> int:
+    """Mark the last ``n`` done blocks not done (as if the run had been killed before them)."""
+    done = zarr.open_group(str(store_path), mode="r+")["wsi_cmaf/done"]
+    flags = np.asarray(done)
+    idx = np.argwhere(flags)[-n:]
+    for by, bx in idx:
+        done[int(by), int(bx)] = False
+    return len(idx)
+
+
+def test_resume_reuses_stored_tissue_grid_and_stain(slide, tmp_path, monkeypatch):
+    """A resumed run takes tissue mask, grid and stain fit from the store: no thumbnail, no fit."""
+    from wsi_cmaf.infer import pipeline
+    from wsi_cmaf.slide import SlideReader
+
+    cfg = InferenceConfig(block_tiles=4, progress=False, batch_size=64, overlay=False, stain="macenko")
+    ref = run(slide.path, tmp_path / "ref", config=cfg)
+    out = tmp_path / "o"
+    first = run(slide.path, out, config=cfg)
+    forgotten = _forget_blocks(first.store, 3)
+    calls: list[str] = []
+    monkeypatch.setattr(SlideReader, "thumbnail", lambda *a, **k: calls.append("thumbnail"))
+    monkeypatch.setattr(pipeline, "fit_from_tiles", lambda *a, **k: calls.append("fit"))
+    monkeypatch.setattr(pipeline, "fit_from_blocks", lambda *a, **k: calls.append("fit"))
+    resumed = run(slide.path, out, config=cfg)
+    assert calls == [] and "tissue" not in resumed.timings and "stain_fit" not in resumed.timings
+    assert resumed.blocks_computed == forgotten and resumed.blocks_skipped == ref.blocks_total - forgotten
+    assert resumed.tissue_area_mm2 == ref.tissue_area_mm2 and resumed.tiles_tissue == ref.tiles_tissue
+    np.testing.assert_array_equal(np.asarray(zarr.open_group(str(ref.store), mode="r")["0"]),
+                                  np.asarray(zarr.open_group(str(resumed.store), mode="r")["0"]))
+    # other tissue settings: the stored mask does not belong to them, the store refuses
+    from wsi_cmaf.slide import TissueConfig
+
+    monkeypatch.undo()
+    with pytest.raises(StoreMismatchError, match="identity.tissue"):
+        run(slide.path, out, config=cfg, tissue=TissueConfig(min_saturation=0.1))
+
+
+def test_resume_after_sigint_is_bit_identical(slide, tmp_path):
+    """Ctrl-C: the run stops, says how to resume, and leaves a store the next run completes."""
+    ref = run(slide.path, tmp_path / "ref")
+    out = tmp_path / "interrupted"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(slide.path), str(out), "0.4"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    store = out / f"{slide.path.stem}.zarr"
+    deadline = time.monotonic() + 120
+    done_blocks = 0
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            try:
+                done_blocks = int(np.asarray(zarr.open_group(str(store), mode="r")["wsi_cmaf/done"]).sum())
+            except (FileNotFoundError, KeyError, ValueError):
+                continue
+            if done_blocks >= 2:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)  # it must stop by itself, not hang
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    err = err.decode()
+    assert done_blocks >= 2, err[-2000:]
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err and "rerun the same call to resume" in err
+    resumed = run(slide.path, out)
+    assert resumed.blocks_skipped >= 2 and "tissue" not in resumed.timings
+    assert resumed.blocks_computed == ref.blocks_total - resumed.blocks_skipped
+    np.testing.assert_array_equal(np.asarray(zarr.open_group(str(ref.store), mode="r")["0"]),
+                                  np.asarray(zarr.open_group(str(resumed.store), mode="r")["0"]))

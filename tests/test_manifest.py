@@ -191,7 +191,7 @@ def test_cli_idc_validate_and_bad_manifest(idc_tree, tmp_path, capsys):
     frame = pd.read_csv(out)
     frame.loc[[0, 5], "label"] = 3
     frame.to_csv(out, index=False)
-    assert main(["manifest", "validate", str(out)]) == 2
+    assert main(["manifest", "validate", str(out)]) == 1  # bad data: runtime error (exit 1)
     err = capsys.readouterr().err
     assert "2 problem(s)" in err and "line 2:" in err and "line 7:" in err
 
@@ -257,7 +257,7 @@ def test_cli_manifest_idc_forgiving_and_strict(tmp_path, capsys):
     rejects = pd.read_csv(tmp_path / "out" / "idc_rejects.csv")
     assert list(rejects.columns) == ["path", "reason"] and len(rejects) == 4
     strict_out = tmp_path / "strict.csv"
-    assert main(["manifest", "idc", str(root), "--out", str(strict_out), "--strict"]) == 2
+    assert main(["manifest", "idc", str(root), "--out", str(strict_out), "--strict"]) == 1
     assert not strict_out.exists()
     assert "2 problem(s)" in capsys.readouterr().err
 

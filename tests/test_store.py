@@ -263,3 +263,47 @@ def test_plain_zarr_sees_ngff_05_multiscales(tmp_path):
     assert meta["identity"]["weights_sha256"] == "00ff" and meta["slide"]["mpp_source"] == "vendor"
     assert root["wsi_cmaf/done"].shape == (7, 6) and root["wsi_cmaf/done"][...].all()
     assert root["wsi_cmaf/done"].chunks == (1, 1)
+
+
+def test_failed_tiles_mask_per_block_and_cleared_by_a_good_retry(tmp_path):
+    store = make(tmp_path / "s.zarr")
+    probs = random_probs((50, 45))
+    rs, cs = store.block_slices((1, 2))
+    bad = np.zeros((rs.stop - rs.start, cs.stop - cs.start), bool)
+    bad[2, 3] = bad[5, 0] = True
+    chunk = probs[:, rs, cs].copy()
+    chunk[:, bad] = np.nan
+    store.write_block((1, 2), chunk, bad, "Jpeg8Error: Unsupported marker type 0x3f")
+    store.write_block((0, 0), probs[:, :8, :8])  # a clean block writes no tile-mask chunk
+    again = HeatmapStore.open(tmp_path / "s.zarr")
+    assert again.done[1, 2] and not again.failed[1, 2]
+    assert again.failed_tiles.sum() == 2 and again.failed_tiles[8 + 2, 16 + 3] and again.failed_tiles[8 + 5, 16]
+    assert again.block_has_failed_tiles((1, 2)) and not again.block_has_failed_tiles((0, 0))
+    assert again.tile_errors == {(1, 2): "Jpeg8Error: Unsupported marker type 0x3f"}
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    arr = root["wsi_cmaf/failed_tiles"]  # a plain zarr array, one pixel per tile like level 0
+    assert arr.shape == (50, 45) and arr.chunks == (8, 8) and arr.metadata.dimension_names == ("y", "x")
+    assert root.attrs["ome"]["version"] == "0.5"  # the NGFF image metadata is untouched
+    with pytest.raises(ValueError, match="failed-tile mask of shape"):
+        store.write_block((1, 2), chunk, bad[:2])
+    store.write_block((1, 2), probs[:, rs, cs])  # the retry decoded everything
+    again = HeatmapStore.open(tmp_path / "s.zarr")
+    assert not again.failed_tiles.any() and again.tile_errors == {}
+
+
+def test_run_inputs_roundtrip_and_old_stores_get_a_tile_mask(tmp_path):
+    store = make(tmp_path / "s.zarr")
+    store.write_inputs({"tissue": {"mpp": 8.0, "complete": True}})
+    store.write_inputs({"stain": {"method": "macenko", "fit": None, "warning": "w"}})
+    bg = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    store.write_background(bg)
+    again = HeatmapStore.open(tmp_path / "s.zarr")
+    assert again.inputs() == {"tissue": {"mpp": 8.0, "complete": True},
+                              "stain": {"method": "macenko", "fit": None, "warning": "w"}}
+    np.testing.assert_array_equal(again.background(), bg)
+    # a store written before the failed-tile mask existed: read-only sees none, a resume adds it
+    zarr.open_group(str(tmp_path / "s.zarr"), mode="r+")["wsi_cmaf"].__delitem__("failed_tiles")
+    assert not HeatmapStore.open(tmp_path / "s.zarr").failed_tiles.any()
+    resumed = make(tmp_path / "s.zarr")
+    assert "failed_tiles" in zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["wsi_cmaf"]
+    assert resumed.failed_tiles.shape == (50, 45)

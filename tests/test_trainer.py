@@ -152,7 +152,15 @@ def test_finished_run_is_never_overwritten(tiny_run, syn_dir):
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, syn_dir):
-    over = {"stages": {"epochs": [2, 2, 2]}}
+    """A run killed mid-way and resumed gives the uninterrupted run's numbers.
+
+    Pinned to the CPU: what is checked is that RNG states, data order and optimiser state
+    continue exactly, and only CPU kernels make that visible as equal numbers: on CUDA, cuDNN's
+    backward kernels and atomic adds are not bit-reproducible from run to run, killed or not.
+    (On an H200 this test failed when it ran on the GPU; the check timed out before pytest
+    printed why, so the device pin is the likely cause, not a proven one.)
+    """
+    over = {"stages": {"epochs": [2, 2, 2]}, "device": "cpu"}
     reference = train(TrainConfig.from_dict(tiny_config(tmp_path / "reference", syn_dir, **over)))
     out = tmp_path / "killed"
     cfg_path = tmp_path / "killed.json"
@@ -267,7 +275,7 @@ def test_evaluate_cli_on_store_and_breakhis_style_manifest(tiny_run, syn_dir, tm
     frame.to_csv(written["manifest"], index=False)
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(result.model_dir), "--manifest", str(written["manifest"]),
-                 "--split", "all", "--out", str(out2), "--no-progress"]) == 2
+                 "--split", "all", "--out", str(out2), "--no-progress"]) == 1  # bad rows: runtime error
     err = capsys.readouterr().err
     assert "line 2" in err and "missing.png" in err and "line 5" in err and "label 7" in err
 

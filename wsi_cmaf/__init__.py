@@ -20,6 +20,8 @@ _LAZY = {
     "analyze_slide": "wsi_cmaf.infer",
     "SlideResult": "wsi_cmaf.infer",
     "analyze_slides": "wsi_cmaf.cluster",
+    "open_heatmap": "wsi_cmaf.output.heatmap",
+    "tile_table": "wsi_cmaf.output.tiles",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -111,3 +111,20 @@ class RequestTooLargeError(ImplausibleValueError):
 
 class NoDecodableTissueError(UnreadableSlideError):
     """Every tile of the level the tissue stage reads failed to decode: nothing to analyse."""
+
+
+# --- command-line usage (issue 14: exit code 2 = usage, 1 = runtime) ---------------------
+class UsageError(WsiCmafError):
+    """An argument cannot be used as given (checked before any model load or output)."""
+
+
+class DeviceUnavailableError(UsageError, ConfigError):
+    """The requested compute device (e.g. ``cuda``) does not exist on this machine."""
+
+
+class OutputNotADirectoryError(UsageError, OutputError):
+    """An output folder was asked for where a file (not a folder) already exists."""
+
+
+class MissingDependencyError(WsiCmafError, ImportError):
+    """An optional package needed for the requested output is not installed."""

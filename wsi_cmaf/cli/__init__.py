@@ -15,7 +15,9 @@ import sys
 from types import ModuleType
 
 from wsi_cmaf import __version__
-from wsi_cmaf.errors import WsiCmafError
+from wsi_cmaf.errors import (BackendUnavailableError, ConfigError, NotASlideFileError, SlideNotFoundError,
+                             UsageError, WsiCmafError)
+from wsi_cmaf.output.provenance import set_command_line
 
 logger = logging.getLogger("wsi_cmaf")
 
@@ -34,6 +36,14 @@ def add_inference_options(p: argparse.ArgumentParser, *, reader_threads_default:
     p.add_argument("--no-geojson", dest="geojson", action="store_false", help="do not write the GeoJSON")
 
 
+def require_path(path: str, what: str) -> None:
+    """:class:`UsageError` when ``path`` (a command-line argument) does not exist."""
+    from pathlib import Path
+
+    if not Path(path).exists():
+        raise UsageError(f"{path}: no such {what}; check the path")
+
+
 def _verb_modules() -> list[ModuleType]:
     modules = []
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
@@ -45,16 +55,31 @@ def _verb_modules() -> list[ModuleType]:
     return modules
 
 
+def add_global_flags(p: argparse.ArgumentParser, default: object = argparse.SUPPRESS) -> None:
+    """-q/-v/--debug; verbs with sub-verbs add them to each sub-parser too.
+
+    The same flags sit on the top-level parser and on every verb, so they work before or after
+    the verb. On the verbs the default is SUPPRESS: an absent flag then leaves the value the
+    top-level parser set instead of resetting it.
+    """
+    p.add_argument("--debug", action="store_true", default=default, help="show full tracebacks and debug logs")
+    p.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="only warnings and errors: no progress bar, no summary")
+    p.add_argument("-v", "--verbose", action="count", default=default, help="more log detail (debug logs of wsi-cmaf)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with one sub-parser per discovered verb."""
     parser = argparse.ArgumentParser(
         prog="wsi-cmaf",
-        description="Whole-slide image analysis with CMAF-Net: tiling, inference, heatmaps, training.",
+        description="Whole-slide image analysis with CMAF-Net: tiling, inference, heatmaps, training. "
+                    "Exit status: 0 success, 1 runtime error, 2 usage error (bad arguments or paths).",
     )
     parser.add_argument("--version", action="version", version=f"wsi-cmaf {__version__}")
+    add_global_flags(parser, None)
+    parser.set_defaults(debug=False, quiet=False, verbose=0)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
-    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    add_global_flags(common)
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for module in _verb_modules():
@@ -64,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(verb_parser)
         verb_parser.set_defaults(_run=module.run)
     return parser
+
+
+#: errors about the arguments themselves (exit status 2, like argparse's own usage errors);
+#: every other WsiCmafError happened while working (exit status 1)
+USAGE_ERRORS: tuple[type[Exception], ...] = (UsageError, ConfigError, SlideNotFoundError, NotASlideFileError,
+                                             BackendUnavailableError)
+
+
+def exit_code(exc: WsiCmafError) -> int:
+    """2 for a usage error (bad argument, path or option value), 1 for a runtime error."""
+    return 2 if isinstance(exc, USAGE_ERRORS) else 1
 
 
 def _quiet_distributed() -> None:
@@ -79,10 +115,12 @@ def _quiet_distributed() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the process exit code."""
+    """Run the CLI; returns the process exit code (0 ok, 1 runtime error, 2 usage error, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
+    args = parser.parse_args(argv)  # argparse exits with status 2 on a usage error
+    args.verbose = args.verbose or 0
+    level = logging.DEBUG if (args.debug or args.verbose) else (logging.WARNING if args.quiet else logging.INFO)
     # Our own loggers speak at INFO; third-party ones (distributed's per-worker chatter above
     # all) only at WARNING unless --debug asks for everything.
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
@@ -90,16 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("wsi_cmaf").setLevel(level)
     if not args.debug:
         _quiet_distributed()
+    set_command_line(["wsi-cmaf", *argv])  # provenance of every output this run writes
     try:
         return int(args._run(args) or 0)
     except WsiCmafError as exc:
         if args.debug:
             raise
         print(f"wsi-cmaf {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
     except KeyboardInterrupt:
         print(f"wsi-cmaf {args.verb}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        set_command_line(None)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from wsi_cmaf.cli import add_inference_options
 
@@ -32,21 +33,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-resume", dest="resume", action="store_false",
                    help="refuse to reuse an existing store")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--progress", action="store_true",
+                   help="show the progress bar even when stderr is not a terminal (default: only on a terminal)")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """A bar only on a terminal, never with -q/--no-progress, always with --progress."""
+    if getattr(args, "progress", False):
+        return True
+    return not (args.quiet or args.no_progress) and sys.stderr.isatty()
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the analysis and print its summary."""
+    """Run the analysis and print its summary (nothing with -q)."""
     from wsi_cmaf.infer import InferenceConfig, analyze_slide
 
     cfg = InferenceConfig(
-        device=args.device, batch_size=args.batch_size, progress=not args.no_progress,
+        device=args.device, batch_size=args.batch_size, progress=show_progress(args),
         stain=None if args.stain == "auto" else args.stain, autocast="bf16" if args.bf16 else args.precision,
         compile=args.compile, reader_threads=args.reader_threads, overlay=args.overlay, geojson=args.geojson,
+        extra={"progress": "always"} if args.progress else {},
     )
     result = analyze_slide(
         args.slide, model=args.model, out=args.out, model_config=args.model_config, mpp=args.mpp,
         backend=args.backend, resume=args.resume, overwrite=args.overwrite, config=cfg,
     )
-    print("\n".join(result.summary_lines()))
+    if not args.quiet:
+        print("\n".join(result.summary_lines()))
     return 0

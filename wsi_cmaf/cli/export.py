@@ -25,12 +25,15 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from wsi_cmaf.cli import require_path
     from wsi_cmaf.output.geojson import write_geojson
 
+    require_path(args.store, "heatmap store")
     store = Path(args.store)
     out = Path(args.out) if args.out else store.with_name(store.stem + "_regions.geojson")
     path = write_geojson(store, out, threshold=args.threshold, class_index=args.class_index,
                          class_name=args.name, min_tiles=args.min_tiles, fill_holes=args.fill_holes)
     n = len(json.loads(path.read_text())["features"])
-    print(f"{path} ({n} region(s))")
+    if not args.quiet:
+        print(f"{path} ({n} region(s))")
     return 0

@@ -115,6 +115,7 @@ def resolve_model(
         _check_outputs(model, cfg, cfg.architecture)
         return ResolvedModel(model, cfg, cfg.architecture, state_dict_sha256(model), untrained=False)
     path = Path(model)
+    _check_config_beside(path)
     if path.exists():
         if path.suffix in TORCHSCRIPT_SUFFIXES:
             cfg_path = config if config is not None else path.with_suffix(".json")
@@ -141,6 +142,25 @@ def resolve_model(
         _check_outputs(module, cfg, model)
         return ResolvedModel(module, cfg, model, state_dict_sha256(module), untrained=True)
     raise ModelError(f"model {model!s} is neither an existing file/directory nor a registered model name")
+
+
+def _check_config_beside(path: Path) -> None:
+    """Parse the ``config.json`` of a weights directory / ``.safetensors`` path first, so a malformed
+    config is reported as such (ModelConfigError), even when the weights are missing as well."""
+    if path.is_dir():
+        candidates = [path / "config.json"]
+    elif path.suffix == ".safetensors":
+        candidates = [path.with_suffix(".json"), path.parent / "config.json"]
+    else:
+        return
+    cfg = next((c for c in candidates if c.is_file()), None)
+    if cfg is None:
+        return
+    try:
+        ModelConfig.from_json(cfg)
+    except ModelConfigError as exc:
+        why = str(exc).removeprefix(f"{cfg}: ")
+        raise ModelConfigError(f"{cfg}: malformed model config ({why}); fix or replace this file") from exc
 
 
 def quick_weights_sha256(model: Any) -> str | None:

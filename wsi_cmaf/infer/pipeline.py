@@ -10,19 +10,22 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from distributed import Client
 from tqdm.auto import tqdm
 
 from wsi_cmaf import __version__
-from wsi_cmaf.errors import WsiCmafError
+from wsi_cmaf.errors import NoDecodableTissueError, WsiCmafError
+from wsi_cmaf.infer.checks import check_device, check_inputs
 from wsi_cmaf.infer.config import InferenceConfig
+from wsi_cmaf.infer.inputs import RunInputs, load_inputs, restore_stain, run_identity, save_inputs, save_stain
 from wsi_cmaf.infer.modelspec import ResolvedModel, config_identity, resolve_model
 from wsi_cmaf.infer.result import SlideResult
-from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor, resolve_device
+from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor
 from wsi_cmaf.infer.stainfit import fit_from_blocks, fit_from_tiles, read_sample, sample_is_all_tissue, sample_tiles
-from wsi_cmaf.infer.stream import BlockFeed, block_slices, stream_blocks
+from wsi_cmaf.infer.stream import BlockFeed, stream_blocks
+from wsi_cmaf.infer.summary import failure_records, summarise
 from wsi_cmaf.infer.tasks import BlockFailure, SlideSpec, read_block_task
+from wsi_cmaf.output.provenance import api_call, run_provenance
 from wsi_cmaf.output.store import HeatmapStore
 from wsi_cmaf.slide.grid import GridConfig, TileGrid, block_read_backend
 from wsi_cmaf.slide.reader import open_slide
@@ -41,14 +44,21 @@ class _Timer(dict):
             self[name] = self.get(name, 0.0) + time.perf_counter() - t0
 
 
+_CLIENT_LOCK = threading.Lock()
+
+
 @contextmanager
 def _dask_client(client: Client | None, threads: int) -> Iterator[Client]:
     """Use the caller's client, or a short-lived in-process one (no extra processes, no pickling)."""
     if client is not None:
         yield client
         return
-    own = Client(processes=False, n_workers=1, threads_per_worker=threads, dashboard_address=":0",
-                 set_as_default=False)
+    # No dashboard: this pool is internal, and on a GPU node running several slides at once the
+    # dashboard's lazy imports raced between threads ("module 'distributed.dashboard' has no
+    # attribute 'scheduler'", seen on an H200 node). Creation is serialised for the same reason.
+    with _CLIENT_LOCK:
+        own = Client(processes=False, n_workers=1, threads_per_worker=threads, dashboard_address=None,
+                     set_as_default=False)
     try:
         yield own
     finally:
@@ -83,7 +93,13 @@ def analyze_slide(
     ``model``: registry name, weights directory/.safetensors, TorchScript file, or ``nn.Module``
     (with ``model_config``); None takes the project's default model. ``stain``: "auto" follows the
     model config, "macenko" forces Macenko normalisation, None disables it. With ``resume`` a rerun
-    computes only the blocks not marked done; ``overwrite`` replaces an existing store.
+    computes only the blocks not marked done (and retries blocks with undecodable tiles), reusing
+    the stored tissue mask, grid and stain fit; ``overwrite`` replaces an existing store.
+
+    Undecodable slide tiles are isolated: the tissue stage paints them as background, block reads
+    drop only the grid tiles they touch (NaN in the heatmap, flagged in the store's ``failed_tiles``)
+    and the result lists them with their level-0 locations. The slide fails as a whole only when it
+    cannot be opened or none of its tissue decodes (:class:`~wsi_cmaf.errors.NoDecodableTissueError`).
     """
     cfg = config or InferenceConfig(
         device=device, batch_size=batch_size, progress=progress,
@@ -92,64 +108,96 @@ def analyze_slide(
     timer = _Timer()
     warn: list[str] = []
     slide_path = Path(path)
+    out_dir = Path(out) if out is not None else default_output_dir(slide_path)
+    # cheap checks first: a wrong path, output or device fails before the model loads or any output exists
+    check_inputs(slide_path, out_dir)
+    dev = check_device(cfg.device)
+    call = api_call("wsi_cmaf.analyze_slide", slide_path, model=model if isinstance(model, (str, Path)) else None,
+                    out=out_dir, device=cfg.device)
     with timer("model"):
         resolved = resolve_model(model, model_config)  # fail on a bad model before any slide work
     if resolved.untrained:
         warn.append(f"model {resolved.name!r} has untrained weights: probabilities are meaningless")
-    out_dir = Path(out) if out is not None else default_output_dir(slide_path)
     with ExitStack() as stack:
         with timer("open"):
             reader = stack.enter_context(open_slide(slide_path, backend=backend, mpp=mpp))
             slide_mpp = reader.mpp  # raises MissingResolutionError before we create outputs
             pixels = _pixel_reader(reader, cfg, stack)
-        with timer("tissue"):
-            tcfg = tissue or TissueConfig()
-            thumb = pixels.thumbnail(tcfg.mpp)
-            mask = tissue_mask_from_rgb(thumb, tcfg.mpp, tcfg)
-            # kept (cut down to figure size) for the overlay, which then decodes nothing again
-            background = None
-            if cfg.overlay:
-                from wsi_cmaf.output.overlay import background_from
-
-                background = background_from(thumb)
-            del thumb
         mc = resolved.config
-        with timer("grid"):
-            grid = TileGrid.from_slide(
-                reader,
-                GridConfig(mpp=mc.spacing_um_px, tile_size=mc.patch_size_pixels,
-                           tissue_threshold=cfg.tissue_threshold, block_tiles=cfg.block_tiles),
-                mask,
-            )
+        tcfg = tissue or TissueConfig()
+        gcfg = GridConfig(mpp=mc.spacing_um_px, tile_size=mc.patch_size_pixels,
+                          tissue_threshold=cfg.tissue_threshold, block_tiles=cfg.block_tiles)
+        store_path = out_dir / f"{slide_path.stem}.zarr"
+        identity = run_identity(reader, resolved, gcfg, tcfg, _stain_method(resolved, cfg))
+        with timer("inputs"):  # a resumed run takes tissue mask, grid and stain fit from its store
+            inputs = load_inputs(store_path, identity, reader, gcfg) if resume and not overwrite else None
+        reused = inputs is not None
+        if inputs is None:
+            inputs = _tissue_and_grid(reader, pixels, tcfg, gcfg, cfg, timer)
+        mask, grid = inputs.mask, inputs.grid
         out_dir.mkdir(parents=True, exist_ok=True)
         store = HeatmapStore.open_or_create(
-            out_dir / f"{slide_path.stem}.zarr",
-            grid_shape=grid.shape, chunk=grid.block_shape, class_names=list(mc.class_names),
-            identity=_identity(reader, resolved, grid),
-            attrs=_attrs(reader, resolved, grid, cfg, mask),
+            store_path, grid_shape=grid.shape, chunk=grid.block_shape, class_names=list(mc.class_names),
+            identity=identity, attrs=_attrs(reader, resolved, grid, cfg, mask),
             um_per_tile=_um_per_tile(grid), resume=resume, overwrite=overwrite,
         )
-        store.write_tissue(grid.tissue)
-        todo = [b for b in grid.blocks if not store.done[b.index]]
+        if not reused:
+            save_inputs(store, inputs)  # tissue label image, masks, background: before any block
+        # blocks written with undecodable tiles are retried: a transfer error may be gone now
+        todo = [b for b in grid.blocks if not store.done[b.index] or store.block_has_failed_tiles(b.index)]
         skipped = len(grid.blocks) - len(todo)
         if not grid.blocks:
             warn.append("no tissue found: the result is empty")
             logger.warning("%s: no tissue tiles found; writing an empty result", slide_path)
-        dev = resolve_device(cfg.device)
-        failed = _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer, warn)
+        try:
+            failed = _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer, warn, inputs.stain)
+        except KeyboardInterrupt:
+            logger.warning("%s: interrupted; %d of %d blocks are stored: rerun the same call to resume",
+                           store.path, int(store.done.sum()), len(grid.blocks))
+            raise
+        n_failed_tiles, failures = failure_records(grid, store, mask)
         with timer("finalize"):
             # the heatmap is the result that must be durable first; pictures come after
-            store.finalize(extra_attrs={"timings": dict(timer)})
+            prov = run_provenance(model_name=resolved.name, weights_sha256=resolved.weights_sha256,
+                                  weights_note=resolved.note, slide_path=slide_path,
+                                  slide_fingerprint=store.identity.get("slide_fingerprint"),
+                                  store_path=store.path, call=call)
+            store.finalize(extra_attrs={"timings": dict(timer), "provenance": prov})
+        if grid.n_tissue and n_failed_tiles >= grid.n_tissue:  # the store keeps what is known
+            first = next(f["reason"] for f in failures if f["stage"] == "inference")
+            raise NoDecodableTissueError(
+                slide_path, f"none of the {grid.n_tissue} tissue tiles at level {grid.level} could be decoded "
+                f"(first error: {first}); the file is corrupt: re-export or re-transfer it")
         outputs = {"store": store.path}
-        exports = _Exports(store, slide_path, out_dir, pixels, cfg, background)
-        result = _summarise(slide_path, reader, grid, mask, store, resolved, cfg, dev, timer,
-                            warn, outputs, computed=len(todo) - failed, skipped=skipped)
+        exports = _Exports(store, slide_path, out_dir, pixels, cfg, inputs.background)
+        result = summarise(slide_path, reader, grid, mask, store, resolved, cfg, dev, timer,
+                           warn, outputs, computed=len(todo) - failed, skipped=skipped,
+                           failures=(n_failed_tiles, failures))
         result.outputs.update(exports.join(result.warnings))
+        result.provenance = prov
         result.timings["exports"] = round(exports.seconds, 4)
     summary = out_dir / f"{slide_path.stem}_summary.json"
     result.outputs["summary"] = summary
     result.to_json(summary)
     return result
+
+
+def _tissue_and_grid(reader, pixels, tcfg: TissueConfig, gcfg: GridConfig, cfg: InferenceConfig,
+                     timer: _Timer) -> RunInputs:
+    """Tissue mask (from a thumbnail that tolerates undecodable tiles), tile grid, overlay background."""
+    with timer("tissue"):
+        thumb = pixels.thumbnail(tcfg.mpp)
+        mask = tissue_mask_from_rgb(thumb, tcfg.mpp, tcfg)
+        # kept (cut down to figure size) for the overlay, which then decodes nothing again
+        background = None
+        if cfg.overlay:
+            from wsi_cmaf.output.overlay import background_from
+
+            background = background_from(thumb)
+        del thumb
+    with timer("grid"):
+        grid = TileGrid.from_slide(reader, gcfg, mask)
+    return RunInputs(mask, grid, background)
 
 
 def _pixel_reader(reader, cfg: InferenceConfig, stack: ExitStack):
@@ -170,21 +218,23 @@ def _stain_method(resolved, cfg: InferenceConfig) -> str:
     return cfg.stain if cfg.stain is not None else (resolved.config.stain_normalization or "none")
 
 
-def _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer, warn) -> int:
+def _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer, warn, stored_stain=None) -> int:
     """Fit the stain matrix and stream the ``todo`` blocks through the model; return #failed.
 
     Reads run on dask reader threads (``pixels``' file reopened with its backend). The first
     blocks are already decoding while the stain sample is read (through the opening ``reader``)
-    and fitted.
+    and fitted. The fit is stored at once; ``stored_stain`` (an earlier run's) is used instead
+    of fitting again.
     """
     if not todo:
         return 0
     mc = resolved.config
     spec = SlideSpec(str(pixels.path), pixels.backend, _mpp_override(pixels))
     n_tiles = int(sum(int(grid.tissue[b.rows, b.cols].sum()) for b in todo))
-    use_stain = _stain_method(resolved, cfg) == "macenko"
+    method = _stain_method(resolved, cfg)
+    use_stain = method == "macenko"
     # a small slide's stain sample is all its tissue tiles: read every block once, fit from them
-    from_blocks = use_stain and sample_is_all_tissue(grid)
+    from_blocks = use_stain and stored_stain is None and sample_is_all_tissue(grid)
     t0 = time.perf_counter()
     bar = None
     with _dask_client(client, cfg.reader_threads) as dc:
@@ -193,7 +243,11 @@ def _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer,
                          cfg.prefetch_blocks)
         try:
             source, stain_module = feed, None
-            if use_stain:
+            if use_stain and stored_stain is not None:
+                stain_module, stain_warning = restore_stain(stored_stain)
+                if stain_warning:
+                    warn.append(stain_warning)
+            elif use_stain:
                 t_fit = time.perf_counter()
                 if from_blocks:
                     items = list(feed)
@@ -207,6 +261,7 @@ def _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer,
                     # thread would open the file once more first) and OpenSlide caches decoded tiles.
                     rng, rows, cols = sample_tiles(grid)
                     stain_module, stain_warning = fit_from_tiles(read_sample(reader, grid, rows, cols), rng)
+                save_stain(store, method, stain_module, stain_warning)  # before any block uses it
                 timer["stain_fit"] = time.perf_counter() - t_fit
                 if stain_warning:
                     warn.append(stain_warning)
@@ -216,8 +271,10 @@ def _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer,
                 dev, cfg.batch_size, cfg.autocast, compile=cfg.compile, inflight=cfg.inflight_batches,
                 outputs_in_flight=cfg.write_queue + 2,
             )
-            # disable=None: a bar only when stderr is a terminal
-            bar = tqdm(total=n_tiles, unit="tile", disable=None if cfg.progress else True, desc=pixels.path.name)
+            # disable=None: a bar only when stderr is a terminal; extra["progress"] == "always" forces it
+            forced = cfg.extra.get("progress") == "always"
+            bar = tqdm(total=n_tiles, unit="tile", disable=False if forced else (None if cfg.progress else True),
+                       desc=pixels.path.name)
             n_failed = stream_blocks(source, runner, store, grid, mc.num_classes,
                                      write_queue=cfg.write_queue, on_written=bar.update)
         finally:
@@ -243,17 +300,6 @@ def _mpp_override(reader) -> tuple[float, float] | None:
 def _um_per_tile(grid: TileGrid) -> tuple[float, float]:
     stride = grid.config.stride or grid.config.tile_size
     return (stride * grid.config.mpp, stride * grid.config.mpp)
-
-
-def _identity(reader, resolved: ResolvedModel, grid: TileGrid) -> dict[str, Any]:
-    return {
-        "slide_fingerprint": reader.fingerprint(),
-        "model": resolved.name,
-        "weights_sha256": resolved.weights_sha256,
-        "model_config": config_identity(resolved.config),
-        "grid": {"shape": list(grid.shape), "level": int(grid.level),
-                 "config": {k: getattr(grid.config, k) for k in vars(grid.config)}},
-    }
 
 
 def _attrs(reader, resolved: ResolvedModel, grid: TileGrid, cfg: InferenceConfig, mask) -> dict[str, Any]:
@@ -322,29 +368,4 @@ class _Exports:
             raise self._error
         warn.extend(self.warnings)
         return self.outputs
-
-
-def _summarise(slide_path, reader, grid, mask, store, resolved, cfg, dev, timer, warn, outputs,
-               computed: int, skipped: int) -> SlideResult:
-    probs = store.probabilities(0)
-    pos = probs[resolved.config.positive_class]
-    valid = grid.tissue & np.isfinite(pos)
-    values = pos[valid]
-    failed_blocks = store.failed & ~store.done
-    failed_tiles = 0
-    for by, bx in zip(*np.nonzero(failed_blocks)):
-        failed_tiles += int(grid.tissue[block_slices(grid, (int(by), int(bx)))].sum())
-    return SlideResult(
-        slide=slide_path, outputs=outputs,
-        tiles_total=int(grid.shape[0] * grid.shape[1]), tiles_tissue=int(grid.tissue.sum()),
-        tiles_failed=failed_tiles, blocks_total=len(grid.blocks), blocks_computed=computed,
-        blocks_skipped=skipped, blocks_failed=int(failed_blocks.sum()),
-        tissue_area_mm2=float(mask.mask.sum() * mask.mpp * mask.mpp / 1e6),
-        positive_fraction=float((values >= cfg.decision_threshold).mean()) if values.size else 0.0,
-        max_probability=float(values.max()) if values.size else 0.0,
-        mean_probability=float(values.mean()) if values.size else 0.0,
-        timings={k: round(v, 4) for k, v in timer.items()}, device=str(dev), backend=reader.backend,
-        mpp=tuple(reader.mpp), mpp_source=reader.mpp_source, model_name=resolved.name,
-        weights_note=resolved.note, warnings=warn,
-    )
 

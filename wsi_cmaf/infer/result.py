@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas
 
 
 @dataclass
@@ -33,17 +36,37 @@ class SlideResult:
     model_name: str
     weights_note: str
     warnings: list[str] = field(default_factory=list)
+    #: model + weights hash, slide fingerprint, versions, invocation, UTC time (see output.provenance)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    #: undecodable tiles with level-0 x, y, width, height and reason: the tissue stage's slide tiles
+    #: (``stage`` "tissue") and the grid tiles left without a probability (``stage`` "inference")
+    failed_tiles: list[dict[str, Any]] = field(default_factory=list)
+    #: slide tiles the tissue stage could not decode (painted as background; ``tiles_failed``
+    #: counts the grid tiles without a probability)
+    tissue_stage_failed_tiles: int = 0
 
     @property
     def store(self) -> Path:
         """Path of the Zarr store."""
         return self.outputs["store"]
 
+    def tiles(self, *, tissue_only: bool = True) -> "pandas.DataFrame":
+        """The tile table of this result's store as a pandas DataFrame (one row per tile).
+
+        Columns: ``row, col`` (grid index), ``x, y, w, h`` (level-0 pixels of the tile's
+        top-left corner and size), ``x_um, y_um`` (tile centre in µm), ``tissue_fraction`` and
+        one ``prob_<class>`` column per class (NaN where no value was computed). See
+        :func:`wsi_cmaf.output.tiles.tile_table`.
+        """
+        from wsi_cmaf.output.tiles import tile_table
+
+        return tile_table(self.store, tissue_only=tissue_only)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able view (paths as strings)."""
+        """JSON-able view (paths as absolute strings)."""
         d = asdict(self)
-        d["slide"] = str(self.slide)
-        d["outputs"] = {k: str(v) for k, v in self.outputs.items()}
+        d["slide"] = str(Path(self.slide).absolute())
+        d["outputs"] = {k: str(Path(v).absolute()) for k, v in self.outputs.items()}
         return d
 
     def to_json(self, path: str | Path) -> Path:
@@ -60,7 +83,9 @@ class SlideResult:
             f"model           {self.model_name}  [{self.weights_note}]",
             f"device          {self.device}",
             f"tiles           {self.tiles_tissue} tissue of {self.tiles_total} "
-            f"({self.tiles_failed} failed)",
+            f"({self.tiles_failed} failed"
+            + (f", {self.tissue_stage_failed_tiles} undecodable in the tissue stage)" if self.tissue_stage_failed_tiles
+               else ")"),
             f"blocks          {self.blocks_computed} computed, {self.blocks_skipped} resumed, "
             f"{self.blocks_failed} failed",
             f"tissue area     {self.tissue_area_mm2:.2f} mm²",

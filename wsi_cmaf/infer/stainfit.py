@@ -50,13 +50,18 @@ def sample_is_all_tissue(grid: TileGrid) -> bool:
 
 
 def read_sample(reader, grid: TileGrid, rows: np.ndarray, cols: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
-    """(row, col, tile) of every sampled tile that decodes; unreadable ones are left out."""
+    """(row, col, tile) of every sampled tile that decodes; undecodable ones are left out (the
+    block reads report them as failed tiles)."""
     out = []
+    skipped: list[str] = []
     for r, c in zip(rows.tolist(), cols.tolist()):  # raster order: neighbours share decoded slide tiles
         try:
             out.append((r, c, read_tile(reader, grid, r, c)))
         except WsiCmafError as exc:
-            logger.debug("stain fit: tile (%d, %d) unreadable: %s", r, c, exc)
+            skipped.append(f"({r}, {c}): {exc}")
+    if skipped:
+        logger.warning("stain fit: %d of %d sampled tiles undecodable, fitted without them; first %s",
+                       len(skipped), len(rows), skipped[0])
     return out
 
 

@@ -12,9 +12,11 @@ Every hand-over is bounded (prefetch window, pinned input ring, output ring, wri
 memory does not grow with the slide. On CPU ``submit`` computes before it returns; the writer
 still overlaps Zarr writes with the next block's compute.
 
-Errors: a read failure becomes a failed block (recorded by the writer, the slide goes on); an
-exception of the model stops the loop after marking that block failed; a write error stops the
-loop at the next hand-over. In every case the writer first drains what was already handed to it
+Errors: undecodable tiles of a block are left out of the batch and written as failed tiles with
+the rest of their block (:class:`~wsi_cmaf.infer.tasks.PartialBlock`); a read failure of another
+kind becomes a failed block (recorded by the writer, the slide goes on); an exception of the
+model stops the loop after marking that block failed; a write error stops the loop at the next
+hand-over. In every case the writer first drains what was already handed to it
 (no lost writes: those blocks are done on resume) and the error is raised from
 :func:`stream_blocks`.
 """
@@ -33,7 +35,7 @@ import numpy as np
 
 from wsi_cmaf.errors import OutputError
 from wsi_cmaf.infer.buffers import PendingProbs
-from wsi_cmaf.infer.tasks import BlockFailure
+from wsi_cmaf.infer.tasks import BlockFailure, PartialBlock
 from wsi_cmaf.slide.grid import BlockTiles, TileGrid
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,14 @@ def block_slices(grid: TileGrid, index: tuple[int, int]) -> tuple[slice, slice]:
     k0, k1 = grid.block_shape
     return (slice(index[0] * k0, min(grid.shape[0], (index[0] + 1) * k0)),
             slice(index[1] * k1, min(grid.shape[1], (index[1] + 1) * k1)))
+
+
+def failed_tile_chunk(grid: TileGrid, item: PartialBlock) -> np.ndarray:
+    """bool (h, w) mask of the block's undecodable tiles, in the layout of its chunk."""
+    rs, cs = block_slices(grid, item.block.index)
+    bad = np.zeros((rs.stop - rs.start, cs.stop - cs.start), bool)
+    bad[np.asarray(item.failed_rows) - rs.start, np.asarray(item.failed_cols) - cs.start] = True
+    return bad
 
 
 def block_chunk(grid: TileGrid, item: BlockTiles, probs: np.ndarray, n_classes: int) -> np.ndarray:
@@ -112,8 +122,13 @@ class BlockWriter:
             t0 = time.perf_counter()
             probs = job.pending.result()
             self.wait_s += time.perf_counter() - t0
-            self.store.write_block(job.item.block.index, block_chunk(self.grid, job.item, probs, self.n_classes))
-            n = len(job.item.tiles)
+            chunk = block_chunk(self.grid, job.item, probs, self.n_classes)
+            if isinstance(job.item, PartialBlock):
+                self.store.write_block(job.item.block.index, chunk, failed_tile_chunk(self.grid, job.item),
+                                       job.item.reason)
+            else:
+                self.store.write_block(job.item.block.index, chunk)
+            n = len(job.item.tiles) + (job.item.n_failed if isinstance(job.item, PartialBlock) else 0)
         self.written += 1
         if self._on_written is not None:
             self._on_written(n)

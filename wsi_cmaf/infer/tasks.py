@@ -2,15 +2,25 @@
 
 Tasks receive the slide as a picklable :class:`SlideSpec`, never an open handle, so they run
 the same on an in-process cluster and on remote worker processes.
+
+A block whose read fails to decode is read again window cell by window cell (cells on the
+slide's storage tiles, :func:`~wsi_cmaf.slide.faults.read_window_tolerant`): only the grid tiles
+whose pixels touch an undecodable cell are dropped (:class:`PartialBlock`), the rest of the block
+is computed. Only an error that is not a decoding error fails the whole block (:class:`BlockFailure`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import dataclass
 
-from wsi_cmaf.slide.grid import Block, BlockTiles, TileGrid, read_block
+import numpy as np
+
+from wsi_cmaf.errors import UnreadableSlideError
+from wsi_cmaf.slide.faults import DEFAULT_TILE, read_window_tolerant
+from wsi_cmaf.slide.grid import Block, BlockTiles, TileGrid, _level0_for_level_px, read_block
 from wsi_cmaf.slide.reader import SlideReader, open_slide
 
 logger = logging.getLogger(__name__)
@@ -35,6 +45,21 @@ class BlockFailure:
     error: str
 
 
+@dataclass
+class PartialBlock(BlockTiles):
+    """A block read after a decoding failure: ``tiles`` holds the decodable tissue tiles only;
+    ``failed_rows``/``failed_cols`` (global tile indices) are the tiles that could not be decoded."""
+
+    failed_rows: np.ndarray
+    failed_cols: np.ndarray
+    reason: str
+
+    @property
+    def n_failed(self) -> int:
+        """Number of undecodable tissue tiles."""
+        return int(self.failed_rows.size)
+
+
 def worker_reader(spec: SlideSpec) -> SlideReader:
     """The calling thread's reader for ``spec``, opened on first use.
 
@@ -55,13 +80,82 @@ def worker_reader(spec: SlideSpec) -> SlideReader:
 
 
 def read_block_task(spec: SlideSpec, grid: TileGrid, block: Block) -> BlockTiles | BlockFailure:
-    """Read one block's tissue tiles; a decoding error becomes a :class:`BlockFailure`."""
+    """Read one block's tissue tiles; undecodable tiles are dropped (:class:`PartialBlock`), any
+    other error becomes a :class:`BlockFailure`."""
     try:
-        return read_block(worker_reader(spec), grid, block)
+        reader = worker_reader(spec)
+        try:
+            return read_block(reader, grid, block)
+        except UnreadableSlideError as exc:
+            logger.info("block %s of %s: %s; reading it again cell by cell", block.index, spec.path, exc)
+            return read_block_tolerant(reader, grid, block)
     except Exception as exc:  # codec/IO errors of any backend: isolate them to this block
         logger.warning("block %s of %s failed: %s", block.index, spec.path, exc)
         _drop_reader(spec)
         return BlockFailure(block.index, f"{type(exc).__name__}: {exc}")
+
+
+class _TolerantReader:
+    """Stands in for a SlideReader in :func:`read_block`: a failing ``read_region`` is read again
+    cell by cell, undecodable cells come back white and are recorded (level px + reason)."""
+
+    def __init__(self, reader: SlideReader, level: int) -> None:
+        self._reader = reader
+        self.call_overhead_px = reader.call_overhead_px
+        self.failed: list[tuple[int, int, int, int, str]] = []
+        props = reader.properties
+        w = props.get(f"{reader.backend}.level[{level}].tile-width")
+        h = props.get(f"{reader.backend}.level[{level}].tile-height")
+        # cells on the storage tiles: one bad tile costs one cell; a guess when the backend says nothing
+        self._cell = (int(float(w)), int(float(h))) if w and h else (DEFAULT_TILE, DEFAULT_TILE)
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        ds = self._reader.level_downsamples[level]
+
+        def read(x: int, y: int, w: int, h: int) -> np.ndarray:
+            # the level-0 location read_block would use for this level pixel
+            return self._reader.read_region((_level0_for_level_px(x, ds), _level0_for_level_px(y, ds)), level, (w, h))
+
+        box = (int(location[0] / ds), int(location[1] / ds), int(size[0]), int(size[1]))
+        # recover: the backends reset their own handles after a failed read (OpenSlide reopens)
+        return read_window_tolerant(read, box, self._cell, (UnreadableSlideError,), lambda: None,
+                                    lambda cell, why: self.failed.append((*cell, why)))
+
+
+def read_block_tolerant(reader: SlideReader, grid: TileGrid, block: Block) -> BlockTiles:
+    """:func:`read_block` that survives undecodable slide tiles: the grid tiles whose pixels (with
+    the resampling filter's reach) touch one are left out and listed in a :class:`PartialBlock`."""
+    proxy = _TolerantReader(reader, grid.level)
+    item = read_block(proxy, grid, block)  # type: ignore[arg-type]
+    if not proxy.failed:  # the failure did not repeat
+        return item
+    bad = tiles_touching(grid, item.rows, item.cols, [c[:4] for c in proxy.failed])
+    reason = proxy.failed[0][4]
+    logger.warning("block %s of %s: %d of %d tissue tile(s) undecodable (%s)", block.index, reader.path,
+                   int(bad.sum()), bad.size, reason)
+    keep = ~bad
+    return PartialBlock(block, item.tiles[keep], item.rows[keep], item.cols[keep],
+                        item.rows[bad], item.cols[bad], reason)
+
+
+def tiles_touching(grid: TileGrid, rows: np.ndarray, cols: np.ndarray,
+                   cells: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """bool per tile (rows[i], cols[i]): whether its level-px footprint meets one of ``cells``
+    ((x, y, w, h) level px). Resized grids widen footprints by the margin the block read adds for
+    the resampling filter, so a tile that saw any painted pixel is included."""
+    step, t = grid.config.step, grid.config.tile_size
+    if grid.exact:
+        sx = sy = 1.0
+        mx = my = 0
+    else:
+        sx, sy = grid.level_scale
+        mx, my = math.ceil(sx) + 1, math.ceil(sy) + 1
+    x0, x1 = cols * step * sx - mx, (cols * step + t) * sx + mx
+    y0, y1 = rows * step * sy - my, (rows * step + t) * sy + my
+    bad = np.zeros(rows.shape, bool)
+    for cx, cy, cw, ch in cells:
+        bad |= (x0 < cx + cw) & (cx < x1) & (y0 < cy + ch) & (cy < y1)
+    return bad
 
 
 def _drop_reader(spec: SlideSpec) -> None:

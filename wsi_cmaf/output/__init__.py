@@ -1,6 +1,6 @@
 """Outputs of slide inference: the OME-Zarr heatmap store, overlay PNGs and GeoJSON regions.
 
-Imports are lazy so that writing a store never pays for importing matplotlib.
+Imports are lazy so that writing a store never pays for importing PIL, shapely, pandas or xarray.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ _EXPORTS = {
     "render_overlay": "wsi_cmaf.output.overlay",
     "regions_geojson": "wsi_cmaf.output.geojson",
     "write_geojson": "wsi_cmaf.output.geojson",
+    "open_heatmap": "wsi_cmaf.output.heatmap",
+    "tile_table": "wsi_cmaf.output.tiles",
+    "tiles_geojson": "wsi_cmaf.output.tiles",
+    "write_tiles": "wsi_cmaf.output.tiles",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -2,10 +2,11 @@
 
 A region is a 4-connected set of tiles whose probability is >= ``threshold`` (tiles
 without a value — no tissue, failed block — count as below). Each region becomes one
-``Polygon`` Feature in level-0 slide pixels: the exterior ring traces the union of its
-tiles and every enclosed below-threshold area becomes an interior ring (a hole), as
-QuPath and shapely expect; ``fill_holes=True`` drops the holes instead. Exterior rings
-are counter-clockwise and holes clockwise in (x, y) as RFC 7946 asks.
+Feature in level-0 slide pixels whose geometry is the union of its tiles (shapely/GEOS):
+valid for JTS (QuPath) and shapely, every enclosed below-threshold area an interior ring
+(a hole); ``fill_holes=True`` drops the holes instead. Exterior rings are
+counter-clockwise and holes clockwise in (x, y) as RFC 7946 asks. The region's numbers go
+under ``properties.measurements``, the only place QuPath (>= 0.4) reads numbers from.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import shapely
+import shapely.affinity
 from skimage import measure
 
 from wsi_cmaf.errors import OutputError
+from wsi_cmaf.output.provenance import export_provenance
 from wsi_cmaf.output.store import HeatmapStore
 
 logger = logging.getLogger(__name__)
@@ -42,48 +46,46 @@ def positive_class(store: HeatmapStore, class_index: int | None = None) -> int:
     return class_index % n
 
 
-def rectilinear(contour: np.ndarray) -> np.ndarray:
-    """Turn a marching-squares contour of a 0/1 image into the exact pixel-edge outline.
+def tile_union(image: np.ndarray) -> shapely.Geometry:
+    """Valid (Multi)Polygon of the True cells of ``image`` in cell-edge units (x = column, y = row).
 
-    On a binary image, ``find_contours(.., 0.5)`` puts every vertex midway between two
-    pixel centres and cuts each corner diagonally. Re-inserting the corner (the point
-    whose row and column are both half-integers) restores the tile boundary exactly;
-    collinear points are then dropped.
+    Each row's runs of cells become one box and GEOS unions the boxes, so the result is valid
+    by construction: hole cells that touch only at a corner become two holes meeting at a point
+    (or a hole touching the shell), never the self-touching ring ("Ring Self-intersection")
+    that tracing a contour gives. Collinear vertices are then dropped.
     """
-    pts = np.round(contour * 2) / 2  # vertices sit on the half-pixel lattice
-    out: list[tuple[float, float]] = []
-    for (r0, c0), (r1, c1) in zip(pts[:-1], pts[1:]):
-        out.append((r0, c0))
-        if r0 != r1 and c0 != c1:  # diagonal step: add the corner on the tile boundary
-            out.append((r0, c1) if r0 % 1 else (r1, c0))
-    out.append(tuple(pts[-1]))
-    ring = np.array(out)
-    # drop points that lie on a straight line between their neighbours (and duplicates)
-    keep = [0]
-    for i in range(1, len(ring) - 1):
-        a, b, c = ring[keep[-1]], ring[i], ring[i + 1]
-        cross = (b[0] - a[0]) * (c[1] - b[1]) - (b[1] - a[1]) * (c[0] - b[0])
-        if cross != 0:
-            keep.append(i)
-    ring = ring[keep + [len(ring) - 1]]
-    if len(ring) > 4 and np.array_equal(ring[0], ring[-1]):
-        a, b, c = ring[-2], ring[0], ring[1]  # the start point may sit mid-edge: drop it there too
-        if (b[0] - a[0]) * (c[1] - b[1]) == (b[1] - a[1]) * (c[0] - b[0]):
-            ring = np.vstack([ring[1:-1], ring[1:2]])
-    return ring
+    img = np.asarray(image, bool)
+    if not img.any():
+        return shapely.Polygon()
+    padded = np.pad(img, ((0, 0), (1, 1))).astype(np.int8)
+    starts_r, starts_c = np.nonzero(np.diff(padded, axis=1) == 1)
+    _, ends_c = np.nonzero(np.diff(padded, axis=1) == -1)  # same row order as the starts
+    boxes = shapely.box(starts_c, starts_r, ends_c, starts_r + 1)
+    union = shapely.union_all(boxes)
+    simpler = shapely.simplify(union, 0.0)  # tolerance 0: removes exactly collinear points only
+    geom = simpler if simpler.is_valid and simpler.area == union.area else union
+    if not geom.is_valid:  # belt and braces: GEOS unions are valid, but never export an invalid shape
+        geom = shapely.make_valid(geom, method="structure")
+    return shapely.orient_polygons(geom, exterior_cw=False)
 
 
-def _signed_area(x: np.ndarray, y: np.ndarray) -> float:
-    return 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))
+def _polygons(geom: shapely.Geometry) -> list[shapely.Polygon]:
+    if isinstance(geom, shapely.Polygon):
+        return [] if geom.is_empty else [geom]
+    return [g for part in getattr(geom, "geoms", []) for g in _polygons(part)]
 
 
-def _ring(store: HeatmapStore, contour: np.ndarray, ccw: bool) -> list[list[float]]:
-    """Contour in padded tile coordinates -> closed level-0 (x, y) ring with the wanted winding."""
-    ring = rectilinear(contour) - 1.0  # undo the one-tile padding
-    x, y = store.geometry.tile_to_level0(ring[:, 0], ring[:, 1])
-    if (_signed_area(x, y) > 0) != ccw:
-        x, y = x[::-1], y[::-1]
-    return [[round(float(a), 2), round(float(b), 2)] for a, b in zip(x, y)]
+def _to_level0(store: HeatmapStore, poly: shapely.Polygon, fill_holes: bool) -> list[list[list[float]]]:
+    """Rings of ``poly`` (cell-edge units) as level-0 [x, y] lists; exterior CCW, holes CW."""
+    def ring(coords) -> list[list[float]]:
+        c = np.asarray(coords, dtype=float)
+        x, y = store.geometry.tile_to_level0(c[:, 1] - 0.5, c[:, 0] - 0.5)  # edge e = centre e - 0.5
+        return [[round(float(a), 2), round(float(b), 2)] for a, b in zip(x, y)]
+
+    rings = [ring(poly.exterior.coords)]
+    if not fill_holes:
+        rings += [ring(r.coords) for r in poly.interiors]
+    return rings
 
 
 def regions_geojson(
@@ -95,13 +97,17 @@ def regions_geojson(
     color: tuple[int, int, int] = DEFAULT_COLOUR,
     min_tiles: int = 1,
     fill_holes: bool = False,
+    provenance: dict | None = None,
 ) -> dict[str, Any]:
     """FeatureCollection of the regions where class ``class_index`` has probability >= ``threshold``.
 
-    Coordinates are level-0 slide pixels. Each Feature's properties hold QuPath's
-    ``objectType``/``classification`` plus ``probability`` (mean over the region's tiles),
-    ``probability_max``, ``n_tiles``, ``area_um2``, and the ``threshold``. Regions smaller
-    than ``min_tiles`` tiles are dropped.
+    Coordinates are level-0 slide pixels; every geometry is valid (shapely/JTS ``is_valid``).
+    Each Feature's properties hold QuPath's ``objectType``, ``classification``, ``name`` and
+    ``measurements`` (the only numbers QuPath imports): ``probability_mean`` and
+    ``probability_max`` over the region's tiles, ``n_tiles``, ``n_holes``, ``area_um2`` and
+    ``threshold``; ``metadata`` (strings) has the class index and tile bounding box. Regions
+    smaller than ``min_tiles`` tiles are dropped. ``provenance`` goes in the collection's
+    ``properties``.
     """
     store = _as_store(store)
     store.geometry.require_level0()
@@ -111,8 +117,8 @@ def regions_geojson(
     name = class_name or store.class_names[k]
     prob = store.probabilities(0)[k]
     above = np.nan_to_num(prob, nan=-1.0) >= threshold
-    # 4-connectivity matches find_contours' default (fully_connected="low"): tiles touching
-    # only at a corner are separate regions, so each contour belongs to exactly one region.
+    # 4-connectivity: tiles touching only at a corner are separate regions (a region's tiles
+    # share edges, so its union is one polygon)
     labels = measure.label(above, connectivity=1)
     tile_um2 = float(store.um_per_tile[0] * store.um_per_tile[1])
     fid_base = store.identity.get("slide_fingerprint") or str(store.path.resolve())
@@ -121,42 +127,40 @@ def regions_geojson(
         if region.area < min_tiles:
             continue
         r0, c0, r1, c1 = region.bbox
-        sub = np.pad(region.image.astype(np.uint8), 1)
-        contours = measure.find_contours(sub, 0.5)
-        # the exterior is the ring enclosing the largest area; the others are holes
-        areas = [abs(_signed_area(c[:, 1], c[:, 0])) for c in contours]
-        order = np.argsort(areas)[::-1]
-        offset = np.array([r0, c0], dtype=float)
-        rings = [_ring(store, contours[order[0]] + offset, ccw=True)]
-        if not fill_holes:
-            rings += [_ring(store, contours[i] + offset, ccw=False) for i in order[1:]]
+        geom = shapely.affinity.translate(tile_union(region.image), xoff=c0, yoff=r0)
+        polys = [_to_level0(store, poly, fill_holes) for poly in _polygons(geom)]
+        n_holes = sum(len(rings) - 1 for rings in polys)
+        geometry = ({"type": "Polygon", "coordinates": polys[0]} if len(polys) == 1
+                    else {"type": "MultiPolygon", "coordinates": polys})
         values = prob[labels == region.label]
         features.append({
             "type": "Feature",
             "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{fid_base}/{k}/{threshold}/{r0},{c0},{region.label}")),
-            "geometry": {"type": "Polygon", "coordinates": rings},
+            "geometry": geometry,
             "properties": {
                 "objectType": "annotation",
                 "classification": {"name": name, "color": [int(v) for v in color]},
                 "name": f"{name} p>={threshold:g}",
                 "isLocked": False,
-                "probability": round(float(values.mean()), 6),
-                "probability_max": round(float(values.max()), 6),
-                "n_tiles": int(region.area),
-                "n_holes": len(rings) - 1,
-                "area_um2": round(float(region.area) * tile_um2, 2),
-                "threshold": float(threshold),
-                "class_index": k,
-                "bbox_tiles": [int(r0), int(c0), int(r1), int(c1)],
+                "measurements": {
+                    "probability_mean": round(float(values.mean()), 6),
+                    "probability_max": round(float(values.max()), 6),
+                    "n_tiles": int(region.area),
+                    "n_holes": n_holes,
+                    "area_um2": round(float(region.area) * tile_um2, 2),
+                    "threshold": float(threshold),
+                },
+                "metadata": {"class_index": str(k), "bbox_tiles": f"{r0},{c0},{r1},{c1}"},
             },
         })
     logger.info("%s: %d region(s) of %r with p >= %g", store.path.name, len(features), name, threshold)
     return {
         "type": "FeatureCollection",
         "features": features,
-        "properties": {"source": str(store.path), "class": name, "threshold": float(threshold),
+        "properties": {"source": str(store.path.absolute()), "class": name, "threshold": float(threshold),
                        "coordinates": "level-0 slide pixels (x right, y down)",
-                       "slide": (store.attrs.get("slide") or {}).get("path")},
+                       "slide": (store.attrs.get("slide") or {}).get("path"),
+                       "provenance": provenance or {}},
     }
 
 
@@ -165,8 +169,10 @@ def write_geojson(
     class_index: int | None = None, **kwargs: Any,
 ) -> Path:
     """Write :func:`regions_geojson` to ``out`` (parents created) and return its path."""
-    collection = regions_geojson(store, threshold=threshold, class_index=class_index, **kwargs)
     out = Path(out)
+    store = _as_store(store)
+    kwargs.setdefault("provenance", export_provenance(store, out))
+    collection = regions_geojson(store, threshold=threshold, class_index=class_index, **kwargs)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(collection))

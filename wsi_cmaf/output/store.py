@@ -8,9 +8,14 @@ Layout (``<slide>.zarr``)::
     labels/tissue/0 ...  uint8 (1, rows, cols) tissue mask as an NGFF label image
     wsi_cmaf/done        bool (block rows, block cols), chunk (1, 1): block written
     wsi_cmaf/failed      bool, same: block failed (messages in the group's "errors" attribute)
+    wsi_cmaf/failed_tiles  bool (rows, cols), chunk (K, K): tissue tiles that could not be decoded
+                         (NaN in ``0``; one message per block in the "tile_errors" attribute)
+    wsi_cmaf/tissue_mask, tissue_fraction, overlay_background   the tissue stage's outputs, and
+                         the group's "inputs" attribute (tissue facts, stain fit): a resumed run
+                         reuses them instead of recomputing them (see store_inputs.py)
 
-Every block owns exactly one chunk of ``0``, ``done`` and ``failed``, so blocks written by
-different threads never share a chunk: no locks, no read-modify-write of stored data.
+Every block owns exactly one chunk of ``0``, ``done``, ``failed`` and ``failed_tiles``, so blocks
+written by different threads never share a chunk: no locks, no read-modify-write of stored data.
 """
 
 from __future__ import annotations
@@ -28,8 +33,11 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from wsi_cmaf.errors import OutputError, OutputExistsError, StoreMismatchError
+from wsi_cmaf.output._json import json_diff, jsonable
 from wsi_cmaf.output.geometry import TileGeometry
 from wsi_cmaf.output.ngff import AXES, image_metadata, label_image_metadata, labels_group_metadata
+from wsi_cmaf.output.pyramid import max_pool2, nan_mean_pool2  # noqa: F401  (re-exported)
+from wsi_cmaf.output.store_inputs import RunInputsMixin
 
 logger = logging.getLogger(__name__)
 
@@ -43,39 +51,6 @@ def _compressor() -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)
 
 
-def jsonable(obj: Any) -> Any:
-    """Normalise ``obj`` to plain JSON types (tuples -> lists, numpy -> Python, other -> str)."""
-    def default(o: Any) -> Any:
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        return str(o)
-
-    return json.loads(json.dumps(obj, sort_keys=True, default=default))
-
-
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Human-readable differences between two JSON values (paths joined with '.')."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
-        for key in sorted(set(old) | set(new)):
-            where = f"{prefix}.{key}" if prefix else str(key)
-            if key not in old:
-                out.append(f"{where}: absent in store, requested {_short(new[key])}")
-            elif key not in new:
-                out.append(f"{where}: store has {_short(old[key])}, absent in request")
-            else:
-                out.extend(_diff(old[key], new[key], where))
-        return out
-    return [] if old == new else [f"{prefix or 'value'}: store has {_short(old)}, requested {_short(new)}"]
-
-
-def _short(v: Any, n: int = 70) -> str:
-    s = json.dumps(v, sort_keys=True)
-    return s if len(s) <= n else s[: n - 3] + "..."
-
-
 def read_store_meta(path: Path) -> dict[str, Any] | None:
     """The ``wsi_cmaf`` root attributes if ``path`` is a wsi-cmaf store, else None (never raises)."""
     try:
@@ -86,32 +61,7 @@ def read_store_meta(path: Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
 
-def nan_mean_pool2(data: np.ndarray) -> np.ndarray:
-    """2×2 mean pooling over the last two axes, ignoring NaN; odd edges pool what exists.
-
-    A window with no finite value stays NaN, so "no tissue" survives downsampling.
-    """
-    h, w = data.shape[-2:]
-    pad = [(0, 0)] * (data.ndim - 2) + [(0, h % 2), (0, w % 2)]
-    d = np.pad(data.astype(np.float64), pad, constant_values=np.nan)
-    d = d.reshape(*d.shape[:-2], d.shape[-2] // 2, 2, d.shape[-1] // 2, 2)
-    finite = np.isfinite(d)
-    total = np.where(finite, d, 0.0).sum(axis=(-3, -1))
-    count = finite.sum(axis=(-3, -1))
-    out = np.full(total.shape, np.nan)
-    np.divide(total, count, out=out, where=count > 0)
-    return out.astype(np.float32)
-
-
-def max_pool2(data: np.ndarray) -> np.ndarray:
-    """2×2 max pooling over the last two axes (odd edges padded with 0)."""
-    h, w = data.shape[-2:]
-    pad = [(0, 0)] * (data.ndim - 2) + [(0, h % 2), (0, w % 2)]
-    d = np.pad(data, pad)
-    return d.reshape(*d.shape[:-2], d.shape[-2] // 2, 2, d.shape[-1] // 2, 2).max(axis=(-3, -1))
-
-
-class HeatmapStore:
+class HeatmapStore(RunInputsMixin):
     """Writer/reader of one slide's heatmap store (see module docstring for the layout)."""
 
     def __init__(self, path: Path, root: zarr.Group, *, writable: bool) -> None:
@@ -134,7 +84,12 @@ class HeatmapStore:
         # Cached flags: the pipeline asks done[b] for every block; one read at open is enough.
         self._done = np.asarray(self._done_arr[...], dtype=bool)
         self._failed = np.asarray(self._failed_arr[...], dtype=bool)
-        self._lock = threading.Lock()  # guards the caches and the "errors" attribute only
+        if "failed_tiles" not in self._meta_group and writable:  # a store from before the tile mask
+            self._create_failed_tiles(self._meta_group, self.grid_shape, self.chunk)
+        self._failed_tiles_arr = self._meta_group.get("failed_tiles")
+        self._failed_tiles = (np.zeros(self.grid_shape, bool) if self._failed_tiles_arr is None
+                              else np.asarray(self._failed_tiles_arr[...], dtype=bool))
+        self._lock = threading.Lock()  # guards the caches and the "errors" attributes only
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -172,7 +127,8 @@ class HeatmapStore:
                     logger.warning("%s: incomplete store from an interrupted creation; recreating", path)
                 _remove_store(path)
                 return cls._create(path, layout, identity, attrs)
-            problems = _diff(meta.get("layout"), layout, "layout") + _diff(meta.get("identity"), identity, "identity")
+            problems = (json_diff(meta.get("layout"), layout, "layout")
+                        + json_diff(meta.get("identity"), identity, "identity"))
             if problems:
                 raise StoreMismatchError(
                     f"{path} holds a result made with different inputs; refusing to mix them "
@@ -217,10 +173,16 @@ class HeatmapStore:
         for name in ("done", "failed"):
             group.create_array(name, shape=nb, chunks=(1, 1), dtype="bool", fill_value=False,
                                dimension_names=("block_y", "block_x"))
+        cls._create_failed_tiles(group, (rows, cols), (k0, k1))
         meta["layout_complete"] = True
         root.attrs.update({"ome": image_metadata(layout["class_names"], 1, geometry.pyramid()), META: meta})
         logger.info("%s: created heatmap store %s, %d×%d blocks", path, (c, rows, cols), *nb)
         return cls(path, root, writable=True)
+
+    @staticmethod
+    def _create_failed_tiles(group: zarr.Group, shape: tuple[int, int], chunk: tuple[int, int]) -> None:
+        group.create_array("failed_tiles", shape=tuple(shape), chunks=tuple(chunk), dtype="bool",
+                           fill_value=False, compressors=_compressor(), dimension_names=("y", "x"))
 
     # ------------------------------------------------------------------ state
     @property
@@ -238,10 +200,30 @@ class HeatmapStore:
         return v
 
     @property
+    def failed_tiles(self) -> np.ndarray:
+        """bool (rows, cols): tissue tiles of written blocks that could not be decoded (read-only)."""
+        v = self._failed_tiles.view()
+        v.flags.writeable = False
+        return v
+
+    @property
     def errors(self) -> dict[tuple[int, int], str]:
         """Error message of every failed block."""
-        raw = self._meta_group.attrs.get("errors", {})
+        return self._block_messages("errors")
+
+    @property
+    def tile_errors(self) -> dict[tuple[int, int], str]:
+        """Error message (the first bad tile's) of every block with failed tiles."""
+        return self._block_messages("tile_errors")
+
+    def _block_messages(self, key: str) -> dict[tuple[int, int], str]:
+        raw = self._meta_group.attrs.get(key, {})
         return {tuple(int(v) for v in k.split(",")): msg for k, msg in raw.items()}
+
+    def block_has_failed_tiles(self, block_index: tuple[int, int]) -> bool:
+        """Whether block ``block_index`` was written with undecodable tiles (a rerun retries it)."""
+        rs, cs = self.block_slices(block_index)
+        return bool(self._failed_tiles[rs, cs].any())
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -271,11 +253,14 @@ class HeatmapStore:
         if not self._writable:
             raise OutputError(f"{self.path} was opened read-only")
 
-    def write_block(self, block_index: tuple[int, int], probs: np.ndarray) -> None:
+    def write_block(self, block_index: tuple[int, int], probs: np.ndarray, failed_tiles: np.ndarray | None = None,
+                    tile_error: str | None = None) -> None:
         """Store ``probs`` float32 (C, h, w) as block ``block_index``'s chunk, then mark it done.
 
-        The chunk is written before the flag, so a crash in between only costs the
-        recomputation of this block. Safe to call from several threads for distinct blocks.
+        ``failed_tiles``: bool (h, w), the block's tiles that could not be decoded (their ``probs``
+        are NaN), with ``tile_error`` saying why. The chunk and the tile mask are written before
+        the flag, so a crash in between only costs the recomputation of this block. Safe to call
+        from several threads for distinct blocks.
         """
         self._check_writable()
         rs, cs = self.block_slices(block_index)
@@ -285,6 +270,15 @@ class HeatmapStore:
             raise ValueError(f"block {tuple(block_index)} needs probabilities of shape {expected}, got {probs.shape}")
         by, bx = (int(v) for v in block_index)
         self._probs[:, rs, cs] = probs
+        bad = np.zeros(expected[1:], bool) if failed_tiles is None else np.asarray(failed_tiles, dtype=bool)
+        if bad.shape != expected[1:]:
+            raise ValueError(f"block {tuple(block_index)} needs a failed-tile mask of shape {expected[1:]}, "
+                             f"got {bad.shape}")
+        if bad.any() or self._failed_tiles[rs, cs].any():  # untouched chunks stay absent (fill value)
+            self._failed_tiles_arr[rs, cs] = bad
+            with self._lock:
+                self._failed_tiles[rs, cs] = bad
+            self._record_error(by, bx, (tile_error or "undecodable tile") if bad.any() else None, "tile_errors")
         self._done_arr[by, bx] = True
         with self._lock:
             self._done[by, bx] = True
@@ -305,22 +299,44 @@ class HeatmapStore:
         self._record_error(by, bx, str(error))
         logger.warning("%s: block (%d, %d) failed: %s", self.path.name, by, bx, error)
 
-    def _record_error(self, by: int, bx: int, error: str | None) -> None:
+    def _record_error(self, by: int, bx: int, error: str | None, key: str = "errors") -> None:
         with self._lock:  # attributes are one JSON document: serialise its updates
-            errors = dict(self._meta_group.attrs.get("errors", {}))
+            errors = dict(self._meta_group.attrs.get(key, {}))
             if error is None:
+                if f"{by},{bx}" not in errors:
+                    return
                 errors.pop(f"{by},{bx}", None)
             else:
                 errors[f"{by},{bx}"] = error
-            self._meta_group.attrs["errors"] = errors
+            self._meta_group.attrs[key] = errors
 
-    def write_tissue(self, tissue: np.ndarray) -> None:
-        """Store the tile tissue mask (bool (rows, cols)) as the ``labels/tissue`` label image."""
+    def write_tissue(self, tissue: np.ndarray, fraction: np.ndarray | None = None) -> None:
+        """Store the tile tissue mask (bool (rows, cols)) as the ``labels/tissue`` label image,
+        and ``fraction`` (each tile's tissue area fraction, same shape) for the tile table."""
         self._check_writable()
         tissue = np.asarray(tissue)
         if tissue.shape != self.grid_shape:
             raise ValueError(f"tissue mask has shape {tissue.shape}, grid is {self.grid_shape}")
         self._tissue[0] = tissue.astype(np.uint8)
+        if fraction is not None:
+            self._put_meta_array("tissue_fraction", np.asarray(fraction, dtype=np.float32), tissue.shape)
+
+    def write_tissue_mask(self, mask: np.ndarray, mpp: float) -> None:
+        """Store the slide-level tissue mask (bool, one pixel = ``mpp`` µm, covering the whole
+        slide from its top-left corner): the overlay draws the real tissue outline from it."""
+        self._check_writable()
+        self._put_meta_array("tissue_mask", np.asarray(mask, dtype=bool), None, {"mpp": float(mpp)},
+                             dims=("mask_y", "mask_x"))  # its own dims: sizes differ from the grid's
+
+    def _put_meta_array(self, name: str, data: np.ndarray, shape: tuple | None, attrs: dict | None = None,
+                        dims: tuple[str, ...] = ("y", "x")) -> None:
+        if shape is not None and data.shape != tuple(shape):
+            raise ValueError(f"{name} has shape {data.shape}, grid is {tuple(shape)}")
+        chunks = tuple(max(1, min(n, 2048)) for n in data.shape)  # whole small arrays; large masks in tiles
+        arr = self._meta_group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype,
+                                            compressors=_compressor(), overwrite=True,
+                                            dimension_names=dims, attributes=attrs or {})
+        arr[...] = data
 
     def _set_meta(self, updates: dict[str, Any]) -> None:
         meta = dict(self._root.attrs[META])
@@ -369,7 +385,7 @@ class HeatmapStore:
             raise ValueError(f"extra_attrs may not use the reserved keys {sorted(clash)}")
         updates.update(finalized=True, finalized_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        blocks={"done": int(self._done.sum()), "failed": int((self._failed & ~self._done).sum()),
-                               "total": int(self._done.size)})
+                               "total": int(self._done.size)}, failed_tiles=int(self._failed_tiles.sum()))
         self._set_meta(updates)
         logger.debug("%s: finalized %d levels in %.3fs", self.path, levels, time.perf_counter() - t0)
 
@@ -383,6 +399,17 @@ class HeatmapStore:
     def tissue(self, level: int = 0) -> np.ndarray:
         """bool (rows, cols) tile tissue mask of ``level``."""
         return np.asarray(self._root[f"labels/tissue/{level}"][0]).astype(bool)
+
+    def tissue_fraction(self) -> np.ndarray | None:
+        """float32 (rows, cols) tissue area fraction of each tile, or None (older stores)."""
+        return np.asarray(self._meta_group["tissue_fraction"][...]) if "tissue_fraction" in self._meta_group else None
+
+    def tissue_mask(self) -> tuple[np.ndarray, float] | None:
+        """(slide-level bool tissue mask, its µm/px), or None when the store has none."""
+        if "tissue_mask" not in self._meta_group:
+            return None
+        arr = self._meta_group["tissue_mask"]
+        return np.asarray(arr[...], dtype=bool), float(arr.attrs["mpp"])
 
     def __repr__(self) -> str:
         return (f"HeatmapStore({str(self.path)!r}, grid={self.grid_shape}, classes={self.class_names}, "

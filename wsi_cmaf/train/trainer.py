@@ -278,9 +278,11 @@ def finish(ctx: RunContext, t_start: float) -> TrainResult:
     out = Path(cfg.output_dir)
     best_epoch = load_best(ctx, out / "checkpoints")
     test_ds = ctx.bundle.datasets["test"]
+    # The reported test metrics are computed in fp32, as `wsi-cmaf evaluate` computes them: the
+    # numbers a run publishes must not depend on the device's autocast precision (bf16 on GPUs).
     report = split_report(
         ctx.model, ctx.bundle.loaders["test"], ctx.prepare("test"), device=ctx.device,
-        autocast_dtype=ctx.amp.dtype, class_names=cfg.model.class_names, positive_class=cfg.model.positive_class,
+        autocast_dtype=None, class_names=cfg.model.class_names, positive_class=cfg.model.positive_class,
         meta=split_frame(ctx.bundle, "test"), patient_ids=test_ds.patient_ids,  # type: ignore[attr-defined]
         out_dir=out, n_boot=cfg.bootstrap, seed=cfg.seed, prefix="test")
     bacc = report["metrics"].get("balanced_accuracy")
