@@ -154,36 +154,41 @@ analyze_slide(sys.argv[1], model=DarknessClassifier(delay=float(sys.argv[3])), m
 """
 
 
-def test_resume_after_sigkill_is_bit_identical(slide, tmp_path):
-    ref = run(slide.path, tmp_path / "ref")
-    out = tmp_path / "killed"
+def _start_until_two_blocks(slide_path: Path, out: Path) -> tuple[subprocess.Popen, int]:
+    """Start the slow analysis in a child process; return once it has stored two blocks (or ended)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(slide.path), str(out), "0.4"],
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(slide_path), str(out), "0.4"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    store = out / f"{slide.path.stem}.zarr"
+    store = out / f"{slide_path.stem}.zarr"
     deadline = time.monotonic() + 120
     done_blocks = 0
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-            try:
-                done = np.asarray(zarr.open_group(str(store), mode="r")["wsi_cmaf/done"])
-            except (FileNotFoundError, KeyError, ValueError):
-                continue
-            done_blocks = int(done.sum())
-            if done_blocks >= 2:
-                break
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    assert done_blocks >= 2, proc.stderr.read().decode()[-2000:]
-    assert done_blocks < ref.blocks_total, "the run finished before it could be killed"
-    resumed = run(slide.path, out)
-    assert resumed.blocks_skipped >= 2
+    while time.monotonic() < deadline and proc.poll() is None and done_blocks < 2:
+        time.sleep(0.2)
+        try:
+            done_blocks = int(np.asarray(zarr.open_group(str(store), mode="r")["wsi_cmaf/done"]).sum())
+        except (FileNotFoundError, KeyError, ValueError):
+            continue
+    return proc, done_blocks
+
+
+def _assert_resume_completes(slide_path: Path, out: Path, ref) -> None:
+    resumed = run(slide_path, out)
+    assert resumed.blocks_skipped >= 2 and "tissue" not in resumed.timings  # stored inputs reused
     assert resumed.blocks_computed == ref.blocks_total - resumed.blocks_skipped
     a = np.asarray(zarr.open_group(str(ref.store), mode="r")["0"])
     b = np.asarray(zarr.open_group(str(resumed.store), mode="r")["0"])
     np.testing.assert_array_equal(a, b)  # NaNs in the same places, identical bits elsewhere
+
+
+def test_resume_after_sigkill_is_bit_identical(slide, tmp_path):
+    ref = run(slide.path, tmp_path / "ref")
+    out = tmp_path / "killed"
+    proc, done_blocks = _start_until_two_blocks(slide.path, out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert done_blocks >= 2, proc.stderr.read().decode()[-2000:]
+    assert done_blocks < ref.blocks_total, "the run finished before it could be killed"
+    _assert_resume_completes(slide.path, out, ref)
 
 
 def test_cli_analyze_error_is_one_line(tmp_path):
@@ -266,21 +271,8 @@ def test_resume_after_sigint_is_bit_identical(slide, tmp_path):
     """Ctrl-C: the run stops, says how to resume, and leaves a store the next run completes."""
     ref = run(slide.path, tmp_path / "ref")
     out = tmp_path / "interrupted"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(slide.path), str(out), "0.4"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    store = out / f"{slide.path.stem}.zarr"
-    deadline = time.monotonic() + 120
-    done_blocks = 0
+    proc, done_blocks = _start_until_two_blocks(slide.path, out)
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-            try:
-                done_blocks = int(np.asarray(zarr.open_group(str(store), mode="r")["wsi_cmaf/done"]).sum())
-            except (FileNotFoundError, KeyError, ValueError):
-                continue
-            if done_blocks >= 2:
-                break
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)  # it must stop by itself, not hang
     finally:
@@ -290,8 +282,4 @@ def test_resume_after_sigint_is_bit_identical(slide, tmp_path):
     err = err.decode()
     assert done_blocks >= 2, err[-2000:]
     assert proc.returncode != 0 and "KeyboardInterrupt" in err and "rerun the same call to resume" in err
-    resumed = run(slide.path, out)
-    assert resumed.blocks_skipped >= 2 and "tissue" not in resumed.timings
-    assert resumed.blocks_computed == ref.blocks_total - resumed.blocks_skipped
-    np.testing.assert_array_equal(np.asarray(zarr.open_group(str(ref.store), mode="r")["0"]),
-                                  np.asarray(zarr.open_group(str(resumed.store), mode="r")["0"]))
+    _assert_resume_completes(slide.path, out, ref)

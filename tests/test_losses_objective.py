@@ -23,6 +23,8 @@ def _aux(b: int = 6, requires_grad: bool = False) -> dict[str, torch.Tensor]:
         "reg_diversity": torch.tensor(-0.7),
         "reg_entropy": torch.tensor(2.1),
         "reg_orthogonality": torch.tensor(0.25),
+        "mu_s": torch.zeros(b, 4),  # bottleneck widths (4) for kl_normalization="per_dim"
+        "mu_t": torch.zeros(b, 4),
     }
     return {k: v.requires_grad_(requires_grad) for k, v in aux.items()}
 
@@ -67,7 +69,7 @@ def test_total_matches_hand_assembly_and_breakdown_sums() -> None:
     logits, target = _batch()
     aux = _aux()
     cfg = LossConfig(
-        loss="cross_entropy", fixed_beta=True, class_weighted_ib=False,
+        loss="cross_entropy", fixed_beta=True, class_weighted_ib=False, kl_normalization="sum",
         beta1=0.01, beta2=0.005, diversity_weight=0.1, entropy_weight=0.2, orthogonality_weight=0.3,
     )
     out = IBObjective(cfg, COUNTS)(logits, target, aux)
@@ -87,7 +89,8 @@ def test_total_matches_hand_assembly_and_breakdown_sums() -> None:
 
 def test_switches_and_missing_keys() -> None:
     logits, target = _batch()
-    base = dict(loss="cross_entropy", fixed_beta=True, class_weighted_ib=False)
+    base = dict(loss="cross_entropy", fixed_beta=True, class_weighted_ib=False, kl_normalization="sum",
+                diversity_weight=0.005)
     aux = _aux()
     aux["mi_st"] = torch.tensor(float("nan"))  # a switched-off term must not leak into the total
     no_mi = IBObjective(LossConfig(**base, use_mi=False), COUNTS)(logits, target, aux)
@@ -114,7 +117,7 @@ def test_gradients_reach_aux_terms_with_their_weights() -> None:
     logits, target = _batch()
     logits.requires_grad_(True)
     aux = _aux(requires_grad=True)
-    obj = IBObjective(LossConfig(loss="acbfl", ramp_steps=10), COUNTS)
+    obj = IBObjective(LossConfig(loss="acbfl", ramp_steps=10, kl_normalization="sum"), COUNTS)
     obj.update(0, total_steps=100)
     obj(logits, target, aux).total.backward()
     assert aux["kl_s"].grad is None or aux["kl_s"].grad.abs().sum() == 0  # β ramped to 0 at step 0
@@ -182,3 +185,23 @@ def test_loss_config_roundtrip_and_validation() -> None:
                 {"ramp_shape": "exp"}):
         with pytest.raises(ConfigError):
             LossConfig(**bad).validate()
+
+
+# --- KL normalisation ----------------------------------------------------------------------------------------
+def test_kl_per_dim_divides_each_branch_by_its_width() -> None:
+    logits, target = _batch()
+    aux = _aux()
+    aux["mu_s"], aux["mu_t"] = torch.zeros(6, 64), torch.zeros(6, 16)  # widths 64 and 16
+    cfg = dict(loss="cross_entropy", fixed_beta=True, class_weighted_ib=False, use_mi=False, use_diversity=False,
+               use_entropy=False, use_orthogonality=False, beta1=0.01)
+    per_dim = IBObjective(LossConfig(**cfg), COUNTS)(logits, target, aux)
+    summed = IBObjective(LossConfig(**cfg, kl_normalization="sum"), COUNTS)(logits, target, aux)
+    ce = F.cross_entropy(logits, target)
+    torch.testing.assert_close(per_dim.total, ce + 0.01 * (aux["kl_s"].mean() / 64 + aux["kl_t"].mean() / 16))
+    torch.testing.assert_close(summed.total, ce + 0.01 * (aux["kl_s"].mean() + aux["kl_t"].mean()))
+    # the default needs the widths: an aux without mu_* is an error, not a silent rescale
+    no_mu = {k: v for k, v in _aux().items() if not k.startswith("mu_")}
+    with pytest.raises(ConfigError, match="mu_s"):
+        IBObjective(LossConfig(**cfg), COUNTS)(logits, target, no_mu)
+    with pytest.raises(ConfigError):
+        LossConfig(kl_normalization="mean").validate()

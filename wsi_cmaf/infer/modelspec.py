@@ -1,13 +1,15 @@
 """Turn the ``model=`` argument of ``analyze_slide`` into a ready module plus its config.
 
 Accepted forms: a registry name (``"cmaf_net"``), a directory or ``.safetensors`` file
-with ``config.json`` beside it, a TorchScript file (``.pt``/``.ts``/``.torchscript``) with a
+with ``config.json`` beside it, a WSInfer model-zoo folder (``config.json`` in WSInfer's schema +
+``torchscript_model.pt``), a TorchScript file (``.pt``/``.ts``/``.torchscript``) with a
 JSON config beside it or given, or an ``nn.Module`` with a config. All validation happens
 here, before any slide is touched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -20,6 +22,8 @@ from torch import nn
 
 from wsi_cmaf.errors import ModelConfigError, ModelError
 from wsi_cmaf.models import ModelConfig, create_model, load_model
+from wsi_cmaf.models.io import CONFIG_NAME, WEIGHTS_NAME
+from wsi_cmaf.models.wsinfer import WSINFER_WEIGHTS_NAME, is_wsinfer_folder
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +121,11 @@ def resolve_model(
     path = Path(model)
     _check_config_beside(path)
     if path.exists():
+        if is_wsinfer_folder(path) and not (path / WEIGHTS_NAME).is_file():
+            path = path / WSINFER_WEIGHTS_NAME  # WSInfer's model-zoo layout: TorchScript + config.json
         if path.suffix in TORCHSCRIPT_SUFFIXES:
-            cfg_path = config if config is not None else path.with_suffix(".json")
-            cfg = _as_config(cfg_path, "torchscript")
+            cfg_path = config if config is not None else _torchscript_config(path)
+            cfg = _with_note(_as_config(cfg_path, "torchscript"), cfg_path, path)
             try:
                 module = torch.jit.load(str(path), map_location="cpu")
             except (RuntimeError, ValueError) as exc:
@@ -127,7 +133,9 @@ def resolve_model(
             _check_outputs(module, cfg, path.name)
             return ResolvedModel(module, cfg, cfg.architecture, _sha256_file(path), untrained=False)
         module, cfg = load_model(path)
-        weights = path if path.is_file() else path / "model.safetensors"
+        weights = path if path.is_file() else path / WEIGHTS_NAME
+        cfg_file = path / CONFIG_NAME if path.is_dir() else None
+        cfg = _with_note(cfg, cfg_file, weights)
         _check_outputs(module, cfg, cfg.architecture)
         untrained = cfg.weights_note.strip().lower().startswith("untrained")
         return ResolvedModel(module, cfg, cfg.architecture, _sha256_file(weights), untrained)
@@ -142,6 +150,27 @@ def resolve_model(
         _check_outputs(module, cfg, model)
         return ResolvedModel(module, cfg, model, state_dict_sha256(module), untrained=True)
     raise ModelError(f"model {model!s} is neither an existing file/directory nor a registered model name")
+
+
+def _torchscript_config(path: Path) -> Path:
+    """The JSON config of a TorchScript file: ``<stem>.json`` beside it, else ``config.json``
+    in its folder (WSInfer's model-zoo layout)."""
+    own = path.with_suffix(".json")
+    return own if own.is_file() or not (path.parent / CONFIG_NAME).is_file() else path.parent / CONFIG_NAME
+
+
+def _with_note(cfg: ModelConfig, cfg_path: Any, weights: Path) -> ModelConfig:
+    """``cfg`` with a weights note that says where the weights came from when its JSON file gave
+    none: weights loaded from a file are not "untrained" just because nobody wrote a note."""
+    if not isinstance(cfg_path, (str, Path)) or not Path(cfg_path).is_file() or cfg.translated_from:
+        return cfg
+    try:
+        raw = json.loads(Path(cfg_path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):  # already parsed once; keep the config as it is
+        return cfg
+    if isinstance(raw, dict) and "weights_note" not in raw:
+        return dataclasses.replace(cfg, weights_note=f"weights from {weights.name}, note not given")
+    return cfg
 
 
 def _check_config_beside(path: Path) -> None:
@@ -183,7 +212,9 @@ def quick_weights_sha256(model: Any) -> str | None:
         return None
     if path.suffix in TORCHSCRIPT_SUFFIXES or path.is_file():
         return _sha256_file(path) if path.is_file() else None
-    weights = path / "model.safetensors"
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file() and is_wsinfer_folder(path):
+        weights = path / WSINFER_WEIGHTS_NAME
     return _sha256_file(weights) if weights.is_file() else None
 
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from wsi_cmaf import __version__
 from wsi_cmaf.errors import NoDecodableTissueError, WsiCmafError
 from wsi_cmaf.infer.checks import check_device, check_inputs
+from wsi_cmaf.infer.callargs import UNSET, merge_run_config
 from wsi_cmaf.infer.config import InferenceConfig
 from wsi_cmaf.infer.inputs import RunInputs, load_inputs, restore_stain, run_identity, save_inputs, save_stain
 from wsi_cmaf.infer.modelspec import ResolvedModel, config_identity, resolve_model
@@ -28,6 +29,7 @@ from wsi_cmaf.infer.tasks import BlockFailure, SlideSpec, read_block_task
 from wsi_cmaf.output.provenance import api_call, run_provenance
 from wsi_cmaf.output.store import HeatmapStore
 from wsi_cmaf.slide.grid import GridConfig, TileGrid, block_read_backend
+from wsi_cmaf.slide.level0 import block_tiles_for_level0
 from wsi_cmaf.slide.reader import open_slide
 from wsi_cmaf.slide.tissue import TissueConfig, tissue_mask_from_rgb
 
@@ -78,21 +80,23 @@ def analyze_slide(
     model_config: Any = None,
     mpp: float | tuple[float, float] | None = None,
     backend: str = "auto",
-    device: str = "auto",
-    batch_size: int = 256,
-    stain: str | None = "auto",
+    device: str = UNSET,
+    batch_size: int = UNSET,
+    stain: str | None = UNSET,
     tissue: TissueConfig | None = None,
     resume: bool = True,
     overwrite: bool = False,
     client: Client | None = None,
-    progress: bool = True,
+    progress: bool = UNSET,
     config: InferenceConfig | None = None,
 ) -> SlideResult:
     """Analyse one slide and write its heatmap store, overlay PNG, GeoJSON and summary JSON.
 
     ``model``: registry name, weights directory/.safetensors, TorchScript file, or ``nn.Module``
     (with ``model_config``); None takes the project's default model. ``stain``: "auto" follows the
-    model config, "macenko" forces Macenko normalisation, None disables it. With ``resume`` a rerun
+    model config, "macenko" forces Macenko normalisation, None disables it. ``device`` ("auto"),
+    ``batch_size`` (256), ``stain`` ("auto") and ``progress`` (True) override the same fields of
+    ``config`` when passed explicitly (logged); left out, the config's values apply. With ``resume`` a rerun
     computes only the blocks not marked done (and retries blocks with undecodable tiles), reusing
     the stored tissue mask, grid and stain fit; ``overwrite`` replaces an existing store.
 
@@ -101,10 +105,7 @@ def analyze_slide(
     and the result lists them with their level-0 locations. The slide fails as a whole only when it
     cannot be opened or none of its tissue decodes (:class:`~wsi_cmaf.errors.NoDecodableTissueError`).
     """
-    cfg = config or InferenceConfig(
-        device=device, batch_size=batch_size, progress=progress,
-        stain=None if stain == "auto" else (stain or "none"),
-    )
+    cfg = merge_run_config(config, device=device, batch_size=batch_size, stain=stain, progress=progress)
     timer = _Timer()
     warn: list[str] = []
     slide_path = Path(path)
@@ -126,7 +127,9 @@ def analyze_slide(
         mc = resolved.config
         tcfg = tissue or TissueConfig()
         gcfg = GridConfig(mpp=mc.spacing_um_px, tile_size=mc.patch_size_pixels,
-                          tissue_threshold=cfg.tissue_threshold, block_tiles=cfg.block_tiles)
+                          tissue_threshold=cfg.tissue_threshold, source=mc.patch_source,
+                          block_tiles=cfg.block_tiles if mc.patch_source == "pyramid" else block_tiles_for_level0(
+                              cfg.block_tiles, mc.patch_size_pixels, mc.spacing_um_px, tuple(slide_mpp)))
         store_path = out_dir / f"{slide_path.stem}.zarr"
         identity = run_identity(reader, resolved, gcfg, tcfg, _stain_method(resolved, cfg))
         with timer("inputs"):  # a resumed run takes tissue mask, grid and stain fit from its store

@@ -26,6 +26,13 @@ from wsi_cmaf.errors import ModelConfigError
 SPEC_VERSION = "1.0"
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area")
 _STAIN_METHODS = (None, "macenko")
+#: Where tile pixels come from: "pyramid" cuts tiles from the pyramid level nearest the target
+#: µm/px (fast); "level0" reads each tile's region at full resolution and leaves the resize to
+#: the model's preprocessing, as WSInfer does (slower, same pixels as WSInfer).
+PATCH_SOURCES = ("pyramid", "level0")
+#: Fields added after stores were first written: omitted from ``to_dict`` at their defaults so the
+#: identity of existing stores (which includes the config) does not change and they still resume.
+_OMIT_AT_DEFAULT = {"patch_source": "pyramid", "translated_from": None}
 
 
 @dataclass
@@ -46,6 +53,10 @@ class ModelConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     weights_note: str = "untrained"
     spec_version: str = SPEC_VERSION
+    patch_source: str = "pyramid"
+    #: set when the config was translated from another format (e.g. a WSInfer config.json):
+    #: the original and what each of its parts became, for provenance.
+    translated_from: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.class_names = list(self.class_names)
@@ -81,6 +92,8 @@ class ModelConfig:
             problems.append("mean and std must hold 3 values each and std must be > 0")
         if self.stain_normalization not in _STAIN_METHODS:
             problems.append(f"stain_normalization must be one of {_STAIN_METHODS}")
+        if self.patch_source not in PATCH_SOURCES:
+            problems.append(f"patch_source must be one of {PATCH_SOURCES}, got {self.patch_source!r}")
         if problems:
             raise ModelConfigError("invalid model config: " + "; ".join(problems))
 
@@ -88,13 +101,24 @@ class ModelConfig:
         """A JSON-ready dict (tuples become lists)."""
         d = dataclasses.asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        for name, default in _OMIT_AT_DEFAULT.items():
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Build from a dict; unknown keys are an error (they are usually typos)."""
+        """Build from a dict; unknown keys are an error (they are usually typos).
+
+        A WSInfer model-zoo config (it has a ``transform`` list) is translated by
+        :func:`wsi_cmaf.models.wsinfer.translate_wsinfer_config`.
+        """
         if not isinstance(data, dict):
             raise ModelConfigError(f"model config must be a JSON object, got {type(data).__name__}")
+        if "transform" in data:
+            from wsi_cmaf.models.wsinfer import translate_wsinfer_config
+
+            return translate_wsinfer_config(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

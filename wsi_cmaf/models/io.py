@@ -62,6 +62,10 @@ def _locate(path: Path) -> tuple[Path, Path]:
     else:
         raise ModelError(f"{path}: expected a model directory or a .safetensors file")
     if not weights.is_file():
+        if path.is_dir():
+            # a WSInfer model-zoo folder is loaded as TorchScript by infer.modelspec.resolve_model
+            raise ModelError(f"{weights}: weights file not found (nor torchscript_model.pt of a WSInfer "
+                             "model folder); put the model's weights in this folder")
         raise ModelError(f"{weights}: weights file not found")
     if not cfg.is_file():
         raise ModelConfigError(f"{cfg}: config file not found next to the weights {weights.name}")

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from wsi_cmaf.errors import ConfigError, RequestTooLargeError
+from wsi_cmaf.slide.level0 import level0_tile_px, read_strip_level0
 
 if TYPE_CHECKING:
     from wsi_cmaf.slide.reader import SlideReader
@@ -58,8 +59,13 @@ class GridConfig:
     tissue_threshold: float = 0.5
     block_tiles: int = 32
     mpp_tolerance: float = 0.05
+    #: "pyramid": tiles from the level nearest ``mpp`` (fast); "level0": each tile is its region
+    #: at full resolution, left at native size for the model's resize (WSInfer's pixels).
+    source: str = "pyramid"
 
     def __post_init__(self) -> None:
+        if self.source not in ("pyramid", "level0"):
+            raise ConfigError(f"GridConfig.source must be 'pyramid' or 'level0', got {self.source!r}")
         if not (self.mpp > 0 and math.isfinite(self.mpp)):
             raise ConfigError(f"GridConfig.mpp must be a positive number, got {self.mpp}")
         if self.tile_size < 1:
@@ -170,6 +176,8 @@ class TileGrid:
     blocks: list[Block] = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.config.source == "level0":  # whoever built the grid, level-0 mode reads level 0
+            self.level, self.level_downsample = 0, 1.0
         thr = self.config.tissue_threshold
         self.tissue = (self.tissue_fraction >= thr) & (self.tissue_fraction > 0)
         k = self.config.block_tiles
@@ -327,6 +335,8 @@ def _read_strip(reader: SlideReader, grid: TileGrid, strip: tuple[int, int, int,
     """Tiles (rows, cols) of one strip ``(r0, r1, c0, c1)``, cut from ONE read of its window."""
     r0, r1, c0, c1 = strip
     t, step = grid.config.tile_size, grid.config.step
+    if grid.config.source == "level0" and not grid.exact:
+        return read_strip_level0(reader, grid, strip, rows, cols)
     window = np.ascontiguousarray(_read_target_window(reader, grid, r0 * step, c0 * step,
                                                       (r1 - r0) * step + t, (c1 - c0) * step + t))
     s0, s1, s2 = window.strides
@@ -348,7 +358,7 @@ def read_block(reader: SlideReader, grid: TileGrid, block: Block) -> BlockTiles:
     rows, cols = grid.tissue_indices(block)
     t, step = grid.config.tile_size, grid.config.step
     if rows.size == 0:
-        return BlockTiles(block, np.zeros((0, t, t, 3), np.uint8), rows, cols)
+        return BlockTiles(block, np.zeros((0, *_tile_shape(grid), 3), np.uint8), rows, cols)
     overhead = getattr(reader, "call_overhead_px", None)
     if overhead is None:
         strips = [(int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max()))]
@@ -356,7 +366,7 @@ def read_block(reader: SlideReader, grid: TileGrid, block: Block) -> BlockTiles:
         strips = plan_reads(rows, cols, t, step, float(overhead))
     if len(strips) == 1:  # the common case: no extra copy into a gathered array
         return BlockTiles(block, _read_strip(reader, grid, strips[0], rows, cols), rows, cols)
-    tiles = np.empty((rows.size, t, t, 3), np.uint8)
+    tiles = np.empty((rows.size, *_tile_shape(grid), 3), np.uint8)
     for strip in strips:
         sel = (rows >= strip[0]) & (rows <= strip[1])
         tiles[sel] = _read_strip(reader, grid, strip, rows[sel], cols[sel])
@@ -366,7 +376,18 @@ def read_block(reader: SlideReader, grid: TileGrid, block: Block) -> BlockTiles:
 def read_tile(reader: SlideReader, grid: TileGrid, row: int, col: int) -> np.ndarray:
     """One tile (t, t, 3) read on its own (reference for tests and naive loops)."""
     t, step = grid.config.tile_size, grid.config.step
+    if grid.config.source == "level0" and not grid.exact:
+        w0, h0 = level0_tile_px(t, grid.config.mpp, grid.slide_mpp)
+        return reader.read_region(grid.tile_location(row, col), 0, (w0, h0))[..., :3]
     return _read_target_window(reader, grid, row * step, col * step, t, t)
+
+
+def _tile_shape(grid: TileGrid) -> tuple[int, int]:
+    """(height, width) of the tiles :func:`read_block` returns for ``grid``."""
+    if grid.config.source == "level0" and not grid.exact:
+        w0, h0 = level0_tile_px(grid.config.tile_size, grid.config.mpp, grid.slide_mpp)
+        return (h0, w0)
+    return (grid.config.tile_size, grid.config.tile_size)
 
 
 def block_read_backend(reader: SlideReader) -> str:

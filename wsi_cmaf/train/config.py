@@ -74,7 +74,11 @@ class DataConfig:
     synthetic_dir: str | None = None  # default: <output_dir>/synthetic_data
     imbalance_ratio: str | None = None  # e.g. "95:5": undersample the TRAIN split only
     target: str = "label"  # "label" (benign/malignant) or "subtype" (BreakHis 8-class)
-    batch_size: int = 64
+    # Sec. 5.3: "batch size of 128 (64 per GPU with gradient accumulation)": each optimiser step sees
+    # batch_size samples, processed in passes of micro_batch_size (gradients accumulated; BatchNorm and
+    # the HSIC estimate see one micro-batch, as each GPU did). None = one pass per step.
+    batch_size: int = 128
+    micro_batch_size: int | None = 64
     eval_batch_size: int = 256
     num_workers: int = 0
     in_memory: bool = True
@@ -84,6 +88,13 @@ class DataConfig:
     stain_patches_per_patient: int = 64  # patches sampled to fit each patient's Macenko matrix
     max_steps_per_epoch: int | None = None  # cap (quick runs); None = full pass over train
 
+    @property
+    def accumulation_steps(self) -> int:
+        """Forward/backward passes per optimiser step for a full batch (1 = no accumulation)."""
+        if self.micro_batch_size is None or self.micro_batch_size >= self.batch_size:
+            return 1
+        return -(-self.batch_size // self.micro_batch_size)
+
     def validate(self) -> None:
         """Raise :class:`ConfigError` on inconsistent values."""
         if (self.source is None) == (self.synthetic is None):
@@ -92,6 +103,8 @@ class DataConfig:
             raise ConfigError(f"data.target must be 'label' or 'subtype', got {self.target!r}")
         if self.batch_size < 2 or self.eval_batch_size < 1:
             raise ConfigError("data.batch_size must be >= 2 and eval_batch_size >= 1")
+        if self.micro_batch_size is not None and self.micro_batch_size < 2:
+            raise ConfigError("data.micro_batch_size must be >= 2 (BatchNorm, HSIC) or null")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ConfigError("data.max_steps_per_epoch must be >= 1 or null")
 

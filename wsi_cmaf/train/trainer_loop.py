@@ -265,9 +265,31 @@ def batch_loss(ctx: RunContext, rt: StageRuntime, x: torch.Tensor, y: torch.Tens
     return out.total, per_sample, out.terms, aux
 
 
+def micro_batches(x: torch.Tensor, y: torch.Tensor, micro: int | None
+                  ) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """Split a batch for gradient accumulation: ``[(x_i, y_i, w_i)]`` with ``w_i = len_i / len``.
+
+    ``micro`` None or >= the batch: one chunk of weight 1. Otherwise ``ceil(len/micro)`` chunks of
+    near-equal size (they differ by at most one sample), never fewer than 2 samples each (BatchNorm
+    and the HSIC estimate need 2): a short last batch of an epoch is split into fewer chunks. The
+    sizes come from the shape, so splitting needs no host sync.
+    """
+    n = len(y)
+    if micro is None or n <= micro:
+        return [(x, y, 1.0)]
+    k = max(1, min(-(-n // micro), n // 2))
+    return [(xc, yc, len(yc) / n) for xc, yc in zip(x.tensor_split(k), y.tensor_split(k))]
+
+
 def optimizer_update(ctx: RunContext, rt: StageRuntime, x: torch.Tensor, y: torch.Tensor,
                      log: bool) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
     """One optimiser update (two passes with SAM) -> (loss at w, log values, found_inf).
+
+    With ``data.micro_batch_size`` smaller than the batch, each pass runs over micro-batches and
+    accumulates their gradients, each micro-batch's loss weighted by its share of the batch, so
+    the applied gradient is that of the batch-mean loss (Sec. 5.3: 128 = 2 × 64). SAM perturbs
+    the weights once, with the whole batch's gradient. Logged values (loss terms, aux statistics,
+    per-class gradient norms) are those of the first micro-batch.
 
     ``found_inf`` (0-d float on the device) is 1.0 when a pass had non-finite gradients; the
     update was then skipped on the device: weights and optimiser state are unchanged. Nothing is
@@ -275,23 +297,33 @@ def optimizer_update(ctx: RunContext, rt: StageRuntime, x: torch.Tensor, y: torc
     """
     amp, opt = ctx.amp, rt.optimizer
     params = rt.params()
+    data = getattr(ctx.config, "data", None)  # minimal contexts (unit tests) carry no data section
+    chunks = micro_batches(x, y, data.micro_batch_size if data is not None else None)
+    accumulate = len(chunks) > 1
     opt.zero_grad(set_to_none=True)
-    with amp.autocast():
-        loss, per_sample, terms, aux = batch_loss(ctx, rt, x, y)
     values: dict[str, float] = {}
-    if log:
-        values.update({k: float(v) for k, v in terms.items()})
-        values["total"] = float(loss.detach())
-        values.update(aux_statistics(aux))
-        values.update(per_class_grad_norms(per_sample, y, rt.grad_params, ctx.config.model.num_classes))
-    del aux, per_sample
-    amp.backward(loss)
+    total: torch.Tensor | None = None
+    for i, (xc, yc, weight) in enumerate(chunks):
+        with amp.autocast():
+            loss, per_sample, terms, aux = batch_loss(ctx, rt, xc, yc)
+        if log and i == 0:
+            values.update({k: float(v) for k, v in terms.items()})
+            values["total"] = float(loss.detach())
+            values.update(aux_statistics(aux))
+            values.update(per_class_grad_norms(per_sample, yc, rt.grad_params, ctx.config.model.num_classes))
+        del aux, per_sample
+        if accumulate:
+            loss = loss * weight
+        amp.backward(loss)
+        total = loss.detach() if total is None else total + loss.detach()
+    assert total is not None
     amp.unscale(opt)
     if isinstance(opt, SAM):
         found = opt.first_step(zero_grad=True)  # no perturbation when the gradient is not finite
-        with frozen_bn_stats(ctx.model), amp.autocast():
-            loss2 = batch_loss(ctx, rt, x, y)[0]
-        amp.backward(loss2)
+        for xc, yc, weight in chunks:
+            with frozen_bn_stats(ctx.model), amp.autocast():
+                loss2 = batch_loss(ctx, rt, xc, yc)[0]
+            amp.backward(loss2 * weight if accumulate else loss2)
         amp.unscale(opt.base_optimizer)
         found = torch.maximum(found, nonfinite_flag(params))
         # Clip the gradient that is actually applied (SAM normalises the first one anyway).
@@ -310,7 +342,7 @@ def optimizer_update(ctx: RunContext, rt: StageRuntime, x: torch.Tensor, y: torc
     # The schedule advances with every update, skipped or not (as in torch's AMP recipe): knowing
     # whether it was skipped would need a host sync, and the schedule stays a function of the step.
     rt.scheduler.step()
-    return loss.detach(), values, found
+    return total, values, found
 
 
 # ----------------------------------------------------------------------------- epochs
