@@ -83,7 +83,7 @@ def main() -> None:
         rows = [("task", task)] + [(n, getattr(cfg, REG_TERMS[n][0]) * v) for n, v in raw.items()]
         for name, value in rows:
             norms = "  ".join(f"{g}={grad_norm(value, ps):.2e}" for g, ps in groups.items())
-            print(f"  {name:18s} value={float(value):+.4e}  grad: {norms}")
+            print(f"  {name:18s} value={float(value.detach()):+.4e}  grad: {norms}")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ def resize_matrix(n_in: int, n_out: int, mode: str = "bicubic") -> torch.Tensor:
     runs ~5x slower than the two small matrix products that give the same numbers (50 -> 64 px,
     256 tiles: ~30 ms vs ~5 ms), which is a tenth of a cheap model's time per tile.
     """
+    mode = "bilinear" if mode == "pil_bilinear" else mode  # same filter; the rounding is the caller's
     eye = torch.eye(n_in, dtype=torch.float64).view(1, 1, n_in, n_in)
     smooth = mode in {"bilinear", "bicubic"}
     kwargs = {"align_corners": False, "antialias": n_out < n_in} if smooth else {}
@@ -97,8 +98,25 @@ class TilePreprocessor(nn.Module):
             self._matrices[key] = resize_matrix(n_in, self.input_size, self.interpolation).to(device)
         return self._matrices[key]
 
+    def _pil_bilinear(self, tiles: torch.Tensor, uint8_kernel: bool | None = None) -> torch.Tensor:
+        """PIL-style resize: antialiased bilinear on uint8, rounded to uint8 (WSInfer's pixels).
+
+        On CPU torch's uint8 kernel (channels_last) reproduces PIL's result (measured against
+        PIL on slide patches: mean |diff| < 0.01 grey level, max 1) about 10x faster than the
+        float path; elsewhere the float matrices are used and rounded the same way.
+        """
+        x = tiles.permute(0, 3, 1, 2)  # NCHW view of NHWC memory = channels_last, no copy
+        if x.device.type == "cpu" if uint8_kernel is None else uint8_kernel:
+            size = (self.input_size, self.input_size)
+            return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).to(torch.float32)
+        h, w = x.shape[-2:]
+        x = self._matrix(h, x.device) @ x.to(torch.float32) @ self._matrix(w, x.device).T
+        return x.round_().clamp_(0.0, 255.0)
+
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         """``tiles``: uint8 (B, H, W, 3) -> float32 (B, 3, S, S)."""
+        if self.interpolation == "pil_bilinear" and self.stain is None and tiles.shape[1:3] != (self.input_size,) * 2:
+            return self._pil_bilinear(tiles).sub_(self.mean).div_(self.std)
         x = tiles.permute(0, 3, 1, 2).to(torch.float32, copy=True)  # own copy: modified in place below
         if self.stain is not None:
             x = self.stain(x)

@@ -25,7 +25,14 @@ from wsi_cmaf.losses.baselines import (
     effective_number_weights,
     ldam_margins,
 )
-from wsi_cmaf.losses.objective import IBObjective, LossConfig, ObjectiveOutput, beta_ramp, class_ib_weights
+from wsi_cmaf.losses.objective import (
+    LOSS_PRESETS,
+    IBObjective,
+    LossConfig,
+    ObjectiveOutput,
+    beta_ramp,
+    class_ib_weights,
+)
 from wsi_cmaf.losses.registry import ALIASES, LOSSES, canonical_loss_name, create_loss
 
 __all__ = [
@@ -39,6 +46,7 @@ __all__ = [
     "ImbalanceLoss",
     "LDAMLoss",
     "LOSSES",
+    "LOSS_PRESETS",
     "LossConfig",
     "ObjectiveOutput",
     "acbfl_alpha",

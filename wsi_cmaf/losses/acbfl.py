@@ -14,6 +14,8 @@
   over-confidence) is the confidence penalty of Pereyra et al. (2017), ``−λH(p)``, which for
   small λ acts like label smoothing towards the uniform distribution. We therefore **subtract**
   ``λ·H(p_i)``. Passing a negative ``lambda_smooth`` reproduces the literal ``+|λ|H`` of Eq. 14.
+  The **default is λ = 0**: with γ_c >= 2 any confidence penalty caps the optimum of a correct
+  prediction (p* = 0.80 at λ = 0.1, and lower for the minority class), see MODEL.md "Loss scales".
 * Reduction: Eq. 14 sums over the batch; we default to the mean so the scale (and the effective
   learning rate) does not change with the batch size. ``reduction="sum"`` gives the paper's form.
 """

@@ -24,7 +24,8 @@ from typing import Any
 from wsi_cmaf.errors import ModelConfigError
 
 SPEC_VERSION = "1.0"
-_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area")
+#: "pil_bilinear": antialiased bilinear rounded to uint8, as PIL's resize (WSInfer's Resize on a PIL image).
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area", "pil_bilinear")
 _STAIN_METHODS = (None, "macenko")
 #: Where tile pixels come from: "pyramid" cuts tiles from the pyramid level nearest the target
 #: µm/px (fast); "level0" reads each tile's region at full resolution and leaves the resize to

@@ -6,8 +6,9 @@ A WSInfer model folder holds ``config.json`` (WSInfer's schema, ``spec_version``
 ``transform`` (torchvision ``Resize`` -> ``ToTensor`` -> ``Normalize``) to the PIL image. The
 translation reproduces that exactly where it can and refuses what it cannot:
 
-* ``Resize(size)`` -> ``input_size`` with bilinear resizing, antialiased when shrinking (what
-  PIL's bilinear filter and torchvision's tensor ``Resize(antialias=True)`` compute);
+* ``Resize(size)`` -> ``input_size`` with antialiased bilinear resizing: ``"pil_bilinear"``
+  (rounded to uint8, as PIL does) when it comes before ``ToTensor`` (WSInfer resizes the PIL
+  image), ``"bilinear"`` (float, torchvision's tensor ``Resize(antialias=True)``) after it;
 * ``ToTensor`` -> the /255 scaling (folded into mean/std by the preprocessor);
 * ``Normalize(mean, std)`` -> ``mean``/``std``;
 * no stain normalisation, ``patch_source="level0"`` (tiles cut from full-resolution reads).
@@ -95,6 +96,7 @@ def translate_wsinfer_config(data: dict[str, Any], source: str | Path | None = N
     where = str(source) if source is not None else "WSInfer config"
     _check_schema(data, where)
     input_size: int | None = None
+    interpolation = "bilinear"
     mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     seen: list[str] = []
     notes: list[str] = []
@@ -109,9 +111,10 @@ def translate_wsinfer_config(data: dict[str, Any], source: str | Path | None = N
             raise UnsupportedTransformError(f"{where}: transform {name} appears twice; give each at most once")
         if name == "Resize":
             input_size = _resize_size(args, where)
-            notes.append(f"Resize(size={input_size}) -> input_size={input_size}, bilinear, antialiased when "
-                         "shrinking" + (" (PIL image: WSInfer rounds to uint8 after it, wsi-cmaf does not)"
-                                        if "ToTensor" not in seen else ""))
+            # before ToTensor torchvision resizes the PIL image: PIL's filter, rounded to uint8
+            interpolation = "pil_bilinear" if "ToTensor" not in seen else "bilinear"
+            notes.append(f"Resize(size={input_size}) -> input_size={input_size}, "
+                         f"resize_interpolation={interpolation!r} (antialiased bilinear)")
         elif name == "Normalize":
             if "ToTensor" not in seen:
                 raise UnsupportedTransformError(f"{where}: Normalize comes before ToTensor; it must follow it")
@@ -137,7 +140,7 @@ def translate_wsinfer_config(data: dict[str, Any], source: str | Path | None = N
         return ModelConfig(
             architecture=data["architecture"], num_classes=n, class_names=list(data["class_names"]),
             positive_class=1 if n > 1 else 0, spacing_um_px=float(data["spacing_um_px"]),
-            patch_size_pixels=data["patch_size_pixels"], input_size=input_size, resize_interpolation="bilinear",
+            patch_size_pixels=data["patch_size_pixels"], input_size=input_size, resize_interpolation=interpolation,
             mean=mean, std=std, stain_normalization=None, patch_source="level0",
             weights_note=f"weights from {weights} (WSInfer model config), note not given",
             translated_from={"format": "wsinfer", "source": str(source) if source is not None else None,
