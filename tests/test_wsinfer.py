@@ -211,3 +211,20 @@ def test_explicit_arguments_override_config() -> None:
     assert merge_run_config(base, device=UNSET, batch_size=UNSET, stain=UNSET, progress=UNSET) is base
     plain = merge_run_config(None, device=UNSET, batch_size=UNSET, stain="auto", progress=UNSET)
     assert (plain.batch_size, plain.stain) == (256, None)
+
+
+def test_torchscript_batches_are_padded_to_few_shapes() -> None:
+    """TorchScript re-optimises per input shape: the runner pads its batches (outputs unchanged)."""
+    from wsi_cmaf.infer.runner import BatchRunner
+
+    torch.manual_seed(0)
+    eager = TinyNet().eval()
+    scripted = torch.jit.script(eager)
+    pre = TilePreprocessor(32, tuple(MEAN), tuple(STD), "pil_bilinear")
+    runner = BatchRunner(scripted, pre, torch.device("cpu"), 16, "off", compile="off")
+    assert runner.fixed_shapes and runner.padded(5) == 8 and runner.padded(16) == 16
+    tiles = np.random.default_rng(0).integers(0, 256, (21, 40, 40, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        expected = torch.softmax(eager(pre(torch.from_numpy(tiles))), 1).numpy()
+    np.testing.assert_allclose(runner(tiles), expected, atol=1e-5)
+    assert not BatchRunner(eager, pre, torch.device("cpu"), 16, "off", compile="off").fixed_shapes

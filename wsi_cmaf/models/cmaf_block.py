@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsi_cmaf.errors import ModelConfigError
 from wsi_cmaf.models.config import parse_tau_init
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,61 @@ def diversity_regulariser(attn: torch.Tensor) -> torch.Tensor:
     return -(d2.sum(dim=(1, 2)) / (pairs * 2.0 * nq)).mean()
 
 
+def log_frequency_prior(num_classes: int, class_counts: tuple[float, ...] | None = None) -> torch.Tensor:
+    """log pi_c from class counts (C,); a uniform prior when ``class_counts`` is None."""
+    if class_counts is None:
+        return torch.full((num_classes,), -math.log(num_classes))
+    if len(class_counts) != num_classes:
+        raise ModelConfigError(f"dfa_class_counts has {len(class_counts)} entries for {num_classes} classes")
+    counts = torch.as_tensor(class_counts, dtype=torch.float32)
+    if not bool((counts > 0).all()):
+        raise ModelConfigError("dfa_class_counts must all be > 0")
+    return (counts / counts.sum()).log()
+
+
+class DFAReadout(nn.Module):
+    """Dynamic Focal Attention: a class-attention readout of the fused tokens with class biases.
+
+    C learnable class queries attend over the fused tokens with the CMAF heads' temperatures:
+    l[h, c, n] = <q_hc, k_hn> / (sqrt(d_h) tau_h) + b[h, c]. The softmax runs over *classes*
+    (each location shares its attention among the classes): a softmax over tokens would cancel
+    a per-class constant, so the bias would do nothing. b starts at log class frequency and is
+    learned, so it moves from "how common is c" towards "how much evidence does c need".
+    Each class's readout (mean over tokens of its attention-weighted values) goes through one
+    shared linear map to a logit offset, so class identity enters only through the attention.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_classes: int,
+                 class_counts: tuple[float, ...] | None = None) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.num_classes = num_heads, dim // num_heads, num_classes
+        self.class_queries = nn.Parameter(torch.randn(num_heads, num_classes, self.head_dim) * 0.02)
+        self.key = nn.Linear(dim, dim)
+        self.class_bias = nn.Parameter(log_frequency_prior(num_classes, class_counts).repeat(num_heads, 1))
+        self.out = nn.Linear(dim, 1, bias=False)  # a bias shared by all classes would cancel
+
+    @torch.no_grad()
+    def reset_prior(self, class_counts: tuple[float, ...] | None) -> None:
+        """Re-initialise the biases from class counts (e.g. counted on the training data)."""
+        self.class_bias.copy_(log_frequency_prior(self.num_classes, class_counts).repeat(self.num_heads, 1))
+
+    def forward(self, tokens: torch.Tensor, tau: torch.Tensor,
+                aux: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Fused tokens (B, N, D) -> per-class logit offsets (B, C)."""
+        b, n, _ = tokens.shape
+        k = self.key(tokens).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # B,H,N,dh
+        v = tokens.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        scale = 1.0 / (math.sqrt(self.head_dim) * tau.to(k.dtype).view(1, -1, 1, 1))
+        logits = torch.einsum("hcd,bhnd->bhcn", self.class_queries.to(k.dtype), k) * scale
+        attn = torch.softmax(logits + self.class_bias.to(k.dtype).view(1, self.num_heads, -1, 1), dim=2)
+        readout = torch.einsum("bhcn,bhnd->bchd", attn, v).reshape(b, self.num_classes, -1) / n
+        if aux is not None:
+            aux["dfa_attn"] = attn  # (B, H, C, N)
+            aux["dfa_bias"] = self.class_bias  # (H, C), for per-class logging
+            aux["dfa_class_mass"] = attn.float().mean(dim=(0, 1, 3))  # (C,)
+        return self.out(readout).squeeze(-1)
+
+
 class CMAFBlock(nn.Module):
     """Queries from F_s, keys/values from F_t, per-head learnable temperature, gated fusion.
 
@@ -72,6 +128,8 @@ class CMAFBlock(nn.Module):
         reg_entropy: bool = True,
         reg_orthogonality: bool = True,
         attn_dropout: float = 0.0,
+        dfa_classes: int = 0,
+        dfa_class_counts: tuple[float, ...] | None = None,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -96,6 +154,14 @@ class CMAFBlock(nn.Module):
         # Per-head weights of the entropy regulariser (softmax over heads, start uniform).
         self.entropy_logits = nn.Parameter(torch.zeros(num_heads)) if reg_entropy else None
         self.gate = nn.Conv2d(2 * dim, dim, 1) if gating else None
+        # Created last and only when asked, so DFA-off models draw the same initial weights
+        # and have the same state_dict as before DFA existed.
+        self.dfa = DFAReadout(dim, num_heads, dfa_classes, dfa_class_counts) if dfa_classes else None
+
+    def attach_dfa(self, num_classes: int, class_counts: tuple[float, ...] | None = None) -> DFAReadout:
+        """Add the DFA class readout (CMAF-Net calls this after building its head, see there)."""
+        self.dfa = DFAReadout(self.dim, self.num_heads, num_classes, class_counts)
+        return self.dfa
 
     @property
     def tau(self) -> torch.Tensor:

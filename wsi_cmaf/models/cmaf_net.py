@@ -57,15 +57,21 @@ class CMAFNet(nn.Module):
         self.vib_t = VariationalBottleneck(d_t, cfg.bottleneck_dim, cfg.logvar_clamp) if d_t else None
         fused_dim = cfg.context_dim if self.cmaf is not None else d_s + d_t
         n_z = int(self.vib_s is not None) + int(self.vib_t is not None)
-        self.num_features = fused_dim + n_z * cfg.bottleneck_dim
+        # With DFA the head input ends with the C per-class logit offsets of the class readout.
+        self.dfa_dims = num_classes if cfg.dfa and self.cmaf is not None else 0
+        self.num_features = fused_dim + n_z * cfg.bottleneck_dim + self.dfa_dims
         layers: list[nn.Module] = []
-        width = self.num_features
+        width = self.num_features - self.dfa_dims
         for hidden in cfg.head_hidden:
             layers += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(cfg.dropout)]
             width = hidden
         self.head_hidden = nn.Sequential(*layers)
         self.head_drop = nn.Dropout(cfg.dropout)
         self.fc = nn.Linear(width, num_classes)
+        if self.dfa_dims:
+            # Built after everything else so a DFA model and a DFA-off model with the same seed
+            # start from identical weights everywhere else (paired ablations).
+            self.cmaf.attach_dfa(num_classes, cfg.dfa_class_counts)
 
     # ------------------------------------------------------------------ features
     def _features(self, x: torch.Tensor, aux: dict[str, torch.Tensor] | None) -> torch.Tensor:
@@ -77,8 +83,12 @@ class CMAFNet(nn.Module):
         parts: list[torch.Tensor] = []
         pooled_s = f_s.mean(dim=(2, 3)) if f_s is not None else None
         pooled_t = f_t.mean(dim=(2, 3)) if f_t is not None else None
+        dfa_offsets = None
         if self.cmaf is not None:
-            parts.append(self.cmaf(f_s, f_t, aux).mean(dim=(2, 3)))
+            fused = self.cmaf(f_s, f_t, aux)
+            parts.append(fused.mean(dim=(2, 3)))
+            if self.cmaf.dfa is not None:
+                dfa_offsets = self.cmaf.dfa(fused.flatten(2).transpose(1, 2), self.cmaf.tau, aux)
         else:  # "simple concatenation" ablation and the single-branch ablations
             parts.extend(p for p in (pooled_s, pooled_t) if p is not None)
         zs: dict[str, torch.Tensor] = {}
@@ -93,6 +103,8 @@ class CMAFNet(nn.Module):
                 aux[f"kl_{tag}"] = gaussian_kl(mu, logvar)
         if aux is not None and len(zs) == 2:
             aux["mi_st"] = normalized_hsic(zs["s"], zs["t"])
+        if dfa_offsets is not None:
+            parts.append(dfa_offsets)
         return torch.cat(parts, dim=1)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,8 +113,11 @@ class CMAFNet(nn.Module):
 
     def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Head input -> logits (B, C), or the last hidden layer when ``pre_logits``."""
-        h = self.head_hidden(feats)
-        return h if pre_logits else self.fc(self.head_drop(h))
+        if not self.dfa_dims:
+            h = self.head_hidden(feats)
+            return h if pre_logits else self.fc(self.head_drop(h))
+        h = self.head_hidden(feats[:, : -self.dfa_dims])
+        return h if pre_logits else self.fc(self.head_drop(h)) + feats[:, -self.dfa_dims:]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised RGB -> logits (B, num_classes)."""

@@ -243,6 +243,11 @@ class CMAFConfig:
     reg_entropy: bool = True
     reg_orthogonality: bool = True
     attn_dropout: float = 0.0
+    # Dynamic Focal Attention: a class-attention readout inside the CMAF block with a learnable
+    # per-class, per-head logit bias initialised from log class frequencies (MODEL.md). Off by
+    # default, and when off no parameter is created, so existing weights compute as before.
+    dfa: bool = False
+    dfa_class_counts: tuple[float, ...] | None = None  # prior counts; None = uniform prior
     # --- information bottleneck (Sec. 3.1-3.3) ---
     bottleneck_dim: int = 64
     logvar_clamp: float = 10.0
@@ -258,6 +263,8 @@ class CMAFConfig:
         for name in ("spatial_skip_stages", "mvit_channels", "mvit_dims", "mvit_depths",
                      "pos_scales", "head_hidden"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.dfa_class_counts is not None:
+            object.__setattr__(self, "dfa_class_counts", tuple(float(c) for c in self.dfa_class_counts))
         self.validate()
 
     @property
@@ -319,6 +326,12 @@ class CMAFConfig:
             problems.append("beta1 and beta2 must be >= 0")
         if not 0 <= self.dropout < 1 or not 0 <= self.attn_dropout < 1:
             problems.append("dropout rates must lie in [0, 1)")
+        if self.dfa and not self.use_cmaf:
+            problems.append("dfa needs the CMAF block (branches='both', fusion='cmaf')")
+        if self.dfa_class_counts is not None and (
+            not self.dfa_class_counts or any(not c > 0 for c in self.dfa_class_counts)
+        ):
+            problems.append("dfa_class_counts must be positive counts, one per class")
         try:
             parse_tau_init(self.tau_init)
         except ModelConfigError as exc:
@@ -327,8 +340,15 @@ class CMAFConfig:
             raise ModelConfigError("invalid CMAF-Net config: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of every field."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """JSON-ready dict of every field (DFA fields only when DFA is on).
+
+        The DFA fields are left out at their defaults so a DFA-off model saves the same
+        ``config.json`` (and hence the same store identity) as before the fields existed.
+        """
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        if not self.dfa and self.dfa_class_counts is None:
+            out.pop("dfa"), out.pop("dfa_class_counts")
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CMAFConfig:
