@@ -101,6 +101,21 @@ def _rejects_frame(rejects: list[dict[str, str]]) -> pd.DataFrame:
     return pd.DataFrame(rejects, columns=["path", "reason"])
 
 
+def _scan_tree(kind: str, what: str, root: str | Path, parse: Callable, relative_to: str | Path | None,
+               strict: bool) -> tuple[pd.DataFrame, list[dict[str, str]], int]:
+    """Every PNG under ``root`` (any depth) parsed into rows, plus the rejects and the duplicate count."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ManifestError(f"{kind} root is not a directory: {root}")
+    files = _depth_first(root, root.rglob("*.png"))
+    rows, rejects, duplicates = _collect(kind, root, files, parse, relative_to, strict)
+    if not rows:
+        raise ManifestError(f"no {kind} {what} found under {root}"
+                            + (f" ({len(rejects)} file(s) rejected, first: {rejects[0]['path']}: "
+                               f"{rejects[0]['reason']})" if rejects else ""))
+    return pd.DataFrame(rows), rejects, duplicates
+
+
 def _idc_parse(file: Path) -> tuple[dict[str, object] | None, str | None, object]:
     m = _IDC_RE.match(file.name)
     folder_patient, folder_cls = file.parent.parent.name, file.parent.name
@@ -128,16 +143,8 @@ def scan_idc(
     The same patch (patient, x, y, class) found twice, e.g. in the nested copy of the tree that
     the common download contains, is kept once (the shallowest) and counted as a duplicate.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise ManifestError(f"IDC root is not a directory: {root}")
-    files = _depth_first(root, root.rglob("*.png"))
-    rows, rejects, duplicates = _collect("IDC", root, files, _idc_parse, relative_to, strict)
-    if not rows:
-        raise ManifestError(f"no IDC patches (PATIENT/{{0,1}}/*.png) found under {root}"
-                            + (f" ({len(rejects)} file(s) rejected, first: {rejects[0]['path']}: "
-                               f"{rejects[0]['reason']})" if rejects else ""))
-    frame = pd.DataFrame(rows)
+    frame, rejects, duplicates = _scan_tree("IDC", "patches (PATIENT/{0,1}/*.png)", root, _idc_parse,
+                                            relative_to, strict)
     # IDC patients hold both classes; stratify on whether a patient has any positive patch.
     stratum = frame.groupby("patient_id")["label"].max()
     return ManifestBuild("idc", _with_splits(frame, stratum, fractions, seed), _rejects_frame(rejects), duplicates)
@@ -180,14 +187,8 @@ def scan_breakhis(
     stratified by subtype, so every split sees every subtype where possible. Every PNG is a
     candidate; one whose name does not parse is a reject (``strict``: a ManifestError).
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise ManifestError(f"BreakHis root is not a directory: {root}")
-    files = _depth_first(root, root.rglob("*.png"))
-    rows, rejects, duplicates = _collect("BreakHis", root, files, _breakhis_parse, relative_to, strict)
-    if not rows:
-        raise ManifestError(f"no BreakHis images (SOB_*.png) found under {root}")
-    frame = pd.DataFrame(rows)
+    frame, rejects, duplicates = _scan_tree("BreakHis", "images (SOB_*.png)", root, _breakhis_parse,
+                                            relative_to, strict)
     stratum = frame.groupby("patient_id")["subtype"].first()
     return ManifestBuild("breakhis", _with_splits(frame, stratum, fractions, seed), _rejects_frame(rejects),
                          duplicates)
