@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 from types import ModuleType
@@ -25,7 +26,8 @@ logger = logging.getLogger("wsi_cmaf")
 def add_inference_options(p: argparse.ArgumentParser, *, reader_threads_default: int | None) -> None:
     """Options shared by ``analyze`` and ``batch``: precision, compile, reader threads, exports."""
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="autocast: auto = bf16/fp16 on CUDA, fp32 on CPU; off = fp32 everywhere")
+                   help="autocast: auto = bf16/fp16 on CUDA, bf16 on CPUs with native bf16 (AMX, AVX512-BF16) "
+                        "else fp32; off = fp32 everywhere")
     p.add_argument("--compile", default="auto",
                    choices=["auto", "off", "on", "default", "max-autotune", "reduce-overhead"],
                    help="torch.compile the model (auto: on CUDA only; the first batches compile)")
@@ -107,7 +109,13 @@ def _quiet_distributed() -> None:
 
     distributed sets its loggers' levels from dask's config when it is first imported (and
     hands that config to worker processes), so the root level alone does not silence it.
+    Verbs that never use dask must not pay for importing it: until dask is imported, the same
+    setting goes in through dask's environment variable, which dask reads when it is first
+    imported (and worker processes inherit).
     """
+    if "dask" not in sys.modules:
+        os.environ["DASK_LOGGING__DISTRIBUTED"] = "warning"
+        return
     import dask
 
     dask.config.set({"logging.distributed": "warning"})

@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "all listed up front)")
     p.add_argument("--stain-patches", type=int, default=64,
                    help="patches per patient for its Macenko fit (as data.stain_patches_per_patient in training)")
+    p.add_argument("--compare", default=None, metavar="OTHER_CHECKPOINT",
+                   help="a second checkpoint to compare on the same samples: adds the exact McNemar test of "
+                        "the two models' predictions (discordant pairs, binomial p-value) to metrics.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.manifest, split=args.split, out_dir=args.out, target=args.target,
         device=args.device, batch_size=args.batch_size, n_boot=args.bootstrap, seed=args.seed,
         check_images=args.check_images, stain_patches_per_patient=args.stain_patches,
-        progress=not args.no_progress,
+        progress=not args.no_progress, compare=args.compare,
     )
     print(f"{report['n']} patches ({args.split}, target {report['target']}), model {report['model_dir']}")
     metrics = report["metrics"]
@@ -58,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
     for mag, m in (report.get("per_magnification") or {}).items():
         keys = ("balanced_accuracy", "auprc", "sensitivity", "specificity", "macro_f1")
         print(f"  magnification {mag}: " + ", ".join(f"{k} {_fmt(m[k])}" for k in keys if k in m))
+    mc = report.get("mcnemar")
+    if mc:
+        print(f"  McNemar vs {mc['model_b']}: only this model right {mc['a_only_correct']}, only the other "
+              f"{mc['b_only_correct']}; exact p = {mc['p_value']:.4g}")
     print(f"metrics: {out / 'metrics.json'}")
     for fig in report.get("figures", []):
         print(f"figure: {fig}")

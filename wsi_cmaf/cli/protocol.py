@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="base training config (YAML/JSON: data source, model, stages...); required except "
                         "for efficiency and for fig4 with --log")
     p.add_argument("--out", required=True, help="protocol folder (one subfolder per run; rerun to resume)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="training seeds (default 0 1 2 3 4: the paper's five runs)")
     p.add_argument("--ratios", nargs="+", default=None, help="imbalance: training ratios (default 70:30 95:5 99:1)")
     p.add_argument("--losses", nargs="+", default=None,
                    help="imbalance: losses (default cross_entropy focal acbfl)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import weakref
@@ -46,8 +47,37 @@ def autocast_dtype(device: torch.device, mode: str) -> torch.dtype | None:
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # On CPU fp32 is the safe default: bf16 is faster but changes numbers; users opt in.
-    return None
+    # On CPU bf16 pays only where the hardware computes it (AMX / AVX512-BF16): elsewhere
+    # oneDNN emulates it, which is slower than fp32 and still changes the numbers.
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+
+
+def _cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none, e.g. macOS, Windows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+#: /proc/cpuinfo flags of x86 CPUs that compute bf16 natively (Sapphire Rapids+, Cooper Lake, Zen 4+)
+NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix kernels natively (checked at run time, once).
+
+    Both must hold: PyTorch dispatches AVX-512 kernels (``get_cpu_capability``; not when
+    ``ATEN_CPU_CAPABILITY`` forces a lower level or on non-x86 CPUs) and the CPU reports AMX-BF16
+    or AVX512-BF16. Unknown means no: fp32 is always correct, bf16 is only faster where native.
+    """
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability.upper().startswith("AVX512") and bool(NATIVE_BF16_FLAGS & _cpu_flags())
 
 
 def resize_matrix(n_in: int, n_out: int, mode: str = "bicubic") -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from wsi_cmaf.errors import ModelConfigError
+
+logger = logging.getLogger(__name__)
 
 SPEC_VERSION = "1.0"
 #: "pil_bilinear": antialiased bilinear rounded to uint8, as PIL's resize (WSInfer's Resize on a PIL image).
@@ -160,6 +163,9 @@ _TAU_RE = re.compile(r"^\s*(fixed|uniform|normal|lognormal)\s*\(([^)]*)\)\s*$", 
 _TAU_NARGS = {"fixed": 1, "uniform": 2, "normal": 2, "lognormal": 2}
 _ATTENTION_MODES = ("nystrom", "exact", "auto")  # = models.nystrom.ATTENTION_MODES
 _NYSTROM_KEYS = frozenset({"nystrom_landmarks", "nystrom_pinv_iters"})
+# Options that were once CMAFConfig fields and are dropped on load. beta_warmup_steps was never
+# read: the β ramp length is stage 2's length (issue 15; MODEL.md "Training recipe").
+_RETIRED_KEYS = frozenset({"beta_warmup_steps"})
 
 #: Table 7 of the paper: the temperature initialisations that were compared.
 TAU_INITS_TABLE7 = (
@@ -253,8 +259,9 @@ class CMAFConfig:
     logvar_clamp: float = 10.0
     beta1: float = 0.01  # loss-side
     beta2: float = 0.005  # loss-side; 0.0 = "w/o IB regularisation"
+    # "ramp": β rises 0 -> target over the whole of stage 2 (the paper's "gradually increasing IB
+    # regularization weight" in that stage; its length sets the ramp, MODEL.md).
     beta_schedule: str = "ramp"  # loss-side; "fixed" = "Fixed beta (no scheduling)"
-    beta_warmup_steps: int = 1000  # loss-side
     # --- head ---
     head_hidden: tuple[int, ...] = (128,)
     dropout: float = 0.1
@@ -352,13 +359,19 @@ class CMAFConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CMAFConfig:
-        """Build from a dict, rejecting unknown keys.
+        """Build from a dict, rejecting unknown keys (retired ones, e.g. ``beta_warmup_steps``, are
+        dropped with a logged note so old ``config.json`` files still load).
 
         A dict that sets Nyström options but has no ``attention`` key was written before the
         field existed (every saved ``config.json`` names ``nystrom_landmarks``): its weights were
         trained with Nyström attention, so it keeps ``attention="nystrom"`` and computes exactly
         what it computed before.
         """
+        if _RETIRED_KEYS & set(data):
+            # configs saved before the field was removed still load; the value never did anything
+            logger.info("CMAFConfig: ignoring retired option(s) %s (the β ramp spans stage 2)",
+                        sorted(_RETIRED_KEYS & set(data)))
+            data = {k: v for k, v in data.items() if k not in _RETIRED_KEYS}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -1,28 +1,44 @@
-"""Slide engine: readers (OpenSlide / tiffslide / DICOM) and tissue detection."""
+"""Slide engine: readers (OpenSlide / tiffslide / DICOM) and tissue detection.
 
-from wsi_cmaf.slide.reader import BACKENDS, SlideReader, open_slide
-from wsi_cmaf.slide.tissue import TissueConfig, TissueMask, detect_tissue, tissue_mask_from_rgb
+Exports load on first use (PEP 562) so that ``wsi-cmaf --help`` and ``import wsi_cmaf.slide.reader``
+do not pay for dask, scipy and scikit-image, which tissue detection pulls in.
+"""
 
-__all__ = [
-    "BACKENDS",
-    "SlideReader",
-    "TissueConfig",
-    "TissueMask",
-    "detect_tissue",
-    "open_slide",
-    "tissue_mask_from_rgb",
-]
+from __future__ import annotations
 
-# Tiling and synthetic slides (helper "synth-grid").
-from wsi_cmaf.slide.grid import Block, BlockTiles, GridConfig, TileGrid, read_block, read_tile  # noqa: E402
-from wsi_cmaf.slide.synthetic import (  # noqa: E402
-    SyntheticSlide,
-    load_synthetic_slide,
-    load_tumour_mask,
-    write_synthetic_slide,
-)
+from importlib import import_module
+from typing import Any
 
-__all__ += [
-    "Block", "BlockTiles", "GridConfig", "TileGrid", "read_block", "read_tile",
-    "SyntheticSlide", "load_synthetic_slide", "load_tumour_mask", "write_synthetic_slide",
-]
+_EXPORTS = {
+    "BACKENDS": "wsi_cmaf.slide.reader",
+    "SlideReader": "wsi_cmaf.slide.reader",
+    "open_slide": "wsi_cmaf.slide.reader",
+    "TissueConfig": "wsi_cmaf.slide.tissue",
+    "TissueMask": "wsi_cmaf.slide.tissue",
+    "detect_tissue": "wsi_cmaf.slide.tissue",
+    "tissue_mask_from_rgb": "wsi_cmaf.slide.tissue",
+    # Tiling and synthetic slides (helper "synth-grid").
+    "Block": "wsi_cmaf.slide.grid",
+    "BlockTiles": "wsi_cmaf.slide.grid",
+    "GridConfig": "wsi_cmaf.slide.grid",
+    "TileGrid": "wsi_cmaf.slide.grid",
+    "read_block": "wsi_cmaf.slide.grid",
+    "read_tile": "wsi_cmaf.slide.grid",
+    "SyntheticSlide": "wsi_cmaf.slide.synthetic",
+    "load_synthetic_slide": "wsi_cmaf.slide.synthetic",
+    "load_tumour_mask": "wsi_cmaf.slide.synthetic",
+    "write_synthetic_slide": "wsi_cmaf.slide.synthetic",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule that defines ``name`` on first access."""
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

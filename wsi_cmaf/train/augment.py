@@ -5,7 +5,7 @@ the inference preprocessor). Apply on whole batches in the training loop, on the
 when there is one, rather than per sample in DataLoader workers (which would also
 duplicate random streams across workers).
 
-Order: HED stain jitter -> colour jitter -> geometry (flips, 90-degree turns, rotation
+Order: stain transfer (optional) -> HED stain jitter -> colour jitter -> geometry (flips, 90-degree turns, rotation
 +-30 degrees and elastic deformation composed into ONE ``grid_sample`` so pixels are
 interpolated once). Every random number comes from a CPU ``torch.Generator`` owned by the
 module, so a seed gives the same augmentation on CPU and GPU.
@@ -14,6 +14,13 @@ Colour jitter is hand-rolled (torchvision's functional ops take one factor per c
 one per sample); hue is a rotation of the chroma plane in YIQ space, which is linear and
 therefore batches as one 3x3 matrix per sample. HED conversion uses scikit-image's
 Ruifrok-Johnston matrices and the same log convention as ``skimage.color.rgb2hed``.
+
+Stain transfer (``stain_transfer_p``) re-renders a sample in the Macenko stain (matrix and
+maximum concentrations) of a randomly drawn *training* patient: the paper's augmentation
+transfers stains between slides (it cites adversarial stain transfer; this is the Macenko
+form, MODEL.md). The batch must be in a known stain, i.e. Macenko-normalised to the reference:
+deconvolve with the reference, rescale the concentrations, re-colour with the drawn stain,
+which is one 3x3 map in optical density per sample, so the whole batch is one ``bmm``.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsi_cmaf.stain import MacenkoNormalizer, StainFit
+from wsi_cmaf.errors import ConfigError
+from wsi_cmaf.stain import IO, MacenkoNormalizer, StainFit
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +81,11 @@ class AugmentConfig:
     saturation: float = 0.1
     hue: float = 0.03                # fraction of a full hue turn
     padding_mode: str = "reflection"
+    stain_transfer_p: float = 0.0    # chance a sample takes a drawn training patient's stain; 0 = off
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.stain_transfer_p <= 1.0:
+            raise ConfigError(f"augment stain_transfer_p must be in [0, 1], got {self.stain_transfer_p}")
 
 
 class BatchAugment(nn.Module):
@@ -82,6 +95,24 @@ class BatchAugment(nn.Module):
         super().__init__()
         self.config = config or AugmentConfig()
         self.generator = torch.Generator().manual_seed(int(seed))
+        # stain transfer: per-reference OD maps from the source (normalisation reference) stain,
+        # (K, 3, 3); empty until set_stain_references (then the option is a no-op)
+        self.register_buffer("stain_maps", torch.zeros(0, 3, 3), persistent=False)
+
+    def set_stain_references(self, source: StainFit, references: list[StainFit]) -> BatchAugment:
+        """Stains to transfer onto: ``source`` is the stain the batches arrive in (the Macenko
+        normalisation reference), ``references`` the training patients' fits."""
+        import numpy as np
+
+        src_pinv = np.linalg.pinv(np.asarray(source.stain_matrix, np.float64).reshape(3, 2))
+        src_max = np.asarray(source.max_conc, np.float64).reshape(2)
+        maps = [np.asarray(r.stain_matrix, np.float64).reshape(3, 2)
+                @ np.diag(np.asarray(r.max_conc, np.float64).reshape(2) / src_max) @ src_pinv
+                for r in references]
+        device = self.stain_maps.device
+        self.stain_maps = torch.as_tensor(np.stack(maps) if maps else np.zeros((0, 3, 3)),
+                                          dtype=torch.float32, device=device)
+        return self
 
     def reseed(self, seed: int) -> None:
         """Restart the random stream (e.g. at each epoch: ``reseed(base_seed + epoch)``)."""
@@ -100,10 +131,27 @@ class BatchAugment(nn.Module):
         dtype = x.dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
             y = x.float()
+            y = self.stain_transfer(y)
             y = self.hed_jitter(y)
             y = self.color_jitter(y)
             y = self.geometry(y)
         return y.clamp_(0.0, 255.0).to(dtype)
+
+    def stain_transfer(self, x: torch.Tensor) -> torch.Tensor:
+        """Macenko stain transfer: each sample, with probability ``stain_transfer_p``, takes the
+        stain of a uniformly drawn reference (see :meth:`set_stain_references`)."""
+        p, k = self.config.stain_transfer_p, self.stain_maps.shape[0]
+        if p <= 0 or k == 0:
+            return x
+        b = x.shape[0]
+        # both draws always happen, so the random stream does not depend on the outcome
+        use = (torch.rand(b, generator=self.generator) < p).to(x.device)
+        pick = torch.randint(k, (b,), generator=self.generator).to(x.device)
+        # torchstain's convention (as MacenkoNormalizer): -OD = log((I + 1) / Io), linear map, back
+        neg_od = x.add(1.0).mul_(1.0 / IO).log_()
+        out = torch.bmm(self.stain_maps[pick], neg_od.flatten(2)).view_as(x)
+        out = out.exp_().mul_(IO).clamp_(0.0, 255.0)
+        return torch.where(use[:, None, None, None], out, x)
 
     def hed_jitter(self, x: torch.Tensor) -> torch.Tensor:
         """Tellez-style stain augmentation: per-sample, per-stain scale and shift in HED space."""
@@ -212,6 +260,18 @@ class PatientStainNormalizer(nn.Module):
             self._keys[pid] = f"p{len(self._keys)}"
             self.normalizers[self._keys[pid]] = MacenkoNormalizer(self.reference).set_source(fit)
         return self
+
+    def fits(self, patient_ids) -> list[StainFit]:
+        """The stain fits of ``patient_ids`` (patients without a fit are left out)."""
+        keys = [self._keys[p] for p in sorted({str(p) for p in patient_ids}) if p in self._keys]
+        return [self.normalizers[k].source for k in keys]  # type: ignore[misc]
+
+    @property
+    def target(self) -> StainFit:
+        """The stain every normalised patch is rendered in (the reference)."""
+        from wsi_cmaf.stain import reference_fit
+
+        return self.reference if self.reference is not None else reference_fit()
 
     def forward(self, x: torch.Tensor, patient_ids) -> torch.Tensor:
         """Normalise each sample with its patient's fit (unchanged where there is none)."""

@@ -136,6 +136,9 @@ class ModelSection:
         return not self.name.startswith("timm:")
 
 
+CLIP_MODES = ("agc", "history", "none")
+
+
 @dataclass
 class OptimConfig:
     """AdamW (+ SAM) and adaptive gradient clipping (Sec. 4.5)."""
@@ -146,6 +149,18 @@ class OptimConfig:
     sam_rho: float = 0.05
     sam_adaptive: bool = False
     agc_clip_factor: float | None = 0.01  # timm's adaptive_clip_grad; null = no clipping
+    # Gradient clipping: "agc" (unit-wise, agc_clip_factor), "history" (the global gradient norm
+    # clipped to clip_history_multiplier x the median of the last clip_history_window norms: the
+    # paper's "based on gradient norm history", which gives no formula) or "none".
+    clip: str = "agc"
+    clip_history_window: int = 50
+    clip_history_multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.clip not in CLIP_MODES:
+            raise ConfigError(f"optim.clip must be one of {CLIP_MODES}, got {self.clip!r}")
+        if self.clip_history_window < 1 or not self.clip_history_multiplier > 0:
+            raise ConfigError("optim.clip_history_window must be >= 1 and clip_history_multiplier > 0")
 
 
 @dataclass

@@ -151,6 +151,17 @@ def build_pipeline(data: DataConfig, model: ModelSection, bundle: DataBundle, se
     if model.stain_normalization == "macenko":
         stain = fit_patient_stain(bundle, data.stain_patches_per_patient, seed)
     augment = BatchAugment(AugmentConfig(**data.augment_kwargs), seed=seed) if data.augment else None
+    if augment is not None and augment.config.stain_transfer_p > 0:
+        if stain is None:  # the batches' stain must be known to deconvolve them
+            raise ConfigError("augment stain_transfer_p needs the model's stain_normalization: macenko")
+        train_ds = bundle.datasets.get("train")  # references from the training patients only
+        train_pids = np.asarray(getattr(train_ds, "patient_ids", [])).astype(str)
+        refs = stain.fits(train_pids)
+        if not refs:
+            raise ConfigError("augment stain_transfer_p: no training patient has a stain fit to transfer")
+        augment.set_stain_references(stain.target, refs)
+        logger.info("stain transfer: %d training patients' stains, p = %g", len(refs),
+                    augment.config.stain_transfer_p)
     return BatchPipeline(model, augment, stain).to(device)
 
 

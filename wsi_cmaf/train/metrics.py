@@ -198,3 +198,25 @@ def save_confusion_matrix(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def mcnemar_test(y_true: Sequence[int], pred_a: Sequence[int], pred_b: Sequence[int]) -> dict[str, float | int]:
+    """Exact (binomial) McNemar test of two classifiers' correctness on the same samples.
+
+    Only the discordant pairs carry information: ``b`` = samples A gets right and B wrong, ``c`` =
+    the reverse. Under H0 (equal error rates) ``b ~ Binomial(b + c, 1/2)``; the p-value is the
+    two-sided exact binomial one (``scipy.stats.binomtest``), which stays valid for the few
+    discordant pairs a small test set gives, where the chi-square form does not. With no
+    discordant pair the models cannot be told apart: p = 1.
+    """
+    from scipy.stats import binomtest
+
+    y, a = _check(np.asarray(y_true), np.asarray(pred_a), "pred_a")
+    _, b_pred = _check(y, np.asarray(pred_b), "pred_b")
+    right_a, right_b = a == y, b_pred == y
+    b = int(np.sum(right_a & ~right_b))
+    c = int(np.sum(~right_a & right_b))
+    p = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
+    return {"n": int(len(y)), "a_only_correct": b, "b_only_correct": c,
+            "both_correct": int(np.sum(right_a & right_b)), "both_wrong": int(np.sum(~right_a & ~right_b)),
+            "accuracy_a": float(right_a.mean()), "accuracy_b": float(right_b.mean()), "p_value": p}

@@ -264,6 +264,78 @@ class AdaptiveGradClip:
         torch._foreach_copy_(grads, [v.view_as(t) for v, t in zip(g.split(sizes), grads)])
 
 
+class HistoryGradClip:
+    """Clip the global gradient norm to ``multiplier`` x the median of the last ``window`` norms.
+
+    The paper clips "based on gradient norm history" without a formula; this is that idea in the
+    form of AutoClip (Seetharaman et al. 2020), with the median as the robust statistic: one
+    outlier step cannot move the threshold, while a steady drift of the norm is followed. The
+    *unclipped* norm enters the history (as in AutoClip), non-finite norms do not (an AMP overflow
+    step would otherwise poison it). The first step has no history and is not clipped.
+
+    Everything stays on the device: the history is a ring buffer tensor (NaN = empty slot, ignored
+    by ``nanmedian``) and the write position is a host counter of calls, so a call never reads a
+    value back to the host (the training loop is sync-free).
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], window: int = 50, multiplier: float = 2.0) -> None:
+        if window < 1 or not multiplier > 0:
+            raise ConfigError(f"history clipping needs window >= 1 and multiplier > 0, got {window}, {multiplier}")
+        self.params = list(params)
+        self.window = int(window)
+        self.multiplier = float(multiplier)
+        self.calls = 0  # host-side: which ring slot to write, and whether any history exists
+        self.history: torch.Tensor | None = None  # created on the gradients' device at the first call
+        self.last_norm: torch.Tensor | None = None  # unclipped norm of the last call (for logging/tests)
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        """Clip the gradients of the parameters in place and record their norm."""
+        grads = [p.grad for p in self.params if p.grad is not None and p.numel() > 0]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+        if self.history is None:
+            self.history = torch.full((self.window,), float("nan"), device=norm.device)
+        if self.calls > 0:
+            threshold = torch.nanmedian(self.history) * self.multiplier
+            # factor <= 1; a non-finite norm gives NaN here, but such a step is skipped anyway
+            factor = (threshold / norm.clamp(min=1e-12)).clamp(max=1.0)
+            factor = torch.where(torch.isfinite(threshold), factor, 1.0)  # all history non-finite
+            torch._foreach_mul_(grads, factor.to(grads[0].dtype))
+        self.history[self.calls % self.window] = torch.where(torch.isfinite(norm), norm, float("nan"))
+        self.last_norm = norm
+        self.calls += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history, for a checkpoint (so a resumed run clips as the uninterrupted one)."""
+        return {"calls": self.calls, "history": None if self.history is None else self.history.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict` (the history moves to the parameters' device)."""
+        self.calls = int(state["calls"])
+        hist = state.get("history")
+        if hist is not None and len(hist) != self.window:
+            raise ConfigError(f"clip history has {len(hist)} slots but clip_history_window is {self.window}")
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self.history = None if hist is None else hist.to(device)
+
+
+def build_clipper(optim: OptimConfig, model: nn.Module,
+                  heads: nn.Module | None) -> AdaptiveGradClip | HistoryGradClip | None:
+    """The gradient clipper the optim config asks for (None: no clipping).
+
+    ``clip: agc`` with ``agc_clip_factor: null`` also means no clipping (the older spelling).
+    History clipping covers every trainable parameter, as a global-norm clip does.
+    """
+    if optim.clip == "history":
+        return HistoryGradClip(trainable_parameters(model, heads), optim.clip_history_window,
+                               optim.clip_history_multiplier)
+    if optim.clip == "agc" and optim.agc_clip_factor:
+        return AdaptiveGradClip(agc_parameters(model, heads), optim.agc_clip_factor)
+    return None
+
+
 # ----------------------------------------------------------------------------- torch.compile
 def compile_mode(setting: str, device: torch.device) -> str | None:
     """The ``torch.compile`` mode for a ``compile`` setting on ``device``; None = stay eager.

@@ -35,9 +35,8 @@ from wsi_cmaf.train.config import StageConfig, TrainConfig
 from wsi_cmaf.train.data_setup import build_data, build_pipeline, split_frame
 from wsi_cmaf.train.logging_utils import RunLogger
 from wsi_cmaf.train.stages import (
-    AdaptiveGradClip,
     BranchHeads,
-    agc_parameters,
+    build_clipper,
     build_optimizer,
     build_stage_scheduler,
     classifier_parameters,
@@ -160,8 +159,7 @@ def stage_runtime(ctx: RunContext, loss_cfg: LossConfig, index: int) -> StageRun
     spe = steps_per_epoch(ctx.bundle, ctx.config)
     grad_params = list(ctx.heads.parameters()) if stage.trainable == "branches" and ctx.heads is not None \
         else classifier_parameters(ctx.model)
-    clip = ctx.config.optim.agc_clip_factor
-    clipper = AdaptiveGradClip(agc_parameters(ctx.model, ctx.heads), clip) if clip else None
+    clipper = build_clipper(ctx.config.optim, ctx.model, ctx.heads)
     return StageRuntime(stage, index, optimizer, build_stage_scheduler(stage, optimizer, spe),
                         stage_objective(ctx, loss_cfg, stage, spe), spe, clipper, grad_params)
 
@@ -182,6 +180,8 @@ def run_stage(ctx: RunContext, loss_cfg: LossConfig, index: int, resume_state: d
         rt.scheduler.load_state_dict(resume_state["scheduler"])
         if ctx.amp.scaler is not None and resume_state.get("scaler"):
             ctx.amp.scaler.load_state_dict(resume_state["scaler"])
+        if resume_state.get("clipper") and hasattr(rt.clipper, "load_state_dict"):
+            rt.clipper.load_state_dict(resume_state["clipper"])  # type: ignore[union-attr]
     logger.info("stage %s: %d epoch(s), lr %g, trainable %s, loss %s, %d step(s)/epoch", stage.name,
                 stage.epochs, stage.lr, stage.trainable, stage.loss, rt.steps_per_epoch)
     patience = cfg.early_stopping_patience

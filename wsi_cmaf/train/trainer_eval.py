@@ -26,6 +26,7 @@ from wsi_cmaf.train.data_setup import BatchPipeline, fit_patient_stain
 from wsi_cmaf.train.datasets import DataBundle, ManifestDataset, PatchStoreDataset
 from wsi_cmaf.train.evaluation import full_report, predict
 from wsi_cmaf.train.manifest import SPLITS, Manifest, read_manifest
+from wsi_cmaf.train.metrics import mcnemar_test
 from wsi_cmaf.train.trainer_state import json_safe, write_json
 
 logger = logging.getLogger(__name__)
@@ -108,11 +109,14 @@ def eval_dataset(source: str | Path, split: str, target: str, class_names: Seque
 def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, *, split: str = "test",
                         out_dir: str | Path | None = None, target: str = "auto", device: str = "auto",
                         batch_size: int = 256, n_boot: int = 1000, seed: int = 0, check_images: str = "exists",
-                        stain_patches_per_patient: int = 64, progress: bool = True) -> tuple[dict[str, Any], Path]:
+                        stain_patches_per_patient: int = 64, progress: bool = True,
+                        compare: str | Path | None = None) -> tuple[dict[str, Any], Path]:
     """Evaluate an exported model on a manifest/patch store; writes metrics.json + confusion PNG.
 
     ``target``: ``label`` (benign/malignant), ``subtype`` (BreakHis 8-class) or ``auto`` (subtype
-    when the model has more than two classes). Returns (report, output folder).
+    when the model has more than two classes). ``compare``: a second checkpoint, predicted on the
+    same samples (with its own preprocessing); the report gains ``mcnemar``, the exact McNemar test
+    of the two models' hard predictions. Returns (report, output folder).
     """
     model_dir = resolve_checkpoint(checkpoint)
     dev = resolve_device(device)
@@ -136,13 +140,53 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, *, split: 
         return pipeline(x, pids[idx.cpu().numpy()], train=False)
 
     bar = tqdm(loader, disable=not progress, desc="evaluate", unit="batch", dynamic_ncols=True)
-    report = split_report(model, bar, prepare, device=dev, autocast_dtype=None, class_names=mc.class_names,
-                          positive_class=mc.positive_class, meta=meta, patient_ids=pids, out_dir=out,
-                          n_boot=n_boot, seed=seed, prefix=split)
+    probs, labels, idx = predict(model, bar, prepare, dev)  # type: ignore[arg-type]
+    meta_rows = meta.iloc[idx].reset_index(drop=True) if meta is not None else None
+    report = full_report(probs, labels, list(mc.class_names), out, positive_class=mc.positive_class,
+                         groups=pids[idx], meta=meta_rows, n_boot=n_boot, seed=seed, prefix=split)
     report.update({"split": split, "target": target, "manifest": str(manifest), "model_dir": str(model_dir),
                    "weights_note": mc.weights_note, "bootstrap": n_boot})
+    if compare is not None:
+        report["mcnemar"] = _compare_with(compare, mc, ds, pids, probs, labels, idx, batch_size=batch_size,
+                                          per_patient=stain_patches_per_patient, seed=seed, device=dev,
+                                          progress=progress)
     write_json(out / "metrics.json", report)
     return json_safe(report), out
+
+
+def hard_predictions(probs: np.ndarray, positive_class: int) -> np.ndarray:
+    """Predicted classes as the reports count them: P(positive) >= 0.5 for two classes, else argmax."""
+    if probs.shape[1] == 2:
+        return np.where(probs[:, positive_class] >= 0.5, positive_class, 1 - positive_class)
+    return probs.argmax(1)
+
+
+def _compare_with(other: str | Path, mc: ModelConfig, ds: Dataset, pids: np.ndarray, probs: np.ndarray,
+                  labels: np.ndarray, idx: np.ndarray, *, batch_size: int, per_patient: int, seed: int,
+                  device: torch.device, progress: bool) -> dict[str, Any]:
+    """McNemar test of the evaluated model (A) against checkpoint ``other`` (B) on the same rows."""
+    other_dir = resolve_checkpoint(other)
+    model_b, mc_b = load_model(other_dir, map_location="cpu")
+    if list(mc_b.class_names) != list(mc.class_names) or mc_b.positive_class != mc.positive_class:
+        raise ConfigError(f"--compare {other_dir}: classes {list(mc_b.class_names)} (positive "
+                          f"{mc_b.positive_class}) differ from {list(mc.class_names)} (positive {mc.positive_class})")
+    model_b.to(device)
+    pipeline = eval_pipeline(mc_b, ds, per_patient, seed, device)  # B's own stain/resize/normalisation
+
+    def prepare(x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        return pipeline(x, pids[i.cpu().numpy()], train=False)
+
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
+    bar = tqdm(loader, disable=not progress, desc="evaluate (compare)", unit="batch", dynamic_ncols=True)
+    probs_b, _labels_b, idx_b = predict(model_b, bar, prepare, device)  # type: ignore[arg-type]
+    # pair the rows by dataset index, whatever order each pass produced them in
+    order_a, order_b = np.argsort(idx, kind="stable"), np.argsort(idx_b, kind="stable")
+    if not np.array_equal(idx[order_a], idx_b[order_b]):
+        raise DataError("--compare: the two passes did not see the same samples")
+    result = mcnemar_test(labels[order_a], hard_predictions(probs[order_a], mc.positive_class),
+                          hard_predictions(probs_b[order_b], mc.positive_class))
+    return {"model_a": "this model", "model_b": str(other_dir), "test": "exact binomial McNemar (two-sided)",
+            **result}
 
 
 def eval_pipeline(mc: ModelConfig, ds: Dataset, per_patient: int, seed: int, device: torch.device) -> BatchPipeline:

@@ -33,7 +33,7 @@ from wsi_cmaf.train.datasets import DataBundle
 from wsi_cmaf.train.evaluation import predict, quick_metrics
 from wsi_cmaf.train.logging_utils import RunLogger, aux_statistics, per_class_grad_norms
 from wsi_cmaf.train.sam import SAM, nonfinite_flag, step_unless_nonfinite
-from wsi_cmaf.train.stages import AdaptiveGradClip, frozen_bn_stats, set_train_mode
+from wsi_cmaf.train.stages import AdaptiveGradClip, HistoryGradClip, frozen_bn_stats, set_train_mode
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class StageRuntime:
     scheduler: LRScheduler
     objective: IBObjective | None
     steps_per_epoch: int
-    clipper: AdaptiveGradClip | None  # adaptive gradient clipping (None: off)
+    clipper: AdaptiveGradClip | HistoryGradClip | None  # gradient clipping (None: off)
     grad_params: list[nn.Parameter]  # parameters of the per-class gradient norms
 
     @property

@@ -172,6 +172,8 @@ def checkpoint_state(ctx: RunContext, rt: Any) -> dict[str, Any]:
         "optimizer": rt.optimizer.state_dict(),
         "scheduler": rt.scheduler.state_dict(),
         "scaler": ctx.amp.scaler.state_dict() if ctx.amp.scaler is not None else {},
+        # history clipping's norm history (stateless AGC has none)
+        "clipper": rt.clipper.state_dict() if hasattr(getattr(rt, "clipper", None), "state_dict") else {},
         "rng": rng_state(),
         "counters": dict(ctx.counters),
         "history": [dict(r) for r in ctx.history],
