@@ -24,7 +24,9 @@ class InferenceConfig:
 
     device: str = "auto"
     batch_size: int = 256
-    #: "auto": bf16/fp16 autocast on CUDA, fp32 on CPU; "bf16" forces bf16 (also on CPU); "off" disables.
+    #: "auto": bf16 (fp16 without native bf16) autocast on CUDA; on CPU bf16 only where the CPU has
+    #: native bf16 (AMX / AVX512-BF16, checked at run time), else fp32; "bf16"/"fp16" force one;
+    #: "off" disables.
     autocast: str = "auto"
     #: model preparation (wsi_cmaf.models.optimize): "auto" = torch.compile on CUDA, eager on CPU;
     #: "off" = eager everywhere; "on"/"default"/"max-autotune"/"reduce-overhead" = that compile mode.
