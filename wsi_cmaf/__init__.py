@@ -5,8 +5,7 @@ Heavy submodules (torch, OpenSlide, dask) load lazily so ``import wsi_cmaf`` sta
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from wsi_cmaf._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -27,7 +26,4 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'wsi_cmaf' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -5,8 +5,7 @@ Exports load on first use (PEP 562) so importing a submodule does not start with
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from wsi_cmaf._lazy import lazy_exports
 
 _EXPORTS = {
     "BatchResult": "wsi_cmaf.cluster.batch",
@@ -20,12 +19,4 @@ _EXPORTS = {
 __all__ = ["BatchResult", "SlideJob", "analyze_slides", "collect_slides", "connect", "make_jobqueue_cluster"]
 
 
-def __getattr__(name: str) -> Any:
-    """Import the submodule that defines ``name`` on first access."""
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

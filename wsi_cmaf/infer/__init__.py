@@ -5,8 +5,7 @@ Exports load on first use (PEP 562): ``wsi_cmaf.infer.config`` alone must not im
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from wsi_cmaf._lazy import lazy_exports
 
 _EXPORTS = {
     "InferenceConfig": "wsi_cmaf.infer.config",
@@ -18,12 +17,4 @@ _EXPORTS = {
 __all__ = ["InferenceConfig", "SlideResult", "analyze_slide", "default_output_dir"]
 
 
-def __getattr__(name: str) -> Any:
-    """Import the submodule that defines ``name`` on first access."""
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

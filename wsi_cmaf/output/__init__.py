@@ -5,8 +5,7 @@ Imports are lazy so that writing a store never pays for importing PIL, shapely, 
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from wsi_cmaf._lazy import lazy_exports
 
 _EXPORTS = {
     "HeatmapStore": "wsi_cmaf.output.store",
@@ -24,7 +23,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

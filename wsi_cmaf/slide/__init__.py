@@ -6,8 +6,7 @@ do not pay for dask, scipy and scikit-image, which tissue detection pulls in.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from wsi_cmaf._lazy import lazy_exports
 
 _EXPORTS = {
     "BACKENDS": "wsi_cmaf.slide.reader",
@@ -33,12 +32,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    """Import the submodule that defines ``name`` on first access."""
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
