@@ -43,24 +43,17 @@ logger = logging.getLogger(__name__)
 _STOP = object()
 
 
-def block_slices(grid: TileGrid, index: tuple[int, int]) -> tuple[slice, slice]:
-    """Tile-row and tile-column ranges of block ``index`` (edge blocks are smaller)."""
-    k0, k1 = grid.block_shape
-    return (slice(index[0] * k0, min(grid.shape[0], (index[0] + 1) * k0)),
-            slice(index[1] * k1, min(grid.shape[1], (index[1] + 1) * k1)))
-
-
-def failed_tile_chunk(grid: TileGrid, item: PartialBlock) -> np.ndarray:
+def failed_tile_chunk(item: PartialBlock) -> np.ndarray:
     """bool (h, w) mask of the block's undecodable tiles, in the layout of its chunk."""
-    rs, cs = block_slices(grid, item.block.index)
+    rs, cs = item.block.rows, item.block.cols
     bad = np.zeros((rs.stop - rs.start, cs.stop - cs.start), bool)
     bad[np.asarray(item.failed_rows) - rs.start, np.asarray(item.failed_cols) - cs.start] = True
     return bad
 
 
-def block_chunk(grid: TileGrid, item: BlockTiles, probs: np.ndarray, n_classes: int) -> np.ndarray:
+def block_chunk(item: BlockTiles, probs: np.ndarray, n_classes: int) -> np.ndarray:
     """Place tile probabilities into the block's chunk array (NaN where no tissue tile)."""
-    rs, cs = block_slices(grid, item.block.index)
+    rs, cs = item.block.rows, item.block.cols
     arr = np.full((n_classes, rs.stop - rs.start, cs.stop - cs.start), np.nan, dtype=np.float32)
     arr[:, np.asarray(item.rows) - rs.start, np.asarray(item.cols) - cs.start] = probs.T
     return arr
@@ -117,14 +110,14 @@ class BlockWriter:
     def _apply(self, job: _Write | _Fail) -> None:
         if isinstance(job, _Fail):
             self.store.mark_failed(job.index, job.error)
-            n = int(self.grid.tissue[block_slices(self.grid, job.index)].sum())
+            n = int(self.grid.tissue[self.grid.block_slices(job.index)].sum())
         else:
             t0 = time.perf_counter()
             probs = job.pending.result()
             self.wait_s += time.perf_counter() - t0
-            chunk = block_chunk(self.grid, job.item, probs, self.n_classes)
+            chunk = block_chunk(job.item, probs, self.n_classes)
             if isinstance(job.item, PartialBlock):
-                self.store.write_block(job.item.block.index, chunk, failed_tile_chunk(self.grid, job.item),
+                self.store.write_block(job.item.block.index, chunk, failed_tile_chunk(job.item),
                                        job.item.reason)
             else:
                 self.store.write_block(job.item.block.index, chunk)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from wsi_cmaf.slide._mpp import positive_float
 from wsi_cmaf.slide._pixels import composite_straight_rgba, level_origin, paste_clipped
 from wsi_cmaf.slide.faults import DEFAULT_TILE, decode_segments_tolerant, read_window_tolerant
 
@@ -79,14 +80,6 @@ def library_errors(name: str) -> tuple[type[BaseException], ...]:
             if isinstance(obj, type) and issubclass(obj, Exception)
         ]
     return BACKEND_ERRORS + tuple(extra)
-
-
-def _to_float(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if np.isfinite(out) and out > 0 else None
 
 
 class Backend(ABC):
@@ -147,8 +140,8 @@ class Backend(ABC):
         """(w, h) of the level's storage tiles as the library reports them (a guess otherwise)."""
         prefix = {"openslide": "openslide", "tiffslide": "tiffslide"}.get(self.name)
         if prefix is not None:
-            w = _to_float(self.properties.get(f"{prefix}.level[{level}].tile-width"))
-            h = _to_float(self.properties.get(f"{prefix}.level[{level}].tile-height"))
+            w = positive_float(self.properties.get(f"{prefix}.level[{level}].tile-width"))
+            h = positive_float(self.properties.get(f"{prefix}.level[{level}].tile-height"))
             if w and h:
                 return int(w), int(h)
         return DEFAULT_TILE, DEFAULT_TILE
@@ -187,9 +180,9 @@ class OpenSlideBackend(Backend):
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
         vendor = props.get(openslide.PROPERTY_NAME_VENDOR)
         self.vendor = vendor or None
-        self.objective_power = _to_float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
-        mx = _to_float(props.get(openslide.PROPERTY_NAME_MPP_X))
-        my = _to_float(props.get(openslide.PROPERTY_NAME_MPP_Y))
+        self.objective_power = positive_float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+        mx = positive_float(props.get(openslide.PROPERTY_NAME_MPP_X))
+        my = positive_float(props.get(openslide.PROPERTY_NAME_MPP_Y))
         # For generic TIFF OpenSlide derives mpp from the resolution tags; the reader
         # reads those tags itself so the µm/px *source* is reported truthfully.
         if mx and my and vendor not in (None, "", "generic-tiff"):
@@ -284,9 +277,9 @@ class TiffSlideBackend(Backend):
         self.level_dimensions = tuple(tuple(map(int, d)) for d in self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
         self.vendor = props.get("tiffslide.vendor") or None
-        self.objective_power = _to_float(props.get("tiffslide.objective-power"))
-        mx = _to_float(props.get("tiffslide.mpp-x"))
-        my = _to_float(props.get("tiffslide.mpp-y"))
+        self.objective_power = positive_float(props.get("tiffslide.objective-power"))
+        mx = positive_float(props.get("tiffslide.mpp-x"))
+        my = positive_float(props.get("tiffslide.mpp-y"))
         if mx and my and self.vendor is not None:
             self.vendor_mpp = (mx, my)
         self.associated_names = tuple(self._slide.associated_images.keys())

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_cmaf.slide._backends import Backend, _to_float, composite_straight_rgba, level_origin, paste_clipped
+from wsi_cmaf.slide._backends import Backend, composite_straight_rgba, level_origin, paste_clipped
+from wsi_cmaf.slide._mpp import positive_float
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ class WsiDicomBackend(Backend):
         self._levels = [lv.level for lv in levels]
         mpp = self._slide.mpp  # wsidicom reports µm per pixel despite the SizeMm type name
         if mpp is not None:
-            mx, my = _to_float(mpp.width), _to_float(mpp.height)
+            mx, my = positive_float(mpp.width), positive_float(mpp.height)
             if mx and my:
                 self.vendor_mpp = (mx, my)
         self.vendor = "dicom"

@@ -103,9 +103,10 @@ def tiff_facts(path: Path) -> TiffFacts | None:
         return None
 
 
-def _positive(text: str) -> float | None:
+def positive_float(value: object) -> float | None:
+    """``value`` as a finite float > 0, or None (metadata values arrive as text, numbers or junk)."""
     try:
-        value = float(text)
+        value = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) and value > 0 else None
@@ -125,19 +126,19 @@ def parse_description(desc: str) -> tuple[tuple[float, float] | None, float | No
             key, sep, value = part.partition("=")
             if sep:
                 fields[key.strip().lower()] = value.strip()
-        mpp = _positive(fields.get("mpp", ""))
-        mag = _positive(fields.get("appmag", ""))
+        mpp = positive_float(fields.get("mpp", ""))
+        mag = positive_float(fields.get("appmag", ""))
         if mpp is not None or mag is not None:
             return ((mpp, mpp) if mpp else None), mag, "aperio"
     if "PhysicalSizeX" in desc:
-        sizes = {m["axis"]: _positive(m["value"]) for m in _OME_SIZE.finditer(desc)}
+        sizes = {m["axis"]: positive_float(m["value"]) for m in _OME_SIZE.finditer(desc)}
         units = {m["axis"]: m["unit"] for m in _OME_UNIT.finditer(desc)}
         scale = [_OME_UNIT_UM.get(units.get(a, "µm")) for a in "XY"]
         if sizes.get("X") and sizes.get("Y") and all(scale):
             return (sizes["X"] * scale[0], sizes["Y"] * scale[1]), None, "ome"
     m = _PHILIPS_SPACING.search(desc) if "DICOM_PIXEL_SPACING" in desc else None
     if m:
-        x, y = _positive(m["x"]), _positive(m["y"])
+        x, y = positive_float(m["x"]), positive_float(m["y"])
         if x and y:
             return (x * 1000.0, y * 1000.0), None, "philips"
     return None, None, None

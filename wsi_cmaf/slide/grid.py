@@ -180,11 +180,10 @@ class TileGrid:
             self.level, self.level_downsample = 0, 1.0
         thr = self.config.tissue_threshold
         self.tissue = (self.tissue_fraction >= thr) & (self.tissue_fraction > 0)
-        k = self.config.block_tiles
         self.blocks = []
         for by in range(self.n_block_rows):
             for bx in range(self.n_block_cols):
-                rows, cols = slice(by * k, min((by + 1) * k, self.shape[0])), slice(bx * k, min((bx + 1) * k, self.shape[1]))
+                rows, cols = self.block_slices((by, bx))
                 if self.tissue[rows, cols].any():
                     self.blocks.append(Block((by, bx), rows, cols))
 
@@ -234,6 +233,12 @@ class TileGrid:
     def block_shape(self) -> tuple[int, int]:
         """Tiles per block (== Zarr chunk shape of the heatmap)."""
         return (self.config.block_tiles, self.config.block_tiles)
+
+    def block_slices(self, index: tuple[int, int]) -> tuple[slice, slice]:
+        """Tile-row and tile-column ranges of block ``index`` (edge blocks are smaller)."""
+        k0, k1 = self.block_shape
+        return (slice(index[0] * k0, min((index[0] + 1) * k0, self.shape[0])),
+                slice(index[1] * k1, min((index[1] + 1) * k1, self.shape[1])))
 
     @property
     def n_block_rows(self) -> int:
