@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from wsi_cmaf.train import protocols as P
+    from wsi_cmaf.train.paper import protocols as P
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("wsi_cmaf").setLevel(logging.INFO)
@@ -90,7 +90,7 @@ equivalent to `wsi-cmaf protocol imbalance --base {os.path.relpath(args.base, RO
   test report) {min(train_s):.0f}-{max(train_s):.0f} s, mean {sum(train_s) / len(train_s):.0f} s,
   sum over all {len(rows)} runs {sum(train_s) / 60:.1f} min.
 - Data: synthetic H&E-like patches with a subtle class cue (`signal` 0.5, see
-  `wsi_cmaf/train/synthetic_patches.py`), {base['data']['synthetic']['n_patients']} patients split
+  `wsi_cmaf/train/data/synthetic_patches.py`), {base['data']['synthetic']['n_patients']} patients split
   70/10/20 by patient into train/val/test, generated 70:30. Each run undersamples the positives of
   the training split to its ratio; validation and test keep 70:30, so all settings are scored on
   the same held-out patients.

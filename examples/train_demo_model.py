@@ -5,7 +5,7 @@
 No labelled breast-cancer data exists on the project's machines, so the packaged default model
 is trained on what the project can generate honestly: synthetic Aperio-style slides with a known
 tumour mask (``wsi_cmaf.slide.synthetic``), cut into 50 px tiles at 4 µm/px by the same tiling
-engine inference uses (``wsi_cmaf.train.slide_patches``), one patient per slide, whole slides
+engine inference uses (``wsi_cmaf.train.data.slide_patches``), one patient per slide, whole slides
 held out for validation and test. The demo slide itself (seed 7) is never used for training.
 
 The model is a small-width CMAF-Net (the paper's architecture with fewer channels) at 64 px
@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO))
 
 from wsi_cmaf.slide import load_synthetic_slide, write_synthetic_slide  # noqa: E402
 from wsi_cmaf.train.config import TrainConfig  # noqa: E402
-from wsi_cmaf.train.slide_patches import AnnotatedSlide, build_slide_patch_store  # noqa: E402
-from wsi_cmaf.train.trainer import train  # noqa: E402
+from wsi_cmaf.train.data.slide_patches import AnnotatedSlide, build_slide_patch_store  # noqa: E402
+from wsi_cmaf.train.engine.trainer import train  # noqa: E402
 
 DEFAULT_DIR = REPO / "wsi_cmaf" / "models" / "weights" / "default"
 SPLITS = ["train"] * 9 + ["val"] * 2 + ["test"] * 2  # slide-level: 9 / 2 / 2 slides

@@ -67,10 +67,10 @@ def _summary(frame) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the chosen sub-command."""
-    from wsi_cmaf.train import manifest as mf
+    from wsi_cmaf.train.data import manifest as mf
 
     if args.kind in ("idc", "breakhis"):
-        from wsi_cmaf.train.dataset_builders import scan_breakhis, scan_idc
+        from wsi_cmaf.train.data.builders import scan_breakhis, scan_idc
 
         scan = scan_idc if args.kind == "idc" else scan_breakhis
         rel = None if args.absolute else args.out.resolve().parent
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{built.summary()}; wrote {args.out}, rejects in {rejects}\n{_summary(built.frame)}")
         return 0
     if args.kind == "synthetic":
-        from wsi_cmaf.train.synthetic_patches import SyntheticPatchConfig, write_synthetic_dataset
+        from wsi_cmaf.train.data.synthetic_patches import SyntheticPatchConfig, write_synthetic_dataset
 
         config = SyntheticPatchConfig(
             n_patients=args.patients, patches_per_patient=args.per_patient, ratio=args.ratio,
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.manifest}: OK, {len(m)} rows\n{_summary(m.frame)}")
         return 0
     if args.kind == "resample":
-        from wsi_cmaf.train.imbalance import resample_to_ratio
+        from wsi_cmaf.train.data.imbalance import resample_to_ratio
 
         m = mf.read_manifest(args.manifest, check_images="none")
         frame, report = resample_to_ratio(m.frame, args.ratio, seed=args.seed)

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from wsi_cmaf.errors import ConfigError
-    from wsi_cmaf.train import protocols as P
+    from wsi_cmaf.train.paper import protocols as P
 
     if args.name not in _NAMES:
         raise ConfigError(f"unknown protocol {args.name!r}; choose one of {', '.join(_NAMES)}")
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     progress = not args.no_progress
     if args.name == "efficiency":
-        from wsi_cmaf.train.protocol_efficiency import efficiency_from_base, run_efficiency
+        from wsi_cmaf.train.paper.efficiency import efficiency_from_base, run_efficiency
 
         cfg = efficiency_from_base(base, args.models, batch_size=args.batch_size, input_size=args.input_size,
                                    latency_batch=args.latency_batch, precisions=args.precisions,
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"machine-readable: {out / 'results.json'} (rows and floors)")
         return 0
     if args.name == "fig4" and args.log:
-        from wsi_cmaf.train.protocol_report import plot_tau_entropy
+        from wsi_cmaf.train.paper.report import plot_tau_entropy
 
         out.mkdir(parents=True, exist_ok=True)
         print(plot_tau_entropy(args.log, out / "fig4_tau_entropy.png", title=str(args.log)))

@@ -58,7 +58,7 @@ def _fmt(entry: Any) -> str:
 
 
 def summary_lines(result: Any) -> list[str]:
-    """Human-readable summary of a :class:`~wsi_cmaf.train.trainer.TrainResult`."""
+    """Human-readable summary of a :class:`~wsi_cmaf.train.engine.trainer.TrainResult`."""
     lines = [f"run folder: {result.output_dir}", f"best epoch: {result.best_epoch} "
              f"(val AUPRC {_fmt(result.best_val.get('auprc'))}, val balanced accuracy "
              f"{_fmt(result.best_val.get('balanced_accuracy'))})",
@@ -75,7 +75,7 @@ def summary_lines(result: Any) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Train and print the summary."""
     from wsi_cmaf.train.config import TrainConfig, merge_dicts
-    from wsi_cmaf.train.trainer import train
+    from wsi_cmaf.train.engine.trainer import train
 
     overrides = parse_overrides(args.overrides)
     if args.output_dir:

@@ -65,7 +65,7 @@ class DataConfig:
     """Where training patches come from and how batches are made.
 
     Exactly one of ``source`` (manifest CSV or patch-store directory) and ``synthetic``
-    (keyword arguments of :class:`~wsi_cmaf.train.synthetic_patches.SyntheticPatchConfig`;
+    (keyword arguments of :class:`~wsi_cmaf.train.data.synthetic_patches.SyntheticPatchConfig`;
     generated once into ``synthetic_dir`` and reused) must be given.
     """
 
@@ -172,7 +172,7 @@ class StageConfig:
     "all" (stage 3). ``loss``: "cross_entropy" (plain CE) or "objective" (configured task loss
     + IB terms). ``ib``: IB weights off / ramped 0 -> target over this stage / at target.
     ``dynamic_weighting``: A-CBFL progress t runs 0 -> 1 over this stage (else t stays 0).
-    ``schedule``: a name of :data:`wsi_cmaf.train.schedules.SCHEDULES`; ``warmup_epochs`` is used by
+    ``schedule``: a name of :data:`wsi_cmaf.train.engine.schedules.SCHEDULES`; ``warmup_epochs`` is used by
     "warmup"/"warmup_cosine"; "cyclic" cycles between lr/10 and lr with ``cycle_epochs`` per half cycle.
     """
 

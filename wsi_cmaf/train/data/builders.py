@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from wsi_cmaf.errors import ManifestError
-from wsi_cmaf.train.manifest import (
+from wsi_cmaf.train.data.manifest import (
     _IDC_RE,
     DEFAULT_FRACTIONS,
     _relative,

@@ -30,7 +30,7 @@ import torch
 
 from wsi_cmaf.errors import ConfigError
 from wsi_cmaf.infer.runner import resolve_device
-from wsi_cmaf.train.protocol_efficiency_report import markdown_efficiency, plot_efficiency
+from wsi_cmaf.train.paper.efficiency_report import markdown_efficiency, plot_efficiency
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class EfficiencyConfig:
 
     def resolved_models(self) -> list[str]:
         """The models to measure (defaults filled in)."""
-        from wsi_cmaf.train.protocols import TIMM_BASELINES
+        from wsi_cmaf.train.paper.protocols import TIMM_BASELINES
 
         if self.models:
             return list(self.models)

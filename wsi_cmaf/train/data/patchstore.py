@@ -129,7 +129,7 @@ def load_patch(path: str | Path, size: int = 50, pad_value: int = 255) -> np.nda
 
 def build_patch_store(manifest, path: str | Path, *, patch_size: int = 50,
                       chunk_patches: int = DEFAULT_CHUNK, workers: int = 2, pad_value: int = 255) -> Path:
-    """Pack every image of a :class:`~wsi_cmaf.train.manifest.Manifest` into a store (row order kept)."""
+    """Pack every image of a :class:`~wsi_cmaf.train.data.manifest.Manifest` into a store (row order kept)."""
     frame = manifest.frame
     paths = manifest.paths()
     writer = PatchStoreWriter(path, len(frame), (patch_size, patch_size), chunk_patches=chunk_patches,

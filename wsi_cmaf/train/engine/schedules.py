@@ -5,7 +5,7 @@
 * stage 3 — cyclic learning rate (:func:`cyclic`).
 
 All schedules are *per optimiser step* (call ``scheduler.step()`` after every ``optimizer.step()``),
-and work on :class:`~wsi_cmaf.train.sam.SAM` as well as on plain optimizers. The IB β ramp is
+and work on :class:`~wsi_cmaf.train.engine.sam.SAM` as well as on plain optimizers. The IB β ramp is
 :func:`wsi_cmaf.losses.objective.beta_ramp` (re-exported here for convenience).
 """
 

@@ -21,10 +21,10 @@ from torch import nn
 
 from wsi_cmaf.errors import ConfigError, DataError
 from wsi_cmaf.infer.runner import TilePreprocessor
-from wsi_cmaf.train.augment import AugmentConfig, BatchAugment, PatientStainNormalizer
+from wsi_cmaf.train.data.augment import AugmentConfig, BatchAugment, PatientStainNormalizer
 from wsi_cmaf.train.config import DataConfig, ModelSection
-from wsi_cmaf.train.datasets import DataBundle, build_dataloaders
-from wsi_cmaf.train.manifest import BREAKHIS_SUBTYPE_ORDER, read_manifest, write_manifest
+from wsi_cmaf.train.data.datasets import DataBundle, build_dataloaders
+from wsi_cmaf.train.data.manifest import BREAKHIS_SUBTYPE_ORDER, read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def synthetic_source(data: DataConfig, output_dir: Path) -> Path:
     The folder name contains a hash of the generator settings, so runs with the same settings
     share one store and changed settings never reuse a stale one.
     """
-    from wsi_cmaf.train.synthetic_patches import SyntheticPatchConfig, write_synthetic_dataset
+    from wsi_cmaf.train.data.synthetic_patches import SyntheticPatchConfig, write_synthetic_dataset
 
     try:
         cfg = SyntheticPatchConfig(**(data.synthetic or {}))

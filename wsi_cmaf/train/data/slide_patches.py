@@ -21,7 +21,7 @@ import numpy as np
 from wsi_cmaf.errors import DataError
 from wsi_cmaf.slide import GridConfig, TileGrid, detect_tissue, open_slide, read_block
 from wsi_cmaf.slide.grid import tissue_fractions
-from wsi_cmaf.train.patchstore import write_patch_store
+from wsi_cmaf.train.data.patchstore import write_patch_store
 
 logger = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ from wsi_cmaf.errors import ConfigError, DataError, ModelError
 from wsi_cmaf.infer.runner import resolve_device
 from wsi_cmaf.models import ModelConfig, load_model
 from wsi_cmaf.train.config import ModelSection
-from wsi_cmaf.train.data_setup import BatchPipeline, fit_patient_stain
-from wsi_cmaf.train.datasets import DataBundle, ManifestDataset, PatchStoreDataset
-from wsi_cmaf.train.evaluation import full_report, predict
-from wsi_cmaf.train.manifest import SPLITS, Manifest, read_manifest
-from wsi_cmaf.train.metrics import mcnemar_test
-from wsi_cmaf.train.trainer_state import json_safe, write_json
+from wsi_cmaf.train.data.setup import BatchPipeline, fit_patient_stain
+from wsi_cmaf.train.data.datasets import DataBundle, ManifestDataset, PatchStoreDataset
+from wsi_cmaf.train.evaluate.predict import full_report, predict
+from wsi_cmaf.train.data.manifest import SPLITS, Manifest, read_manifest
+from wsi_cmaf.train.evaluate.metrics import mcnemar_test
+from wsi_cmaf.train.engine.state import json_safe, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def eval_dataset(source: str | Path, split: str, target: str, class_names: Seque
         raise ConfigError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
     source = Path(source)
     if source.is_dir() and (source / "zarr.json").is_file():
-        from wsi_cmaf.train.patchstore import PatchStore
+        from wsi_cmaf.train.data.patchstore import PatchStore
 
         if target == "subtype":
             raise ConfigError(f"{source}: patch stores carry no subtype; evaluate 8-class models on a manifest")

@@ -39,7 +39,7 @@ def markdown_efficiency(table: pd.DataFrame, long: pd.DataFrame | None = None,
 
 def plot_efficiency(table: pd.DataFrame, path: Path) -> None:
     """Throughput against compute, marker size ~ parameters."""
-    from wsi_cmaf.train.protocol_report import _pyplot
+    from wsi_cmaf.train.paper.report import _pyplot
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))

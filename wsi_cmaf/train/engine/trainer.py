@@ -1,7 +1,7 @@
 """Training runs: the paper's three stages (Sec. 4.5), checkpoints, resume, test report and export.
 
 >>> from wsi_cmaf.train.config import TrainConfig
->>> from wsi_cmaf.train.trainer import train
+>>> from wsi_cmaf.train.engine.trainer import train
 >>> result = train(TrainConfig.from_file("examples/train_synthetic.yaml"))   # doctest: +SKIP
 >>> result.model_dir            # model.safetensors + config.json, for `wsi-cmaf analyze --model`
 
@@ -30,11 +30,11 @@ from torch import nn
 from wsi_cmaf.errors import ConfigError
 from wsi_cmaf.losses import IBObjective, LossConfig
 from wsi_cmaf.models import ABLATIONS, create_model
-from wsi_cmaf.train.checkpoint import save_checkpoint
+from wsi_cmaf.train.engine.checkpoint import save_checkpoint
 from wsi_cmaf.train.config import StageConfig, TrainConfig
-from wsi_cmaf.train.data_setup import build_data, build_pipeline, split_frame
-from wsi_cmaf.train.logging_utils import RunLogger
-from wsi_cmaf.train.stages import (
+from wsi_cmaf.train.data.setup import build_data, build_pipeline, split_frame
+from wsi_cmaf.train.engine.logging_utils import RunLogger
+from wsi_cmaf.train.engine.stages import (
     BranchHeads,
     build_clipper,
     build_optimizer,
@@ -47,8 +47,8 @@ from wsi_cmaf.train.stages import (
     ramp_steps,
 )
 from wsi_cmaf.infer.runner import resolve_device
-from wsi_cmaf.train.trainer_eval import split_report
-from wsi_cmaf.train.trainer_loop import (
+from wsi_cmaf.train.engine.validate import split_report
+from wsi_cmaf.train.engine.loop import (
     Amp,
     RunContext,
     StageRuntime,
@@ -57,7 +57,7 @@ from wsi_cmaf.train.trainer_loop import (
     train_epoch,
     validate,
 )
-from wsi_cmaf.train.trainer_state import (
+from wsi_cmaf.train.engine.state import (
     CONFIG_COPY,
     RESULT,
     check_output_dir,

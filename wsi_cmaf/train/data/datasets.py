@@ -20,9 +20,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from wsi_cmaf.errors import DataError
-from wsi_cmaf.train.imbalance import ResampleReport, resample_to_ratio
-from wsi_cmaf.train.manifest import SPLITS, Manifest, read_manifest
-from wsi_cmaf.train.patchstore import PatchStore, load_patch
+from wsi_cmaf.train.data.imbalance import ResampleReport, resample_to_ratio
+from wsi_cmaf.train.data.manifest import SPLITS, Manifest, read_manifest
+from wsi_cmaf.train.data.patchstore import PatchStore, load_patch
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def build_dataloaders(
     """Train/val/test DataLoaders from a manifest CSV or a patch store directory.
 
     ``imbalance_ratio`` (e.g. ``"95:5"``) undersamples the TRAINING split only
-    (:func:`~wsi_cmaf.train.imbalance.resample_to_ratio`, same seed). Training order is
+    (:func:`~wsi_cmaf.train.data.imbalance.resample_to_ratio`, same seed). Training order is
     seeded (store: :class:`ChunkShuffleSampler`; manifest: a seeded generator).
     """
     source = Path(source)

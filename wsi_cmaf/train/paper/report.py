@@ -1,4 +1,4 @@
-"""Tables and figures of the paper protocols (see :mod:`wsi_cmaf.train.protocols`).
+"""Tables and figures of the paper protocols (see :mod:`wsi_cmaf.train.paper.protocols`).
 
 Per run one flat row (labels, validation metrics of the best epoch, test metrics with their
 bootstrap CI bounds, time); per setting (the protocol's label columns, seed excluded) the mean
@@ -61,7 +61,7 @@ def _test_values(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def result_row(run: str, labels: Mapping[str, Any], result: Any) -> dict[str, Any]:
-    """One flat table row from a :class:`~wsi_cmaf.train.trainer.TrainResult`."""
+    """One flat table row from a :class:`~wsi_cmaf.train.engine.trainer.TrainResult`."""
     row: dict[str, Any] = {"run": run, **labels}
     row.update({f"val_{k}": _num(v) for k, v in (result.best_val or {}).items()
                 if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))})
@@ -197,7 +197,7 @@ def plot_tau_entropy(log_jsonl: str | Path, path: str | Path, title: str = "") -
 
     Reads the ``step`` rows of a CMAF-Net run's ``log.jsonl`` (keys ``tau/<h>``, ``attn_entropy/<h>``).
     """
-    from wsi_cmaf.train.logging_utils import read_jsonl
+    from wsi_cmaf.train.engine.logging_utils import read_jsonl
 
     log_jsonl = Path(log_jsonl)
     if log_jsonl.is_dir():
@@ -247,7 +247,7 @@ def write_tables(rows: Sequence[Mapping[str, Any]], group_by: Sequence[str], out
 
 
 def write_report(protocol: Any, rows: Sequence[Mapping[str, Any]], out_dir: str | Path) -> str:
-    """Tables and the protocol's figures for a :class:`~wsi_cmaf.train.protocols.Protocol`; returns Markdown."""
+    """Tables and the protocol's figures for a :class:`~wsi_cmaf.train.paper.protocols.Protocol`; returns Markdown."""
     out = Path(out_dir)
     table, md = write_tables(rows, protocol.group_by, out, protocol.title)
     figures: list[Path] = []

@@ -1,9 +1,9 @@
 """The inner training loop: one optimiser update (SAM, AMP, AGC), one epoch, validation.
 
-:mod:`wsi_cmaf.train.trainer` builds a :class:`RunContext` and, per stage, a :class:`StageRuntime`;
+:mod:`wsi_cmaf.train.engine.trainer` builds a :class:`RunContext` and, per stage, a :class:`StageRuntime`;
 this module runs epochs on them. The loss of a batch depends on the stage:
 
-* ``branches``: each extractor's temporary head (:class:`~wsi_cmaf.train.stages.BranchHeads`) with
+* ``branches``: each extractor's temporary head (:class:`~wsi_cmaf.train.engine.stages.BranchHeads`) with
   cross-entropy; the two losses are summed (they touch disjoint parameters);
 * other stages: ``model.forward_with_aux`` (CMAF-Net) or a plain forward (timm baselines, empty aux),
   then plain cross-entropy or the :class:`~wsi_cmaf.losses.IBObjective`.
@@ -28,12 +28,12 @@ from tqdm.auto import tqdm
 from wsi_cmaf.errors import ConfigError
 from wsi_cmaf.losses import IBObjective
 from wsi_cmaf.train.config import StageConfig, TrainConfig
-from wsi_cmaf.train.data_setup import BatchPipeline, batch_patient_ids
-from wsi_cmaf.train.datasets import DataBundle
-from wsi_cmaf.train.evaluation import predict, quick_metrics
-from wsi_cmaf.train.logging_utils import RunLogger, aux_statistics, per_class_grad_norms
-from wsi_cmaf.train.sam import SAM, nonfinite_flag, step_unless_nonfinite
-from wsi_cmaf.train.stages import AdaptiveGradClip, HistoryGradClip, frozen_bn_stats, set_train_mode
+from wsi_cmaf.train.data.setup import BatchPipeline, batch_patient_ids
+from wsi_cmaf.train.data.datasets import DataBundle
+from wsi_cmaf.train.evaluate.predict import predict, quick_metrics
+from wsi_cmaf.train.engine.logging_utils import RunLogger, aux_statistics, per_class_grad_norms
+from wsi_cmaf.train.engine.sam import SAM, nonfinite_flag, step_unless_nonfinite
+from wsi_cmaf.train.engine.stages import AdaptiveGradClip, HistoryGradClip, frozen_bn_stats, set_train_mode
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class SkipMonitor:
 # ----------------------------------------------------------------------------- run state
 @dataclass
 class RunContext:
-    """Everything an epoch needs; built once by :func:`wsi_cmaf.train.trainer.train`."""
+    """Everything an epoch needs; built once by :func:`wsi_cmaf.train.engine.trainer.train`."""
 
     config: TrainConfig
     device: torch.device
@@ -193,7 +193,7 @@ class RunContext:
             self.monitor = SkipMonitor(self.device)
 
     def prepare(self, split: str):
-        """``prepare(images, indices)`` for :func:`~wsi_cmaf.train.evaluation.predict` on ``split``."""
+        """``prepare(images, indices)`` for :func:`~wsi_cmaf.train.evaluate.predict.predict` on ``split``."""
         def fn(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             return self.pipeline(x, batch_patient_ids(self.bundle, split, idx), train=False)
         return fn

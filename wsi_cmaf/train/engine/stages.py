@@ -28,8 +28,8 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from wsi_cmaf.errors import ConfigError
 from wsi_cmaf.train.config import OptimConfig, StageConfig
-from wsi_cmaf.train.sam import SAM
-from wsi_cmaf.train.schedules import build_scheduler
+from wsi_cmaf.train.engine.sam import SAM
+from wsi_cmaf.train.engine.schedules import build_scheduler
 
 logger = logging.getLogger(__name__)
 

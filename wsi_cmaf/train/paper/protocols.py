@@ -2,12 +2,12 @@
 
 A protocol is a list of :class:`RunSpec` (a name, overrides of the base config, and the labels that
 become table columns). :func:`run_protocol` trains them one after the other through
-:func:`wsi_cmaf.train.trainer.train`, each in ``<out>/<run name>/``, and writes ``result.json``
+:func:`wsi_cmaf.train.engine.trainer.train`, each in ``<out>/<run name>/``, and writes ``result.json``
 there when a run is done. Re-running the same command therefore skips finished runs and resumes a
 run that was interrupted (``resume=True`` picks up its checkpoints), so a long sweep can
 be stopped and restarted at will. The tables and figures are written by
-:mod:`wsi_cmaf.train.protocol_report`; Table 8 (efficiency, no training) lives in
-:mod:`wsi_cmaf.train.protocol_efficiency`.
+:mod:`wsi_cmaf.train.paper.report`; Table 8 (efficiency, no training) lives in
+:mod:`wsi_cmaf.train.paper.efficiency`.
 
 Protocols (paper numbering): ``table1`` main comparison, ``imbalance`` (Table 2 / Fig. 3),
 ``ablations`` (Table 6), ``temperature`` (Table 7), ``fig4`` (one CMAF-Net run: τ and attention
@@ -189,7 +189,7 @@ def build_protocol(name: str, base: dict[str, Any], *, seeds: Sequence[int] = DE
     """The runs of protocol ``name`` (one of :data:`PROTOCOLS` except ``efficiency``)."""
     from wsi_cmaf.losses.registry import canonical_loss_name
     from wsi_cmaf.models import ABLATIONS, TAU_INITS_TABLE7
-    from wsi_cmaf.train.imbalance import parse_ratio
+    from wsi_cmaf.train.data.imbalance import parse_ratio
 
     if name not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -244,14 +244,14 @@ TrainFn = Callable[..., Any]
 
 
 def _default_train() -> TrainFn:
-    from wsi_cmaf.train.trainer import train
+    from wsi_cmaf.train.engine.trainer import train
 
     return train
 
 
 def _stored_result(path: Path) -> Any:
-    """The :class:`~wsi_cmaf.train.trainer.TrainResult` a finished run saved as ``result.json``."""
-    from wsi_cmaf.train.trainer import TrainResult
+    """The :class:`~wsi_cmaf.train.engine.trainer.TrainResult` a finished run saved as ``result.json``."""
+    from wsi_cmaf.train.engine.trainer import TrainResult
 
     return TrainResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
@@ -266,7 +266,7 @@ def run_protocol(protocol: Protocol, base: dict[str, Any], out_dir: str | Path, 
     Synthetic data (``data.synthetic``) is generated once into ``<out>/synthetic_data`` unless the
     base config names a ``synthetic_dir``, so every run trains on the same patches.
     """
-    from wsi_cmaf.train.protocol_report import result_row, write_report
+    from wsi_cmaf.train.paper.report import result_row, write_report
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

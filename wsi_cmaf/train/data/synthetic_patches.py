@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from wsi_cmaf.errors import ConfigError
-from wsi_cmaf.train.imbalance import parse_ratio
+from wsi_cmaf.train.data.imbalance import parse_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def write_synthetic_dataset(
     import pandas as pd
     from PIL import Image
 
-    from wsi_cmaf.train.manifest import assign_patient_splits, write_manifest
+    from wsi_cmaf.train.data.manifest import assign_patient_splits, write_manifest
 
     unknown = set(formats) - {"png", "zarr"}
     if unknown or not formats:
@@ -271,7 +271,7 @@ def write_synthetic_dataset(
     frame.insert(3, "split", frame["patient_id"].map(splits))
     written = {"manifest": write_manifest(frame, out / "manifest.csv")}
     if "zarr" in formats:
-        from wsi_cmaf.train.patchstore import write_patch_store
+        from wsi_cmaf.train.data.patchstore import write_patch_store
 
         written["store"] = write_patch_store(
             out / "patches.zarr",

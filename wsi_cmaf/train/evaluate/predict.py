@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from wsi_cmaf.train.metrics import (
+from wsi_cmaf.train.evaluate.metrics import (
     binary_metrics,
     bootstrap_binary_metrics,
     bootstrap_metric,

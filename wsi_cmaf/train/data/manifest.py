@@ -268,13 +268,13 @@ def parse_breakhis_name(name: str) -> dict[str, object] | None:
             "patient_id": f"{m['year']}-{m['patient']}", "magnification": int(m["mag"])}
 
 
-#: Dataset builders live in :mod:`wsi_cmaf.train.dataset_builders`; still importable from here.
+#: Dataset builders live in :mod:`wsi_cmaf.train.data.builders`; still importable from here.
 _BUILDERS = ("ManifestBuild", "scan_idc", "scan_breakhis", "build_idc_manifest", "build_breakhis_manifest")
 
 
 def __getattr__(name: str) -> object:
     if name in _BUILDERS:
-        from wsi_cmaf.train import dataset_builders
+        from wsi_cmaf.train.data import builders as dataset_builders
 
         return getattr(dataset_builders, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
