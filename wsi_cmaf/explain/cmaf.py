@@ -86,20 +86,24 @@ def _aux_with_grid(net: CMAFNet, x: torch.Tensor) -> tuple[dict[str, torch.Tenso
     return aux, (int(grid[0][0]), int(grid[0][1]))
 
 
+def _attention_from_aux(aux: dict[str, torch.Tensor], grid: tuple[int, int], size: tuple[int, int]) -> AttentionMaps:
+    attn = aux["attn"].float()
+    received = attn.mean(dim=2).unflatten(-1, grid)  # (B, H, h, w)
+    return AttentionMaps(
+        received=to_tile(received, size),
+        attn=attn.cpu().numpy(),
+        tau=aux["tau"].detach().float().cpu().numpy(),
+        entropy=aux["attn_entropy"].detach().float().cpu().numpy(),
+        grid=grid,
+    )
+
+
 def cross_attention_maps(model: nn.Module, x: torch.Tensor) -> AttentionMaps:
     """Per-head cross-attention maps of the CMAF block with their temperatures tau."""
     check_batch(x)
     net = require_cmaf(model, "cmaf")
-    aux, (h, w) = _aux_with_grid(net, x)
-    attn = aux["attn"].float()
-    received = attn.mean(dim=2).unflatten(-1, (h, w))  # (B, H, h, w)
-    return AttentionMaps(
-        received=to_tile(received, tuple(x.shape[-2:])),
-        attn=attn.cpu().numpy(),
-        tau=aux["tau"].detach().float().cpu().numpy(),
-        entropy=aux["attn_entropy"].detach().float().cpu().numpy(),
-        grid=(h, w),
-    )
+    aux, grid = _aux_with_grid(net, x)
+    return _attention_from_aux(aux, grid, tuple(x.shape[-2:]))
 
 
 def gate_map(model: nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -111,3 +115,14 @@ def gate_map(model: nn.Module, x: torch.Tensor) -> np.ndarray:
         raise ExplainError("this CMAF-Net has no gate (the 'no_gating' ablation mixes 50:50)")
     aux, _ = _aux_with_grid(net, x)
     return to_tile(aux["gate"].float().mean(dim=1), tuple(x.shape[-2:]))
+
+
+def attention_and_gate(model: nn.Module, x: torch.Tensor) -> tuple[AttentionMaps, np.ndarray | None]:
+    """:func:`cross_attention_maps` and :func:`gate_map` from one forward pass; the gate is None
+    for the 'no_gating' ablation."""
+    check_batch(x)
+    net = require_cmaf(model, "cmaf")
+    aux, grid = _aux_with_grid(net, x)
+    size = tuple(x.shape[-2:])
+    gate = None if net.cmaf.gate is None else to_tile(aux["gate"].float().mean(dim=1), size)
+    return _attention_from_aux(aux, grid, size), gate
