@@ -14,6 +14,9 @@ from wsi_cmaf.models.config import ABLATIONS, TAU_INITS_TABLE7, CMAFConfig, Mode
 from wsi_cmaf.models.cmaf_net import CMAFNet, build_cmaf_net
 from wsi_cmaf.models.io import load_model, read_config, save_model
 from wsi_cmaf.models.registry import create_model, is_model, list_models, register_model
+# Registers "multiview" and "multitask" (issue 17); must follow the registry import.
+from wsi_cmaf.models.heads import TaskHeads, multitask_loss
+from wsi_cmaf.models.multiview import MultiViewConfig, MultiViewNet
 
 
 @register_model("cmaf_net")
@@ -28,10 +31,14 @@ __all__ = [
     "CMAFConfig",
     "CMAFNet",
     "ModelConfig",
+    "MultiViewConfig",
+    "MultiViewNet",
+    "TaskHeads",
     "create_model",
     "is_model",
     "list_models",
     "load_model",
+    "multitask_loss",
     "parse_tau_init",
     "read_config",
     "register_model",

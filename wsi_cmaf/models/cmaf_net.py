@@ -43,6 +43,8 @@ class CMAFNet(nn.Module):
                 cfg.mvit_unfold, cfg.nystrom_landmarks, cfg.nystrom_pinv_iters,
                 cfg.scale_aware_pos, cfg.pos_scales, cfg.context_dim, cfg.attention,
                 cfg.attention_exact_max_tokens,
+                mixer="vssm" if cfg.context_branch == "vssm" else "attention",
+                vssm_d_state=cfg.vssm_d_state, vssm_expand=cfg.vssm_expand,
             )
             if cfg.use_contextual else None
         )

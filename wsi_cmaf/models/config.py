@@ -166,6 +166,10 @@ _NYSTROM_KEYS = frozenset({"nystrom_landmarks", "nystrom_pinv_iters"})
 # Options that were once CMAFConfig fields and are dropped on load. beta_warmup_steps was never
 # read: the β ramp length is stage 2's length (issue 15; MODEL.md "Training recipe").
 _RETIRED_KEYS = frozenset({"beta_warmup_steps"})
+_CONTEXT_BRANCHES = ("mobilevit", "vssm")
+#: Fields added after weights were first saved (issue 17): left out of ``to_dict`` at their
+#: defaults so a MobileViT model's config.json, and the store identity built from it, stay the same.
+_CONTEXT_DEFAULTS = {"context_branch": "mobilevit", "vssm_d_state": 4, "vssm_expand": 1.0}
 
 #: Table 7 of the paper: the temperature initialisations that were compared.
 TAU_INITS_TABLE7 = (
@@ -240,6 +244,12 @@ class CMAFConfig:
     scale_aware_pos: bool = True  # gradient-magnitude positional embedding
     pos_scales: tuple[int, ...] = (1, 2, 4)
     context_dim: int = 480  # D_t
+    # Global mixer of the contextual branch: "mobilevit" (transformers on unfolded tokens, the
+    # paper) or "vssm" (VMamba-style 4-direction selective scans, models/vssm.py, in the same
+    # MobileViT layout). vssm_* size the state (per channel) and the inner width (expand x dim).
+    context_branch: str = "mobilevit"
+    vssm_d_state: int = 4
+    vssm_expand: float = 1.0
     # --- CMAF block (Sec. 4.3, Eq. 13) ---
     num_heads: int = 8  # 1 = "w/o multi-head attention"
     learn_temperature: bool = True  # False = "w/o temperature learning" (tau stays at its init)
@@ -323,6 +333,10 @@ class CMAFConfig:
             problems.append("nystrom_landmarks and mvit_unfold must be >= 1")
         if self.attention not in _ATTENTION_MODES:
             problems.append(f"attention must be one of {_ATTENTION_MODES}, got {self.attention!r}")
+        if self.context_branch not in _CONTEXT_BRANCHES:
+            problems.append(f"context_branch must be one of {_CONTEXT_BRANCHES}, got {self.context_branch!r}")
+        if self.vssm_d_state < 1 or not self.vssm_expand > 0:
+            problems.append("vssm_d_state must be >= 1 and vssm_expand > 0")
         if self.attention_exact_max_tokens < 0:
             problems.append("attention_exact_max_tokens must be >= 0")
         if self.bottleneck_dim < 1:
@@ -355,6 +369,10 @@ class CMAFConfig:
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
         if not self.dfa and self.dfa_class_counts is None:
             out.pop("dfa"), out.pop("dfa_class_counts")
+        if self.context_branch == "mobilevit":
+            for key, default in _CONTEXT_DEFAULTS.items():
+                if out[key] == default:
+                    del out[key]
         return out
 
     @classmethod

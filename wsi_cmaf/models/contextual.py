@@ -24,6 +24,9 @@ from torch import nn
 
 from wsi_cmaf.models.nystrom import NystromAttention
 
+#: Global mixers a ContextualBlock can use: MobileViT's transformer, or VMamba's SS2D (vssm.py).
+MIXERS = ("attention", "vssm")
+
 logger = logging.getLogger(__name__)
 
 
@@ -132,14 +135,25 @@ class ContextualBlock(nn.Module):
         scale_aware_pos: bool = True,
         attention: str = "nystrom",
         exact_max_tokens: int = 0,
+        mixer: str = "attention",
+        vssm_d_state: int = 4,
+        vssm_expand: float = 1.0,
     ) -> None:
         super().__init__()
+        if mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
         self.unfold = unfold
+        self.mixer = mixer
         self.conv_kxk = ConvNormAct(channels, channels, 3, act_layer=nn.SiLU)
         self.conv_1x1 = nn.Conv2d(channels, dim, 1, bias=False)
         self.grad_proj = nn.Conv2d(n_grad_scales, dim, 1) if scale_aware_pos else None
-        blocks = []
+        blocks: list[nn.Module] = []
         for _ in range(depth):
+            if mixer == "vssm":
+                from wsi_cmaf.models.vssm import VSSBlock  # only models that use it pay the import
+
+                blocks.append(VSSBlock(dim, vssm_d_state, vssm_expand, mlp_ratio, act_layer=nn.SiLU))
+                continue
             blk = TransformerBlock(dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
                                    act_layer=nn.SiLU)
             blk.attn = NystromAttention(dim, num_heads, qkv_bias=True, num_landmarks=num_landmarks,
@@ -173,6 +187,11 @@ class ContextualBlock(nn.Module):
                 if grid_cache is not None:
                     grid_cache[(h, w)] = grid
             x = x + self.grad_proj(grid.to(x.dtype))
+        if self.mixer == "vssm":
+            # The 4-direction scans already give every position the whole grid as context, so no
+            # unfold: VSS blocks run on the channels-last map itself.
+            x = self.norm(self.transformer(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+            return self.conv_fusion(torch.cat([shortcut, self.conv_proj(x)], dim=1))
         p = self.unfold
         ph, pw = math.ceil(h / p) * p, math.ceil(w / p) * p
         if (ph, pw) != (h, w):  # as timm's MobileViT: resample rather than pad (no masks needed)
@@ -210,6 +229,9 @@ class ContextualBranch(nn.Module):
         out_dim: int = 480,
         attention: str = "nystrom",
         exact_max_tokens: int = 0,
+        mixer: str = "attention",
+        vssm_d_state: int = 4,
+        vssm_expand: float = 1.0,
     ) -> None:
         super().__init__()
         act = nn.SiLU
@@ -228,7 +250,8 @@ class ContextualBranch(nn.Module):
             if stride_log >= first_tr:
                 self.bodies.append(ContextualBlock(
                     c_out, dims[t], depths[t], num_heads, mlp_ratio, unfold, num_landmarks,
-                    pinv_iters, len(pos_scales), scale_aware_pos, attention, exact_max_tokens))
+                    pinv_iters, len(pos_scales), scale_aware_pos, attention, exact_max_tokens,
+                    mixer, vssm_d_state, vssm_expand))
                 t += 1
             else:  # MobileViT: 2 extra MV2 blocks at stride 4, one at the other strides
                 n_ir = 2 if stride_log == 2 else 1
