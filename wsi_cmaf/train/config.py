@@ -5,8 +5,8 @@ Sections (all optional except ``data``)::
     data:     where patches come from (manifest CSV, patch store, or generated synthetic patches),
               imbalance resampling, batch size, augmentation, stain normalisation
     model:    registry name (``cmaf_net`` or ``timm:<name>``), CMAF-Net overrides / ablation,
-              input geometry written into the saved ``config.json``
-    loss:     :class:`wsi_cmaf.losses.LossConfig` (task loss + IB weights)
+              input geometry written into the saved ``config.json``; ``tasks`` for multi-task heads
+    loss:     :class:`wsi_cmaf.losses.LossConfig` (task loss + IB weights), plus ``task_weights``
     optim:    AdamW weight decay, SAM, adaptive gradient clipping
     stages:   the paper's three stages (Sec. 4.5): epochs 30/40/30 by default
     seed, amp, compile, grad_checkpointing, early_stopping_patience, output_dir, device ...
@@ -25,6 +25,14 @@ eager elsewhere; "off" never compiles; "on" compiles on any device (default mode
 CUDA graphs ("reduce-overhead") are not offered for training: SAM perturbs the weights in place
 between two passes and the last batch of an epoch changes shape.
 
+Multi-task heads (issue 17, item 3): ``model.tasks: {malignancy: 2, subtype: 8}`` on the
+``multitask`` wrapper (``model.kwargs.backbone``: ``cmaf_net`` by default, or a timm model) trains
+one head per task on a shared embedding. The first task is the primary one: its labels are the
+manifest's ``label`` column, its loss is the configured objective (A-CBFL + IB terms ...), and
+checkpoint selection, early stopping and the test report use it. Every other task reads the manifest
+column of its name (``subtype``: BreakHis names or class indices; empty = no label) and adds
+``loss.task_weights[task]`` (default 1) x a cross-entropy over the samples that carry its label.
+
 Unknown keys are errors (they are almost always typos). Relative paths in the file are
 resolved against the file's folder.
 """
@@ -33,18 +41,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsi_cmaf.errors import ConfigError
+from wsi_cmaf.errors import ConfigError, ModelConfigError
 from wsi_cmaf.losses import LossConfig
+from wsi_cmaf.models.heads import check_tasks
+from wsi_cmaf.train.data.manifest import BREAKHIS_SUBTYPE_ORDER
 
 STAGE_KINDS = ("branches", "fusion", "all")
 STAGE_LOSSES = ("cross_entropy", "objective")
 IB_MODES = ("off", "ramp", "full")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 COMPILE_MODES = ("auto", "off", "on", "default", "max-autotune", "max-autotune-no-cudagraphs")
+#: Registry models with one head per task (``wsi_cmaf.models.multiview``); ``model.tasks`` needs one.
+TASK_MODELS = ("multitask", "multiview")
 
 
 def _from_dict(cls: type, data: dict[str, Any] | None, where: str) -> Any:
@@ -124,6 +137,11 @@ class ModelSection:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     stain_normalization: str | None = "macenko"
+    # Multi-task heads: {task: number of classes}, the first task primary (its classes are
+    # class_names). None = one task. task_class_names names the other tasks' classes (default:
+    # the BreakHis order for an 8-class "subtype" task, else "0", "1", ...).
+    tasks: dict[str, int] | None = None
+    task_class_names: dict[str, list[str]] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -131,9 +149,84 @@ class ModelSection:
         return len(self.class_names)
 
     @property
+    def is_task_model(self) -> bool:
+        """Whether the model is a multi-task wrapper (``multitask`` / ``multiview``)."""
+        return self.name in TASK_MODELS
+
+    @property
+    def backbone_name(self) -> str:
+        """The network that extracts features: the wrapper's backbone, else the model itself."""
+        if self.is_task_model:
+            return str(self.kwargs.get("backbone", "cmaf_net"))
+        return self.name
+
+    @property
     def is_cmaf(self) -> bool:
-        """Whether the model is CMAF-Net (three-stage training) rather than a timm baseline."""
-        return not self.name.startswith("timm:")
+        """Whether the model (or the multi-task wrapper's backbone) is CMAF-Net (three-stage
+        training) rather than a timm baseline."""
+        return not self.backbone_name.startswith("timm:")
+
+    @property
+    def primary_task(self) -> str:
+        """Name of the primary task (the first of ``tasks``; "malignancy" without tasks)."""
+        return next(iter(self.tasks)) if self.tasks else "malignancy"
+
+    def all_task_class_names(self) -> dict[str, list[str]]:
+        """``{task: class names}`` for every task, the primary one first (its names: ``class_names``)."""
+        tasks = self.tasks or {self.primary_task: self.num_classes}
+        given = dict(self.task_class_names or {})
+        out: dict[str, list[str]] = {}
+        for i, (name, n) in enumerate(tasks.items()):
+            if i == 0:
+                out[name] = list(self.class_names)
+            elif name in given:
+                out[name] = [str(c) for c in given[name]]
+            elif name == "subtype" and n == len(BREAKHIS_SUBTYPE_ORDER):
+                out[name] = list(BREAKHIS_SUBTYPE_ORDER)
+            else:
+                out[name] = [str(c) for c in range(n)]
+        return out
+
+    def extra_tasks(self) -> dict[str, list[str]]:
+        """``{task: class names}`` of the non-primary tasks (empty for a single-task model)."""
+        return dict(list(self.all_task_class_names().items())[1:]) if self.tasks else {}
+
+    def validate_tasks(self, task_weights: dict[str, float]) -> None:
+        """Raise :class:`ConfigError` when ``tasks`` / ``task_class_names`` / ``task_weights`` cannot apply."""
+        views = self.kwargs.get("num_views", 1 if self.name == "multitask" else 2)
+        if self.is_task_model and views != 1:
+            raise ConfigError(f"the trainer's datasets give one image per sample, but {self.name!r} has num_views "
+                              f"{views}: set model.kwargs.num_views: 1 (or use model.name: multitask)")
+        if self.tasks is None:
+            if self.task_class_names or task_weights:
+                raise ConfigError("model.task_class_names and loss.task_weights need model.tasks "
+                                  "(e.g. tasks: {malignancy: 2, subtype: 8})")
+            return
+        if not self.is_task_model:
+            raise ConfigError(f"model.tasks needs a model with one head per task ({' or '.join(TASK_MODELS)}, "
+                              f"with the network as kwargs.backbone); model.name is {self.name!r}")
+        if "tasks" in self.kwargs or "task_class_names" in self.kwargs:
+            raise ConfigError("give the tasks as model.tasks / model.task_class_names, not inside model.kwargs")
+        try:
+            tasks = check_tasks(self.tasks)
+        except ModelConfigError as exc:
+            raise ConfigError(f"model.tasks: {exc}") from exc
+        primary = next(iter(tasks))
+        if tasks[primary] != self.num_classes:
+            raise ConfigError(f"model.tasks: the primary task {primary!r} has {tasks[primary]} classes but "
+                              f"model.class_names has {self.num_classes} {list(self.class_names)}; the first task "
+                              "is the primary one and uses the manifest's label column")
+        for name, names in (self.task_class_names or {}).items():
+            if name not in tasks or name == primary:
+                raise ConfigError(f"model.task_class_names: {name!r} is not a secondary task of {list(tasks)} "
+                                  "(the primary task's names are model.class_names)")
+            if len(names) != tasks[name] or len(set(map(str, names))) != len(names):
+                raise ConfigError(f"model.task_class_names[{name!r}] needs {tasks[name]} distinct names, "
+                                  f"got {list(names)}")
+        for name, w in task_weights.items():
+            if name not in tasks or name == primary:
+                raise ConfigError(f"loss.task_weights: {name!r} is not a secondary task of {list(tasks)} (the "
+                                  "primary task's loss is the configured objective, unweighted)")
 
 
 CLIP_MODES = ("agc", "history", "none")
@@ -219,12 +312,36 @@ def single_stage(epochs: int = 100, lr: float = 1e-4) -> list[StageConfig]:
 
 
 @dataclass
+class TrainLossConfig(LossConfig):
+    """:class:`~wsi_cmaf.losses.LossConfig` plus the weights of the secondary tasks' losses."""
+
+    task_weights: dict[str, float] = field(default_factory=dict)  # {task: weight}; default 1 each
+
+    def validate(self) -> TrainLossConfig:
+        """LossConfig's checks, and finite weights >= 0."""
+        super().validate()
+        if not isinstance(self.task_weights, dict):
+            raise ConfigError(f"loss.task_weights must be a mapping task -> weight, got {self.task_weights!r}")
+        for name, w in self.task_weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ConfigError(f"loss.task_weights[{name!r}] must be a finite number >= 0, got {w!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """LossConfig's dict; ``task_weights`` only when set (single-task configs read as before)."""
+        out = super().to_dict()
+        if not out.get("task_weights"):
+            out.pop("task_weights", None)
+        return out
+
+
+@dataclass
 class TrainConfig:
     """A whole training run. Build with :meth:`from_file` / :meth:`from_dict`."""
 
     data: DataConfig
     model: ModelSection = field(default_factory=ModelSection)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: LossConfig = field(default_factory=TrainLossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     stages: list[StageConfig] | None = None  # None: paper_stages() for CMAF-Net, single_stage() for timm
     seed: int = 0
@@ -257,13 +374,26 @@ class TrainConfig:
         for stage in self.stages:
             stage.validate()
             if not self.model.is_cmaf and stage.trainable != "all":
-                raise ConfigError(f"stage {stage.name}: timm baselines train single-stage (trainable: all)")
+                raise ConfigError(f"stage {stage.name}: timm baselines train single-stage (trainable: all)"
+                                  + (f"; the backbone {self.model.backbone_name!r} has no CMAF-Net branches"
+                                     if self.model.is_task_model else ""))
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique, got {names}")
         if self.model.num_classes < 2:
             raise ConfigError("model.class_names needs at least two classes")
+        self.model.validate_tasks(self.task_weights)
+        if self.model.tasks and self.data.target != "label":
+            raise ConfigError("model.tasks: the primary task uses the manifest's label column; keep data.target: "
+                              "label and make subtype a secondary task")
+        if self.model.is_task_model and self.model.ablation and not self.model.is_cmaf:
+            raise ConfigError("model.ablation applies to a cmaf_net backbone only")
         return self
+
+    @property
+    def task_weights(self) -> dict[str, float]:
+        """Weights of the secondary tasks' losses (``loss.task_weights``; empty when unset)."""
+        return dict(getattr(self.loss, "task_weights", None) or {})
 
     # ------------------------------------------------------------------ IO
     @classmethod
@@ -279,7 +409,7 @@ class TrainConfig:
         sections = {
             "data": _from_dict(DataConfig, data.pop("data"), "data"),
             "model": _from_dict(ModelSection, data.pop("model", None), "model"),
-            "loss": LossConfig.from_dict(data.pop("loss", None) or {}),
+            "loss": TrainLossConfig.from_dict(data.pop("loss", None) or {}),
             "optim": _from_dict(OptimConfig, data.pop("optim", None), "optim"),
         }
         stages = data.pop("stages", None)
@@ -320,6 +450,9 @@ class TrainConfig:
         """JSON-ready dict (round-trips through :meth:`from_dict`)."""
         out = dataclasses.asdict(self)
         out["loss"] = self.loss.to_dict()
+        for key in ("tasks", "task_class_names"):  # single-task configs read exactly as before
+            if out["model"].get(key) is None:
+                out["model"].pop(key, None)
         return json.loads(json.dumps(out))
 
     def to_json(self, path: str | Path) -> Path:

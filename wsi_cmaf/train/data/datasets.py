@@ -1,16 +1,17 @@
 """torch Datasets over manifests (one image file per row) and packed patch stores.
 
 Samples are ``(image, label)`` — or ``(image, label, index)`` with ``return_index=True`` —
-where ``image`` is float32 (3, H, W) with values in [0, 255] (uint8 converted, not scaled),
-the convention shared with ``wsi_cmaf.stain`` and the inference preprocessor. ``transform``
-is any callable on that tensor; batch augmentation (``augment.BatchAugment``) is meant to
-run in the training loop instead.
+and, for a multi-task run (``task_labels``), one more element ``{task: label}`` with the labels of
+the secondary tasks (-1 = this sample has none). ``image`` is float32 (3, H, W) with values in
+[0, 255] (uint8 converted, not scaled), the convention shared with ``wsi_cmaf.stain`` and the
+inference preprocessor. ``transform`` is any callable on that tensor; batch augmentation
+(``augment.BatchAugment``) is meant to run in the training loop instead.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from wsi_cmaf.errors import DataError
 from wsi_cmaf.train.data.imbalance import ResampleReport, resample_to_ratio
-from wsi_cmaf.train.data.manifest import SPLITS, Manifest, read_manifest
+from wsi_cmaf.train.data.manifest import SPLITS, Manifest, read_manifest, task_label_array
 from wsi_cmaf.train.data.patchstore import PatchStore, load_patch
 
 logger = logging.getLogger(__name__)
@@ -34,15 +35,26 @@ def _to_tensor(hwc: np.ndarray) -> torch.Tensor:
 
 
 class ManifestDataset(Dataset):
-    """Images listed in a manifest (optionally one split), decoded with Pillow on access."""
+    """Images listed in a manifest (optionally one split), decoded with Pillow on access.
+
+    ``task_labels``: ``{task: int labels (N,)}`` of secondary tasks, aligned with the rows (after
+    ``split``); each sample then ends with ``{task: label}`` (-1 = no label for that task).
+    """
 
     def __init__(self, manifest: Manifest, split: str | None = None, *, transform: Transform | None = None,
-                 patch_size: int = 50, return_index: bool = False) -> None:
+                 patch_size: int = 50, return_index: bool = False,
+                 task_labels: Mapping[str, np.ndarray] | None = None) -> None:
         self.manifest = manifest.split(split) if split else manifest
         self.paths = self.manifest.paths()
         self.labels = self.manifest.labels()
         self.patient_ids = self.manifest.frame["patient_id"].astype(str).to_numpy()
         self.transform, self.patch_size, self.return_index = transform, int(patch_size), return_index
+        self.task_labels: dict[str, np.ndarray] | None = None
+        if task_labels is not None:
+            self.task_labels = {t: np.asarray(v, dtype=np.int64) for t, v in task_labels.items()}
+            bad = {t: len(v) for t, v in self.task_labels.items() if len(v) != len(self.labels)}
+            if bad:
+                raise DataError(f"task labels {bad} do not match the {len(self.labels)} manifest rows")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -55,7 +67,10 @@ class ManifestDataset(Dataset):
         if self.transform is not None:
             img = self.transform(img)
         label = int(self.labels[i])
-        return (img, label, i) if self.return_index else (img, label)
+        sample = (img, label, i) if self.return_index else (img, label)
+        if self.task_labels is None:
+            return sample
+        return (*sample, {t: int(v[i]) for t, v in self.task_labels.items()})
 
 
 class PatchStoreDataset(Dataset):
@@ -148,15 +163,21 @@ def build_dataloaders(
     return_index: bool = False,
     check_images: str = "exists",
     num_classes: int = 2,
+    tasks: Mapping[str, Sequence[str]] | None = None,
 ) -> DataBundle:
     """Train/val/test DataLoaders from a manifest CSV or a patch store directory.
 
     ``imbalance_ratio`` (e.g. ``"95:5"``) undersamples the TRAINING split only
     (:func:`~wsi_cmaf.train.data.imbalance.resample_to_ratio`, same seed). Training order is
     seeded (store: :class:`ChunkShuffleSampler`; manifest: a seeded generator).
+    ``tasks``: ``{secondary task: class names}``; each reads the manifest column of its name
+    (:func:`~wsi_cmaf.train.data.manifest.task_label_array`) and samples gain ``{task: label}``.
     """
     source = Path(source)
     classes = tuple(range(num_classes))
+    if tasks and _is_store(source):
+        raise DataError(f"{source}: a patch store carries no labels for the task(s) {sorted(tasks)}; "
+                        "train multi-task models on a manifest CSV with a column per task")
     if _is_store(source):
         store = PatchStore(source, in_memory=in_memory)
         frame = pd.DataFrame({"label": store.labels, "split": store.split_codes, "row": np.arange(len(store))})
@@ -169,9 +190,15 @@ def build_dataloaders(
     else:
         manifest = read_manifest(source, classes=classes, check_images=check_images)
         frame = manifest.frame.assign(row=np.arange(len(manifest)))
-        make = lambda rows, tf: ManifestDataset(  # noqa: E731
-            Manifest(manifest.frame.iloc[rows].reset_index(drop=True), manifest.root),
-            transform=tf, return_index=return_index)
+        if tasks:
+            task_arrays = {t: task_label_array(manifest.frame, t, names, str(source)) for t, names in tasks.items()}
+            make = lambda rows, tf: ManifestDataset(  # noqa: E731
+                Manifest(manifest.frame.iloc[rows].reset_index(drop=True), manifest.root),
+                transform=tf, return_index=return_index, task_labels={t: a[rows] for t, a in task_arrays.items()})
+        else:
+            make = lambda rows, tf: ManifestDataset(  # noqa: E731
+                Manifest(manifest.frame.iloc[rows].reset_index(drop=True), manifest.root),
+                transform=tf, return_index=return_index)
     report = None
     if imbalance_ratio:
         frame, report = resample_to_ratio(frame, imbalance_ratio, seed=seed, split="train")
@@ -196,4 +223,9 @@ def build_dataloaders(
     train_labels = datasets["train"].labels  # type: ignore[attr-defined]
     counts = {c: int((train_labels == c).sum()) for c in classes}
     logger.info("train class counts %s%s", counts, f" after {report}" if report else "")
+    for task, values in (getattr(datasets["train"], "task_labels", None) or {}).items():
+        labelled = int((values >= 0).sum())
+        if labelled == 0:
+            logger.warning("task %r: no training sample carries a label; its head will not learn", task)
+        logger.info("task %r: %d of %d training samples labelled", task, labelled, len(values))
     return DataBundle(loaders, datasets, counts, report, {"source": str(source)})

@@ -268,6 +268,41 @@ def parse_breakhis_name(name: str) -> dict[str, object] | None:
             "patient_id": f"{m['year']}-{m['patient']}", "magnification": int(m["mag"])}
 
 
+def task_label_array(frame: pd.DataFrame, column: str, class_names: Sequence[str], where: str) -> np.ndarray:
+    """Integer labels of a secondary task from manifest column ``column``; -1 where a row has none.
+
+    A cell is a class name from ``class_names`` (e.g. a BreakHis subtype) or a class index;
+    an empty cell (or -1) means the row carries no label for this task: it still trains the other
+    tasks. Raises :class:`ManifestError` listing every cell that is neither.
+    """
+    if column not in frame.columns:
+        raise ManifestError(f"{where}: the task {column!r} needs a {column!r} column in the manifest "
+                            "(empty cells where a sample has no label)")
+    index = {str(name): i for i, name in enumerate(class_names)}
+    out = np.full(len(frame), -1, dtype=np.int64)
+    problems: list[str] = []
+    for i, value in enumerate(frame[column].tolist()):
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            continue
+        text = str(value).strip()
+        if not text:
+            continue
+        if text in index:
+            out[i] = index[text]
+            continue
+        number = _as_int(text)
+        if number == -1:
+            continue
+        if number is not None and 0 <= number < len(class_names):
+            out[i] = number
+        else:
+            problems.append(f"{_line(i)}: {column} {value!r} is neither one of {list(class_names)} nor a class "
+                            f"index 0..{len(class_names) - 1}")
+    if problems:
+        raise ManifestError(f"{where}: {column} values outside the task's classes", problems)
+    return out
+
+
 #: Dataset builders live in :mod:`wsi_cmaf.train.data.builders`; still importable from here.
 _BUILDERS = ("ManifestBuild", "scan_idc", "scan_breakhis", "build_idc_manifest", "build_breakhis_manifest")
 

@@ -77,7 +77,10 @@ def subtype_manifest(source: Path, class_names: list[str], output_dir: Path) -> 
 
 
 def build_data(data: DataConfig, model: ModelSection, output_dir: Path, seed: int) -> DataBundle:
-    """Loaders (train/val/test, with sample indices) for a run, imbalance-resampled as configured."""
+    """Loaders (train/val/test, with sample indices) for a run, imbalance-resampled as configured.
+
+    With ``model.tasks``, samples also carry the secondary tasks' labels (``{task: label}``).
+    """
     if data.synthetic is not None:
         source = synthetic_source(data, output_dir)
     else:
@@ -93,7 +96,7 @@ def build_data(data: DataConfig, model: ModelSection, output_dir: Path, seed: in
         source, batch_size=data.batch_size, eval_batch_size=data.eval_batch_size,
         num_workers=data.num_workers, seed=seed, imbalance_ratio=data.imbalance_ratio,
         in_memory=data.in_memory, return_index=True, check_images=data.check_images,
-        num_classes=model.num_classes,
+        num_classes=model.num_classes, tasks=model.extra_tasks() or None,
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,13 @@ class AnnotatedSlide:
 
 def slide_patches(item: AnnotatedSlide, grid_config: GridConfig, *, positive_min: float = 0.5,
                   negative_max: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
-    """Tissue tiles of one slide and their labels: ``(uint8 (N, T, T, 3), int64 (N,))``."""
+    """Tissue tiles of one slide and their labels: ``(uint8 (N, T, T, 3), int64 (N,))``.
+
+    Whole tiles only: a partial edge tile's tumour fraction would be measured over pixels partly
+    beyond the slide, and its white padding would become "benign" evidence; inference still
+    analyses such tiles (``GridConfig.min_inside_fraction``).
+    """
+    grid_config = replace(grid_config, min_inside_fraction=1.0)
     with open_slide(item.path) as reader:
         tissue = detect_tissue(reader)
         grid = TileGrid.from_slide(reader, grid_config, tissue)

@@ -95,7 +95,8 @@ class RunLogger:
 
 
 def aux_statistics(aux: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Monitoring numbers from a CMAF-Net aux dict: per-head tau and attention entropy, gate mean."""
+    """Monitoring numbers from a CMAF-Net aux dict: per-head tau and attention entropy, gate mean, and
+    with DFA the per-class bias ``dfa_bias/<c>`` (mean over heads) and class attention mass ``dfa_mass/<c>``."""
     out: dict[str, float] = {}
     if "tau" in aux:
         for h, v in enumerate(aux["tau"].detach().float().flatten().tolist()):
@@ -105,6 +106,14 @@ def aux_statistics(aux: Mapping[str, torch.Tensor]) -> dict[str, float]:
             out[f"attn_entropy/{h}"] = v
     if "gate" in aux:
         out["gate_mean"] = float(aux["gate"].detach().float().mean())
+    # DFA: the learnt per-class bias (mean over heads) and the attention mass each class query puts
+    # on the tokens, so a run log shows which classes the model learnt to treat as hard.
+    if "dfa_bias" in aux:
+        for c, v in enumerate(aux["dfa_bias"].detach().float().mean(dim=0).tolist()):
+            out[f"dfa_bias/{c}"] = v
+    if "dfa_class_mass" in aux:
+        for c, v in enumerate(aux["dfa_class_mass"].detach().float().flatten().tolist()):
+            out[f"dfa_mass/{c}"] = v
     return out
 
 

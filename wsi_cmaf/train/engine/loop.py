@@ -7,6 +7,10 @@ this module runs epochs on them. The loss of a batch depends on the stage:
   cross-entropy; the two losses are summed (they touch disjoint parameters);
 * other stages: ``model.forward_with_aux`` (CMAF-Net) or a plain forward (timm baselines, empty aux),
   then plain cross-entropy or the :class:`~wsi_cmaf.losses.IBObjective`.
+
+A multi-task model's primary task goes through that same loss; each secondary task adds a masked
+cross-entropy (:mod:`wsi_cmaf.train.engine.tasks`). In the ``branches`` stage only the primary
+labels train the extractors' temporary heads.
 """
 
 from __future__ import annotations
@@ -34,6 +38,13 @@ from wsi_cmaf.train.evaluate.predict import predict, quick_metrics
 from wsi_cmaf.train.engine.logging_utils import RunLogger, aux_statistics, per_class_grad_norms
 from wsi_cmaf.train.engine.sam import SAM, nonfinite_flag, step_unless_nonfinite
 from wsi_cmaf.train.engine.stages import AdaptiveGradClip, HistoryGradClip, frozen_bn_stats, set_train_mode
+from wsi_cmaf.train.engine.tasks import (
+    add_task_losses,
+    is_multitask,
+    predict_tasks,
+    secondary_metrics,
+    split_task_logits,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +222,7 @@ class StageRuntime:
     steps_per_epoch: int
     clipper: AdaptiveGradClip | HistoryGradClip | None  # gradient clipping (None: off)
     grad_params: list[nn.Parameter]  # parameters of the per-class gradient norms
+    task_weights: dict[str, float] = field(default_factory=dict)  # secondary tasks' loss weights (default 1)
 
     @property
     def total_steps(self) -> int:
@@ -240,9 +252,14 @@ class BranchEnsemble(nn.Module):
 
 
 # ----------------------------------------------------------------------------- one update
-def batch_loss(ctx: RunContext, rt: StageRuntime, x: torch.Tensor, y: torch.Tensor
+def batch_loss(ctx: RunContext, rt: StageRuntime, x: torch.Tensor, y: torch.Tensor,
+               tasks: dict[str, torch.Tensor] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(loss, per-sample task loss, loss terms, aux) of one batch for the stage's kind."""
+    """(loss, per-sample task loss, loss terms, aux) of one batch for the stage's kind.
+
+    ``tasks``: ``{secondary task: labels (B,)}`` (-1 = none) for a multi-task model, whose
+    per-sample loss and terms are then the primary task's plus ``loss/<task>`` terms.
+    """
     stage = rt.stage
     if stage.trainable == "branches":
         assert ctx.heads is not None
@@ -254,15 +271,29 @@ def batch_loss(ctx: RunContext, rt: StageRuntime, x: torch.Tensor, y: torch.Tens
         logits, aux = ctx.model.forward_with_aux(x)
     else:
         logits, aux = ctx.model(x), {}
+    secondary = None
+    if isinstance(logits, dict):
+        primary = next(iter(logits))
+        logits, secondary = split_task_logits(logits)
     logits = logits.float()
     if stage.loss == "cross_entropy" or rt.objective is None:
         per_sample = F.cross_entropy(logits, y, reduction="none")
         loss = per_sample.mean()
-        return loss, per_sample, {"task": loss.detach()}, aux
-    out = rt.objective(logits, y, aux)
-    # The task loss per sample (for the per-class gradient norms), without the IB weights.
-    per_sample = rt.objective.task_loss(logits, y)
-    return out.total, per_sample, out.terms, aux
+        terms = {"task": loss.detach()}
+    else:
+        out = rt.objective(logits, y, aux)
+        # The task loss per sample (for the per-class gradient norms), without the IB weights.
+        per_sample = rt.objective.task_loss(logits, y)
+        loss, terms = out.total, out.terms
+    if secondary is not None:
+        loss, terms = add_task_losses(loss, terms, primary, secondary, tasks, rt.task_weights)
+    return loss, per_sample, terms, aux
+
+
+def _batch_loss(ctx: RunContext, rt: StageRuntime, x: torch.Tensor, y: torch.Tensor,
+                tasks: dict[str, torch.Tensor] | None):
+    # Single-task calls keep batch_loss's four-argument form: tests and tools replace the function.
+    return batch_loss(ctx, rt, x, y) if tasks is None else batch_loss(ctx, rt, x, y, tasks)
 
 
 def micro_batches(x: torch.Tensor, y: torch.Tensor, micro: int | None
@@ -274,15 +305,35 @@ def micro_batches(x: torch.Tensor, y: torch.Tensor, micro: int | None
     and the HSIC estimate need 2): a short last batch of an epoch is split into fewer chunks. The
     sizes come from the shape, so splitting needs no host sync.
     """
-    n = len(y)
-    if micro is None or n <= micro:
+    k = _chunk_count(len(y), micro)
+    if k == 0:
         return [(x, y, 1.0)]
-    k = max(1, min(-(-n // micro), n // 2))
+    n = len(y)
     return [(xc, yc, len(yc) / n) for xc, yc in zip(x.tensor_split(k), y.tensor_split(k))]
 
 
+def _chunk_count(n: int, micro: int | None) -> int:
+    """Micro-batches of a batch of ``n`` (0: no split); see :func:`micro_batches`."""
+    if micro is None or n <= micro:
+        return 0
+    return max(1, min(-(-n // micro), n // 2))
+
+
+def split_task_targets(tasks: dict[str, torch.Tensor] | None, n: int, micro: int | None
+                       ) -> list[dict[str, torch.Tensor] | None]:
+    """The secondary-task labels cut into the same micro-batches as :func:`micro_batches` cuts ``y``."""
+    k = _chunk_count(n, micro)
+    if tasks is None:
+        return [None] * max(k, 1)
+    if k == 0:
+        return [tasks]
+    parts = {t: v.tensor_split(k) for t, v in tasks.items()}
+    return [{t: parts[t][i] for t in tasks} for i in range(k)]
+
+
 def optimizer_update(ctx: RunContext, rt: StageRuntime, x: torch.Tensor, y: torch.Tensor,
-                     log: bool) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+                     log: bool, tasks: dict[str, torch.Tensor] | None = None
+                     ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
     """One optimiser update (two passes with SAM) -> (loss at w, log values, found_inf).
 
     With ``data.micro_batch_size`` smaller than the batch, each pass runs over micro-batches and
@@ -294,18 +345,21 @@ def optimizer_update(ctx: RunContext, rt: StageRuntime, x: torch.Tensor, y: torc
     ``found_inf`` (0-d float on the device) is 1.0 when a pass had non-finite gradients; the
     update was then skipped on the device: weights and optimiser state are unchanged. Nothing is
     read back to the host unless ``log`` (the logged values) or the optimiser cannot skip on device.
+    ``tasks``: secondary-task labels of a multi-task model (see :func:`batch_loss`).
     """
     amp, opt = ctx.amp, rt.optimizer
     params = rt.params()
     data = getattr(ctx.config, "data", None)  # minimal contexts (unit tests) carry no data section
-    chunks = micro_batches(x, y, data.micro_batch_size if data is not None else None)
+    micro = data.micro_batch_size if data is not None else None
+    chunks = micro_batches(x, y, micro)
+    task_chunks = split_task_targets(tasks, len(y), micro)
     accumulate = len(chunks) > 1
     opt.zero_grad(set_to_none=True)
     values: dict[str, float] = {}
     total: torch.Tensor | None = None
-    for i, (xc, yc, weight) in enumerate(chunks):
+    for i, ((xc, yc, weight), tc) in enumerate(zip(chunks, task_chunks)):
         with amp.autocast():
-            loss, per_sample, terms, aux = batch_loss(ctx, rt, xc, yc)
+            loss, per_sample, terms, aux = _batch_loss(ctx, rt, xc, yc, tc)
         if log and i == 0:
             values.update({k: float(v) for k, v in terms.items()})
             values["total"] = float(loss.detach())
@@ -320,9 +374,9 @@ def optimizer_update(ctx: RunContext, rt: StageRuntime, x: torch.Tensor, y: torc
     amp.unscale(opt)
     if isinstance(opt, SAM):
         found = opt.first_step(zero_grad=True)  # no perturbation when the gradient is not finite
-        for xc, yc, weight in chunks:
+        for (xc, yc, weight), tc in zip(chunks, task_chunks):
             with frozen_bn_stats(ctx.model), amp.autocast():
-                loss2 = batch_loss(ctx, rt, xc, yc)[0]
+                loss2 = _batch_loss(ctx, rt, xc, yc, tc)[0]
             amp.backward(loss2 * weight if accumulate else loss2)
         amp.unscale(opt.base_optimizer)
         found = torch.maximum(found, nonfinite_flag(params))
@@ -379,7 +433,8 @@ def train_epoch(ctx: RunContext, rt: StageRuntime, epoch: int, stage_epoch: int)
     bar = tqdm(total=rt.steps_per_epoch, disable=not ctx.progress, leave=False, dynamic_ncols=True,
                desc=f"{stage.name} {stage_epoch}/{stage.epochs}", unit="step")
     try:
-        for i, (x, y, idx) in enumerate(loader):
+        for i, batch in enumerate(loader):
+            x, y, idx = batch[0], batch[1], batch[2]  # a multi-task batch has {task: labels} as batch[3]
             if i >= rt.steps_per_epoch:
                 break
             if len(y) < 2:  # a lone leftover sample: BatchNorm and the HSIC proxy need >= 2
@@ -387,10 +442,12 @@ def train_epoch(ctx: RunContext, rt: StageRuntime, epoch: int, stage_epoch: int)
             inp = ctx.pipeline(x.to(ctx.device, non_blocking=True), batch_patient_ids(ctx.bundle, "train", idx),
                                train=True)
             target = torch.as_tensor(y, device=ctx.device)
+            tasks = ({t: torch.as_tensor(v, device=ctx.device) for t, v in batch[3].items()}
+                     if len(batch) > 3 else None)
             if rt.objective is not None:
                 rt.objective.update(c["stage_step"], rt.total_steps if stage.dynamic_weighting else None)
             log = c["global_step"] % max(cfg.log_every, 1) == 0
-            loss, values, found = optimizer_update(ctx, rt, inp, target, log)
+            loss, values, found = optimizer_update(ctx, rt, inp, target, log, tasks)
             monitor.record(found, loss)
             c["global_step"] += 1
             c["stage_step"] += 1
@@ -413,10 +470,21 @@ def train_epoch(ctx: RunContext, rt: StageRuntime, epoch: int, stage_epoch: int)
 
 
 def validate(ctx: RunContext, stage: StageConfig) -> dict[str, float]:
-    """Point metrics on the validation split (branch heads during stage 1)."""
+    """Point metrics on the validation split (branch heads during stage 1).
+
+    A multi-task model is judged on its primary task (same keys as a single-task model, so model
+    selection is unchanged) plus ``<task>/balanced_accuracy``, ``<task>/macro_f1`` and
+    ``<task>/n_labelled`` of each secondary task over its labelled samples.
+    """
     net: nn.Module = ctx.model
     if stage.trainable == "branches" and ctx.heads is not None:
         net = BranchEnsemble(ctx.model, ctx.heads)
+    elif is_multitask(ctx.model):
+        all_probs, all_labels, _ = predict_tasks(ctx.model, ctx.bundle.loaders["val"], ctx.prepare("val"),
+                                                 ctx.device, ctx.amp.dtype)
+        primary = next(iter(all_probs))
+        return {**quick_metrics(all_probs[primary], all_labels[primary], ctx.config.model.positive_class),
+                **secondary_metrics(all_probs, all_labels)}
     probs, labels, _ = predict(net, ctx.bundle.loaders["val"], ctx.prepare("val"), ctx.device, ctx.amp.dtype)
     return quick_metrics(probs, labels, ctx.config.model.positive_class)
 

@@ -8,6 +8,12 @@
   bottlenecks and head learn, with the IB weights ramped up.
 * ``all`` — everything is unfrozen.
 
+A multi-task wrapper (``multitask`` / ``multiview`` with a CMAF-Net backbone) goes through the same
+stages: the stages act on its backbone's extractors (:func:`core_model`), the wrapper's view
+attention and task heads train with the fusion block (``fusion`` and ``all``); ``branches``
+trains the extractors on the primary task's labels. With a timm backbone there are no extractors:
+only ``all`` applies (a ``branches`` stage is refused by :class:`BranchHeads`).
+
 Optimiser: AdamW with weight decay on weights only (biases, norm and other 1-d parameters such
 as the log-temperatures get none: timm's ``param_groups_weight_decay``), optionally wrapped in SAM.
 """
@@ -27,6 +33,8 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from wsi_cmaf.errors import ConfigError
+from wsi_cmaf.models.heads import TaskHeads
+from wsi_cmaf.models.multiview import MultiViewNet
 from wsi_cmaf.train.config import OptimConfig, StageConfig
 from wsi_cmaf.train.engine.sam import SAM
 from wsi_cmaf.train.engine.schedules import build_scheduler
@@ -38,8 +46,16 @@ EXTRACTORS = ("spatial", "contextual")
 FUSED_DEVICES = {"cuda", "cpu"}
 
 
+def core_model(model: nn.Module) -> nn.Module:
+    """The network whose extractors the stages act on: a multi-task / multi-view wrapper's
+    backbone, else the model itself."""
+    inner = getattr(model, "backbone", None)
+    return inner if isinstance(model, MultiViewNet) and isinstance(inner, nn.Module) else model
+
+
 def extractors(model: nn.Module) -> dict[str, nn.Module]:
-    """The feature-extractor branches a CMAF-Net has (``spatial``, ``contextual``)."""
+    """The feature-extractor branches a CMAF-Net has (``spatial``, ``contextual``), also inside a wrapper."""
+    model = core_model(model)
     return {n: getattr(model, n) for n in EXTRACTORS if getattr(model, n, None) is not None}
 
 
@@ -48,6 +64,7 @@ class BranchHeads(nn.Module):
 
     def __init__(self, model: nn.Module, num_classes: int) -> None:
         super().__init__()
+        model = core_model(model)
         dims = {}
         if getattr(model, "spatial", None) is not None:
             dims["spatial"] = model.spatial.out_channels
@@ -59,6 +76,7 @@ class BranchHeads(nn.Module):
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits of each branch's head: ``{"spatial": (B, C), "contextual": (B, C)}``."""
+        model = core_model(model)
         return {n: head(getattr(model, n)(x).mean(dim=(2, 3))) for n, head in self.heads.items()}
 
 
@@ -76,8 +94,9 @@ def configure_trainable(model: nn.Module, heads: nn.Module | None, kind: str) ->
     if heads is not None:
         heads.requires_grad_(kind == "branches")
     # A fixed temperature ("w/o temperature learning") must stay fixed whatever the stage.
+    arch = getattr(core_model(model), "config", None)
     for name, p in model.named_parameters():
-        if name.endswith("log_tau") and not getattr(getattr(model, "config", None), "learn_temperature", True):
+        if name.endswith("log_tau") and not getattr(arch, "learn_temperature", True):
             p.requires_grad_(False)
 
 
@@ -170,6 +189,8 @@ def agc_parameters(model: nn.Module, heads: nn.Module | None) -> list[nn.Paramet
     """Parameters adaptive gradient clipping applies to: all trainable ones except the final
     classifier layer(s) — Brock et al. (2021) found clipping the last linear layer hurts."""
     skip: set[int] = set()
+    if isinstance(getattr(model, "heads", None), TaskHeads):  # every task's head is a final layer
+        skip |= {id(p) for p in model.heads.parameters()}
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "fc", None)
     if isinstance(classifier, nn.Module):
         skip |= {id(p) for p in classifier.parameters()}
@@ -179,7 +200,11 @@ def agc_parameters(model: nn.Module, heads: nn.Module | None) -> list[nn.Paramet
 
 
 def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The final classifier's parameters (for cheap per-class gradient norms)."""
+    """The final classifier's parameters (for cheap per-class gradient norms); the primary
+    task's head for a multi-task model."""
+    heads = getattr(model, "heads", None)
+    if isinstance(heads, TaskHeads):
+        return list(heads.heads[next(iter(heads.tasks))].parameters())
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "fc", None)
     return list(classifier.parameters()) if isinstance(classifier, nn.Module) else []
 

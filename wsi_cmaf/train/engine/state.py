@@ -258,7 +258,7 @@ def default_weights_note(config: TrainConfig, source: str, best_epoch: int, test
 def export_model(model: nn.Module, config: TrainConfig, directory: Path, note: str) -> Path:
     """Write the trained model as ``model.safetensors`` + ``config.json`` (atomically replaced)."""
     m = config.model
-    kwargs = model.config.to_dict() if m.is_cmaf and hasattr(model, "config") else dict(m.kwargs)
+    kwargs = model.config.to_dict() if (m.is_cmaf or m.is_task_model) and hasattr(model, "config") else dict(m.kwargs)
     model_config = ModelConfig(
         architecture=m.name, num_classes=m.num_classes, class_names=list(m.class_names),
         positive_class=m.positive_class, spacing_um_px=float(m.spacing_um_px),

@@ -48,6 +48,7 @@ from wsi_cmaf.train.engine.stages import (
 )
 from wsi_cmaf.infer.runner import resolve_device
 from wsi_cmaf.train.engine.validate import split_report
+from wsi_cmaf.train.engine.tasks import is_multitask, predict_tasks, primary_view, secondary_metrics
 from wsi_cmaf.train.engine.loop import (
     Amp,
     RunContext,
@@ -106,9 +107,20 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------- building blocks
 def build_model(config: TrainConfig) -> nn.Module:
-    """The configured network: CMAF-Net (with ablation row and overrides) or ``timm:<name>``."""
+    """The configured network: CMAF-Net (with ablation row and overrides) or ``timm:<name>``, or a
+    multi-task wrapper around one of them (``model.tasks``; the geometry and ablation go to its backbone)."""
     m = config.model
     kwargs = dict(m.kwargs)
+    if m.is_task_model:
+        backbone_kwargs = dict(kwargs.get("backbone_kwargs") or {})
+        if m.is_cmaf:
+            backbone_kwargs.setdefault("input_size", m.input_size)
+            if m.ablation:
+                backbone_kwargs["ablation"] = m.ablation
+        kwargs["backbone_kwargs"] = backbone_kwargs
+        if m.tasks:  # the class names travel in the model's config, so the exported config.json names them
+            kwargs.update(tasks=dict(m.tasks), task_class_names=m.all_task_class_names())
+        return create_model(m.name, num_classes=m.num_classes, **kwargs)
     if m.is_cmaf:
         kwargs.setdefault("input_size", m.input_size)
         if m.ablation:
@@ -127,7 +139,8 @@ def effective_loss_config(config: TrainConfig) -> LossConfig:
     m = config.model
     if not m.is_cmaf:
         return config.loss
-    explicit = {**(ABLATIONS.get(m.ablation, {}) if m.ablation else {}), **m.kwargs}
+    own = dict(m.kwargs.get("backbone_kwargs") or {}) if m.is_task_model else m.kwargs
+    explicit = {**(ABLATIONS.get(m.ablation, {}) if m.ablation else {}), **own}
     changes: dict[str, Any] = {k: float(explicit[k]) for k in ("beta1", "beta2") if k in explicit}
     if explicit.get("beta_schedule") == "fixed":
         changes["fixed_beta"] = True
@@ -161,7 +174,8 @@ def stage_runtime(ctx: RunContext, loss_cfg: LossConfig, index: int) -> StageRun
         else classifier_parameters(ctx.model)
     clipper = build_clipper(ctx.config.optim, ctx.model, ctx.heads)
     return StageRuntime(stage, index, optimizer, build_stage_scheduler(stage, optimizer, spe),
-                        stage_objective(ctx, loss_cfg, stage, spe), spe, clipper, grad_params)
+                        stage_objective(ctx, loss_cfg, stage, spe), spe, clipper, grad_params,
+                        ctx.config.task_weights)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -281,10 +295,13 @@ def finish(ctx: RunContext, t_start: float) -> TrainResult:
     # The reported test metrics are computed in fp32, as `wsi-cmaf evaluate` computes them: the
     # numbers a run publishes must not depend on the device's autocast precision (bf16 on GPUs).
     report = split_report(
-        ctx.model, ctx.bundle.loaders["test"], ctx.prepare("test"), device=ctx.device,
+        primary_view(ctx.model), ctx.bundle.loaders["test"], ctx.prepare("test"), device=ctx.device,
         autocast_dtype=None, class_names=cfg.model.class_names, positive_class=cfg.model.positive_class,
         meta=split_frame(ctx.bundle, "test"), patient_ids=test_ds.patient_ids,  # type: ignore[attr-defined]
         out_dir=out, n_boot=cfg.bootstrap, seed=cfg.seed, prefix="test")
+    if is_multitask(ctx.model):  # secondary tasks: point metrics over their labelled test samples
+        probs, labels, _ = predict_tasks(ctx.model, ctx.bundle.loaders["test"], ctx.prepare("test"), ctx.device)
+        report["tasks"] = {"primary": next(iter(probs)), **secondary_metrics(probs, labels)}
     bacc = report["metrics"].get("balanced_accuracy")
     bacc = bacc.get("value") if isinstance(bacc, dict) else bacc
     note = cfg.weights_note or default_weights_note(cfg, ctx.bundle.info.get("source", ""), best_epoch,
@@ -297,7 +314,8 @@ def finish(ctx: RunContext, t_start: float) -> TrainResult:
     ctx.run_logger.log("test", {"epoch": ctx.counters["epoch"], "best_epoch": best_epoch,
                                 **{k: v.get("value") if isinstance(v, dict) else v
                                    for k, v in report["metrics"].items()
-                                   if not isinstance(v, dict) or "value" in v}})
+                                   if not isinstance(v, dict) or "value" in v},
+                                **{k: v for k, v in report.get("tasks", {}).items() if k != "primary"}})
     result = TrainResult(out, model_dir, best_epoch, dict(ctx.counters.get("best_val", {})), report,
                          list(ctx.history), seconds, out / "logs")
     write_json(out / RESULT, result.to_dict())

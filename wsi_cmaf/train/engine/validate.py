@@ -28,6 +28,7 @@ from wsi_cmaf.train.evaluate.predict import full_report, predict
 from wsi_cmaf.train.data.manifest import SPLITS, Manifest, read_manifest
 from wsi_cmaf.train.evaluate.metrics import mcnemar_test
 from wsi_cmaf.train.engine.state import json_safe, write_json
+from wsi_cmaf.train.engine.tasks import primary_view
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, *, split: 
     model_dir = resolve_checkpoint(checkpoint)
     dev = resolve_device(device)
     model, mc = load_model(model_dir, map_location="cpu")
-    model.to(dev)
+    model = primary_view(model).to(dev)  # a multi-task model is evaluated on its primary task
     if target == "auto":
         target = "subtype" if mc.num_classes > 2 else "label"
     if target not in ("label", "subtype"):
@@ -170,7 +171,7 @@ def _compare_with(other: str | Path, mc: ModelConfig, ds: Dataset, pids: np.ndar
     if list(mc_b.class_names) != list(mc.class_names) or mc_b.positive_class != mc.positive_class:
         raise ConfigError(f"--compare {other_dir}: classes {list(mc_b.class_names)} (positive "
                           f"{mc_b.positive_class}) differ from {list(mc.class_names)} (positive {mc.positive_class})")
-    model_b.to(device)
+    model_b = primary_view(model_b).to(device)
     pipeline = eval_pipeline(mc_b, ds, per_patient, seed, device)  # B's own stain/resize/normalisation
 
     def prepare(x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
