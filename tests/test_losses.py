@@ -260,3 +260,21 @@ def test_input_shape_errors() -> None:
         loss(torch.randn(4, 3), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ConfigError, match="integer"):
         loss(torch.randn(4, 3), torch.zeros(4))
+
+
+def test_weighted_cross_entropy_weights_by_hand() -> None:
+    # counts 90:10 -> priors 0.9, 0.1. Inverse: w ∝ (1/0.9, 10), scaled so 0.9 w0 + 0.1 w1 = 1:
+    # raw (1.1111, 10) -> 0.9*1.1111 + 0.1*10 = 2 -> w = (0.5556, 5.0). Square root: raw
+    # (1.0541, 3.1623) -> 0.9*1.0541 + 0.1*3.1623 = 1.2649 -> w = (0.8333, 2.5).
+    inv = create_loss("weighted_cross_entropy", [90, 10])
+    sq = create_loss("sqrt_ce", [90, 10])
+    torch.testing.assert_close(inv.weight, torch.tensor([5 / 9, 5.0]))
+    torch.testing.assert_close(sq.weight, torch.tensor([5 / 6, 2.5]))
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    target = torch.tensor([0, 1])
+    nll = torch.tensor([math.log(1 + math.exp(-2.0)), math.log(1 + math.exp(-1.0))])
+    torch.testing.assert_close(inv(logits, target), ((5 / 9) * nll[0] + 5.0 * nll[1]) / 2)
+    torch.testing.assert_close(sq(logits, target), ((5 / 6) * nll[0] + 2.5 * nll[1]) / 2)
+    torch.testing.assert_close(create_loss("cross_entropy", [90, 10])(logits, target), nll.mean())
+    with pytest.raises(ConfigError, match="weighting"):
+        create_loss("cross_entropy", [90, 10], weighting="log")

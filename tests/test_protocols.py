@@ -41,7 +41,8 @@ def test_protocol_run_lists_cover_the_paper_tables():
     assert {(r.labels["ratio"], r.labels["loss"]) for r in imb.runs} == {
         (a, b) for a in ("70:30", "99:1") for b in ("cross_entropy", "focal")}
     abl = P.build_protocol("ablations", base, seeds=[0])
-    assert [r.labels["ablation"] for r in abl.runs] == list(ABLATIONS) + ["acbfl_no_class_gamma", "acbfl_no_dynamic"]
+    assert [r.labels["ablation"] for r in abl.runs] == list(ABLATIONS) + ["acbfl_no_class_gamma", "acbfl_no_dynamic",
+                                                                       "with_dfa"]
     temp = P.build_protocol("temperature", base, seeds=[0])
     assert [r.labels["tau_init"] for r in temp.runs] == list(TAU_INITS_TABLE7)
     t1 = P.build_protocol("table1", base, seeds=[0])

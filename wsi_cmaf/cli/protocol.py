@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 VERB = "protocol"
-HELP = "run a paper protocol (table1, imbalance, ablations, temperature, efficiency, fig4) and write its tables"
+HELP = ("run a paper protocol (table1, imbalance, ablations, temperature, efficiency, fig4) or the controlled "
+        "imbalance experiment (imbalance-controlled) and write its tables")
 
-_NAMES = ("table1", "imbalance", "ablations", "temperature", "efficiency", "fig4")
+_NAMES = ("table1", "imbalance", "ablations", "temperature", "efficiency", "fig4", "imbalance-controlled")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training seeds (default 0 1 2 3 4: the paper's five runs)")
     p.add_argument("--ratios", nargs="+", default=None, help="imbalance: training ratios (default 70:30 95:5 99:1)")
     p.add_argument("--losses", nargs="+", default=None,
-                   help="imbalance: losses (default cross_entropy focal acbfl)")
+                   help="imbalance: losses (default cross_entropy focal acbfl); imbalance-controlled: arms "
+                        "(default all: ce ce_sqrt ce_inverse balanced_softmax focal acbfl acbfl_smooth acbfl_dfa)")
     p.add_argument("--models", nargs="+", default=None,
                    help="table1: timm baselines (names without 'timm:'); efficiency: registry names "
                         "(default cmaf_net + the seven timm baselines)")
@@ -47,16 +50,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the protocol and print its Markdown table."""
-    from pathlib import Path
-
     from wsi_cmaf.errors import ConfigError
     from wsi_cmaf.train.paper import protocols as P
 
     if args.name not in _NAMES:
         raise ConfigError(f"unknown protocol {args.name!r}; choose one of {', '.join(_NAMES)}")
-    base, base_dir = P.load_base(args.base, args.sets)
     out = Path(args.out)
     progress = not args.no_progress
+    if args.name == "imbalance-controlled":
+        return _run_controlled(args, out, progress)
+    base, base_dir = P.load_base(args.base, args.sets)
     if args.name == "efficiency":
         from wsi_cmaf.train.paper.efficiency import efficiency_from_base, run_efficiency
 
@@ -87,4 +90,31 @@ def run(args: argparse.Namespace) -> int:
     protocol = P.build_protocol(args.name, base, **kw)
     P.run_protocol(protocol, base, out, base_dir=base_dir, progress=progress)
     print((out / "results.md").read_text(encoding="utf-8"))
+    return 0
+
+
+def _run_controlled(args: argparse.Namespace, out: Path, progress: bool) -> int:
+    """The controlled imbalance experiment: its settings come from --set (flat ControlledConfig fields)."""
+    import dataclasses
+
+    from wsi_cmaf.errors import ConfigError
+    from wsi_cmaf.train.paper import protocols as P
+    from wsi_cmaf.train.paper.controlled import ControlledConfig, run_controlled
+
+    if args.base is not None:
+        raise ConfigError("imbalance-controlled builds its own data and model; use --set FIELD=VALUE, not --base")
+    fields = {f.name for f in dataclasses.fields(ControlledConfig)}
+    overrides = P.parse_set(args.sets)
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"unknown imbalance-controlled setting(s) {unknown}; known: {sorted(fields)}")
+    for flag, name in (("seeds", "seeds"), ("ratios", "ratios"), ("losses", "arms")):
+        if getattr(args, flag) is not None:
+            overrides[name] = getattr(args, flag)
+    for name in ("seeds", "ratios", "arms", "split_patients"):
+        if name in overrides:
+            overrides[name] = tuple(overrides[name])
+    run_controlled(ControlledConfig(**overrides), out, progress=progress)
+    print((out / "results.md").read_text(encoding="utf-8"))
+    print(f"machine-readable: {out / 'results.json'}; figure: {out / 'fig_imbalance_controlled.png'}")
     return 0

@@ -1,6 +1,8 @@
 """Baseline imbalance losses compared against A-CBFL in the paper (Sec. 5, Tables 2-6).
 
-* :class:`CrossEntropy` — plain softmax cross-entropy.
+* :class:`CrossEntropy` — softmax cross-entropy, plain or with class weights ``∝ π_c^{-1}``
+  (``weighting="inverse"``) or ``∝ π_c^{-1/2}`` (``"sqrt_inverse"``), normalised so the
+  prior-weighted mean weight is 1.
 * :class:`FocalLoss` — Lin et al. (2017), softmax form ``−α_y (1 − p_y)^γ log p_y``.
 * :class:`ClassBalancedLoss` — Cui et al. (2019): weights ``∝ (1 − β) / (1 − β^{n_c})`` (inverse
   effective number of samples), normalised to mean 1, on cross-entropy or focal loss.
@@ -23,6 +25,7 @@ from wsi_cmaf.errors import ConfigError
 from wsi_cmaf.losses.base import ImbalanceLoss, class_priors
 
 __all__ = [
+    "CE_WEIGHTINGS",
     "CrossEntropy",
     "FocalLoss",
     "ClassBalancedLoss",
@@ -30,6 +33,7 @@ __all__ = [
     "BalancedSoftmax",
     "effective_number_weights",
     "ldam_margins",
+    "prior_power_weights",
 ]
 
 
@@ -38,15 +42,40 @@ def _counts(class_counts: Sequence[float] | Tensor) -> Tensor:
     return torch.as_tensor(class_counts, dtype=torch.float64).flatten()
 
 
-class CrossEntropy(ImbalanceLoss):
-    """Softmax cross-entropy; ``class_counts`` only fixes the number of classes."""
+CE_WEIGHTINGS = (None, "inverse", "sqrt_inverse")
 
-    def __init__(self, class_counts: Sequence[float] | Tensor, reduction: str = "mean") -> None:
+
+def prior_power_weights(class_counts: Sequence[float] | Tensor, power: float) -> Tensor:
+    """Class weights ``w_c ∝ π_c^{-power}`` scaled so that ``Σ_c π_c w_c = 1``.
+
+    The normalisation keeps the expected per-sample loss on the training distribution at the
+    unweighted scale, so learning rates tuned for plain cross-entropy still apply.
+    """
+    pi = class_priors(class_counts)
+    w = pi.pow(-float(power))
+    return w / (pi * w).sum()
+
+
+class CrossEntropy(ImbalanceLoss):
+    """Softmax cross-entropy ``−w_y log p_y``.
+
+    ``weighting``: ``None`` (w ≡ 1; ``class_counts`` then only fixes the number of classes),
+    ``"inverse"`` (w ∝ 1/π_c) or ``"sqrt_inverse"`` (w ∝ 1/√π_c), see :func:`prior_power_weights`.
+    """
+
+    def __init__(self, class_counts: Sequence[float] | Tensor, weighting: str | None = None,
+                 reduction: str = "mean") -> None:
+        if weighting not in CE_WEIGHTINGS:
+            raise ConfigError(f"cross-entropy weighting must be one of {CE_WEIGHTINGS}, got {weighting!r}")
         super().__init__(num_classes=_counts(class_counts).numel(), reduction=reduction)
+        self.weighting = weighting
+        power = {None: 0.0, "inverse": 1.0, "sqrt_inverse": 0.5}[weighting]
+        self.register_buffer("weight", prior_power_weights(class_counts, power).float(), persistent=False)
 
     def per_sample(self, logits: Tensor, target: Tensor) -> Tensor:
-        """Per-sample ``−log p_y``."""
-        return F.cross_entropy(logits, target, reduction="none")
+        """Per-sample ``−w_y log p_y``."""
+        ce = F.cross_entropy(logits, target, reduction="none")
+        return ce if self.weighting is None else self.weight[target] * ce
 
 
 class FocalLoss(ImbalanceLoss):

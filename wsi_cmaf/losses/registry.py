@@ -17,6 +17,8 @@ __all__ = ["ALIASES", "LOSSES", "canonical_loss_name", "create_loss"]
 # name -> (class, preset keyword arguments). Ablation variants are presets of A-CBFL.
 _REGISTRY: dict[str, tuple[type[ImbalanceLoss], dict[str, Any]]] = {
     "cross_entropy": (CrossEntropy, {}),
+    "weighted_cross_entropy": (CrossEntropy, {"weighting": "inverse"}),
+    "sqrt_weighted_cross_entropy": (CrossEntropy, {"weighting": "sqrt_inverse"}),
     "focal": (FocalLoss, {}),
     "class_balanced": (ClassBalancedLoss, {}),
     "ldam": (LDAMLoss, {}),
@@ -28,6 +30,8 @@ _REGISTRY: dict[str, tuple[type[ImbalanceLoss], dict[str, Any]]] = {
 LOSSES: tuple[str, ...] = tuple(_REGISTRY)
 ALIASES: dict[str, str] = {
     "ce": "cross_entropy",
+    "inverse_frequency_ce": "weighted_cross_entropy",
+    "sqrt_ce": "sqrt_weighted_cross_entropy",
     "cb": "class_balanced",
     "cb_loss": "class_balanced",
     "a_cbfl": "acbfl",

@@ -220,3 +220,44 @@ def mcnemar_test(y_true: Sequence[int], pred_a: Sequence[int], pred_b: Sequence[
     return {"n": int(len(y)), "a_only_correct": b, "b_only_correct": c,
             "both_correct": int(np.sum(right_a & right_b)), "both_wrong": int(np.sum(~right_a & ~right_b)),
             "accuracy_a": float(right_a.mean()), "accuracy_b": float(right_b.mean()), "p_value": p}
+
+
+def threshold_at_specificity(y_true: Sequence[int], y_score: Sequence[float], specificity: float) -> float:
+    """Smallest threshold ``t`` whose rule "positive iff score > t" keeps ``specificity`` on the negatives.
+
+    ``t`` is the ⌈specificity·n_neg⌉-th smallest negative score, so at least that share of the
+    negatives scores ≤ t. Choose it on validation data and apply it unchanged to the test set.
+    """
+    y, s = _check(np.asarray(y_true).astype(int), np.asarray(y_score, dtype=float), "y_score")
+    if not 0.0 < specificity <= 1.0:
+        raise DataError(f"specificity must be in (0, 1], got {specificity}")
+    neg = np.sort(s[y == 0])
+    if neg.size == 0:
+        raise DataError("no negatives to choose a threshold at a specificity from")
+    k = int(np.ceil(specificity * neg.size - 1e-12))
+    return float(neg[max(k, 1) - 1])
+
+
+def expected_calibration_error(y_true: Sequence[int], y_score: Sequence[float], bins: int = 15) -> float:
+    """Binary ECE: Σ_b (n_b / N)·|mean(y) − mean(score)| over ``bins`` equal-width bins of P(positive)."""
+    y, s = _check(np.asarray(y_true).astype(float), np.asarray(y_score, dtype=float), "y_score")
+    which = np.minimum((s * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            total += inside.mean() * abs(y[inside].mean() - s[inside].mean())
+    return float(total)
+
+
+def rank_auroc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """AUROC by the Mann–Whitney rank sum (ties get mid-ranks): the same value as scikit-learn's
+    ``roc_auc_score``, several times faster, for bootstrap loops. NaN with one class only."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(y_true).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(y_score)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

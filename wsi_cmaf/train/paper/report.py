@@ -193,9 +193,11 @@ def plot_bars(table: pd.DataFrame, group_by: Sequence[str], path: str | Path,
 
 
 def plot_tau_entropy(log_jsonl: str | Path, path: str | Path, title: str = "") -> Path:
-    """Fig. 4: per-head temperature τ and attention entropy against the optimiser step.
+    """Fig. 4: per-head temperature τ and attention entropy against the optimiser step, plus, for a
+    run with DFA, the per-class bias and class attention mass of the DFA readout.
 
-    Reads the ``step`` rows of a CMAF-Net run's ``log.jsonl`` (keys ``tau/<h>``, ``attn_entropy/<h>``).
+    Reads the ``step`` rows of a CMAF-Net run's ``log.jsonl`` (keys ``tau/<h>``, ``attn_entropy/<h>``,
+    ``dfa_bias/<c>``, ``dfa_mass/<c>``).
     """
     from wsi_cmaf.train.engine.logging_utils import read_jsonl
 
@@ -206,24 +208,28 @@ def plot_tau_entropy(log_jsonl: str | Path, path: str | Path, title: str = "") -
         raise DataError(f"{log_jsonl}: no run log; give a CMAF-Net run's log.jsonl (or its folder)")
     rows = [r for r in read_jsonl(log_jsonl, kind="step") if "step" in r]
     series = {}
-    for prefix in ("tau", "attn_entropy"):
-        heads = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith(prefix + "/")}, key=int)
+    for prefix in ("tau", "attn_entropy", "dfa_bias", "dfa_mass"):
+        keys = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith(prefix + "/")}, key=int)
         series[prefix] = {h: [(r["step"], r[f"{prefix}/{h}"]) for r in rows
-                              if r.get(f"{prefix}/{h}") is not None] for h in heads}
+                              if r.get(f"{prefix}/{h}") is not None] for h in keys}
     if not series["tau"] and not series["attn_entropy"]:
         raise DataError(f"{log_jsonl}: step rows carry no tau/<h> or attn_entropy/<h> (not a CMAF-Net run?)")
+    panels = [("tau", "temperature τ", "head"), ("attn_entropy", "attention entropy (nats)", "head")]
+    if series["dfa_bias"]:
+        panels += [("dfa_bias", "DFA class bias (mean over heads)", "class"),
+                   ("dfa_mass", "DFA class attention mass", "class")]
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    panels = ((axes[0], "tau", "temperature τ"), (axes[1], "attn_entropy", "attention entropy (nats)"))
-    for ax, prefix, label in panels:
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
+    for ax, (prefix, label, what) in zip(axes, panels):
         for h, points in series[prefix].items():
             if points:
                 steps, values = zip(*points)
-                ax.plot(steps, values, label=f"head {h}", lw=1.2)
+                ax.plot(steps, values, label=f"{what} {h}", lw=1.2)
         ax.set_xlabel("optimiser step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
+        if prefix in ("tau", "dfa_bias"):
+            ax.legend(fontsize=7, ncol=2)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
