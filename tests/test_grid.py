@@ -44,24 +44,39 @@ class CoordReader:
 
 
 def test_config_validation():
-    for bad in (dict(mpp=0), dict(tile_size=0), dict(stride=0), dict(tissue_threshold=1.5), dict(block_tiles=0)):
+    for bad in (dict(mpp=0), dict(tile_size=0), dict(stride=0), dict(tissue_threshold=1.5), dict(block_tiles=0),
+                dict(min_inside_fraction=0.0), dict(min_inside_fraction=1.5)):
         with pytest.raises(ConfigError):
             GridConfig(**bad)
     assert GridConfig(tile_size=50).step == 50 and GridConfig(tile_size=50, stride=25).step == 25
 
 
-def test_partial_edge_tiles_are_dropped():
+def test_partial_edge_tiles_follow_min_inside_fraction():
     # 4050 x 2030 level-0 px at 0.5 µm/px -> 1012.5 x 507.5 px at 2 µm/px; 50-px tiles.
     reader = CoordReader(4050, 2030)
-    grid = TileGrid.from_slide(reader, GridConfig(mpp=2.0, tile_size=50, block_tiles=4))
-    assert grid.shape == (10, 20)  # floor(507.5 / 50), floor(1012.5 / 50): partial ones dropped
-    assert grid.level == 1 and grid.exact
-    assert grid.n_block_rows == 3 and grid.n_block_cols == 5
-    last = read_tile(reader, grid, 9, 19)
-    # bottom-right pixel of the last tile is level-1 px (999, 499): fully inside the level
+    whole = TileGrid.from_slide(reader, GridConfig(mpp=2.0, tile_size=50, block_tiles=4, min_inside_fraction=1.0))
+    assert whole.shape == (10, 20)  # floor(507.5 / 50), floor(1012.5 / 50): whole tiles only
+    assert not whole.partial.any()
+    last = read_tile(reader, whole, 9, 19)
+    # bottom-right pixel of the last whole tile is level-1 px (999, 499): fully inside the level
     assert tuple(last[-1, -1]) == (999 % 256, 499 % 256, (999 // 256) * 16 + 499 // 256)
-    # With overlap: tiles every 30 px -> floor((1012.5 - 50) / 30) + 1 = 33 columns.
-    assert TileGrid.grid_shape((4050, 2030), (0.5, 0.5), GridConfig(mpp=2.0, tile_size=50, stride=30)) == (16, 33)
+    # Default (1/4): the 12.5 px right strip is 12.5 / 50 = 0.25 of a tile -> a 21st column; the
+    # 7.5 px bottom strip is 0.15 of a tile -> no 11th row.
+    grid = TileGrid.from_slide(reader, GridConfig(mpp=2.0, tile_size=50, block_tiles=4))
+    assert grid.shape == (10, 21) and grid.level == 1 and grid.exact
+    assert grid.n_block_rows == 3 and grid.n_block_cols == 6
+    np.testing.assert_allclose(grid.inside_fraction[:, 20], 0.25)
+    assert grid.inside_fraction[:, :20].min() == 1.0 and grid.partial.sum() == 10
+    edge = read_tile(reader, grid, 9, 20)
+    # columns 0..12 are level px 1000..1012 (pixel 1012 straddles the 1012.5 px edge); 13.. are padding
+    assert tuple(edge[0, 12]) == (1012 % 256, 450 % 256, (1012 // 256) * 16 + 450 // 256)
+    assert (edge[:, 13:] == 255).all()
+    # With overlap: tiles every 30 px -> floor((1012.5 - 50) / 30) + 1 = 33 whole columns, covering
+    # 1010 px; the 34th starts at 990 with 22.5 / 50 = 0.45 inside. Rows: 16 whole cover 500 px,
+    # the 17th starts at 480 with 27.5 / 50 = 0.55 inside.
+    assert TileGrid.grid_shape((4050, 2030), (0.5, 0.5), GridConfig(mpp=2.0, tile_size=50, stride=30)) == (17, 34)
+    assert TileGrid.grid_shape((4050, 2030), (0.5, 0.5),
+                               GridConfig(mpp=2.0, tile_size=50, stride=30, min_inside_fraction=1.0)) == (16, 33)
 
 
 def test_block_tiles_land_where_they_should_and_one_read_per_block():

@@ -43,7 +43,9 @@ def make_store(path: Path) -> HeatmapStore:
 def test_tile_table_columns_and_numbers(tmp_path):
     frame = tile_table(make_store(tmp_path / "s.zarr"))
     assert list(frame.columns) == ["row", "col", "x", "y", "w", "h", "x_um", "y_um", "tissue", "tissue_fraction",
-                                   "prob_benign", "prob_Tumor_cells"]
+                                   "inside_fraction", "partial", "prob_benign", "prob_Tumor_cells"]
+    # a store without the inside_fraction array holds whole tiles only
+    assert (frame["inside_fraction"] == 1.0).all() and not frame["partial"].any()
     assert len(frame) == 11  # tissue tiles only: (0, 0) has none
     t = frame.set_index(["row", "col"]).loc[(2, 3)]
     assert (t["x"], t["y"], t["w"], t["h"]) == (64 + 3 * 800, 32 + 2 * 800, 800, 800)
@@ -63,7 +65,8 @@ def test_tiles_geojson_is_qupath_tiles_with_measurements(tmp_path):
     assert f["properties"]["objectType"] == "tile"
     assert f["properties"]["measurements"] == {"prob_benign": pytest.approx(1 - 6 / 20),
                                                "prob_Tumor_cells": pytest.approx(6 / 20),
-                                               "tissue_fraction": 0.75, "row": 1, "col": 2}
+                                               "tissue_fraction": 0.75, "inside_fraction": 1.0,
+                                               "row": 1, "col": 2}
     (ring,) = f["geometry"]["coordinates"]
     x0, y0 = 64 + 2 * 800, 32 + 800
     assert ring == [[x0, y0], [x0 + 800, y0], [x0 + 800, y0 + 800], [x0, y0 + 800], [x0, y0]]

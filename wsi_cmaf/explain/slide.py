@@ -234,6 +234,11 @@ def explain_slide(store_path: str | Path, slide: str | Path | None = None, model
     device = resolve_device(settings.device)
     resolved = resolve_model(model, model_config)
     module = resolved.module.eval()
+    kwargs = resolved.config.model_kwargs or {}
+    if kwargs.get("views") or len(kwargs.get("tasks") or {}) > 1:
+        # The tile explanations call the model on one tile per sample and read one set of logits.
+        raise UsageError(f"{resolved.config.architecture}: explanations of multi-view or multi-task models "
+                         "are not supported yet; explain a single-view, single-task model")
     is_cmaf = isinstance(unwrap(module), CMAFNet)
     settings.check(is_cmaf)
     _check_model(store, resolved)

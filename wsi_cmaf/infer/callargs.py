@@ -25,7 +25,7 @@ class _Unset:
 
 UNSET: Any = _Unset()
 #: analyze_slide's defaults for the arguments that are also InferenceConfig fields.
-DEFAULTS = {"device": "auto", "batch_size": 256, "stain": "auto", "progress": True}
+DEFAULTS = {"device": "auto", "batch_size": 256, "stain": "auto", "progress": True, "embeddings": False}
 
 
 def _stain_field(stain: str | None) -> str | None:
@@ -42,7 +42,7 @@ def _stain_field(stain: str | None) -> str | None:
 def merge_run_config(config: InferenceConfig | None, **given: Any) -> InferenceConfig:
     """The run's config: ``config`` (or the defaults) with every explicitly given argument applied.
 
-    ``given`` holds ``device``, ``batch_size``, ``stain``, ``progress`` as passed to
+    ``given`` holds ``device``, ``batch_size``, ``stain``, ``progress``, ``embeddings`` as passed to
     ``analyze_slide`` (:data:`UNSET` when not passed).
     """
     unknown = sorted(set(given) - set(DEFAULTS))

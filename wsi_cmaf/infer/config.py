@@ -52,6 +52,9 @@ class InferenceConfig:
     overlay: bool = True
     geojson: bool = True
     progress: bool = True
+    #: also store each tissue tile's embedding (the classifier head's input) in the store's
+    #: ``embeddings`` array, computed in the same pass; needs a model with forward_features.
+    embeddings: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

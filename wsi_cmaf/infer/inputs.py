@@ -91,6 +91,7 @@ def save_inputs(store: HeatmapStore, inputs: RunInputs) -> None:
     "complete" fact goes last, so an interrupted save is recomputed, never half reused."""
     grid, mask = inputs.grid, inputs.mask
     store.write_tissue(grid.tissue, grid.tissue_fraction)
+    store.write_inside_fraction(grid.inside_fraction)
     store.write_tissue_mask(mask.mask, mask.mpp)
     if inputs.background is not None:
         store.write_background(inputs.background)

@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,11 @@ class ResolvedModel:
     name: str
     weights_sha256: str
     untrained: bool
+    #: {task: class names} of a multi-task model (primary task first, its classes = config.class_names);
+    #: {} for a model with one (B, C) tensor output
+    tasks: dict[str, list[str]] = field(default_factory=dict)
+    #: the views of a multi-view model (wsi_cmaf.slide.views.ViewSpec, view 0 = the tile); None otherwise
+    views: tuple | None = None
 
     @property
     def note(self) -> str:
@@ -78,22 +83,56 @@ def _as_config(config: ModelConfig | dict | str | Path | None, default_arch: str
     return ModelConfig.from_json(path)
 
 
-def _check_outputs(module: nn.Module, config: ModelConfig, name: str) -> None:
-    """Run one tiny batch so a wrong class count fails now, not after an hour of reading."""
-    x = torch.zeros(1, 3, config.input_size, config.input_size)
+def _check_outputs(module: nn.Module, config: ModelConfig, name: str) -> tuple[dict[str, list[str]], tuple | None]:
+    """Run one tiny batch so a wrong class count fails now, not after an hour of reading.
+
+    Returns the model's tasks ({} for a single tensor output; see :func:`task_classes`) and its
+    views (None for a single-view model; :func:`wsi_cmaf.infer.multiview.model_views`).
+    """
+    from wsi_cmaf.infer.multiview import model_views, sample_input
+
+    views = model_views(module, config, name)
+    size = config.input_size
     try:
         with torch.inference_mode():
-            out = module.eval()(x)
+            out = module.eval()(*sample_input(views, size))
     except Exception as exc:  # any failure of a user's module is reported as a model error
-        raise ModelError(
-            f"model {name!r} failed on a 1x3x{config.input_size}x{config.input_size} input: {exc}"
-        ) from exc
+        what = f"{len(views)} views of " if views else ""
+        raise ModelError(f"model {name!r} failed on a {what}1x3x{size}x{size} input: {exc}") from exc
+    if isinstance(out, dict) and out:  # {task: logits}: the engine concatenates them (infer.multitask)
+        return task_classes(module, config, out, name), views
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != config.num_classes:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelConfigError(
             f"model {name!r} returns {shape} but its config declares {config.num_classes} classes "
             f"{config.class_names}; fix num_classes/class_names in the config"
         )
+    return {}, views
+
+
+def task_classes(module: nn.Module, config: ModelConfig, out: dict[str, torch.Tensor], name: str
+                 ) -> dict[str, list[str]]:
+    """{task: class names} of a multi-task model's output ``out`` (primary task first).
+
+    Class names: the config's ``class_names`` for the primary task; for the others
+    ``model_kwargs.task_class_names`` (written when the model was exported), else the module's
+    own ``config.task_class_names``, else ``"0", "1", ...``. A head whose width disagrees with
+    its names raises :class:`ModelConfigError`.
+    """
+    kwargs = dict(config.model_kwargs or {})
+    named = dict(kwargs.get("task_class_names") or {})
+    own = getattr(getattr(module, "config", None), "task_class_names", None)
+    if not named and isinstance(own, dict):
+        named = dict(own)
+    tasks: dict[str, list[str]] = {}
+    for i, (task, logits) in enumerate(out.items()):
+        n = int(logits.shape[1]) if isinstance(logits, torch.Tensor) and logits.ndim == 2 else -1
+        classes = list(config.class_names) if i == 0 else [str(c) for c in named.get(task, range(max(n, 0)))]
+        if n != len(classes):
+            raise ModelConfigError(f"model {name!r}: task {task!r} returns {n} classes but {len(classes)} are named "
+                                   f"({classes}); fix class_names / model_kwargs.task_class_names")
+        tasks[str(task)] = classes
+    return tasks
 
 
 def default_model() -> ResolvedModel:
@@ -116,8 +155,9 @@ def resolve_model(
         cfg = _as_config(config, type(model).__name__)
         if config is None:
             logger.warning("no config given with the nn.Module; using default geometry %s", cfg)
-        _check_outputs(model, cfg, cfg.architecture)
-        return ResolvedModel(model, cfg, cfg.architecture, state_dict_sha256(model), untrained=False)
+        tasks, views = _check_outputs(model, cfg, cfg.architecture)
+        return ResolvedModel(model, cfg, cfg.architecture, state_dict_sha256(model), untrained=False,
+                             tasks=tasks, views=views)
     path = Path(model)
     _check_config_beside(path)
     if path.exists():
@@ -130,15 +170,16 @@ def resolve_model(
                 module = torch.jit.load(str(path), map_location="cpu")
             except (RuntimeError, ValueError) as exc:
                 raise ModelError(f"{path}: not a loadable TorchScript file ({exc})") from exc
-            _check_outputs(module, cfg, path.name)
-            return ResolvedModel(module, cfg, cfg.architecture, _sha256_file(path), untrained=False)
+            tasks, views = _check_outputs(module, cfg, path.name)
+            return ResolvedModel(module, cfg, cfg.architecture, _sha256_file(path), untrained=False,
+                                 tasks=tasks, views=views)
         module, cfg = load_model(path)
         weights = path if path.is_file() else path / WEIGHTS_NAME
         cfg_file = path / CONFIG_NAME if path.is_dir() else None
         cfg = _with_note(cfg, cfg_file, weights)
-        _check_outputs(module, cfg, cfg.architecture)
+        tasks, views = _check_outputs(module, cfg, cfg.architecture)
         untrained = cfg.weights_note.strip().lower().startswith("untrained")
-        return ResolvedModel(module, cfg, cfg.architecture, _sha256_file(weights), untrained)
+        return ResolvedModel(module, cfg, cfg.architecture, _sha256_file(weights), untrained, tasks, views)
     if isinstance(model, str) and not any(sep in model for sep in "/\\"):
         cfg = _as_config(config, model)
         overrides: dict[str, Any] = dict(cfg.model_kwargs)
@@ -147,8 +188,8 @@ def resolve_model(
         logger.warning(
             "model %r has UNTRAINED (randomly initialised) weights: its probabilities mean nothing", model
         )
-        _check_outputs(module, cfg, model)
-        return ResolvedModel(module, cfg, model, state_dict_sha256(module), untrained=True)
+        tasks, views = _check_outputs(module, cfg, model)
+        return ResolvedModel(module, cfg, model, state_dict_sha256(module), untrained=True, tasks=tasks, views=views)
     raise ModelError(f"model {model!s} is neither an existing file/directory nor a registered model name")
 
 

@@ -20,6 +20,8 @@ from wsi_cmaf.infer.callargs import UNSET, merge_run_config
 from wsi_cmaf.infer.config import InferenceConfig
 from wsi_cmaf.infer.inputs import RunInputs, load_inputs, restore_stain, run_identity, save_inputs, save_stain
 from wsi_cmaf.infer.modelspec import ResolvedModel, config_identity, resolve_model
+from wsi_cmaf.infer.multitask import segments, task_outputs
+from wsi_cmaf.infer.multiview import ViewsPreprocessor, read_block_views_task, views_attrs
 from wsi_cmaf.infer.result import SlideResult
 from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor
 from wsi_cmaf.infer.stainfit import fit_from_blocks, fit_from_tiles, read_sample, sample_is_all_tissue, sample_tiles
@@ -28,7 +30,7 @@ from wsi_cmaf.infer.summary import failure_records, summarise
 from wsi_cmaf.infer.tasks import BlockFailure, SlideSpec, read_block_task
 from wsi_cmaf.output.provenance import api_call, run_provenance
 from wsi_cmaf.output.store import HeatmapStore
-from wsi_cmaf.slide.grid import GridConfig, TileGrid, block_read_backend
+from wsi_cmaf.slide.grid import PAD_VALUE, GridConfig, TileGrid, block_read_backend
 from wsi_cmaf.slide.level0 import block_tiles_for_level0
 from wsi_cmaf.slide.reader import open_slide
 from wsi_cmaf.slide.tissue import TissueConfig, tissue_mask_from_rgb
@@ -88,6 +90,7 @@ def analyze_slide(
     overwrite: bool = False,
     client: Client | None = None,
     progress: bool = UNSET,
+    embeddings: bool = UNSET,
     config: InferenceConfig | None = None,
 ) -> SlideResult:
     """Analyse one slide and write its heatmap store, overlay PNG, GeoJSON and summary JSON.
@@ -96,7 +99,10 @@ def analyze_slide(
     (with ``model_config``); None takes the project's default model. ``stain``: "auto" follows the
     model config, "macenko" forces Macenko normalisation, None disables it. ``device`` ("auto"),
     ``batch_size`` (256), ``stain`` ("auto") and ``progress`` (True) override the same fields of
-    ``config`` when passed explicitly (logged); left out, the config's values apply. With ``resume`` a rerun
+    ``config`` when passed explicitly (logged); left out, the config's values apply. ``embeddings``
+    (False) also stores every tissue tile's feature vector (the classifier head's input) in the
+    store's ``embeddings`` array, from the same forward pass (read it with
+    :func:`wsi_cmaf.slidelevel.read_embeddings`). With ``resume`` a rerun
     computes only the blocks not marked done (and retries blocks with undecodable tiles), reusing
     the stored tissue mask, grid and stain fit; ``overwrite`` replaces an existing store.
 
@@ -105,7 +111,8 @@ def analyze_slide(
     and the result lists them with their level-0 locations. The slide fails as a whole only when it
     cannot be opened or none of its tissue decodes (:class:`~wsi_cmaf.errors.NoDecodableTissueError`).
     """
-    cfg = merge_run_config(config, device=device, batch_size=batch_size, stain=stain, progress=progress)
+    cfg = merge_run_config(config, device=device, batch_size=batch_size, stain=stain, progress=progress,
+                           embeddings=embeddings)
     timer = _Timer()
     warn: list[str] = []
     slide_path = Path(path)
@@ -117,6 +124,7 @@ def analyze_slide(
                     out=out_dir, device=cfg.device)
     with timer("model"):
         resolved = resolve_model(model, model_config)  # fail on a bad model before any slide work
+        embed = _embedding_model(resolved) if cfg.embeddings else None
     if resolved.untrained:
         warn.append(f"model {resolved.name!r} has untrained weights: probabilities are meaningless")
     with ExitStack() as stack:
@@ -143,6 +151,7 @@ def analyze_slide(
             store_path, grid_shape=grid.shape, chunk=grid.block_shape, class_names=list(mc.class_names),
             identity=identity, attrs=_attrs(reader, resolved, grid, cfg, mask),
             um_per_tile=_um_per_tile(grid), resume=resume, overwrite=overwrite,
+            embedding_dim=embed[1] if embed is not None else None, tasks=resolved.tasks or None,
         )
         if not reused:
             save_inputs(store, inputs)  # tissue label image, masks, background: before any block
@@ -153,7 +162,8 @@ def analyze_slide(
             warn.append("no tissue found: the result is empty")
             logger.warning("%s: no tissue tiles found; writing an empty result", slide_path)
         try:
-            failed = _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer, warn, inputs.stain)
+            failed = _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer, warn, inputs.stain,
+                            embed[0] if embed is not None else None)
         except KeyboardInterrupt:
             logger.warning("%s: interrupted; %d of %d blocks are stored: rerun the same call to resume",
                            store.path, int(store.done.sum()), len(grid.blocks))
@@ -221,13 +231,24 @@ def _stain_method(resolved, cfg: InferenceConfig) -> str:
     return cfg.stain if cfg.stain is not None else (resolved.config.stain_normalization or "none")
 
 
-def _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer, warn, stored_stain=None) -> int:
+def _embedding_model(resolved: ResolvedModel):
+    """(wrapper returning [logits | features], D) for ``cfg.embeddings``; a named error when the
+    model has no ``forward_features`` (raised before any slide work)."""
+    from wsi_cmaf.infer.embeddings import with_embeddings
+
+    return with_embeddings(resolved.module, resolved.config.input_size, repr(resolved.name),
+                           tasks=resolved.tasks or None, views=resolved.views)
+
+
+def _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer, warn, stored_stain=None,
+           embed_module=None) -> int:
     """Fit the stain matrix and stream the ``todo`` blocks through the model; return #failed.
 
     Reads run on dask reader threads (``pixels``' file reopened with its backend). The first
     blocks are already decoding while the stain sample is read (through the opening ``reader``)
     and fitted. The fit is stored at once; ``stored_stain`` (an earlier run's) is used instead
-    of fitting again.
+    of fitting again. ``embed_module`` (a :class:`~wsi_cmaf.infer.embeddings.WithEmbeddings`)
+    replaces the model when tile embeddings are stored too.
     """
     if not todo:
         return 0
@@ -237,13 +258,15 @@ def _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer,
     method = _stain_method(resolved, cfg)
     use_stain = method == "macenko"
     # a small slide's stain sample is all its tissue tiles: read every block once, fit from them
-    from_blocks = use_stain and stored_stain is None and sample_is_all_tissue(grid)
+    # (not for multi-view models, whose block reads hold packed views rather than tiles)
+    from_blocks = use_stain and stored_stain is None and sample_is_all_tissue(grid) and not resolved.views
     t0 = time.perf_counter()
     bar = None
     with _dask_client(client, cfg.reader_threads) as dc:
         grid_ref = dc.scatter(grid, broadcast=True, hash=False) if client is not None else grid
-        feed = BlockFeed(dc, read_block_task, (spec, grid_ref), grid.blocks if from_blocks else todo,
-                         cfg.prefetch_blocks)
+        read, read_args = ((read_block_views_task, (spec, grid_ref, resolved.views)) if resolved.views
+                           else (read_block_task, (spec, grid_ref)))
+        feed = BlockFeed(dc, read, read_args, grid.blocks if from_blocks else todo, cfg.prefetch_blocks)
         try:
             source, stain_module = feed, None
             if use_stain and stored_stain is not None:
@@ -268,18 +291,25 @@ def _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer,
                 timer["stain_fit"] = time.perf_counter() - t_fit
                 if stain_warning:
                     warn.append(stain_warning)
+            preprocess = TilePreprocessor(mc.input_size, tuple(mc.mean), tuple(mc.std), mc.resize_interpolation,
+                                          stain_module)
+            if resolved.views:  # each view preprocessed like a tile; the model gets (views, missing)
+                preprocess = ViewsPreprocessor(preprocess, [v.size for v in resolved.views])
+            module = embed_module if embed_module is not None else (
+                task_outputs(resolved.module, list(resolved.tasks)) if resolved.tasks else resolved.module)
             runner = BatchRunner(
-                resolved.module,
-                TilePreprocessor(mc.input_size, tuple(mc.mean), tuple(mc.std), mc.resize_interpolation, stain_module),
-                dev, cfg.batch_size, cfg.autocast, compile=cfg.compile, inflight=cfg.inflight_batches,
-                outputs_in_flight=cfg.write_queue + 2,
+                module, preprocess, dev, cfg.batch_size, cfg.autocast, compile=cfg.compile,
+                inflight=cfg.inflight_batches, outputs_in_flight=cfg.write_queue + 2,
+                segments=(segments(resolved.tasks, mc.num_classes)
+                          if embed_module is not None or resolved.tasks else None),
             )
             # disable=None: a bar only when stderr is a terminal; extra["progress"] == "always" forces it
             forced = cfg.extra.get("progress") == "always"
             bar = tqdm(total=n_tiles, unit="tile", disable=False if forced else (None if cfg.progress else True),
                        desc=pixels.path.name)
             n_failed = stream_blocks(source, runner, store, grid, mc.num_classes,
-                                     write_queue=cfg.write_queue, on_written=bar.update)
+                                     write_queue=cfg.write_queue, on_written=bar.update,
+                                     tasks={t: len(c) for t, c in list(resolved.tasks.items())[1:]})
         finally:
             feed.cancel()
             if bar is not None:
@@ -307,7 +337,9 @@ def _um_per_tile(grid: TileGrid) -> tuple[float, float]:
 
 def _attrs(reader, resolved: ResolvedModel, grid: TileGrid, cfg: InferenceConfig, mask) -> dict[str, Any]:
     stride = grid.config.stride or grid.config.tile_size
-    return {
+    # keys only for multi-view models: a single-view model's store attributes stay as they were
+    views = {"views": views_attrs(resolved.views)} if resolved.views else {}
+    return {**views,
         "slide": {"path": str(Path(reader.path).resolve()), "size": list(reader.level_dimensions[0]),
                   "fingerprint": reader.fingerprint(), "backend": reader.backend,
                   "mpp": list(reader.mpp), "mpp_source": reader.mpp_source, "vendor": reader.vendor},
@@ -317,11 +349,22 @@ def _attrs(reader, resolved: ResolvedModel, grid: TileGrid, cfg: InferenceConfig
                  "tile_stride_level0": [stride * grid.config.mpp / reader.mpp[1],
                                         stride * grid.config.mpp / reader.mpp[0]]},
         "tissue": {"mpp": mask.mpp, "fraction": float(mask.fraction())},
+        "edge_tiles": edge_tiles_attrs(grid),
         "model": {"name": resolved.name, "weights_sha256": resolved.weights_sha256,
                   "weights_note": resolved.note, "config": config_identity(resolved.config)},
         "inference": cfg.to_dict(),
         "software": {"wsi_cmaf": __version__},
     }
+
+
+def edge_tiles_attrs(grid: TileGrid) -> dict[str, Any]:
+    """How partial edge tiles were handled (the store's "edge_tiles" attribute)."""
+    partial = grid.partial
+    return {"policy": "padded", "pad_value": PAD_VALUE, "min_inside_fraction": grid.config.min_inside_fraction,
+            "tissue_fraction_of": "inside area", "inside_fraction_array": "wsi_cmaf/inside_fraction",
+            "n_partial": int(partial.sum()), "n_partial_tissue": int((partial & grid.tissue).sum()),
+            "note": "tiles reaching past the slide's right/bottom edge are analysed with the pixels beyond "
+                    "the edge set to pad_value (white); inside_fraction < 1 marks them"}
 
 
 class _Exports:

@@ -44,6 +44,9 @@ class SlideResult:
     #: slide tiles the tissue stage could not decode (painted as background; ``tiles_failed``
     #: counts the grid tiles without a probability)
     tissue_stage_failed_tiles: int = 0
+    #: a multi-task model's tasks, primary first: {task: {"classes", "store_group", "mean_probability"
+    #: per class over the tissue tiles with a value}}; empty (and left out of the JSON) for one task
+    tasks: dict[str, Any] = field(default_factory=dict)
 
     @property
     def store(self) -> Path:
@@ -55,7 +58,8 @@ class SlideResult:
 
         Columns: ``row, col`` (grid index), ``x, y, w, h`` (level-0 pixels of the tile's
         top-left corner and size), ``x_um, y_um`` (tile centre in µm), ``tissue_fraction`` and
-        one ``prob_<class>`` column per class (NaN where no value was computed). See
+        one ``prob_<class>`` column per class (NaN where no value was computed); a multi-task
+        model adds ``prob_<task>_<class>`` for every class of its other tasks. See
         :func:`wsi_cmaf.output.tiles.tile_table`.
         """
         from wsi_cmaf.output.tiles import tile_table
@@ -67,6 +71,8 @@ class SlideResult:
         d = asdict(self)
         d["slide"] = str(Path(self.slide).absolute())
         d["outputs"] = {k: str(Path(v).absolute()) for k, v in self.outputs.items()}
+        if not d["tasks"]:  # single-task summaries keep their old keys
+            del d["tasks"]
         return d
 
     def to_json(self, path: str | Path) -> Path:
@@ -93,6 +99,8 @@ class SlideResult:
             f"probability     max {self.max_probability:.3f}, mean {self.mean_probability:.3f}",
             "timings         " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()),
         ]
+        lines += [f"task {t:<10} {', '.join(f'{c} {p:.3f}' for c, p in info['mean_probability'].items())}"
+                  f"  (mean probabilities, {info['store_group']})" for t, info in self.tasks.items()]
         lines += [f"{k:<15} {v}" for k, v in self.outputs.items()]
         lines += [f"warning         {w}" for w in self.warnings]
         return lines

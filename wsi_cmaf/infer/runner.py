@@ -222,6 +222,13 @@ class BatchRunner:
     and run on the runner's own CUDA stream, and the probabilities copied back into a reused
     page-locked output slot that a CUDA event guards. On CPU it computes before returning.
     A CUDA out-of-memory error halves the batch size and retries the block.
+
+    With ``n_probs`` the model's output rows are ``[logits (n_probs) | embedding (D)]``; the
+    result rows are then ``[probabilities | embedding]`` (float32), written apart by the writer.
+    ``segments`` generalises it for multi-task models: rows ``[logits task 1 | task 2 | ... | rest]``
+    get one softmax per segment width (infer.multitask), the rest (embeddings) passes unchanged.
+    When ``preprocess`` returns a tuple (multi-view models: ``(views, missing)``), the model is
+    called with its items as arguments.
     """
 
     def __init__(
@@ -235,6 +242,8 @@ class BatchRunner:
         compile: str = "auto",
         inflight: int = 3,
         outputs_in_flight: int = 6,
+        n_probs: int | None = None,
+        segments: tuple[int, ...] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model, self.compiled = prepared_model(model, self.device, compile)
@@ -244,6 +253,9 @@ class BatchRunner:
         self.fixed_shapes = self.compiled or isinstance(model, torch.jit.ScriptModule)
         self.preprocess = preprocess.to(self.device).eval()
         self.batch_size = int(batch_size)
+        # the model returns [logits | embedding] (infer.embeddings): softmax on the first n_probs only
+        self.n_probs = n_probs
+        self.segments = tuple(segments) if segments else ((n_probs,) if n_probs is not None else None)
         self.dtype = autocast_dtype(self.device, autocast)
         self._lock = device_lock(self.device)
         self._cuda = self.device.type == "cuda"
@@ -277,8 +289,14 @@ class BatchRunner:
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(batch)
         with self._autocast():
-            logits = self.model(x)
-        return torch.softmax(logits.float(), dim=1)
+            logits = self.model(*x) if isinstance(x, tuple) else self.model(x)
+        if self.segments is None:
+            return torch.softmax(logits.float(), dim=1)
+        parts, start = [], 0
+        for n in self.segments:
+            parts.append(torch.softmax(logits[:, start:start + n].float(), dim=1))
+            start += n
+        return torch.cat([*parts, logits[:, start:].float()], dim=1)
 
     @torch.inference_mode()
     def _run_cpu(self, tiles: np.ndarray) -> np.ndarray:

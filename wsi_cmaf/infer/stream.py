@@ -59,6 +59,14 @@ def block_chunk(item: BlockTiles, probs: np.ndarray, n_classes: int) -> np.ndarr
     return arr
 
 
+def block_embedding_chunk(item: BlockTiles, emb: np.ndarray) -> np.ndarray:
+    """Place tile embeddings (N, D) into the block's float16 chunk (h, w, D) (NaN where no tile)."""
+    rs, cs = item.block.rows, item.block.cols
+    arr = np.full((rs.stop - rs.start, cs.stop - cs.start, emb.shape[1]), np.nan, dtype=np.float16)
+    arr[np.asarray(item.rows) - rs.start, np.asarray(item.cols) - cs.start] = emb
+    return arr
+
+
 @dataclass
 class _Write:
     item: BlockTiles
@@ -80,8 +88,11 @@ class BlockWriter:
     """
 
     def __init__(self, store: Any, grid: TileGrid, n_classes: int, maxsize: int,
-                 on_written: Callable[[int], None] | None = None) -> None:
+                 on_written: Callable[[int], None] | None = None,
+                 tasks: dict[str, int] | None = None) -> None:
         self.store, self.grid, self.n_classes = store, grid, n_classes
+        # a multi-task model's other tasks: {task: classes}, their probabilities follow the primary's
+        self.tasks = dict(tasks or {})
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, maxsize))
         self.error: BaseException | None = None
         self.written = 0
@@ -115,12 +126,24 @@ class BlockWriter:
             t0 = time.perf_counter()
             probs = job.pending.result()
             self.wait_s += time.perf_counter() - t0
+            # rows: [primary probabilities | each other task's (multi-task models) | embeddings]
+            extra: dict[str, Any] = {}
+            col = self.n_classes
+            if self.tasks:
+                extra["tasks"] = {}
+                for task, k in self.tasks.items():
+                    seg = probs[:, col:col + k] if probs.shape[1] >= col + k else np.zeros((len(probs), k), np.float32)
+                    extra["tasks"][task] = block_chunk(job.item, seg, k)
+                    col += k
+            if probs.shape[1] > col:  # the tile embeddings (InferenceConfig.embeddings)
+                extra["embeddings"] = block_embedding_chunk(job.item, probs[:, col:])
+            probs = probs[:, : self.n_classes]
             chunk = block_chunk(job.item, probs, self.n_classes)
             if isinstance(job.item, PartialBlock):
                 self.store.write_block(job.item.block.index, chunk, failed_tile_chunk(job.item),
-                                       job.item.reason)
+                                       job.item.reason, **extra)
             else:
-                self.store.write_block(job.item.block.index, chunk)
+                self.store.write_block(job.item.block.index, chunk, **extra)
             n = len(job.item.tiles) + (job.item.n_failed if isinstance(job.item, PartialBlock) else 0)
         self.written += 1
         if self._on_written is not None:
@@ -157,12 +180,15 @@ def stream_blocks(
     *,
     write_queue: int = 4,
     on_written: Callable[[int], None] | None = None,
+    tasks: dict[str, int] | None = None,
 ) -> int:
     """Run every block of ``items`` through ``runner`` into ``store``; return the number failed.
 
     ``runner`` needs ``submit(tiles) -> PendingProbs`` (:class:`~wsi_cmaf.infer.runner.BatchRunner`).
+    ``tasks`` ({task: classes}): a multi-task model's tasks after the primary one, whose
+    probabilities follow the primary task's in each result row and go to the store's task groups.
     """
-    writer = BlockWriter(store, grid, n_classes, write_queue, on_written)
+    writer = BlockWriter(store, grid, n_classes, write_queue, on_written, tasks)
     n_failed = 0
     try:
         for item in items:

@@ -73,5 +73,20 @@ def summarise(slide_path, reader, grid, mask, store, resolved, cfg, dev, timer, 
         timings={k: round(v, 4) for k, v in timer.items()}, device=str(dev), backend=reader.backend,
         mpp=tuple(reader.mpp), mpp_source=reader.mpp_source, model_name=resolved.name,
         weights_note=resolved.note, warnings=warn, failed_tiles=records,
-        tissue_stage_failed_tiles=len(mask.failed_tiles),
+        tissue_stage_failed_tiles=len(mask.failed_tiles), tasks=task_summary(store, grid.tissue),
     )
+
+
+def task_summary(store: HeatmapStore, tissue: np.ndarray) -> dict[str, Any]:
+    """Per task of a multi-task store (primary first): classes, store group and the mean
+    probability of each class over the tissue tiles with a value; {} for a single-task store."""
+    from wsi_cmaf.output.store_tasks import task_group_path
+
+    out: dict[str, Any] = {}
+    for i, (task, classes) in enumerate(store.tasks.items()):
+        probs = store.probabilities(0, None if i == 0 else task)
+        valid = tissue & np.isfinite(probs).all(axis=0)
+        means = probs[:, valid].mean(axis=1) if valid.any() else np.zeros(len(classes))
+        out[task] = {"classes": list(classes), "store_group": "/" if i == 0 else task_group_path(task),
+                     "mean_probability": {c: round(float(m), 6) for c, m in zip(classes, means)}}
+    return out

@@ -20,6 +20,10 @@ tile at 4 µm/px and its context at 16 µm/px (:mod:`wsi_cmaf.slide.views`) — 
   ``num_views=1`` makes a single-view multi-task model (registered as ``"multitask"``).
   ``task_class_names`` records each task's class names in the saved config
   (:func:`wsi_cmaf.models.heads.saved_task_classes` reads them back).
+* **Views on slides**: ``views=[{"mpp": 4, "size": 50}, {"mpp": 16, "size": 50}]`` (saved in
+  ``model_kwargs.views``, one entry per view, view 0 = the tile at the config's
+  ``spacing_um_px`` / ``patch_size_pixels``) tells ``analyze_slide`` what to cut around each
+  tile (:mod:`wsi_cmaf.infer.multiview`); a model with several views needs it there.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """WSInfer model-zoo configs and folders, translated into wsi-cmaf's :class:`ModelConfig`.
 
 A WSInfer model folder holds ``config.json`` (WSInfer's schema, ``spec_version`` "1.0") and
-``torchscript_model.pt``. WSInfer reads every patch as a level-0 region of
-``patch_size_pixels * spacing_um_px / slide_mpp`` px, converts it to RGB and applies the config's
+``torchscript_model.pt``. WSInfer reads every patch as a square level-0 region of
+``P = round(patch_size_pixels * spacing_um_px / m)`` px (``m`` the mean of the slide's x and y
+µm/px), patch ``k`` at level-0 px ``k * P``, converts it to RGB and applies the config's
 ``transform`` (torchvision ``Resize`` -> ``ToTensor`` -> ``Normalize``) to the PIL image. The
 translation reproduces that exactly where it can and refuses what it cannot:
 
@@ -11,7 +12,9 @@ translation reproduces that exactly where it can and refuses what it cannot:
   image), ``"bilinear"`` (float, torchvision's tensor ``Resize(antialias=True)``) after it;
 * ``ToTensor`` -> the /255 scaling (folded into mean/std by the preprocessor);
 * ``Normalize(mean, std)`` -> ``mean``/``std``;
-* no stain normalisation, ``patch_source="level0"`` (tiles cut from full-resolution reads).
+* no stain normalisation, ``patch_source="level0"``: tiles cut from full-resolution reads at
+  WSInfer's corners (:mod:`wsi_cmaf.slide.level0`), so tile ``(r, c)`` is WSInfer's patch at
+  ``(c * P, r * P)``.
 
 Anything else (another transform, a non-square or non-bilinear resize, a missing ``Resize``) is a
 :class:`UnsupportedTransformError` naming what is supported.
@@ -133,7 +136,8 @@ def translate_wsinfer_config(data: dict[str, Any], source: str | Path | None = N
         raise UnsupportedTransformError(
             f"{where}: transform has no Resize; wsi-cmaf needs a fixed model input size: add "
             "{\"name\": \"Resize\", \"arguments\": {\"size\": N}}")
-    notes += ["no stain normalisation", "patches read at level 0 (patch_source='level0'), as WSInfer does"]
+    notes += ["no stain normalisation", "patches read at level 0 (patch_source='level0') as WSInfer places them: "
+              "P = round(patch_size_pixels * spacing_um_px / mean slide µm/px) level-0 px, patch k at k * P"]
     n = data["num_classes"]
     weights = weights_name or WSINFER_WEIGHTS_NAME
     try:

@@ -23,6 +23,7 @@ import shapely.affinity
 from skimage import measure
 
 from wsi_cmaf.errors import OutputError
+from wsi_cmaf.output.geometry import slide_size
 from wsi_cmaf.output.provenance import export_provenance
 from wsi_cmaf.output.store import HeatmapStore
 
@@ -75,17 +76,33 @@ def _polygons(geom: shapely.Geometry) -> list[shapely.Polygon]:
     return [g for part in getattr(geom, "geoms", []) for g in _polygons(part)]
 
 
-def _to_level0(store: HeatmapStore, poly: shapely.Polygon, fill_holes: bool) -> list[list[list[float]]]:
-    """Rings of ``poly`` (cell-edge units) as level-0 [x, y] lists; exterior CCW, holes CW."""
-    def ring(coords) -> list[list[float]]:
-        c = np.asarray(coords, dtype=float)
-        x, y = store.geometry.tile_to_level0(c[:, 1] - 0.5, c[:, 0] - 0.5)  # edge e = centre e - 0.5
-        return [[round(float(a), 2), round(float(b), 2)] for a, b in zip(x, y)]
+def _to_level0(store: HeatmapStore, geom: shapely.Geometry) -> tuple[shapely.Geometry, bool]:
+    """``geom`` (cell-edge units) in level-0 pixels, clipped to the slide when its size is known
+    (partial edge tiles reach past it); also whether the clip cut anything off."""
+    geo = store.geometry
 
-    rings = [ring(poly.exterior.coords)]
-    if not fill_holes:
-        rings += [ring(r.coords) for r in poly.interiors]
-    return rings
+    def to_px(c: np.ndarray) -> np.ndarray:
+        x, y = geo.tile_to_level0(c[:, 1] - 0.5, c[:, 0] - 0.5)  # edge e = centre e - 0.5
+        return np.column_stack([x, y])
+
+    level0 = shapely.transform(geom, to_px)
+    size = slide_size(store.attrs)
+    if size is None:
+        return level0, False
+    bounds = shapely.box(0.0, 0.0, *size)
+    if bounds.contains(level0):
+        return level0, False
+    # intersection (not clip_by_rect, which may return invalid shapes); keep its polygonal part
+    clipped = shapely.union_all(_polygons(shapely.intersection(level0, bounds)))
+    return shapely.orient_polygons(clipped, exterior_cw=False), True
+
+
+def _rings(poly: shapely.Polygon, fill_holes: bool) -> list[list[list[float]]]:
+    """Rings of a level-0 ``poly`` as [x, y] lists; exterior CCW, holes CW (``poly`` is oriented)."""
+    def ring(coords) -> list[list[float]]:
+        return [[round(float(a), 2), round(float(b), 2)] for a, b in coords]
+
+    return [ring(poly.exterior.coords)] + ([] if fill_holes else [ring(r.coords) for r in poly.interiors])
 
 
 def regions_geojson(
@@ -101,7 +118,8 @@ def regions_geojson(
 ) -> dict[str, Any]:
     """FeatureCollection of the regions where class ``class_index`` has probability >= ``threshold``.
 
-    Coordinates are level-0 slide pixels; every geometry is valid (shapely/JTS ``is_valid``).
+    Coordinates are level-0 slide pixels; every geometry is valid (shapely/JTS ``is_valid``) and
+    clipped to the slide's bounds (partial edge tiles reach past them).
     Each Feature's properties hold QuPath's ``objectType``, ``classification``, ``name`` and
     ``measurements`` (the only numbers QuPath imports): ``probability_mean`` and
     ``probability_max`` over the region's tiles, ``n_tiles``, ``n_holes``, ``area_um2`` and
@@ -121,6 +139,7 @@ def regions_geojson(
     # share edges, so its union is one polygon)
     labels = measure.label(above, connectivity=1)
     tile_um2 = float(store.um_per_tile[0] * store.um_per_tile[1])
+    px_um2 = float(store.geometry.slide_mpp[0] * store.geometry.slide_mpp[1])
     fid_base = store.identity.get("slide_fingerprint") or str(store.path.resolve())
     features = []
     for region in (measure.regionprops(labels) if above.any() else []):
@@ -128,7 +147,10 @@ def regions_geojson(
             continue
         r0, c0, r1, c1 = region.bbox
         geom = shapely.affinity.translate(tile_union(region.image), xoff=c0, yoff=r0)
-        polys = [_to_level0(store, poly, fill_holes) for poly in _polygons(geom)]
+        geom, clipped = _to_level0(store, geom)
+        polys = [_rings(poly, fill_holes) for poly in _polygons(geom)]
+        if not polys:
+            continue
         n_holes = sum(len(rings) - 1 for rings in polys)
         geometry = ({"type": "Polygon", "coordinates": polys[0]} if len(polys) == 1
                     else {"type": "MultiPolygon", "coordinates": polys})
@@ -147,7 +169,8 @@ def regions_geojson(
                     "probability_max": round(float(values.max()), 6),
                     "n_tiles": int(region.area),
                     "n_holes": n_holes,
-                    "area_um2": round(float(region.area) * tile_um2, 2),
+                    # clipped regions: the area inside the slide
+                    "area_um2": round(float(geom.area) * px_um2 if clipped else float(region.area) * tile_um2, 2),
                     "threshold": float(threshold),
                 },
                 "metadata": {"class_index": str(k), "bbox_tiles": f"{r0},{c0},{r1},{c1}"},

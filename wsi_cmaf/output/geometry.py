@@ -99,3 +99,14 @@ class TileGeometry:
         x = self.origin_level0[0] + tx / 2 + np.asarray(cols, dtype=float) * sx
         y = self.origin_level0[1] + ty / 2 + np.asarray(rows, dtype=float) * sy
         return x, y
+
+
+def slide_size(attrs: dict[str, Any]) -> tuple[float, float] | None:
+    """Level-0 (width, height) of the slide from a store's attributes, or None when unrecorded.
+
+    Partial edge tiles reach past it; exported shapes are clipped to ``(0, 0, width, height)``.
+    """
+    size = (attrs.get("slide") or {}).get("size")
+    if not size or len(size) != 2:
+        return None
+    return float(size[0]), float(size[1])

@@ -14,8 +14,12 @@ if TYPE_CHECKING:
     import xarray
 
 
-def open_heatmap(store: HeatmapStore | str | Path, level: int = 0) -> "xarray.DataArray":
+def open_heatmap(store: HeatmapStore | str | Path, level: int = 0, task: str | None = None) -> "xarray.DataArray":
     """Probabilities of pyramid ``level`` as a DataArray ``probability`` with dims (class, y, x).
+
+    ``task`` picks another task of a multi-task model's store (its ``tasks/<task>`` group, with
+    that task's class names); None (or the primary task's name) gives the main image. An unknown
+    task raises :class:`~wsi_cmaf.errors.OutputError` naming the store's tasks.
 
     ``y``/``x`` are the µm positions of the pixel (tile) centres in slide coordinates (origin
     at the slide's top-left corner), the same as the store's NGFF transforms; ``class`` holds
@@ -27,7 +31,7 @@ def open_heatmap(store: HeatmapStore | str | Path, level: int = 0) -> "xarray.Da
     store = store if isinstance(store, HeatmapStore) else HeatmapStore.open(store)
     if level < 0 or level >= store.n_levels:
         raise OutputError(f"{store.path} has pyramid levels 0..{store.n_levels - 1}, not {level}")
-    probs = store.probabilities(level)
+    probs = store.probabilities(level, task)
     pyr = store.geometry.pyramid()
     _, sy, sx = pyr.scale(level)
     _, ty, tx = pyr.translation(level)
@@ -39,10 +43,11 @@ def open_heatmap(store: HeatmapStore | str | Path, level: int = 0) -> "xarray.Da
             "weights_sha256": (attrs.get("model") or {}).get("weights_sha256"),
             "weights_note": (attrs.get("model") or {}).get("weights_note"),
             "slide": (attrs.get("slide") or {}).get("path"),
-            "slide_fingerprint": store.identity.get("slide_fingerprint")}
+            "slide_fingerprint": store.identity.get("slide_fingerprint"),
+            "task": task if task is not None else store.primary_task}
     return xr.DataArray(
         probs, dims=("class", "y", "x"), name="probability",
-        coords={"class": list(store.class_names),
+        coords={"class": store.task_class_names(task),
                 "y": ("y", ty + sy * np.arange(ny), {"units": "µm", "long_name": "tile centre y"}),
                 "x": ("x", tx + sx * np.arange(nx), {"units": "µm", "long_name": "tile centre x"}),
                 "tissue": (("y", "x"), store.tissue(level))},

@@ -78,24 +78,25 @@ def multiscales_metadata(
 
 
 def image_metadata(
-    class_names: list[str], n_levels: int, geometry: PyramidGeometry
+    class_names: list[str], n_levels: int, geometry: PyramidGeometry, name: str = "class_probabilities"
 ) -> dict[str, Any]:
-    """The ``"ome"`` attribute of the probability image group."""
+    """The ``"ome"`` attribute of a probability image group (``name``: the main image's by default,
+    ``<task>_probabilities`` for an extra task's group)."""
     channels = [
         {
-            "label": name, "active": i == len(class_names) - 1, "color": _COLOURS[i % len(_COLOURS)],
+            "label": label, "active": i == len(class_names) - 1, "color": _COLOURS[i % len(_COLOURS)],
             "coefficient": 1, "family": "linear", "inverted": False,
             "window": {"min": 0.0, "max": 1.0, "start": 0.0, "end": 1.0},
         }
-        for i, name in enumerate(class_names)
+        for i, label in enumerate(class_names)
     ]
     return {
         "version": NGFF_VERSION,
         "multiscales": multiscales_metadata(
-            "class_probabilities", n_levels, geometry, method="nan_mean",
+            name, n_levels, geometry, method="nan_mean",
             description="2x2 mean pooling ignoring NaN (NaN = no tissue tile / not computed)",
         ),
-        "omero": {"name": "class_probabilities", "channels": channels,
+        "omero": {"name": name, "channels": channels,
                   "rdefs": {"model": "color", "defaultT": 0, "defaultZ": 0}},
     }
 

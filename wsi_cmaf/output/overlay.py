@@ -26,6 +26,7 @@ from wsi_cmaf.output import _draw as D
 from wsi_cmaf.output._png import write_png
 from wsi_cmaf.output._overlay_panel import draw_header, draw_panel, draw_scale_bar, weights_warning
 from wsi_cmaf.output.geojson import positive_class
+from wsi_cmaf.output.geometry import slide_size
 from wsi_cmaf.output.provenance import export_provenance
 from wsi_cmaf.output.store import HeatmapStore
 
@@ -209,6 +210,9 @@ def render_overlay(
     rows, cols = prob.shape
     (gx, gy), (sx, sy), um_per_unit, unit = _grid_axes(store)
     extent = (gx, gx + cols * sx, gy + rows * sy, gy)
+    size = slide_size(store.attrs) if store.geometry.has_level0 else None
+    if size is not None:  # partial edge tiles reach past the slide: draw nothing beyond it
+        extent = (gx, min(extent[1], size[0]), min(extent[2], size[1]), gy)
 
     thumb, note = None, None
     with ExitStack() as stack:

@@ -10,6 +10,12 @@ Layout (``<slide>.zarr``)::
     wsi_cmaf/failed      bool, same: block failed (messages in the group's "errors" attribute)
     wsi_cmaf/failed_tiles  bool (rows, cols), chunk (K, K): tissue tiles that could not be decoded
                          (NaN in ``0``; one message per block in the "tile_errors" attribute)
+    tasks/<task>/0, 1 .. a multi-task model's other tasks, one NGFF image group each, laid out as
+                         ``0, 1, 2 ...`` (see store_tasks.py); the main image is the first task
+    embeddings           optional float16 (rows, cols, D) tile embeddings (InferenceConfig.embeddings),
+                         chunk (K, K, D) = one inference block; NaN where no value
+    wsi_cmaf/inside_fraction  float32 (rows, cols): share of each tile inside the slide; < 1 marks a
+                         partial edge tile, padded with white (the "edge_tiles" attribute says how)
     wsi_cmaf/tissue_mask, tissue_fraction, overlay_background   the tissue stage's outputs, and
                          the group's "inputs" attribute (tissue facts, stain fit): a resumed run
                          reuses them instead of recomputing them (see store_inputs.py)
@@ -38,6 +44,7 @@ from wsi_cmaf.output.geometry import TileGeometry
 from wsi_cmaf.output.ngff import AXES, image_metadata, label_image_metadata, labels_group_metadata
 from wsi_cmaf.output.pyramid import max_pool2, nan_mean_pool2  # noqa: F401  (re-exported)
 from wsi_cmaf.output.store_inputs import RunInputsMixin
+from wsi_cmaf.output.store_tasks import TaskGroupsMixin, check_task_layout
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +68,7 @@ def read_store_meta(path: Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
 
-class HeatmapStore(RunInputsMixin):
+class HeatmapStore(RunInputsMixin, TaskGroupsMixin):
     """Writer/reader of one slide's heatmap store (see module docstring for the layout)."""
 
     def __init__(self, path: Path, root: zarr.Group, *, writable: bool) -> None:
@@ -74,6 +81,10 @@ class HeatmapStore(RunInputsMixin):
         self.chunk: tuple[int, int] = tuple(layout["chunk"])
         self.class_names: list[str] = list(layout["class_names"])
         self.um_per_tile: tuple[float, float] = tuple(layout["um_per_tile"])
+        self.embedding_dim: int | None = layout.get("embedding_dim")
+        #: {task: class names}, primary task (the main image) first; {} for a single-task store
+        self.tasks: dict[str, list[str]] = {k: list(v) for k, v in (layout.get("tasks") or {}).items()}
+        self._emb = root["embeddings"] if self.embedding_dim else None
         self.identity: dict[str, Any] = meta.get("identity", {})
         self.geometry = TileGeometry.from_dict(meta["geometry"])
         self._meta_group = root[META]
@@ -96,7 +107,8 @@ class HeatmapStore(RunInputsMixin):
     def open_or_create(
         cls, path: str | Path, *, grid_shape: tuple[int, int], chunk: tuple[int, int],
         class_names: list[str], identity: dict, attrs: dict, um_per_tile: tuple[float, float],
-        resume: bool = True, overwrite: bool = False,
+        resume: bool = True, overwrite: bool = False, embedding_dim: int | None = None,
+        tasks: dict[str, list[str]] | None = None,
     ) -> "HeatmapStore":
         """Open the store at ``path`` for writing, creating it if needed.
 
@@ -104,11 +116,22 @@ class HeatmapStore(RunInputsMixin):
         configs) and the layout match (else :class:`StoreMismatchError` naming what differs)
         and ``resume`` is true (else :class:`OutputExistsError`). ``overwrite`` replaces an
         existing *wsi-cmaf store* only; any other existing file or non-empty folder raises
-        :class:`OutputError` and is left untouched.
+        :class:`OutputError` and is left untouched. ``embedding_dim`` adds the ``embeddings`` array;
+        it is part of the layout, so a store is never resumed with and without embeddings.
+        ``tasks`` ({task: class names}, primary first; its first entry must be ``class_names``)
+        adds one ``tasks/<task>`` image group per task after the first (store_tasks.py).
         """
         path = Path(path)
         layout = jsonable({"grid_shape": [int(v) for v in grid_shape], "chunk": [int(v) for v in chunk],
                            "class_names": list(class_names), "um_per_tile": [float(v) for v in um_per_tile]})
+        if embedding_dim:  # absent otherwise: stores without embeddings keep their old layout
+            layout["embedding_dim"] = int(embedding_dim)
+        task_layout = check_task_layout(tasks)
+        if task_layout:  # absent for single-task models: their layout stays the old one
+            if next(iter(task_layout.values())) != list(class_names):
+                raise ValueError(f"the first task's classes {next(iter(task_layout.values()))} must be "
+                                 f"the store's class_names {list(class_names)}")
+            layout["tasks"] = task_layout
         clash = _RESERVED & set(attrs)
         if clash:
             raise ValueError(f"attrs may not use the reserved keys {sorted(clash)}")
@@ -174,6 +197,10 @@ class HeatmapStore(RunInputsMixin):
             group.create_array(name, shape=nb, chunks=(1, 1), dtype="bool", fill_value=False,
                                dimension_names=("block_y", "block_x"))
         cls._create_failed_tiles(group, (rows, cols), (k0, k1))
+        if layout.get("embedding_dim"):
+            cls._create_embeddings(root, (rows, cols), (k0, k1), int(layout["embedding_dim"]))
+        if layout.get("tasks"):
+            cls._create_task_groups(root, layout["tasks"], (rows, cols), (k0, k1), geometry.pyramid())
         meta["layout_complete"] = True
         root.attrs.update({"ome": image_metadata(layout["class_names"], 1, geometry.pyramid()), META: meta})
         logger.info("%s: created heatmap store %s, %d×%d blocks", path, (c, rows, cols), *nb)
@@ -254,11 +281,14 @@ class HeatmapStore(RunInputsMixin):
             raise OutputError(f"{self.path} was opened read-only")
 
     def write_block(self, block_index: tuple[int, int], probs: np.ndarray, failed_tiles: np.ndarray | None = None,
-                    tile_error: str | None = None) -> None:
+                    tile_error: str | None = None, *, embeddings: np.ndarray | None = None,
+                    tasks: dict[str, np.ndarray] | None = None) -> None:
         """Store ``probs`` float32 (C, h, w) as block ``block_index``'s chunk, then mark it done.
 
         ``failed_tiles``: bool (h, w), the block's tiles that could not be decoded (their ``probs``
-        are NaN), with ``tile_error`` saying why. The chunk and the tile mask are written before
+        are NaN), with ``tile_error`` saying why. ``embeddings``: (h, w, D) for a store with an
+        ``embeddings`` array. ``tasks``: {task: (C_task, h, w)} for every extra task of a
+        multi-task store. The chunks and the tile mask are written before
         the flag, so a crash in between only costs the recomputation of this block. Safe to call
         from several threads for distinct blocks.
         """
@@ -269,6 +299,10 @@ class HeatmapStore(RunInputsMixin):
         if probs.shape != expected:
             raise ValueError(f"block {tuple(block_index)} needs probabilities of shape {expected}, got {probs.shape}")
         by, bx = (int(v) for v in block_index)
+        if embeddings is not None:
+            self._write_embeddings(block_index, rs, cs, embeddings)
+        if self.tasks or tasks:
+            self._write_task_chunks(block_index, rs, cs, tasks)
         self._probs[:, rs, cs] = probs
         bad = np.zeros(expected[1:], bool) if failed_tiles is None else np.asarray(failed_tiles, dtype=bool)
         if bad.shape != expected[1:]:
@@ -377,6 +411,7 @@ class HeatmapStore(RunInputsMixin):
                 if name.isdigit() and int(name) >= levels:
                     del group[name]
         pyramid = self.geometry.pyramid()
+        self._finalize_task_groups(levels, pyramid)
         tissue_group.attrs["ome"] = label_image_metadata("tissue", levels, pyramid)
         self._root.attrs["ome"] = image_metadata(self.class_names, levels, pyramid)
         updates = jsonable(extra_attrs or {})
@@ -390,8 +425,11 @@ class HeatmapStore(RunInputsMixin):
         logger.debug("%s: finalized %d levels in %.3fs", self.path, levels, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ reading
-    def probabilities(self, level: int = 0) -> np.ndarray:
-        """float32 (C, rows, cols) probabilities of pyramid ``level`` (NaN = no value)."""
+    def probabilities(self, level: int = 0, task: str | None = None) -> np.ndarray:
+        """float32 (C, rows, cols) probabilities of pyramid ``level`` (NaN = no value); ``task``
+        names another task of a multi-task store (None or the primary task: the main image)."""
+        if not self._is_primary(task):
+            return np.asarray(self._task_array(task, level)[...])
         if str(level) not in self._root:
             raise OutputError(f"{self.path} has no pyramid level {level} (finalize builds levels >= 1)")
         return np.asarray(self._root[str(level)][...])

@@ -1,8 +1,11 @@
 """Per-tile exports of a heatmap store: a pandas tile table, CSV/Parquet, and QuPath tile GeoJSON.
 
 One row (or Feature) per tile: its grid index, its level-0 rectangle, its centre in µm, its
-tissue fraction and one probability per class. QuPath reads only ``measurements`` among a
-Feature's numbers, so the probabilities go there as ``prob_<class>`` (colour by measurement).
+tissue fraction, the share of it inside the slide (partial edge tiles, padded with white beyond
+the slide edge, have ``inside_fraction < 1`` and ``partial`` true) and one probability per class.
+QuPath reads only ``measurements`` among a Feature's numbers, so the probabilities go there as
+``prob_<class>`` (colour by measurement). A multi-task model's other tasks add
+``prob_<task>_<class>`` columns / measurements (the primary task keeps ``prob_<class>``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from wsi_cmaf.errors import MissingDependencyError, OutputError
+from wsi_cmaf.output.geometry import slide_size
 from wsi_cmaf.output.provenance import export_provenance
 from wsi_cmaf.output.store import HeatmapStore
 
@@ -37,13 +41,28 @@ def prob_column(class_name: str) -> str:
     return "prob_" + re.sub(r"\s+", "_", class_name.strip())
 
 
+def task_prob_column(task: str, class_name: str) -> str:
+    """Column of an extra task's class probability: ``prob_<task>_<class>`` (spaces -> _)."""
+    return prob_column(f"{task}_{class_name}")
+
+
+def prob_columns(store: HeatmapStore) -> list[str]:
+    """Every probability column of ``store``'s tile table: primary task's, then each extra task's."""
+    return ([prob_column(n) for n in store.class_names]
+            + [task_prob_column(t, n) for t in store.extra_tasks for n in store.task_class_names(t)])
+
+
 def tile_table(store: HeatmapStore | str | Path, *, tissue_only: bool = True) -> pd.DataFrame:
     """One row per tile (row-major): ``row, col, x, y, w, h, x_um, y_um, tissue, tissue_fraction,
-    prob_<class>...``.
+    inside_fraction, partial, prob_<class>...`` and, for a multi-task store, ``prob_<task>_<class>``
+    for every class of every other task.
 
     ``x, y, w, h`` are the tile's level-0 top-left corner and size in pixels (int64);
     ``x_um, y_um`` its centre in µm (the heatmap's NGFF coordinates); ``tissue_fraction`` the
-    share of the tile covered by the tissue mask (NaN for stores written before it was kept).
+    share of the tile covered by the tissue mask (of its area inside the slide; NaN for stores
+    written before it was kept); ``inside_fraction`` the share of the tile inside the slide and
+    ``partial`` whether it reaches past the slide's edge (``w, h`` stay the analysed tile's size;
+    stores from before edge tiles were analysed have whole tiles only: 1.0 and false).
     Probabilities are NaN where nothing was computed (no tissue, failed block).
     ``tissue_only`` keeps the tissue tiles only.
     """
@@ -61,6 +80,8 @@ def tile_table(store: HeatmapStore | str | Path, *, tissue_only: bool = True) ->
     pyr = geo.pyramid()
     uy, ux = store.um_per_tile
     fraction = store.tissue_fraction()
+    inside = store.inside_fraction()
+    inside = np.ones(rows * cols) if inside is None else inside.ravel().astype(np.float64)
     data: dict[str, Any] = {
         "row": rr, "col": cc,
         "x": np.round(ox + cc * sx).astype(np.int64), "y": np.round(oy + rr * sy).astype(np.int64),
@@ -69,13 +90,20 @@ def tile_table(store: HeatmapStore | str | Path, *, tissue_only: bool = True) ->
         "tissue": tissue[keep],
         "tissue_fraction": (fraction.ravel()[keep].astype(np.float64) if fraction is not None
                             else np.full(rr.shape, np.nan)),
+        "inside_fraction": inside[keep], "partial": inside[keep] < 1.0,
     }
     probs = store.probabilities(0)
     for k, name in enumerate(store.class_names):
         data[prob_column(name)] = probs[k].ravel()[keep].astype(np.float64)
+    for task in store.extra_tasks:
+        task_probs = store.probabilities(0, task)
+        for k, name in enumerate(store.task_class_names(task)):
+            data[task_prob_column(task, name)] = task_probs[k].ravel()[keep].astype(np.float64)
     frame = pd.DataFrame(data)
     frame.attrs["store"] = str(store.path.absolute())
     frame.attrs["classes"] = list(store.class_names)
+    if store.tasks:
+        frame.attrs["tasks"] = {t: list(c) for t, c in store.tasks.items()}
     return frame
 
 
@@ -83,24 +111,30 @@ def tiles_geojson(store: HeatmapStore | str | Path, *, object_type: str = "tile"
                   provenance: dict | None = None) -> dict[str, Any]:
     """QuPath FeatureCollection: one ``tile`` (or ``detection``) object per tissue tile with values.
 
-    Geometry: the tile's level-0 rectangle (counter-clockwise ring). ``measurements`` holds
-    ``prob_<class>`` for every class, ``tissue_fraction``, ``row`` and ``col``.
+    Geometry: the tile's level-0 rectangle (counter-clockwise ring), clipped to the slide for
+    partial edge tiles. ``measurements`` holds ``prob_<class>`` for every class,
+    ``tissue_fraction``, ``inside_fraction`` (< 1: a partial edge tile, padded beyond the slide),
+    ``row`` and ``col``.
     """
     if object_type not in OBJECT_TYPES:
         raise OutputError(f"object type must be one of {OBJECT_TYPES}, got {object_type!r}")
     store = _as_store(store)
     frame = tile_table(store)
-    prob_cols = [prob_column(n) for n in store.class_names]
-    frame = frame[np.isfinite(frame[prob_cols].to_numpy()).all(axis=1)]
+    primary = [prob_column(n) for n in store.class_names]
+    prob_cols = prob_columns(store)
+    frame = frame[np.isfinite(frame[primary].to_numpy()).all(axis=1)]
     base = store.identity.get("slide_fingerprint") or str(store.path.absolute())
     features = []
-    values = frame[["row", "col", "x", "y", "w", "h", "tissue_fraction", *prob_cols]].to_numpy(np.float64)
-    for row, col, x, y, w, h, frac, *ps in values:
-        x1, y1 = x + w, y + h
+    size = slide_size(store.attrs)
+    right, bottom = size if size is not None else (np.inf, np.inf)
+    values = frame[["row", "col", "x", "y", "w", "h", "tissue_fraction", "inside_fraction", *prob_cols]
+                   ].to_numpy(np.float64)
+    for row, col, x, y, w, h, frac, inside, *ps in values:
+        x1, y1 = min(x + w, right), min(y + h, bottom)  # nothing drawn beyond the slide
         measurements = {name: round(float(p), 6) for name, p in zip(prob_cols, ps)}
         if np.isfinite(frac):
             measurements["tissue_fraction"] = round(float(frac), 4)
-        measurements.update(row=int(row), col=int(col))
+        measurements.update(inside_fraction=round(float(inside), 4), row=int(row), col=int(col))
         features.append({
             "type": "Feature",
             "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{base}/tile/{int(row)},{int(col)}")),

@@ -5,10 +5,15 @@ A :class:`TileGrid` lays square tiles of ``tile_size`` px at ``mpp`` µm/px over
 covers target-grid pixels ``[row * stride, row * stride + tile_size)`` (same for columns),
 where the target grid is the slide resampled to ``mpp`` with its origin at level-0 (0, 0).
 
-**Edge tiles are dropped**: only tiles that lie entirely inside the slide are in the grid, so
-``n_cols = floor((W_target - tile_size) / stride) + 1``; the right/bottom strip narrower than a
-tile is never analysed (at most ``tile_size - 1`` target px, i.e. < 200 µm at 50 px x 4 µm/px).
-No white padding ever enters a model.
+**Partial edge tiles are padded, analysed and marked.** The grid covers the whole slide: after
+the whole tiles, one more row (column) starts where the next stride falls when the strip the whole
+tiles leave uncovered is not empty and at least ``min_inside_fraction`` (default 1/4) of that tile
+lies inside the slide; ``inside_fraction[r, c]`` is the share of each tile's area inside the slide
+(1 for whole tiles). Target pixels wholly beyond the slide edge are set to :data:`PAD_VALUE` (255,
+white, what OpenSlide and tiffslide already return there), so the model sees glass; the one pixel
+straddling the edge of a resampled grid keeps its blend. ``tissue_fraction`` is measured over the
+inside area, so a tile half off the slide and full of tissue inside counts as tissue.
+``min_inside_fraction=1`` restores whole tiles only.
 
 Tiles are grouped in **blocks** of ``block_tiles x block_tiles`` tiles: one block is one unit
 of work and one Zarr chunk of the heatmap. :func:`read_block` reads the bounding box of the
@@ -26,14 +31,17 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from wsi_cmaf.errors import ConfigError, RequestTooLargeError
-from wsi_cmaf.slide.level0 import level0_tile_px, read_strip_level0
+from wsi_cmaf.slide._pixels import PAD_VALUE, pad_beyond  # noqa: F401  (PAD_VALUE re-exported)
+from wsi_cmaf.slide.level0 import (level0_extent, level0_grid_config, level0_tile_px, pad_level0,
+                                   read_strip_level0, record_level0_placement, wsinfer_level0_px)
+from wsi_cmaf.slide.tissue import inside_fractions, tissue_fractions  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from wsi_cmaf.slide.reader import SlideReader
@@ -41,7 +49,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GridConfig", "TileGrid", "Block", "BlockTiles", "read_block", "read_tile", "tissue_fractions"]
+__all__ = ["GridConfig", "TileGrid", "Block", "BlockTiles", "PAD_VALUE", "read_block", "read_tile",
+           "tissue_fractions", "inside_fractions"]
 
 _SAME_MPP_RTOL = 0.002  # level µm/px within 0.2 % of the target: read pixels as they are
 #: Most tiles one grid may have (16.7 M; a 200,000 px slide at 0.25 µm/px has ~62,000 tiles of
@@ -60,10 +69,21 @@ class GridConfig:
     block_tiles: int = 32
     mpp_tolerance: float = 0.05
     #: "pyramid": tiles from the level nearest ``mpp`` (fast); "level0": each tile is its region
-    #: at full resolution, left at native size for the model's resize (WSInfer's pixels).
+    #: at full resolution, left at native size for the model's resize, placed on WSInfer's
+    #: whole-pixel lattice (WSInfer's pixels; see :mod:`wsi_cmaf.slide.level0`).
     source: str = "pyramid"
+    #: A partial last row/column enters the grid when at least this share of its tiles' height/width
+    #: lies inside the slide. 1/4: tissue at the edge is analysed (a user expects that), while a
+    #: sliver under a quarter tile (< 50 µm at 50 px x 4 µm/px), which would show the model over
+    #: 75 % white padding, is not (whole tiles already carry up to ``1 - tissue_threshold`` glass).
+    #: It also keeps float round-off from adding an empty row. The bottom-right corner tile, partial
+    #: both ways, may be as little as 1/16 inside. 1.0 = whole tiles only (the old grid).
+    min_inside_fraction: float = 0.25
+    #: Set by level-0 configs themselves (an attribute, not a field, see ``__post_init__``);
+    #: accepted back from a stored identity when it names this version's placement.
+    level0_placement: InitVar[str | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, level0_placement: str | None) -> None:
         if self.source not in ("pyramid", "level0"):
             raise ConfigError(f"GridConfig.source must be 'pyramid' or 'level0', got {self.source!r}")
         if not (self.mpp > 0 and math.isfinite(self.mpp)):
@@ -78,6 +98,9 @@ class GridConfig:
             raise ConfigError(f"GridConfig.block_tiles must be >= 1, got {self.block_tiles}")
         if self.mpp_tolerance < 0:
             raise ConfigError(f"GridConfig.mpp_tolerance must be >= 0, got {self.mpp_tolerance}")
+        if not 0.0 < self.min_inside_fraction <= 1.0:
+            raise ConfigError(f"GridConfig.min_inside_fraction must be in (0, 1], got {self.min_inside_fraction}")
+        record_level0_placement(self, level0_placement)
 
     @property
     def step(self) -> int:
@@ -104,48 +127,22 @@ class BlockTiles:
     cols: np.ndarray
 
 
-def tissue_fractions(mask: np.ndarray, mask_mpp: tuple[float, float], target_mpp: float,
-                     tile_size: int, stride: int, shape: tuple[int, int]) -> np.ndarray:
-    """Exact area fraction of each tile covered by ``mask`` (float32, ``shape``).
+def _pad_target_tiles(grid: TileGrid, tiles: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``tiles`` with their target pixels wholly beyond the slide set to :data:`PAD_VALUE`."""
+    ex, ey = grid.target_extent
+    step = grid.config.step
+    # pixel i is wholly outside when i >= ceil(extent); the straddling one keeps its resampled blend
+    inside_w = math.ceil(ex - 1e-6) - np.asarray(cols, np.int64) * step
+    inside_h = math.ceil(ey - 1e-6) - np.asarray(rows, np.int64) * step
+    return pad_beyond(tiles, inside_w, inside_h)
 
-    The mask is piecewise constant, so its integral over a rectangle with fractional
-    corners is the bilinear interpolation of its summed-area table at those corners.
-    ``mask_mpp`` is the (x, y) size of a mask pixel in µm; the mask is anchored at (0, 0).
-    """
-    n_rows, n_cols = shape
-    if n_rows == 0 or n_cols == 0:
-        return np.zeros(shape, dtype=np.float32)
 
-    def edges(n: int, px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        start = np.arange(n) * stride * target_mpp / px
-        pos = np.concatenate([start, start + tile_size * target_mpp / px])
-        return pos, np.arange(n), np.arange(n) + n
-
-    def interp_weights(pos: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-        pos = np.clip(pos, 0.0, size)
-        i0 = np.minimum(np.floor(pos).astype(np.int64), max(size - 1, 0))
-        return i0, pos - i0
-
-    ys, top, bottom = edges(n_rows, mask_mpp[1])
-    xs, left, right = edges(n_cols, mask_mpp[0])
-    yi, yw = interp_weights(ys, mask.shape[0])
-    xi, xw = interp_weights(xs, mask.shape[1])
-    # Summed-area table rows only where tile edges need them (a few hundred of thousands of mask
-    # rows on a large slide): prefix sums of the mask rows up to each needed row, by reduceat.
-    need = np.unique(np.concatenate([yi, yi + 1]))
-    table = np.zeros((need.size, mask.shape[1] + 1), dtype=np.float64)
-    inner = need[need > 0]
-    if inner.size:
-        starts = np.concatenate([[0], inner[:-1]])
-        prefix = np.cumsum(np.add.reduceat(mask[:inner[-1]], starts, axis=0, dtype=np.int64), axis=0)
-        table[need > 0, 1:] = np.cumsum(prefix, axis=1)
-    where = np.searchsorted(need, yi)
-    rows = table[where] * (1 - yw)[:, None] + table[np.searchsorted(need, yi + 1)] * yw[:, None]
-    corner = rows[:, xi] * (1 - xw) + rows[:, xi + 1] * xw  # F at every (y edge, x edge)
-    area = (corner[np.ix_(bottom, right)] - corner[np.ix_(top, right)]
-            - corner[np.ix_(bottom, left)] + corner[np.ix_(top, left)])
-    tile_area = (tile_size * target_mpp / mask_mpp[0]) * (tile_size * target_mpp / mask_mpp[1])
-    return np.clip(area / tile_area, 0.0, 1.0).astype(np.float32)
+def _target_extent(level0_size: tuple[int, int], slide_mpp: tuple[float, float],
+                   config: GridConfig) -> tuple[float, float]:
+    """(width, height) of the slide in target px."""
+    if config.source == "level0":
+        return level0_extent(level0_size, config, slide_mpp)
+    return level0_size[0] * slide_mpp[0] / config.mpp, level0_size[1] * slide_mpp[1] / config.mpp
 
 
 def _level0_for_level_px(px: int, downsample: float) -> int:
@@ -162,8 +159,9 @@ def _level0_for_level_px(px: int, downsample: float) -> int:
 class TileGrid:
     """Tiles at ``config.mpp`` over one slide; build with :meth:`from_slide`.
 
-    ``tissue_fraction[r, c]`` is the fraction of tile (r, c) covered by the tissue mask and
-    ``tissue`` marks tiles with fraction >= ``tissue_threshold`` (and > 0).
+    ``tissue_fraction[r, c]`` is the fraction of tile (r, c)'s area inside the slide covered by the
+    tissue mask and ``tissue`` marks tiles with fraction >= ``tissue_threshold`` (and > 0);
+    ``inside_fraction`` is each tile's share inside the slide (< 1: a padded partial edge tile).
     """
 
     config: GridConfig
@@ -174,10 +172,17 @@ class TileGrid:
     tissue_fraction: np.ndarray
     tissue: np.ndarray = field(init=False)
     blocks: list[Block] = field(init=False)
+    #: share of each tile's area inside the slide (float32, grid shape): < 1 for partial edge tiles
+    inside_fraction: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         if self.config.source == "level0":  # whoever built the grid, level-0 mode reads level 0
             self.level, self.level_downsample = 0, 1.0
+            self.config = level0_grid_config(self.config, self.slide_mpp)  # WSInfer's lattice
+        (n_rows, n_cols), (ex, ey) = self.tissue_fraction.shape, self.target_extent
+        t, step = self.config.tile_size, self.config.step
+        self.inside_fraction = np.outer(inside_fractions(n_rows, ey, t, step),
+                                        inside_fractions(n_cols, ex, t, step)).astype(np.float32)
         thr = self.config.tissue_threshold
         self.tissue = (self.tissue_fraction >= thr) & (self.tissue_fraction > 0)
         self.blocks = []
@@ -195,6 +200,8 @@ class TileGrid:
         config = config or GridConfig()
         mx, my = reader.mpp
         w0, h0 = reader.level_dimensions[0]
+        if config.source == "level0":
+            config = level0_grid_config(config, (mx, my))
         shape = cls.grid_shape((w0, h0), (mx, my), config)
         if shape[0] * shape[1] > MAX_GRID_TILES:
             raise RequestTooLargeError(
@@ -208,6 +215,12 @@ class TileGrid:
             m = float(tissue_mask.mpp)
             fraction = tissue_fractions(np.asarray(tissue_mask.mask, dtype=bool), (m, m), config.mpp,
                                         config.tile_size, config.step, shape)
+            # a partial edge tile's tissue is measured over its inside area (the padding is not slide)
+            ex, ey = _target_extent((w0, h0), (mx, my), config)
+            inside = np.outer(inside_fractions(shape[0], ey, config.tile_size, config.step),
+                              inside_fractions(shape[1], ex, config.tile_size, config.step))
+            fraction = np.where(inside > 0, np.minimum(fraction / np.maximum(inside, 1e-12), 1.0), 0.0
+                                ).astype(np.float32)
         grid = cls(config, level, float(reader.level_downsamples[level]), (float(mx), float(my)),
                    (int(w0), int(h0)), fraction)
         logger.info("grid %dx%d tiles at %.3g µm/px (level %d, %s), %d tissue tiles in %d blocks",
@@ -217,11 +230,31 @@ class TileGrid:
 
     @staticmethod
     def grid_shape(level0_size: tuple[int, int], slide_mpp: tuple[float, float], config: GridConfig) -> tuple[int, int]:
-        """(n_rows, n_cols) of whole tiles (partial edge tiles dropped)."""
-        def count(n0: int, px: float) -> int:
-            extent = n0 * px / config.mpp  # slide size in target px
-            return max(0, math.floor((extent - config.tile_size) / config.step + 1e-9) + 1)
-        return count(level0_size[1], slide_mpp[1]), count(level0_size[0], slide_mpp[0])
+        """(n_rows, n_cols): the whole tiles, plus one partial row/column where the whole tiles leave
+        a strip uncovered and at least ``config.min_inside_fraction`` of that tile is inside the slide."""
+        if config.source == "level0":
+            config = level0_grid_config(config, slide_mpp)
+        t, step = config.tile_size, config.step
+        extents = _target_extent(level0_size, slide_mpp, config)  # slide size in target px
+
+        def count(extent: float) -> int:
+            n = max(0, math.floor((extent - t) / step + 1e-9) + 1)
+            uncovered = extent - ((n - 1) * step + t if n else 0)
+            # one more tile always reaches the edge: it starts at n * step <= the uncovered strip
+            if uncovered > 1e-6 and (extent - n * step) / t >= config.min_inside_fraction - 1e-9:
+                n += 1
+            return n
+        return count(extents[1]), count(extents[0])
+
+    @property
+    def target_extent(self) -> tuple[float, float]:
+        """(width, height) of the slide in target-grid px (at ``config.mpp``)."""
+        return _target_extent(self.level0_size, self.slide_mpp, self.config)
+
+    @property
+    def partial(self) -> np.ndarray:
+        """bool (grid shape): tiles that reach past the slide's right or bottom edge (padded)."""
+        return self.inside_fraction < 1.0
 
     # -- geometry -------------------------------------------------------------------------
     @property
@@ -261,12 +294,28 @@ class TileGrid:
 
     @property
     def exact(self) -> bool:
-        """True when the level's µm/px is the target's: tiles are plain crops, no resizing."""
+        """True when the level's µm/px is the target's: tiles are plain crops, no resizing.
+        A level-0 grid is exact only when its tiles are level-0 px as they are (``P == tile_size``
+        on a slide with square pixels)."""
+        if self.config.source == "level0":
+            patch, stride = self.level0_pitch
+            return (patch == self.config.tile_size and stride == self.config.step
+                    and all(abs(s - 1.0) < 1e-9 for s in self.level_scale))
         return all(abs(s - 1.0) < _SAME_MPP_RTOL for s in self.level_scale)
+
+    @property
+    def level0_pitch(self) -> tuple[int, int]:
+        """(tile, stride) in whole level-0 px of a level-0 grid (WSInfer's ``P`` and ``S``)."""
+        if self.config.source != "level0":
+            raise ConfigError("level0_pitch is defined for level-0 grids only (GridConfig.source='level0')")
+        return wsinfer_level0_px(self.config.tile_size, self.config.mpp, self.slide_mpp, self.config.stride)
 
     def tile_location(self, row: int, col: int) -> tuple[int, int]:
         """Level-0 (x, y) px of the top-left of tile (row, col)."""
         step = self.config.step
+        if self.config.source == "level0":  # WSInfer's lattice: k * S, one rounding per slide
+            stride = self.level0_pitch[1]
+            return (col * stride, row * stride)
         if self.exact:
             return (_level0_for_level_px(col * step, self.level_downsample),
                     _level0_for_level_px(row * step, self.level_downsample))
@@ -350,7 +399,8 @@ def _read_strip(reader: SlideReader, grid: TileGrid, strip: tuple[int, int, int,
         window, shape=(r1 - r0 + 1, c1 - c0 + 1, t, t, 3),
         strides=(s0 * step, s1 * step, s0, s1, s2), writeable=False,
     )
-    return views[rows - r0, cols - c0]  # fancy indexing copies only the tissue tiles
+    # fancy indexing copies only the tissue tiles; partial edge tiles get explicit padding
+    return _pad_target_tiles(grid, views[rows - r0, cols - c0], rows, cols)
 
 
 def read_block(reader: SlideReader, grid: TileGrid, block: Block) -> BlockTiles:
@@ -383,8 +433,11 @@ def read_tile(reader: SlideReader, grid: TileGrid, row: int, col: int) -> np.nda
     t, step = grid.config.tile_size, grid.config.step
     if grid.config.source == "level0" and not grid.exact:
         w0, h0 = level0_tile_px(t, grid.config.mpp, grid.slide_mpp)
-        return reader.read_region(grid.tile_location(row, col), 0, (w0, h0))[..., :3]
-    return _read_target_window(reader, grid, row * step, col * step, t, t)
+        x, y = grid.tile_location(row, col)
+        tile = np.ascontiguousarray(reader.read_region((x, y), 0, (w0, h0))[..., :3])
+        return pad_level0(tile[None], grid, np.array([x]), np.array([y]))[0]
+    tile = _read_target_window(reader, grid, row * step, col * step, t, t)
+    return _pad_target_tiles(grid, tile[None], np.array([row]), np.array([col]))[0]
 
 
 def _tile_shape(grid: TileGrid) -> tuple[int, int]:

@@ -197,3 +197,54 @@ def detect_tissue(reader: SlideReader, config: TissueConfig | None = None) -> Ti
     cfg = config or TissueConfig()
     thumb = reader.thumbnail(cfg.mpp)
     return tissue_mask_from_rgb(thumb, cfg.mpp, cfg)
+
+
+# -- tile fractions (used by the tile grid) --------------------------------------------------
+def tissue_fractions(mask: np.ndarray, mask_mpp: tuple[float, float], target_mpp: float,
+                     tile_size: int, stride: int, shape: tuple[int, int]) -> np.ndarray:
+    """Exact area fraction of each tile covered by ``mask`` (float32, ``shape``).
+
+    The mask is piecewise constant, so its integral over a rectangle with fractional
+    corners is the bilinear interpolation of its summed-area table at those corners.
+    ``mask_mpp`` is the (x, y) size of a mask pixel in µm; the mask is anchored at (0, 0).
+    """
+    n_rows, n_cols = shape
+    if n_rows == 0 or n_cols == 0:
+        return np.zeros(shape, dtype=np.float32)
+
+    def edges(n: int, px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        start = np.arange(n) * stride * target_mpp / px
+        pos = np.concatenate([start, start + tile_size * target_mpp / px])
+        return pos, np.arange(n), np.arange(n) + n
+
+    def interp_weights(pos: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        pos = np.clip(pos, 0.0, size)
+        i0 = np.minimum(np.floor(pos).astype(np.int64), max(size - 1, 0))
+        return i0, pos - i0
+
+    ys, top, bottom = edges(n_rows, mask_mpp[1])
+    xs, left, right = edges(n_cols, mask_mpp[0])
+    yi, yw = interp_weights(ys, mask.shape[0])
+    xi, xw = interp_weights(xs, mask.shape[1])
+    # Summed-area table rows only where tile edges need them (a few hundred of thousands of mask
+    # rows on a large slide): prefix sums of the mask rows up to each needed row, by reduceat.
+    need = np.unique(np.concatenate([yi, yi + 1]))
+    table = np.zeros((need.size, mask.shape[1] + 1), dtype=np.float64)
+    inner = need[need > 0]
+    if inner.size:
+        starts = np.concatenate([[0], inner[:-1]])
+        prefix = np.cumsum(np.add.reduceat(mask[:inner[-1]], starts, axis=0, dtype=np.int64), axis=0)
+        table[need > 0, 1:] = np.cumsum(prefix, axis=1)
+    where = np.searchsorted(need, yi)
+    rows = table[where] * (1 - yw)[:, None] + table[np.searchsorted(need, yi + 1)] * yw[:, None]
+    corner = rows[:, xi] * (1 - xw) + rows[:, xi + 1] * xw  # F at every (y edge, x edge)
+    area = (corner[np.ix_(bottom, right)] - corner[np.ix_(top, right)]
+            - corner[np.ix_(bottom, left)] + corner[np.ix_(top, left)])
+    tile_area = (tile_size * target_mpp / mask_mpp[0]) * (tile_size * target_mpp / mask_mpp[1])
+    return np.clip(area / tile_area, 0.0, 1.0).astype(np.float32)
+
+
+def inside_fractions(n: int, extent: float, tile_size: int, stride: int) -> np.ndarray:
+    """Share (float64, (n,)) of each of ``n`` tiles along one axis that lies inside ``extent`` target px."""
+    share = np.clip((extent - np.arange(n) * stride) / tile_size, 0.0, 1.0)
+    return np.where(share > 1.0 - 1e-6, 1.0, share)  # whole tiles exactly 1 despite float round-off
