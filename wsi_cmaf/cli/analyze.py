@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-resume", dest="resume", action="store_false",
                    help="refuse to reuse an existing store")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--embeddings", action="store_true",
+                   help="also store each tissue tile's embedding (input of the classifier head) in the store, "
+                        "for slide-level models (wsi-cmaf train-slide); needs a registry model")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--progress", action="store_true",
@@ -54,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, batch_size=args.batch_size, progress=show_progress(args),
         stain=None if args.stain == "auto" else args.stain, autocast="bf16" if args.bf16 else args.precision,
         compile=args.compile, reader_threads=args.reader_threads, overlay=args.overlay, geojson=args.geojson,
+        embeddings=args.embeddings,
         extra={"progress": "always"} if args.progress else {},
     )
     result = analyze_slide(

@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--retries", type=int, default=2, help="retries of a slide after a transient error")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--embeddings", action="store_true",
+                   help="also store each tissue tile's embedding (input of the classifier head) in the store, "
+                        "for slide-level models (wsi-cmaf train-slide); needs a registry model")
     add_inference_options(p, reader_threads_default=None)
 
 
@@ -47,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     if threads is None:  # CPU workers: one decoder each (the model takes the cores); GPU: share the cores
         threads = max(1, (os.cpu_count() or 2) // (2 * args.slides_per_gpu)) if gpu else 1
     cfg = InferenceConfig(device=args.device, batch_size=args.batch_size, progress=False, reader_threads=threads,
-                          autocast=args.precision, compile=args.compile, overlay=args.overlay, geojson=args.geojson)
+                          autocast=args.precision, compile=args.compile, overlay=args.overlay, geojson=args.geojson,
+                          embeddings=args.embeddings)
     result = analyze_slides(
         args.inputs if len(args.inputs) > 1 else args.inputs[0], args.out, model=args.model,
         scheduler=args.scheduler, cluster=args.cluster, workers=args.workers,
