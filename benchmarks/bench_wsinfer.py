@@ -11,8 +11,10 @@ synthetic Aperio-style slide at 1 µm/px, patches of 50 px at 4 µm/px (200 px l
   model in batches of 64 -> softmax, single process (WSInfer's ``num_workers=0``). It does not
   include WSInfer's tissue segmentation and patching, which favours the reference.
 
-The real wsinfer 0.6.1 is not used: it needs ``zarr<3``, ``tiffslide<2.5`` and ``tifffile<2025``,
-which would downgrade this venv's packages. Torch runs with ``--threads`` threads in both.
+This loop does not need WSInfer installed; ``bench_wsinfer_real.py`` runs the real wsinfer 0.6.1 CLI
+from its own venv (it needs ``zarr<3``, ``tiffslide<2.5`` and ``tifffile<2025``, which would downgrade
+this venv's packages) on the same folders made by :func:`make_zoo_folder`. Torch runs with
+``--threads`` threads in both.
 
     .venv/bin/python benchmarks/bench_wsinfer.py --size 20000 --input-sizes 64
     .venv/bin/python benchmarks/bench_wsinfer.py --size 8000 --input-sizes 224
@@ -33,11 +35,13 @@ import torch
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def make_zoo_folder(root: Path, input_size: int) -> Path:
-    """A WSInfer model-zoo folder with a traced timm ResNet-18 at ``input_size`` px."""
+def make_zoo_folder(root: Path, input_size: int, patch_px: int = 50, spacing_um_px: float = 4.0) -> Path:
+    """A WSInfer model-zoo folder with a traced timm ResNet-18 at ``input_size`` px, for patches of
+    ``patch_px`` px at ``spacing_um_px`` µm/px."""
     import timm
 
-    folder = root / f"resnet18_{input_size}"
+    geometry = "" if (patch_px, spacing_um_px) == (50, 4.0) else f"_{patch_px}px_{spacing_um_px:g}um"
+    folder = root / f"resnet18_{input_size}{geometry}"
     if (folder / "torchscript_model.pt").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -47,7 +51,7 @@ def make_zoo_folder(root: Path, input_size: int) -> Path:
         traced = torch.jit.trace(net, torch.zeros(1, 3, input_size, input_size))
     traced.save(str(folder / "torchscript_model.pt"))
     config = {"spec_version": "1.0", "architecture": "resnet18", "num_classes": 2,
-              "class_names": ["notumor", "tumor"], "patch_size_pixels": 50, "spacing_um_px": 4.0,
+              "class_names": ["notumor", "tumor"], "patch_size_pixels": patch_px, "spacing_um_px": spacing_um_px,
               "transform": [{"name": "Resize", "arguments": {"size": input_size}}, {"name": "ToTensor"},
                             {"name": "Normalize", "arguments": {"mean": MEAN, "std": STD}}]}
     (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
