@@ -19,6 +19,8 @@ from wsi_cmaf.errors import ConfigError, StoreMismatchError
 from wsi_cmaf.slide.grid import GridConfig, TileGrid, read_tile
 from wsi_cmaf.slide.level0 import level0_tile_px, wsinfer_level0_px
 
+from tests.test_wsinfer import TinyNet
+
 CMU = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "cmu_small_region.svs"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 PROB_TOL = 0.005  # the bound on probabilities
@@ -99,16 +101,6 @@ def test_placement_is_part_of_level0_identity_only() -> None:
     assert GridConfig(**vars(level0)) == level0 and vars(GridConfig(**vars(level0))) == vars(level0)
     with pytest.raises(ConfigError, match="level0_placement"):
         GridConfig(source="level0", level0_placement="round(k * pitch)")
-
-
-class TinyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 5, stride=4)
-        self.fc = nn.Linear(8, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
 
 
 def _zoo_folder(root: Path, net: nn.Module, patch_px: int, spacing: float, input_size: int) -> Path:

@@ -31,13 +31,13 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
 
 from wsi_cmaf.errors import OutputError
 from wsi_cmaf.explain.select import TOP_K
 from wsi_cmaf.explain.slide import SlideExplanation
 from wsi_cmaf.output._json import jsonable
 from wsi_cmaf.output.ngff import NGFF_VERSION
+from wsi_cmaf.output.store import _compressor
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ _DESCRIPTIONS = {
 
 
 def _write_group(root: zarr.Group, expl: SlideExplanation, name: str, attrs: dict[str, Any]) -> None:
-    comp = BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)
+    comp = _compressor()  # the heatmap store's own codec settings
     n = len(expl.choice)
     reason = np.array([0 if r == TOP_K else 1 for r in expl.choice.reason], np.int64)
     table = np.column_stack([expl.choice.rows, expl.choice.cols, expl.location, reason]).astype(np.int64)

@@ -1,10 +1,13 @@
-"""2×2 pooling used to build the heatmap store's pyramid levels (NaN-aware mean, max)."""
+"""2×2 pooling used to build the heatmap store's pyramid levels (NaN-aware mean, max), and the
+writer of a (C, y, x) image group's NaN-mean levels."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-__all__ = ["nan_mean_pool2", "max_pool2"]
+__all__ = ["nan_mean_pool2", "max_pool2", "write_nan_mean_levels"]
 
 
 def nan_mean_pool2(data: np.ndarray) -> np.ndarray:
@@ -30,3 +33,22 @@ def max_pool2(data: np.ndarray) -> np.ndarray:
     pad = [(0, 0)] * (data.ndim - 2) + [(0, h % 2), (0, w % 2)]
     d = np.pad(data, pad)
     return d.reshape(*d.shape[:-2], d.shape[-2] // 2, 2, d.shape[-1] // 2, 2).max(axis=(-3, -1))
+
+
+def write_nan_mean_levels(group: Any, level0: np.ndarray, levels: int, chunk: tuple[int, int], *,
+                          compressors: Any, dimension_names: tuple[str, ...], first: int = 0) -> None:
+    """Write arrays ``str(level)`` for ``first <= level < levels`` of a zarr ``group``: ``level0``
+    (C, H, W) pooled by :func:`nan_mean_pool2` once per level, float32, NaN fill, chunks of
+    ``(C, chunk)`` clipped to each level's size. ``first=1`` when level 0 is already stored."""
+    data = level0
+    for level in range(levels):
+        if level:
+            data = nan_mean_pool2(data)
+        if level < first:
+            continue
+        h, w = data.shape[-2:]
+        arr = group.create_array(str(level), shape=data.shape,
+                                 chunks=(data.shape[0], max(1, min(chunk[0], h)), max(1, min(chunk[1], w))),
+                                 dtype="float32", fill_value=np.nan, compressors=compressors,
+                                 dimension_names=dimension_names, overwrite=True)
+        arr[...] = data

@@ -22,7 +22,7 @@ import numpy as np
 
 from wsi_cmaf.errors import OutputError
 from wsi_cmaf.output.ngff import AXES, image_metadata
-from wsi_cmaf.output.pyramid import nan_mean_pool2
+from wsi_cmaf.output.pyramid import write_nan_mean_levels
 
 #: group under the store root that holds one image group per extra task
 TASKS_GROUP = "tasks"
@@ -121,18 +121,10 @@ class TaskGroupsMixin:
         """Pyramid levels and NGFF metadata of every extra task (as finalize does for the main image)."""
         from wsi_cmaf.output.store import _compressor
 
-        k0, k1 = self.chunk
         for task in self.extra_tasks:
             group = self._root[task_group_path(task)]
-            probs = np.asarray(group["0"][...])
-            for level in range(1, levels):
-                probs = nan_mean_pool2(probs)
-                h, w = probs.shape[-2:]
-                arr = group.create_array(str(level), shape=probs.shape,
-                                         chunks=(probs.shape[0], max(1, min(k0, h)), max(1, min(k1, w))),
-                                         dtype="float32", fill_value=np.nan, compressors=_compressor(),
-                                         dimension_names=AXES, overwrite=True)
-                arr[...] = probs
+            write_nan_mean_levels(group, np.asarray(group["0"][...]), levels, self.chunk,
+                                  compressors=_compressor(), dimension_names=AXES, first=1)
             for name in list(group.array_keys()):
                 if name.isdigit() and int(name) >= levels:
                     del group[name]

@@ -17,8 +17,8 @@ import pandas as pd
 import zarr
 
 from wsi_cmaf.errors import DataError
-from wsi_cmaf.output.ngff import AXES, multiscales_metadata
-from wsi_cmaf.output.pyramid import nan_mean_pool2
+from wsi_cmaf.output.ngff import AXES, NGFF_VERSION, multiscales_metadata
+from wsi_cmaf.output.pyramid import write_nan_mean_levels
 from wsi_cmaf.output.store import HeatmapStore, _compressor
 
 logger = logging.getLogger(__name__)
@@ -73,22 +73,14 @@ def write_attention_map(store: HeatmapStore | str | Path, rows: np.ndarray, cols
     if ATTENTION_GROUP in root:
         del root[ATTENTION_GROUP]
     group = root.create_group(ATTENTION_GROUP)
-    k0, k1 = st.chunk
-    data = img
-    for level in range(levels):
-        if level:
-            data = nan_mean_pool2(data)
-        lh, lw = data.shape[-2:]
-        arr = group.create_array(str(level), shape=data.shape, chunks=(2, max(1, min(k0, lh)), max(1, min(k1, lw))),
-                                 dtype="float32", fill_value=np.nan, compressors=_compressor(), dimension_names=AXES)
-        arr[...] = data
+    write_nan_mean_levels(group, img, levels, st.chunk, compressors=_compressor(), dimension_names=AXES)
     channels = [{"label": name, "active": name == "attention_relative", "color": "FF00FF", "coefficient": 1,
                  "family": "linear", "inverted": False,
                  "window": {"min": 0.0, "max": hi, "start": 0.0, "end": hi}}
                 for name, hi in (("attention", float(np.nanmax(img[0])) if len(weights) else 1.0),
                                  ("attention_relative", 1.0))]
     group.attrs.update({
-        "ome": {"version": "0.5",
+        "ome": {"version": NGFF_VERSION,
                 "multiscales": multiscales_metadata(ATTENTION_GROUP, levels, st.geometry.pyramid(), method="nan_mean",
                                                     description="attention-MIL weights per tile (2x2 NaN mean)"),
                 "omero": {"name": ATTENTION_GROUP, "channels": channels,

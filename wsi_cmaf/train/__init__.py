@@ -42,6 +42,7 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def __init__(self, package: str, moved: dict[str, str]) -> None:
         self._targets = {f"{package}.{old}": f"{package}.{new}" for old, new in moved.items()}
+        self._real_specs: dict[str, importlib.machinery.ModuleSpec] = {}  # by the module's real name
 
     def find_spec(self, fullname: str, path: object = None, target: object = None) -> importlib.machinery.ModuleSpec | None:
         if fullname not in self._targets:
@@ -51,11 +52,12 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
         module = importlib.import_module(self._targets[spec.name])
         # the import machinery stamps the alias spec on the module it gets back; keep the real one
-        self._real_spec = module.__spec__
+        # (keyed by name, so two aliases imported from two threads cannot swap specs)
+        self._real_specs.setdefault(module.__name__, module.__spec__)
         return module
 
     def exec_module(self, module: ModuleType) -> None:
-        module.__spec__ = self._real_spec  # already executed under its real name
+        module.__spec__ = self._real_specs[module.__name__]  # already executed under its real name
 
 
 if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):

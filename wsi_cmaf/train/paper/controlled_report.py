@@ -26,6 +26,8 @@ from wsi_cmaf.train.paper.controlled import REFERENCE_ARM, ControlledConfig, Dat
 #: extra paired comparisons beside "every arm vs the reference"
 EXTRA_PAIRS = (("acbfl_dfa", "acbfl"), ("acbfl_smooth", "acbfl"))
 DEGENERATE_SHARE = 0.995
+#: per-cell columns, in table order
+CELL_METRICS = ("auroc", "auprc", "sens_at_spec", "test_spec_at_spec", "sens_at_0.5", "spec_at_0.5", "ece")
 
 
 def run_scores(y_val: np.ndarray, s_val: np.ndarray, y_test: np.ndarray, s_test: np.ndarray,
@@ -67,7 +69,7 @@ def per_run_table(cfg: ControlledConfig, data: Data, results: dict[int, dict[str
 
 def cell_table(runs: pd.DataFrame, cfg: ControlledConfig) -> pd.DataFrame:
     """Mean and sample std over seeds per ratio × arm, plus the count of degenerate runs."""
-    metrics = ["auroc", "auprc", "sens_at_spec", "test_spec_at_spec", "sens_at_0.5", "spec_at_0.5", "ece"]
+    metrics = CELL_METRICS
     rows = []
     for ratio in cfg.ratios:
         for arm in cfg.arms:
@@ -131,8 +133,7 @@ def markdown(cells: pd.DataFrame, diffs: pd.DataFrame, cfg: ControlledConfig) ->
     lines = [f"| ratio | arm | AUROC | AUPRC | sens @ val {spec} spec | test spec there | sens @ 0.5 | "
              "spec @ 0.5 | ECE | degenerate |", "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in cells.iterrows():
-        vals = [_fmt(r[m], r[f"{m}_std"]) for m in ("auroc", "auprc", "sens_at_spec", "test_spec_at_spec",
-                                                    "sens_at_0.5", "spec_at_0.5", "ece")]
+        vals = [_fmt(r[m], r[f"{m}_std"]) for m in CELL_METRICS]
         lines.append(f"| {r.ratio} | {r.arm} | " + " | ".join(vals) + f" | {r.degenerate}/{r.seeds} |")
     lines += ["", f"Paired differences (seed mean, patient-bootstrap 95 % CI, seeds won of {len(cfg.seeds)}):", "",
               "| ratio | arm − reference | Δ AUROC [95 % CI] | wins | Δ sens @ spec [95 % CI] | wins |",
