@@ -111,7 +111,7 @@ def test_config_errors_are_named(manifest, tmp_path):
         (merge_dicts(good, {"loss": {"task_weights": {"grade": 1.0}}}), "task_weights"),
         (merge_dicts(good, {"loss": {"task_weights": {"subtype": -1}}}), "task_weights"),
         (merge_dicts(good, {"model": {"task_class_names": {"subtype": ["a", "b"]}}}), "8 distinct names"),
-        (merge_dicts(good, {"model": {"name": "multiview"}}), "num_views 2"),  # multiview's default
+        (merge_dicts(good, {"model": {"name": "multiview"}}), "model.tasks with 2 views"),  # multiview's default
         (merge_dicts(good, {"data": {"target": "subtype"}}), "data.target"),
     ]
     for bad, words in cases:

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 VERB = "manifest"
-HELP = "build (IDC, BreakHis), generate (synthetic), validate or resample a training manifest"
+HELP = ("build (IDC, BreakHis), generate (synthetic), validate or resample a training manifest, or cut "
+        "labelled patches (with context views) from annotated slides")
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -17,8 +18,16 @@ def _fractions(text: str) -> tuple[float, float, float]:
     return parts[0], parts[1], parts[2]
 
 
+def _view(text: str) -> dict[str, float | int]:
+    try:
+        mpp, size = text.split(":")
+        return {"mpp": float(mpp), "size": int(size)}
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"a view is MPP:SIZE, e.g. 16:50 (50 px at 16 µm/px), got {text!r}") from exc
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Sub-commands: idc, breakhis, synthetic, validate, resample."""
+    """Sub-commands: idc, breakhis, synthetic, validate, resample, slide-patches."""
     sub = parser.add_subparsers(dest="kind", metavar="KIND")
     sub.required = True
     for kind, what in (("idc", "an IDC tree PATIENT/{0,1}/*.png"), ("breakhis", "a BreakHis v1 tree")):
@@ -45,6 +54,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--fractions", type=_fractions, default=(0.7, 0.1, 0.2))
     p.add_argument("--format", choices=("png", "zarr", "both"), default="png",
                    help="IDC-layout PNGs, a packed Zarr patch store, or both")
+    p = sub.add_parser("slide-patches", help="cut labelled tiles (and context views) from annotated slides "
+                                             "into a patch store for `wsi-cmaf train`")
+    p.add_argument("slides", type=Path, help="CSV: slide, split (train/val/test)[, mask, mask_mpp]; without a mask "
+                                             "column the ground truth beside a `wsi-cmaf synth` slide is used")
+    p.add_argument("--out", type=Path, required=True, help="patch store (.zarr) to write")
+    p.add_argument("--mpp", type=float, default=4.0, help="tile spacing, µm/px (default 4)")
+    p.add_argument("--tile", type=int, default=50, help="tile size, px (default 50)")
+    p.add_argument("--view", type=_view, action="append", default=[], metavar="MPP:SIZE",
+                   help="a context view stored beside each tile, e.g. 16:50 (repeatable): a multi-view store")
+    p.add_argument("--positive-min", type=float, default=0.5, help="tumour fraction for label 1 (default 0.5)")
+    p.add_argument("--negative-max", type=float, default=0.05, help="tumour fraction for label 0 (default 0.05)")
     p = sub.add_parser("validate", help="check a manifest; lists every problem")
     p.add_argument("manifest", type=Path)
     p.add_argument("--root", type=Path, default=None, help="root of relative paths (default: manifest folder)")
@@ -92,6 +112,18 @@ def run(args: argparse.Namespace) -> int:
         written = write_synthetic_dataset(args.out_dir, config, formats=formats, fractions=args.fractions)
         frame = mf.read_manifest(written["manifest"], check_images="exists" if "png" in formats else "none").frame
         print("\n".join(f"wrote {k}: {v}" for k, v in written.items()) + "\n" + _summary(frame))
+        return 0
+    if args.kind == "slide-patches":
+        from wsi_cmaf.slide import GridConfig
+        from wsi_cmaf.train.data.slide_patches import build_slide_patch_store, read_slide_table
+
+        counts = build_slide_patch_store(read_slide_table(args.slides), args.out,
+                                         GridConfig(mpp=args.mpp, tile_size=args.tile), context=args.view,
+                                         positive_min=args.positive_min, negative_max=args.negative_max)
+        views = "" if not args.view else " with views " + ", ".join(f"{v['size']} px at {v['mpp']:g} µm/px"
+                                                                  for v in args.view)
+        print(f"wrote {args.out}{views}\n" + "\n".join(f"{k}: {v['patches']} patches, {v['tumour']} tumour"
+                                                     for k, v in counts.items()))
         return 0
     if args.kind == "validate":
         m = mf.read_manifest(args.manifest, root=args.root, classes=range(args.num_classes),

@@ -330,9 +330,39 @@ def _mpp_override(reader) -> tuple[float, float] | None:
     return tuple(reader.mpp) if reader.mpp_source == "override" else None
 
 
+def _stride_level0(grid: TileGrid, slide_mpp: tuple[float, float]) -> tuple[float, float]:
+    """(y, x) level-0 px between neighbouring tiles of ``grid`` on a slide of ``slide_mpp`` (x, y)."""
+    if grid.config.source == "level0":
+        # WSInfer's lattice steps by the whole-pixel S on both axes; the grid's effective µm/px is
+        # P * mean(mpp) / tile_size, so dividing it by mpp_x or mpp_y is off on non-square pixels
+        stride = float(grid.level0_pitch[1])
+        return stride, stride
+    um = grid.config.step * grid.config.mpp  # the target grid is resampled to config.mpp on both axes
+    return um / slide_mpp[1], um / slide_mpp[0]
+
+
 def _um_per_tile(grid: TileGrid) -> tuple[float, float]:
-    stride = grid.config.stride or grid.config.tile_size
+    """(y, x) µm between neighbouring tiles: what the store's geometry divides by the slide's µm/px."""
+    stride = grid.config.step
+    if grid.config.source == "level0":
+        # S level-0 px are S * mpp_x by S * mpp_y µm. step * mpp (the effective µm/px) is S * mean, so
+        # scale it by mpp / mean: on square pixels that factor is exactly 1.0 and the layout stays
+        # bit-identical to stores made before, which a resume compares exactly
+        mx, my = (float(v) for v in grid.slide_mpp)
+        mean = (mx + my) / 2
+        um = stride * grid.config.mpp
+        return (um * (my / mean), um * (mx / mean))
     return (stride * grid.config.mpp, stride * grid.config.mpp)
+
+
+def _tile_size_level0_attrs(grid: TileGrid) -> dict[str, Any]:
+    """``{"tile_size_level0": [P, P]}`` for a level-0 grid (its square patch in level-0 px, which
+    sizes the store's tiles, see ``TileGeometry.from_attrs``); empty for pyramid grids, whose grid
+    attributes stay as they were."""
+    if grid.config.source != "level0":
+        return {}
+    patch = int(grid.level0_pitch[0])
+    return {"tile_size_level0": [patch, patch]}
 
 
 def _attrs(reader, resolved: ResolvedModel, grid: TileGrid, cfg: InferenceConfig, mask) -> dict[str, Any]:
@@ -346,8 +376,8 @@ def _attrs(reader, resolved: ResolvedModel, grid: TileGrid, cfg: InferenceConfig
         "grid": {"level": int(grid.level), "shape": list(grid.shape), "tile_size": grid.config.tile_size,
                  "stride": stride, "mpp": grid.config.mpp,
                  "tile_origin_level0": list(grid.tile_location(0, 0)),
-                 "tile_stride_level0": [stride * grid.config.mpp / reader.mpp[1],
-                                        stride * grid.config.mpp / reader.mpp[0]]},
+                 "tile_stride_level0": list(_stride_level0(grid, tuple(reader.mpp))),
+                 **_tile_size_level0_attrs(grid)},
         "tissue": {"mpp": mask.mpp, "fraction": float(mask.fraction())},
         "edge_tiles": edge_tiles_attrs(grid),
         "model": {"name": resolved.name, "weights_sha256": resolved.weights_sha256,

@@ -10,12 +10,23 @@ import numpy as np
 from wsi_cmaf.infer.result import SlideResult
 from wsi_cmaf.output.store import HeatmapStore
 from wsi_cmaf.slide.grid import TileGrid
+from wsi_cmaf.slide.level0 import level0_tile_px
 from wsi_cmaf.slide.tissue import TissueMask
 
 logger = logging.getLogger(__name__)
 
 #: most failed tiles listed one by one in a summary (the count is always exact)
 MAX_LISTED_FAILURES = 10_000
+
+
+def _tile_size_level0(grid: TileGrid) -> tuple[int, int]:
+    """(width, height) in level-0 px of the region one tile of ``grid`` reads."""
+    if grid.config.source == "level0":
+        # WSInfer's square P x P patch; the effective µm/px over mpp_x or mpp_y would give
+        # P * mean / mpp_x by P * mean / mpp_y on a slide whose pixels are not square
+        return level0_tile_px(grid.config.tile_size, grid.config.mpp, grid.slide_mpp)
+    w, h = (int(round(grid.config.tile_size * grid.config.mpp / m)) for m in grid.slide_mpp)
+    return w, h
 
 
 def failure_records(grid: TileGrid, store: HeatmapStore, mask: TissueMask) -> tuple[int, list[dict[str, Any]]]:
@@ -34,7 +45,7 @@ def failure_records(grid: TileGrid, store: HeatmapStore, mask: TissueMask) -> tu
         bad[rows, cols] |= grid.tissue[rows, cols]
     tile_errors = store.tile_errors
     rows, cols = np.nonzero(bad)
-    size = [int(round(grid.config.tile_size * grid.config.mpp / m)) for m in grid.slide_mpp]
+    size = _tile_size_level0(grid)
     for r, c in zip(rows[:MAX_LISTED_FAILURES].tolist(), cols[:MAX_LISTED_FAILURES].tolist()):
         key = (r // k0, c // k1)
         x, y = grid.tile_location(r, c)

@@ -43,10 +43,47 @@ from wsi_cmaf.models.registry import create_model, register_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MultiViewConfig", "MultiViewNet", "GatedViewAttention"]
+__all__ = ["MultiViewConfig", "MultiViewNet", "GatedViewAttention", "ViewBatch"]
 
 _ALL_MISSING = ("error", "zeros")
-ViewsInput = torch.Tensor | Sequence[torch.Tensor]
+
+
+@dataclass
+class ViewBatch:
+    """A batch of tiles with their views and missing-view mask, as one model input.
+
+    The training loop, its batch pipeline and ``predict`` pass this where single-view models get a
+    tensor, so the mask travels with the pixels through micro-batching, SAM's second pass and
+    evaluation. ``views[v]`` is (B, 3, H_v, W_v); ``missing`` is (B, V) bool (True = missing).
+    """
+
+    views: list[torch.Tensor]
+    missing: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.missing.shape[0])
+
+    @property
+    def anchor(self) -> torch.Tensor:
+        """View 0: the tile itself at the model's magnification (never missing)."""
+        return self.views[0]
+
+    def to(self, *args: Any, **kwargs: Any) -> ViewBatch:
+        """``Tensor.to`` on every view; the mask only moves device (it stays bool)."""
+        views = [v.to(*args, **kwargs) for v in self.views]
+        return ViewBatch(views, self.missing.to(device=views[0].device, non_blocking=kwargs.get("non_blocking", False)))
+
+    def tensor_split(self, sections: int) -> list[ViewBatch]:
+        """Split along the batch as ``Tensor.tensor_split`` does (micro-batches)."""
+        parts = [v.tensor_split(sections) for v in self.views]
+        return [ViewBatch([p[i] for p in parts], m) for i, m in enumerate(self.missing.tensor_split(sections))]
+
+    def map_views(self, fn: Any) -> ViewBatch:
+        """A ViewBatch with ``fn(view)`` applied to each view, the mask kept."""
+        return ViewBatch([fn(v) for v in self.views], self.missing)
+
+
+ViewsInput = torch.Tensor | Sequence[torch.Tensor] | ViewBatch
 
 
 @dataclass(frozen=True)
@@ -269,7 +306,14 @@ class MultiViewNet(nn.Module):
 
     def fuse(self, views: ViewsInput, missing: torch.Tensor | None = None,
              aux: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fused embedding (B, D) and attention weights over views (B, V)."""
+        """Fused embedding (B, D) and attention weights over views (B, V).
+
+        A :class:`ViewBatch` carries its own mask; ``missing``, when also given, must be None.
+        """
+        if isinstance(views, ViewBatch):
+            if missing is not None:
+                raise ModelError("a ViewBatch carries its missing mask; do not pass `missing` as well")
+            views, missing = views.views, views.missing
         views = self._as_views(views)
         present = self.view_mask(views[0].shape[0], missing, views[0].device)
         if self.config.all_missing == "error" and not bool(present.any(dim=1).all()):

@@ -33,6 +33,13 @@ class TileGeometry:
         (x, y of tile (0, 0)'s top-left) and ``attrs["grid"]["tile_size"]``/``["mpp"]``
         (tile edge in pixels at the grid's µm/px). Missing keys fall back to an origin at
         (0, 0) and tiles as large as the stride.
+
+        A level-0 grid (WSInfer's lattice, :mod:`wsi_cmaf.slide.level0`) records
+        ``attrs["grid"]["tile_size_level0"]`` (its square ``[P, P]`` patch): its tiles are then
+        square, ``tile_size * mpp / mean(slide mpp)`` level-0 px on both axes (``grid["mpp"]`` is
+        the effective ``P * mean / tile_size``). On square pixels the mean is the slide's µm/px, so
+        this is bit-identical to the per-axis formula used for every other store; stores without
+        the key (pyramid grids, stores made before it) keep that formula.
         """
         uy, ux = (float(v) for v in um_per_tile)
         slide = attrs.get("slide") or {}
@@ -45,7 +52,12 @@ class TileGeometry:
         stride = (ux / mx, uy / my)
         if "tile_size" in grid and "mpp" in grid:
             edge_um = float(grid["tile_size"]) * float(grid["mpp"])
-            tile = (edge_um / mx, edge_um / my)
+            if grid.get("tile_size_level0") is not None:
+                # P * mean µm: P level-0 px along both axes, also where mpp_x != mpp_y
+                edge = edge_um / ((mx + my) / 2)
+                tile = (edge, edge)
+            else:
+                tile = (edge_um / mx, edge_um / my)
         else:
             tile = stride
         return cls((uy, ux), (mx, my), (origin[0], origin[1]), stride, tile)

@@ -154,6 +154,11 @@ class ModelSection:
         return self.name in TASK_MODELS
 
     @property
+    def num_views(self) -> int:
+        """Views per tile the model takes (``multiview`` defaults to 2, every other model to 1)."""
+        return int(self.kwargs.get("num_views", 2 if self.name == "multiview" else 1))
+
+    @property
     def backbone_name(self) -> str:
         """The network that extracts features: the wrapper's backbone, else the model itself."""
         if self.is_task_model:
@@ -193,10 +198,10 @@ class ModelSection:
 
     def validate_tasks(self, task_weights: dict[str, float]) -> None:
         """Raise :class:`ConfigError` when ``tasks`` / ``task_class_names`` / ``task_weights`` cannot apply."""
-        views = self.kwargs.get("num_views", 1 if self.name == "multitask" else 2)
-        if self.is_task_model and views != 1:
-            raise ConfigError(f"the trainer's datasets give one image per sample, but {self.name!r} has num_views "
-                              f"{views}: set model.kwargs.num_views: 1 (or use model.name: multitask)")
+        if self.tasks is not None and self.num_views > 1:
+            raise ConfigError(f"model.tasks with {self.num_views} views: multi-view training reads a patch store, "
+                              "which carries no secondary-task labels; train a multi-view model with one task, "
+                              "or a multi-task model (model.name: multitask) on a manifest")
         if self.tasks is None:
             if self.task_class_names or task_weights:
                 raise ConfigError("model.task_class_names and loss.task_weights need model.tasks "

@@ -6,6 +6,10 @@ the secondary tasks (-1 = this sample has none). ``image`` is float32 (3, H, W) 
 [0, 255] (uint8 converted, not scaled), the convention shared with ``wsi_cmaf.stain`` and the
 inference preprocessor. ``transform`` is any callable on that tensor; batch augmentation
 (``augment.BatchAugment``) is meant to run in the training loop instead.
+
+A multi-view store read with ``views=True`` gives ``image = {"views": [(3, S_v, S_v)] per view,
+"missing": bool (V,)}``; :func:`collate_views` batches those into a
+:class:`~wsi_cmaf.models.multiview.ViewBatch`, the input of a multi-view model.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from wsi_cmaf.errors import DataError
+from wsi_cmaf.models.multiview import ViewBatch
 from wsi_cmaf.train.data.imbalance import ResampleReport, resample_to_ratio
 from wsi_cmaf.train.data.manifest import SPLITS, Manifest, read_manifest, task_label_array
 from wsi_cmaf.train.data.patchstore import PatchStore, load_patch
@@ -77,33 +82,62 @@ class PatchStoreDataset(Dataset):
     """Rows of a packed patch store (optionally one split or an explicit row subset).
 
     Defines ``__getitems__`` so a DataLoader fetches a whole batch with one store read.
+    ``views=True`` returns every view of a multi-view store (see the module docstring);
+    ``transform`` then applies to each view.
     """
 
     def __init__(self, store: PatchStore | str | Path, split: str | None = None, *,
                  rows: np.ndarray | None = None, transform: Transform | None = None,
-                 return_index: bool = False, in_memory: bool = False) -> None:
+                 return_index: bool = False, in_memory: bool = False, views: bool = False) -> None:
         self.store = store if isinstance(store, PatchStore) else PatchStore(store, in_memory=in_memory)
         self.rows = np.asarray(rows, dtype=np.int64) if rows is not None else self.store.indices(split)
         self.labels = self.store.labels[self.rows]
         self.patient_ids = self.store.patient_ids[self.rows]
         self.transform, self.return_index = transform, return_index
+        if views and self.store.views is None:
+            raise DataError(f"{self.store.path} has no context views: a multi-view model needs a store "
+                            "built with them (`wsi-cmaf manifest slide-patches --view MPP:SIZE`)")
+        self.views = bool(views)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _sample(self, img: np.ndarray, i: int):
+    def _tensor(self, img: np.ndarray) -> torch.Tensor:
         t = _to_tensor(img)
-        if self.transform is not None:
-            t = self.transform(t)
+        return self.transform(t) if self.transform is not None else t
+
+    def _sample(self, img: np.ndarray | tuple[list[np.ndarray], np.ndarray], i: int):
+        if self.views:
+            views, missing = img  # type: ignore[misc]
+            x = {"views": [self._tensor(v) for v in views], "missing": torch.from_numpy(np.asarray(missing, bool))}
+        else:
+            x = self._tensor(img)  # type: ignore[arg-type]
         label = int(self.labels[i])
-        return (t, label, i) if self.return_index else (t, label)
+        return (x, label, i) if self.return_index else (x, label)
 
     def __getitem__(self, i: int):
-        return self._sample(self.store.read([self.rows[i]])[0], i)
+        return self.__getitems__([i])[0]
 
     def __getitems__(self, indices: list[int]) -> list:
-        images = self.store.read(self.rows[np.asarray(indices, dtype=np.int64)])
-        return [self._sample(img, i) for img, i in zip(images, indices)]
+        rows = self.rows[np.asarray(indices, dtype=np.int64)]
+        if self.views:
+            views, missing = self.store.read_views(rows)
+            return [self._sample(([v[k] for v in views], missing[k]), i) for k, i in enumerate(indices)]
+        return [self._sample(img, i) for img, i in zip(self.store.read(rows), indices)]
+
+
+def collate_views(samples: list) -> list:
+    """``default_collate`` whose first element, a dict of views and mask, becomes a ViewBatch."""
+    batch = default_collate(samples)
+    first = batch[0]
+    return [ViewBatch(list(first["views"]), first["missing"]), *batch[1:]]
+
+
+def anchor_image(x: torch.Tensor | dict | ViewBatch) -> torch.Tensor:
+    """The tile itself: ``x`` for a single-view sample or batch, view 0 of a multi-view one."""
+    if isinstance(x, ViewBatch):
+        return x.anchor
+    return x["views"][0] if isinstance(x, dict) else x
 
 
 class ChunkShuffleSampler(Sampler[int]):
@@ -164,6 +198,7 @@ def build_dataloaders(
     check_images: str = "exists",
     num_classes: int = 2,
     tasks: Mapping[str, Sequence[str]] | None = None,
+    views: int | None = None,
 ) -> DataBundle:
     """Train/val/test DataLoaders from a manifest CSV or a patch store directory.
 
@@ -172,8 +207,20 @@ def build_dataloaders(
     seeded (store: :class:`ChunkShuffleSampler`; manifest: a seeded generator).
     ``tasks``: ``{secondary task: class names}``; each reads the manifest column of its name
     (:func:`~wsi_cmaf.train.data.manifest.task_label_array`) and samples gain ``{task: label}``.
+    ``views``: the number of views a multi-view model takes; the source must then be a patch store
+    with exactly that many, and batches carry a :class:`~wsi_cmaf.models.multiview.ViewBatch`
+    (``info["views"]`` records the store's view specs).
     """
     source = Path(source)
+    if views is not None and views > 1:
+        if not _is_store(source):
+            raise DataError(f"{source}: a {views}-view model trains on a patch store with context views; build one "
+                            "from annotated slides with `wsi-cmaf manifest slide-patches --view MPP:SIZE`")
+        if tasks:
+            raise DataError("multi-view training reads a patch store, which carries no secondary-task labels; "
+                            "train multi-view and multi-task models separately")
+    else:
+        views = None
     classes = tuple(range(num_classes))
     if tasks and _is_store(source):
         raise DataError(f"{source}: a patch store carries no labels for the task(s) {sorted(tasks)}; "
@@ -185,8 +232,12 @@ def build_dataloaders(
         bad = sorted(set(np.unique(store.labels).tolist()) - set(classes))
         if bad:
             raise DataError(f"{source}: labels {bad} are outside the class set {list(classes)}")
+        if views is not None and len(store.views or ()) != views:
+            raise DataError(f"{source}: the model takes {views} views but the store has "
+                            f"{len(store.views) if store.views else 'no context'} views ({store.views}); rebuild "
+                            "the store with the model's views or change model.kwargs.num_views")
         make = lambda rows, tf: PatchStoreDataset(store, rows=rows, transform=tf,  # noqa: E731
-                                                  return_index=return_index)
+                                                  return_index=return_index, views=views is not None)
     else:
         manifest = read_manifest(source, classes=classes, check_images=check_images)
         frame = manifest.frame.assign(row=np.arange(len(manifest)))
@@ -210,7 +261,8 @@ def build_dataloaders(
             raise DataError(f"{source}: split {split!r} is empty")
         ds = make(rows, train_transform if split == "train" else eval_transform)
         datasets[split] = ds
-        kwargs = {"num_workers": num_workers, "persistent_workers": num_workers > 0}
+        kwargs = {"num_workers": num_workers, "persistent_workers": num_workers > 0,
+                  "collate_fn": collate_views if views is not None else None}
         if split == "train":
             if isinstance(ds, PatchStoreDataset):
                 sampler = ChunkShuffleSampler(ds.rows, ds.store.chunk_patches, seed=seed)
@@ -228,4 +280,7 @@ def build_dataloaders(
         if labelled == 0:
             logger.warning("task %r: no training sample carries a label; its head will not learn", task)
         logger.info("task %r: %d of %d training samples labelled", task, labelled, len(values))
-    return DataBundle(loaders, datasets, counts, report, {"source": str(source)})
+    info: dict = {"source": str(source)}
+    if views is not None:
+        info["views"] = store.views
+    return DataBundle(loaders, datasets, counts, report, info)

@@ -7,6 +7,14 @@ Layout (group attributes ``format = "wsi-cmaf-patchstore"``, ``version = 1``)::
     patient      int32 (N,)   index into attrs["patients"]
     split        int8  (N,)   index into attrs["splits"] (train, val, test); -1 = none
 
+A multi-view store (patches cut from slides with context views, :mod:`.slide_patches`) adds::
+
+    views/<v>    uint8 (N, S_v, S_v, 3) for v = 1..V-1, chunked as ``images``
+    view_missing bool  (N, V)  True where view v of a patch ran off the slide (pixels = fill)
+
+with ``attrs["views"] = [{"mpp", "size"}, ...]``, view 0 being ``images`` (the tile itself).
+Single-view readers ignore the extra arrays, so such a store also trains single-view models.
+
 Reading a random batch costs one decompression per touched chunk, so training samplers
 should draw batches from a few chunks at a time (see ``datasets.ChunkShuffleSampler``);
 ``PatchStore(in_memory=True)`` loads everything once when it fits in RAM.
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,15 +51,22 @@ def write_patch_store(
     chunk_patches: int = DEFAULT_CHUNK,
     attrs: dict | None = None,
     overwrite: bool = True,
+    views: Sequence[dict] | None = None,
+    view_images: Sequence[np.ndarray] | None = None,
+    view_missing: np.ndarray | None = None,
 ) -> Path:
-    """Write in-memory patches (N, H, W, 3) uint8 with their labels, patients and splits."""
+    """Write in-memory patches (N, H, W, 3) uint8 with their labels, patients and splits.
+
+    ``views`` ({"mpp", "size"} per view, view 0 = ``images``) with ``view_images`` (one
+    (N, S_v, S_v, 3) array per view 1..V-1) and ``view_missing`` (N, V) make a multi-view store.
+    """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise DataError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
     n = len(images)
     writer = PatchStoreWriter(path, n, images.shape[1:3], chunk_patches=chunk_patches,
-                              attrs=attrs, overwrite=overwrite)
-    writer.write(0, images, labels, patient_ids, splits)
+                              attrs=attrs, overwrite=overwrite, views=views)
+    writer.write(0, images, labels, patient_ids, splits, view_images=view_images, view_missing=view_missing)
     return writer.close()
 
 
@@ -58,7 +74,8 @@ class PatchStoreWriter:
     """Incremental writer: create once with N and patch size, then ``write`` slices in order."""
 
     def __init__(self, path: str | Path, n: int, patch_hw: tuple[int, int], *,
-                 chunk_patches: int = DEFAULT_CHUNK, attrs: dict | None = None, overwrite: bool = True) -> None:
+                 chunk_patches: int = DEFAULT_CHUNK, attrs: dict | None = None, overwrite: bool = True,
+                 views: Sequence[dict] | None = None) -> None:
         import zarr
         from zarr.codecs import ZstdCodec
 
@@ -77,19 +94,47 @@ class PatchStoreWriter:
         self.labels = self.group.create_array("labels", shape=(self.n,), dtype="int64", chunks=small)
         self.patient = self.group.create_array("patient", shape=(self.n,), dtype="int32", chunks=small)
         self.split = self.group.create_array("split", shape=(self.n,), dtype="int8", chunks=small, fill_value=-1)
+        self.views = _check_store_views(views, (h, w)) if views is not None else None
+        self.view_arrays = []
+        if self.views is not None:
+            for v, spec in enumerate(self.views[1:], start=1):
+                s = spec["size"]
+                self.view_arrays.append(self.group.create_array(
+                    f"views/{v}", shape=(self.n, s, s, 3), dtype="uint8", chunks=(chunk, s, s, 3),
+                    compressors=ZstdCodec(level=3)))
+            self.view_missing = self.group.create_array("view_missing", shape=(self.n, len(self.views)),
+                                                        dtype="bool", chunks=(small[0], len(self.views)))
         self._patients: dict[str, int] = {}
         self._written = 0
         self._attrs = dict(attrs or {})
 
     def write(self, start: int, images: np.ndarray, labels: np.ndarray, patient_ids: np.ndarray,
-              splits: np.ndarray | None = None) -> None:
-        """Write rows ``start:start+len(images)`` (chunk-aligned starts write fastest)."""
+              splits: np.ndarray | None = None, *, view_images: Sequence[np.ndarray] | None = None,
+              view_missing: np.ndarray | None = None) -> None:
+        """Write rows ``start:start+len(images)`` (chunk-aligned starts write fastest).
+
+        A multi-view store also needs ``view_images`` (views 1..V-1) and ``view_missing`` (k, V).
+        """
         k = len(images)
         if not (len(labels) == len(patient_ids) == k) or (splits is not None and len(splits) != k):
             raise DataError("images, labels, patient_ids and splits must have the same length")
         stop = start + k
         if stop > self.n:
             raise DataError(f"rows {start}:{stop} exceed the store size {self.n}")
+        if (self.views is None) != (view_images is None and view_missing is None):
+            raise DataError("view_images and view_missing go with a store created with views, and only there")
+        if self.views is not None:
+            extra = list(view_images or [])
+            missing = np.asarray(view_missing, dtype=bool)
+            if len(extra) != len(self.views) - 1 or missing.shape != (k, len(self.views)):
+                raise DataError(f"a {len(self.views)}-view store needs {len(self.views) - 1} view_images arrays "
+                                f"and view_missing of shape {(k, len(self.views))}; got {len(extra)} arrays and "
+                                f"{missing.shape}")
+            for arr, dst in zip(extra, self.view_arrays):
+                if tuple(np.shape(arr)) != (k, *dst.shape[1:]):
+                    raise DataError(f"view array {dst.name}: expected {(k, *dst.shape[1:])}, got {np.shape(arr)}")
+                dst[start:stop] = arr
+            self.view_missing[start:stop] = missing
         codes = np.array([self._patients.setdefault(str(p), len(self._patients)) for p in patient_ids], np.int32)
         self.images[start:stop] = images
         self.labels[start:stop] = np.asarray(labels, dtype=np.int64)
@@ -106,8 +151,28 @@ class PatchStoreWriter:
         patients = sorted(self._patients, key=self._patients.__getitem__)
         self.group.attrs.update({"format": FORMAT, "version": VERSION, "n": self.n,
                                  "patch_shape": list(self.images.shape[1:3]), "patients": patients,
-                                 "splits": list(SPLIT_NAMES), **self._attrs})
+                                 "splits": list(SPLIT_NAMES), **self._attrs,
+                                 **({"views": self.views} if self.views is not None else {})})
         return self.path
+
+
+def _check_store_views(views: Sequence[dict], patch_hw: tuple[int, int]) -> list[dict]:
+    """``views`` as [{"mpp": float, "size": int}] with view 0 the store's own patches."""
+    out = []
+    for i, v in enumerate(views):
+        try:
+            mpp, size = float(v["mpp"]), int(v["size"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"views[{i}] must be {{mpp, size}}, got {v!r}") from exc
+        if not (mpp > 0 and size > 0):
+            raise DataError(f"views[{i}] needs mpp > 0 and size > 0, got {v!r}")
+        out.append({"mpp": mpp, "size": size})
+    if len(out) < 2:
+        raise DataError(f"a multi-view store needs at least 2 views, got {len(out)}")
+    if (out[0]["size"], out[0]["size"]) != tuple(patch_hw):
+        raise DataError(f"view 0 is the store's own patches ({patch_hw[0]}x{patch_hw[1]} px), "
+                        f"but views[0] has size {out[0]['size']}")
+    return out
 
 
 def load_patch(path: str | Path, size: int = 50, pad_value: int = 255) -> np.ndarray:
@@ -175,6 +240,19 @@ class PatchStore:
         self.patients: list[str] = list(attrs["patients"])
         self.chunk_patches = int(self._images.chunks[0])
         self._memory = self._images[:] if in_memory else None
+        #: [{"mpp", "size"}] per view of a multi-view store (view 0 = the patches), else None
+        self.views: list[dict] | None = attrs.get("views")
+        self._view_arrays = []
+        self._view_missing: np.ndarray | None = None
+        if self.views is not None:
+            try:
+                self._view_arrays = [self.group[f"views/{v}"] for v in range(1, len(self.views))]
+                self._view_missing = self.group["view_missing"][:]
+            except KeyError as exc:
+                raise DataError(f"{self.path}: attrs declare {len(self.views)} views but an array is "
+                                f"missing ({exc}); rebuild the store") from exc
+            if in_memory:
+                self._view_arrays = [a[:] for a in self._view_arrays]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -209,3 +287,21 @@ class PatchStore:
             return np.empty((0, *self.patch_shape, 3), np.uint8)
         data = self._images.get_orthogonal_selection((uniq,))
         return data[inverse]
+
+    def read_views(self, indices: np.ndarray | list[int]) -> tuple[list[np.ndarray], np.ndarray]:
+        """Every view of the patches at ``indices``: ``([(k, S_v, S_v, 3)] per view, missing (k, V))``."""
+        if self.views is None:
+            raise DataError(f"{self.path} has no context views; build it with views "
+                            "(wsi_cmaf.train.data.slide_patches, or `wsi-cmaf manifest slide-patches --view`)")
+        idx = np.asarray(indices, dtype=np.int64)
+        out = [self.read(idx)]
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        for arr in self._view_arrays:
+            if isinstance(arr, np.ndarray):
+                out.append(arr[idx])
+            else:
+                s = arr.shape[1]
+                out.append(arr.get_orthogonal_selection((uniq,))[inverse] if uniq.size
+                           else np.empty((0, s, s, 3), np.uint8))
+        assert self._view_missing is not None
+        return out, self._view_missing[idx]

@@ -23,7 +23,8 @@ from wsi_cmaf.errors import ConfigError, DataError
 from wsi_cmaf.infer.runner import TilePreprocessor
 from wsi_cmaf.train.data.augment import AugmentConfig, BatchAugment, PatientStainNormalizer
 from wsi_cmaf.train.config import DataConfig, ModelSection
-from wsi_cmaf.train.data.datasets import DataBundle, build_dataloaders
+from wsi_cmaf.models.multiview import ViewBatch
+from wsi_cmaf.train.data.datasets import DataBundle, anchor_image, build_dataloaders
 from wsi_cmaf.train.data.manifest import BREAKHIS_SUBTYPE_ORDER, read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def build_data(data: DataConfig, model: ModelSection, output_dir: Path, seed: in
         num_workers=data.num_workers, seed=seed, imbalance_ratio=data.imbalance_ratio,
         in_memory=data.in_memory, return_index=True, check_images=data.check_images,
         num_classes=model.num_classes, tasks=model.extra_tasks() or None,
+        views=model.num_views if model.num_views > 1 else None,
     )
 
 
@@ -118,7 +120,7 @@ def fit_patient_stain(bundle: DataBundle, per_patient: int, seed: int) -> Patien
             if len(rows) > per_patient:
                 rows = np.sort(rng.choice(rows, per_patient, replace=False))
             for i in rows:
-                images.append(_uint8_hwc(ds[int(i)][0]))
+                images.append(_uint8_hwc(anchor_image(ds[int(i)][0])))  # the tile, not its context
                 pids.append(pid)
     normalizer = PatientStainNormalizer(seed=seed).fit(np.stack(images), np.asarray(pids))
     if normalizer.failed:
@@ -136,8 +138,26 @@ class BatchPipeline(nn.Module):
         self.augment = augment
         self.resize_norm = TilePreprocessor(model.input_size, tuple(model.mean), tuple(model.std), "bicubic")
 
-    def forward(self, x: torch.Tensor, patient_ids: list[str] | np.ndarray, train: bool) -> torch.Tensor:
-        """Stain-normalise, augment when ``train``, resize and normalise."""
+    def forward(self, x: torch.Tensor | ViewBatch, patient_ids: list[str] | np.ndarray,
+                train: bool) -> torch.Tensor | ViewBatch:
+        """Stain-normalise, augment when ``train``, resize and normalise.
+
+        A :class:`ViewBatch` goes through view by view with the same random draws for every view
+        (the generator is rewound), so a tile and its context get the same flips, turns, colour
+        and stain changes, as one piece of glass would; every view uses its patient's stain fit.
+        """
+        if isinstance(x, ViewBatch):
+            gen = self.augment.generator if self.augment is not None else None
+            state = gen.get_state() if gen is not None else None
+            out = []
+            for view in x.views:
+                if gen is not None:
+                    gen.set_state(state)
+                out.append(self._one(view, patient_ids, train))
+            return ViewBatch(out, x.missing)
+        return self._one(x, patient_ids, train)
+
+    def _one(self, x: torch.Tensor, patient_ids: list[str] | np.ndarray, train: bool) -> torch.Tensor:
         if self.stain is not None:
             x = self.stain(x, list(patient_ids))
         if train and self.augment is not None:

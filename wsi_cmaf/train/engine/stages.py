@@ -34,7 +34,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from wsi_cmaf.errors import ConfigError
 from wsi_cmaf.models.heads import TaskHeads
-from wsi_cmaf.models.multiview import MultiViewNet
+from wsi_cmaf.models.multiview import MultiViewNet, ViewBatch
 from wsi_cmaf.train.config import OptimConfig, StageConfig
 from wsi_cmaf.train.engine.sam import SAM
 from wsi_cmaf.train.engine.schedules import build_scheduler
@@ -74,8 +74,14 @@ class BranchHeads(nn.Module):
             raise ConfigError("stage 'branches' needs a model with spatial and/or contextual branches")
         self.heads = nn.ModuleDict({n: nn.Linear(d, num_classes) for n, d in dims.items()})
 
-    def forward(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Logits of each branch's head: ``{"spatial": (B, C), "contextual": (B, C)}``."""
+    def forward(self, model: nn.Module, x: torch.Tensor | ViewBatch) -> dict[str, torch.Tensor]:
+        """Logits of each branch's head: ``{"spatial": (B, C), "contextual": (B, C)}``.
+
+        A multi-view batch gives its anchor view (the tile itself): stage 1 pre-trains the
+        backbone's branches on the tile, whose label it is; the context views join in stage 2.
+        """
+        if isinstance(x, ViewBatch):
+            x = x.anchor
         model = core_model(model)
         return {n: head(getattr(model, n)(x).mean(dim=(2, 3))) for n, head in self.heads.items()}
 

@@ -106,11 +106,32 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- building blocks
-def build_model(config: TrainConfig) -> nn.Module:
+def check_training_views(m: Any, views: list[dict]) -> list[dict]:
+    """The store's views, checked against the model section (view 0 = the model's own tile)."""
+    given = m.kwargs.get("views")
+    norm = [{"mpp": float(v["mpp"]), "size": int(v["size"])} for v in views]
+    if given is not None and [{"mpp": float(v["mpp"]), "size": int(v["size"])} for v in given] != norm:
+        raise ConfigError(f"model.kwargs.views {given} differ from the training store's views {norm}; "
+                          "drop model.kwargs.views (the store's are recorded) or rebuild the store")
+    tile = norm[0]
+    if abs(tile["mpp"] - float(m.spacing_um_px)) > 1e-6 * tile["mpp"] or tile["size"] != int(m.patch_size_pixels):
+        raise ConfigError(f"the store's view 0 is {tile['size']} px at {tile['mpp']} µm/px but the model is "
+                          f"configured for {m.patch_size_pixels} px at {m.spacing_um_px} µm/px "
+                          "(model.patch_size_pixels / model.spacing_um_px); make them agree")
+    return norm
+
+
+def build_model(config: TrainConfig, views: list[dict] | None = None) -> nn.Module:
     """The configured network: CMAF-Net (with ablation row and overrides) or ``timm:<name>``, or a
-    multi-task wrapper around one of them (``model.tasks``; the geometry and ablation go to its backbone)."""
+    multi-task wrapper around one of them (``model.tasks``; the geometry and ablation go to its backbone).
+
+    ``views``: the training store's view specs; a multi-view model records them (what inference
+    cuts around each tile), and views declared in ``model.kwargs.views`` must equal them.
+    """
     m = config.model
     kwargs = dict(m.kwargs)
+    if views is not None and m.num_views > 1:
+        kwargs["views"] = check_training_views(m, views)
     if m.is_task_model:
         backbone_kwargs = dict(kwargs.get("backbone_kwargs") or {})
         if m.is_cmaf:
@@ -257,7 +278,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
     bundle = build_data(config.data, config.model, out, config.seed)
     pipeline = build_pipeline(config.data, config.model, bundle, config.seed, device)
     seed_everything(config.seed)  # model initialisation independent of how much data setup drew
-    model = build_model(config).to(device)
+    model = build_model(config, bundle.info.get("views")).to(device)
     heads = BranchHeads(model, config.model.num_classes).to(device) \
         if any(s.trainable == "branches" for s in config.stages or []) else None
     if config.grad_checkpointing and not enable_grad_checkpointing(model):
