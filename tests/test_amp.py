@@ -194,7 +194,7 @@ def test_train_fp16_on_cpu_survives_calibration(tmp_path, monkeypatch) -> None:
     (GradScaler's own 2^16 already overflows the first epoch of this tiny run; 2^40 makes sure.
     fp16 backward passes are slow on CPU, hence one short epoch without SAM.)
     """
-    monkeypatch.setattr(trainer_loop, "FP16_INIT_SCALE", 2.0**40)
+    monkeypatch.setattr("wsi_cmaf.train.engine.amp.FP16_INIT_SCALE", 2.0**40)  # Amp's home since the split
     cfg = tiny_config(tmp_path / "run", tmp_path / "syn", amp="fp16", stages={"epochs": [1, 0, 0]},
                       optim={"sam": False})
     result = train(TrainConfig.from_dict(cfg))

@@ -221,3 +221,48 @@ def test_two_slides_in_flight_per_gpu_worker_give_identical_heatmaps(archive, tm
     row = next(r for r in res.rows if r["slide"] == str(paths[2]))
     np.testing.assert_array_equal(np.asarray(zarr.open_group(str(single.store), mode="r")["0"]),
                                   np.asarray(zarr.open_group(row["output"], mode="r")["0"]))
+
+
+def test_cli_rerun_of_finished_batch_imports_neither_torch_nor_dask(archive, client, tmp_path):
+    """`wsi-cmaf batch` answers a finished archive from status.csv alone (issue 12's rerun floor):
+    no torch, model code, zarr or dask.distributed is imported, and the table is printed as before."""
+    import json
+    import subprocess
+    import sys
+
+    from wsi_cmaf.models import ModelConfig, create_model, save_model
+
+    root, paths, bad, rows = archive
+    cfg = ModelConfig(architecture="timm:test_resnet", num_classes=2, class_names=["benign", "malignant"],
+                      input_size=32, stain_normalization=None, weights_note="test model (random weights)")
+    model_dir = save_model(create_model("timm:test_resnet", num_classes=2), cfg, tmp_path / "model")
+    out = tmp_path / "out"
+    first = analyze_slides(paths[:2], out, model=model_dir, client=client, config=CFG, progress=False)
+    assert first.counts == {"done": 2}
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(  # extend, never replace
+        p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p)}
+    probe = ("import sys, json, contextlib, io\nfrom wsi_cmaf.cli import main\n"
+             "buf = io.StringIO()\n"
+             "with contextlib.redirect_stdout(buf):\n"
+             f"    rc = main(['batch', {str(paths[0])!r}, {str(paths[1])!r}, '--out', {str(out)!r}, "
+             f"'--model', {str(model_dir)!r}, '--no-progress'])\n"
+             "heavy = sorted(m for m in ('torch', 'timm', 'dask', 'distributed', 'zarr') if m in sys.modules)\n"
+             "print(json.dumps({'rc': rc, 'heavy': heavy, 'out': buf.getvalue()}))")
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["rc"] == 0 and report["heavy"] == []
+    assert "2 slides (done: 2); 2 skipped as already done" in report["out"]
+    # teeth: with one slide's output gone the same command needs the engine (and redoes that slide)
+    import shutil
+
+    table = StatusTable(out / "status.csv")
+    lost = table.rows[next(iter(table.rows))]
+    shutil.rmtree(lost["output"])
+    proc = subprocess.run([sys.executable, "-c", probe.replace("'--no-progress'", "'--no-progress', '--workers', '1'")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["rc"] == 0 and "torch" in report["heavy"] and "distributed" in report["heavy"], report["out"]
+    assert "1 skipped as already done" in report["out"]

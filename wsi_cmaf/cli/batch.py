@@ -42,6 +42,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the batch and print the final summary table."""
+    import time
+
+    from wsi_cmaf.cluster.plan import plan_batch
+    from wsi_cmaf.model_files import weights_file_sha256
+
+    inputs = args.inputs if len(args.inputs) > 1 else args.inputs[0]
+    # A rerun over a finished archive is answered from status.csv before torch, the model code or
+    # dask are imported (seconds of imports against milliseconds of work).
+    t0 = time.perf_counter()
+    sha = weights_file_sha256(args.model)
+    if sha is not None:
+        plan = plan_batch(inputs, args.out, sha)
+        if not plan.todo:
+            return _report(plan.result(t0))
+
     from wsi_cmaf.cluster import analyze_slides
     from wsi_cmaf.infer import InferenceConfig
 
@@ -53,12 +68,17 @@ def run(args: argparse.Namespace) -> int:
                           autocast=args.precision, compile=args.compile, overlay=args.overlay, geojson=args.geojson,
                           embeddings=args.embeddings)
     result = analyze_slides(
-        args.inputs if len(args.inputs) > 1 else args.inputs[0], args.out, model=args.model,
+        inputs, args.out, model=args.model,
         scheduler=args.scheduler, cluster=args.cluster, workers=args.workers,
         gpus_per_worker=args.gpus_per_worker, slides_per_gpu=args.slides_per_gpu,
         cluster_kwargs=json.loads(args.cluster_options) if args.cluster_options else None,
         config=cfg, retries=args.retries, progress=not args.no_progress,
     )
+    return _report(result)
+
+
+def _report(result) -> int:
+    """Print the per-slide table and the summary line; exit status 1 when a slide failed."""
     if result.dashboard:
         print(f"dashboard: {result.dashboard}")
     print(f"{'slide':<40} {'status':<8} {'tiles':>7} {'sec':>7}  error")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from wsi_cmaf._lazy import lazy_exports
 
 _EXPORTS = {
-    "BatchResult": "wsi_cmaf.cluster.batch",
+    "BatchResult": "wsi_cmaf.cluster.plan",
     "analyze_slides": "wsi_cmaf.cluster.batch",
     "connect": "wsi_cmaf.cluster.engine",
     "make_jobqueue_cluster": "wsi_cmaf.cluster.engine",

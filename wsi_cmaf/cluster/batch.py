@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,8 @@ from distributed import Client, as_completed
 from tqdm.auto import tqdm
 
 from wsi_cmaf.cluster.engine import connect
-from wsi_cmaf.cluster.inputs import SlideJob, collect_slides
-from wsi_cmaf.cluster.status import StatusTable
+from wsi_cmaf.cluster.inputs import SlideJob
+from wsi_cmaf.cluster.plan import BatchResult, plan_batch
 from wsi_cmaf.errors import WsiCmafError
 from wsi_cmaf.infer.config import InferenceConfig
 from wsi_cmaf.infer.modelspec import ResolvedModel, quick_weights_sha256, resolve_model
@@ -27,18 +26,7 @@ from wsi_cmaf.slide.reader import file_fingerprint
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class BatchResult:
-    """What a batch run did: the status table and per-status counts."""
-
-    status_path: Path
-    rows: list[dict[str, Any]]
-    counts: dict[str, int]
-    skipped: int
-    seconds: float
-    dashboard: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+__all__ = ["BatchResult", "analyze_slides", "slide_task"]
 
 
 def slide_task(job: SlideJob, out_dir: str, model: ResolvedModel, cfg: InferenceConfig) -> dict[str, Any]:
@@ -58,17 +46,6 @@ def slide_task(job: SlideJob, out_dir: str, model: ResolvedModel, cfg: Inference
                tissue_tiles=result.tiles_tissue, seconds=round(time.perf_counter() - t0, 3),
                output=str(result.store))
     return row
-
-
-def _already_done(row: dict[str, Any] | None, job: SlideJob, model_hash: str) -> bool:
-    if not row or row.get("status") != "done" or row.get("model_hash") != model_hash:
-        return False
-    if not row.get("output") or not Path(row["output"]).exists():
-        return False
-    try:
-        return row.get("fingerprint") == file_fingerprint(job.path)
-    except WsiCmafError:
-        return False
 
 
 def analyze_slides(
@@ -98,9 +75,7 @@ def analyze_slides(
     slides at once per GPU; a local cluster then gets one worker process per visible GPU.
     """
     t0 = time.perf_counter()
-    jobs = collect_slides(slides)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     # The status table alone decides what is left: hashing the weights file is enough for that.
     weights_sha = quick_weights_sha256(model)
     resolved = None
@@ -108,14 +83,10 @@ def analyze_slides(
         resolved = resolve_model(model, model_config)
         weights_sha = resolved.weights_sha256
     cfg = config or InferenceConfig(progress=False, reader_threads=1)
-    table = StatusTable(out / "status.csv")
-    todo = [j for j in jobs if not _already_done(table.get(j.key), j, weights_sha)]
-    skipped = len(jobs) - len(todo)
-    if skipped:
-        logger.info("%d of %d slides already done; skipping them", skipped, len(jobs))
+    plan = plan_batch(slides, out, weights_sha)
+    table, todo = plan.table, plan.todo
     if not todo:
-        rows = [table.get(j.key) for j in jobs]
-        return BatchResult(table.path, rows, table.counts(), skipped, time.perf_counter() - t0, None)
+        return plan.result(t0)
     if resolved is None:
         resolved = resolve_model(model, model_config)  # validate once, before any slide work
     gpu = bool(gpus_per_worker) or cluster == "local-cuda"
@@ -147,5 +118,4 @@ def analyze_slides(
                 bar.set_postfix(tiles=tiles, failed=table.counts().get("failed", 0))
                 bar.update(1)
             bar.close()
-    rows = [table.get(j.key) for j in jobs]
-    return BatchResult(table.path, rows, table.counts(), skipped, time.perf_counter() - t0, dashboard)
+    return plan.result(t0, dashboard)

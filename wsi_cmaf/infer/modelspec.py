@@ -22,13 +22,19 @@ from torch import nn
 
 from wsi_cmaf.errors import ModelConfigError, ModelError
 from wsi_cmaf.models import ModelConfig, create_model, load_model
-from wsi_cmaf.models.io import CONFIG_NAME, WEIGHTS_NAME
-from wsi_cmaf.models.wsinfer import WSINFER_WEIGHTS_NAME, is_wsinfer_folder
+from wsi_cmaf.model_files import (
+    CONFIG_NAME,
+    DEFAULT_MODEL_DIR,
+    TORCHSCRIPT_SUFFIXES,
+    WEIGHTS_NAME,
+    WSINFER_WEIGHTS_NAME,
+    is_wsinfer_folder,
+    weights_file_sha256,
+)
+from wsi_cmaf.model_files import sha256_file as _sha256_file
 
 logger = logging.getLogger(__name__)
 
-TORCHSCRIPT_SUFFIXES = {".pt", ".ts", ".torchscript", ".jit"}
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "weights" / "default"
 
 
 @dataclass
@@ -50,14 +56,6 @@ class ResolvedModel:
     def note(self) -> str:
         """Provenance of the weights, for summaries and store attributes."""
         return self.config.weights_note
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def state_dict_sha256(module: nn.Module) -> str:
@@ -244,19 +242,7 @@ def quick_weights_sha256(model: Any) -> str | None:
         return model.weights_sha256
     if isinstance(model, nn.Module):
         return state_dict_sha256(model)
-    if model is None:
-        if (DEFAULT_MODEL_DIR / "config.json").is_file():
-            return quick_weights_sha256(DEFAULT_MODEL_DIR)
-        return None
-    path = Path(model)
-    if not path.exists():
-        return None
-    if path.suffix in TORCHSCRIPT_SUFFIXES or path.is_file():
-        return _sha256_file(path) if path.is_file() else None
-    weights = path / WEIGHTS_NAME
-    if not weights.is_file() and is_wsinfer_folder(path):
-        weights = path / WSINFER_WEIGHTS_NAME
-    return _sha256_file(weights) if weights.is_file() else None
+    return weights_file_sha256(model) if model is None or isinstance(model, (str, Path)) else None
 
 
 def _with_arch(cfg: ModelConfig, arch: str) -> ModelConfig:

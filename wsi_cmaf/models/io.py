@@ -11,13 +11,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from wsi_cmaf.errors import ModelConfigError, ModelError
+from wsi_cmaf.model_files import CONFIG_NAME, WEIGHTS_NAME
 from wsi_cmaf.models.config import ModelConfig
 from wsi_cmaf.models.registry import create_model
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 
 def _model_num_classes(model: nn.Module) -> int | None:

@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from wsi_cmaf.errors import ModelConfigError
+from wsi_cmaf.model_files import WSINFER_WEIGHTS_NAME, is_wsinfer_folder
 from wsi_cmaf.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
 WSINFER_SPEC_VERSIONS = ("1.0",)
-WSINFER_WEIGHTS_NAME = "torchscript_model.pt"
 SUPPORTED_TRANSFORMS = ("Resize", "ToTensor", "Normalize")
 _REQUIRED = {"spec_version": str, "architecture": str, "num_classes": int, "class_names": list,
              "patch_size_pixels": int, "spacing_um_px": (int, float), "transform": list}
@@ -152,12 +152,6 @@ def translate_wsinfer_config(data: dict[str, Any], source: str | Path | None = N
         )
     except ModelConfigError as exc:
         raise WSInferConfigError(f"{where}: {exc}") from exc
-
-
-def is_wsinfer_folder(path: str | Path) -> bool:
-    """A folder with ``config.json`` + ``torchscript_model.pt`` (WSInfer's model-zoo layout)."""
-    p = Path(path)
-    return p.is_dir() and (p / WSINFER_WEIGHTS_NAME).is_file() and (p / "config.json").is_file()
 
 
 __all__ = ["translate_wsinfer_config", "is_wsinfer_config", "is_wsinfer_folder", "WSInferConfigError",

@@ -2,10 +2,12 @@
 
 * :mod:`wsi_cmaf.train.data` — manifests, datasets, patch stores, synthetic patches, augmentation,
   class-ratio resampling, patches cut from annotated slides;
-* :mod:`wsi_cmaf.train.engine` — the trainer: loop, stages, schedules, SAM, checkpoints, logging;
+* :mod:`wsi_cmaf.train.engine` — the trainer: loop, stages, schedules, SAM, mixed precision, checkpoints,
+  logging;
 * :mod:`wsi_cmaf.train.evaluate` — prediction and metrics;
 * :mod:`wsi_cmaf.train.paper` — the paper's protocols (tables, figures, sweeps);
-* :mod:`wsi_cmaf.train.config` — the training configuration all of them share.
+* :mod:`wsi_cmaf.train.config` — the training configuration all of them share (its ``model`` section
+  in :mod:`wsi_cmaf.train.model_section`).
 
 The modules used to sit side by side in this folder (``wsi_cmaf.train.trainer``,
 ``wsi_cmaf.train.manifest`` …). Those names stay importable: an import hook resolves each one to
