@@ -13,15 +13,17 @@ from typing import Any
 from distributed import Client
 from tqdm.auto import tqdm
 
-from wsi_cmaf import __version__
 from wsi_cmaf.errors import NoDecodableTissueError, WsiCmafError
+from wsi_cmaf.infer.attrs import _attrs, _um_per_tile
+# re-exported: tests check the level-0 spacing through this module
+from wsi_cmaf.infer.attrs import _stride_level0, _tile_size_level0_attrs, edge_tiles_attrs  # noqa: F401
 from wsi_cmaf.infer.checks import check_device, check_inputs
 from wsi_cmaf.infer.callargs import UNSET, merge_run_config
 from wsi_cmaf.infer.config import InferenceConfig
 from wsi_cmaf.infer.inputs import RunInputs, load_inputs, restore_stain, run_identity, save_inputs, save_stain
-from wsi_cmaf.infer.modelspec import ResolvedModel, config_identity, resolve_model
+from wsi_cmaf.infer.modelspec import ResolvedModel, resolve_model
 from wsi_cmaf.infer.multitask import segments, task_outputs
-from wsi_cmaf.infer.multiview import ViewsPreprocessor, read_block_views_task, views_attrs
+from wsi_cmaf.infer.multiview import ViewsPreprocessor, read_block_views_task
 from wsi_cmaf.infer.result import SlideResult
 from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor
 from wsi_cmaf.infer.stainfit import fit_from_blocks, fit_from_tiles, read_sample, sample_is_all_tissue, sample_tiles
@@ -30,7 +32,7 @@ from wsi_cmaf.infer.summary import failure_records, summarise
 from wsi_cmaf.infer.tasks import BlockFailure, SlideSpec, read_block_task
 from wsi_cmaf.output.provenance import api_call, run_provenance
 from wsi_cmaf.output.store import HeatmapStore
-from wsi_cmaf.slide.grid import PAD_VALUE, GridConfig, TileGrid, block_read_backend
+from wsi_cmaf.slide.grid import GridConfig, TileGrid, block_read_backend
 from wsi_cmaf.slide.level0 import block_tiles_for_level0
 from wsi_cmaf.slide.reader import open_slide
 from wsi_cmaf.slide.tissue import TissueConfig, tissue_mask_from_rgb
@@ -328,73 +330,6 @@ def _block_backend(reader, cfg: InferenceConfig) -> str:
 
 def _mpp_override(reader) -> tuple[float, float] | None:
     return tuple(reader.mpp) if reader.mpp_source == "override" else None
-
-
-def _stride_level0(grid: TileGrid, slide_mpp: tuple[float, float]) -> tuple[float, float]:
-    """(y, x) level-0 px between neighbouring tiles of ``grid`` on a slide of ``slide_mpp`` (x, y)."""
-    if grid.config.source == "level0":
-        # WSInfer's lattice steps by the whole-pixel S on both axes; the grid's effective µm/px is
-        # P * mean(mpp) / tile_size, so dividing it by mpp_x or mpp_y is off on non-square pixels
-        stride = float(grid.level0_pitch[1])
-        return stride, stride
-    um = grid.config.step * grid.config.mpp  # the target grid is resampled to config.mpp on both axes
-    return um / slide_mpp[1], um / slide_mpp[0]
-
-
-def _um_per_tile(grid: TileGrid) -> tuple[float, float]:
-    """(y, x) µm between neighbouring tiles: what the store's geometry divides by the slide's µm/px."""
-    stride = grid.config.step
-    if grid.config.source == "level0":
-        # S level-0 px are S * mpp_x by S * mpp_y µm. step * mpp (the effective µm/px) is S * mean, so
-        # scale it by mpp / mean: on square pixels that factor is exactly 1.0 and the layout stays
-        # bit-identical to stores made before, which a resume compares exactly
-        mx, my = (float(v) for v in grid.slide_mpp)
-        mean = (mx + my) / 2
-        um = stride * grid.config.mpp
-        return (um * (my / mean), um * (mx / mean))
-    return (stride * grid.config.mpp, stride * grid.config.mpp)
-
-
-def _tile_size_level0_attrs(grid: TileGrid) -> dict[str, Any]:
-    """``{"tile_size_level0": [P, P]}`` for a level-0 grid (its square patch in level-0 px, which
-    sizes the store's tiles, see ``TileGeometry.from_attrs``); empty for pyramid grids, whose grid
-    attributes stay as they were."""
-    if grid.config.source != "level0":
-        return {}
-    patch = int(grid.level0_pitch[0])
-    return {"tile_size_level0": [patch, patch]}
-
-
-def _attrs(reader, resolved: ResolvedModel, grid: TileGrid, cfg: InferenceConfig, mask) -> dict[str, Any]:
-    stride = grid.config.stride or grid.config.tile_size
-    # keys only for multi-view models: a single-view model's store attributes stay as they were
-    views = {"views": views_attrs(resolved.views)} if resolved.views else {}
-    return {**views,
-        "slide": {"path": str(Path(reader.path).resolve()), "size": list(reader.level_dimensions[0]),
-                  "fingerprint": reader.fingerprint(), "backend": reader.backend,
-                  "mpp": list(reader.mpp), "mpp_source": reader.mpp_source, "vendor": reader.vendor},
-        "grid": {"level": int(grid.level), "shape": list(grid.shape), "tile_size": grid.config.tile_size,
-                 "stride": stride, "mpp": grid.config.mpp,
-                 "tile_origin_level0": list(grid.tile_location(0, 0)),
-                 "tile_stride_level0": list(_stride_level0(grid, tuple(reader.mpp))),
-                 **_tile_size_level0_attrs(grid)},
-        "tissue": {"mpp": mask.mpp, "fraction": float(mask.fraction())},
-        "edge_tiles": edge_tiles_attrs(grid),
-        "model": {"name": resolved.name, "weights_sha256": resolved.weights_sha256,
-                  "weights_note": resolved.note, "config": config_identity(resolved.config)},
-        "inference": cfg.to_dict(),
-        "software": {"wsi_cmaf": __version__},
-    }
-
-
-def edge_tiles_attrs(grid: TileGrid) -> dict[str, Any]:
-    """How partial edge tiles were handled (the store's "edge_tiles" attribute)."""
-    partial = grid.partial
-    return {"policy": "padded", "pad_value": PAD_VALUE, "min_inside_fraction": grid.config.min_inside_fraction,
-            "tissue_fraction_of": "inside area", "inside_fraction_array": "wsi_cmaf/inside_fraction",
-            "n_partial": int(partial.sum()), "n_partial_tissue": int((partial & grid.tissue).sum()),
-            "note": "tiles reaching past the slide's right/bottom edge are analysed with the pixels beyond "
-                    "the edge set to pad_value (white); inside_fraction < 1 marks them"}
 
 
 class _Exports:

@@ -22,6 +22,7 @@ Layout (``<slide>.zarr``)::
 
 Every block owns exactly one chunk of ``0``, ``done``, ``failed`` and ``failed_tiles``, so blocks
 written by different threads never share a chunk: no locks, no read-modify-write of stored data.
+The per-block flags, failed tiles and their messages are kept by store_blocks.py.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from wsi_cmaf.output._json import json_diff, jsonable
 from wsi_cmaf.output.geometry import TileGeometry
 from wsi_cmaf.output.ngff import AXES, image_metadata, label_image_metadata, labels_group_metadata
 from wsi_cmaf.output.pyramid import max_pool2, nan_mean_pool2  # noqa: F401  (re-exported)
+from wsi_cmaf.output.store_blocks import BlockStateMixin
 from wsi_cmaf.output.store_inputs import RunInputsMixin
 from wsi_cmaf.output.store_tasks import TaskGroupsMixin, check_task_layout
 
@@ -68,7 +70,7 @@ def read_store_meta(path: Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
 
-class HeatmapStore(RunInputsMixin, TaskGroupsMixin):
+class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin):
     """Writer/reader of one slide's heatmap store (see module docstring for the layout)."""
 
     def __init__(self, path: Path, root: zarr.Group, *, writable: bool) -> None:
@@ -206,52 +208,8 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin):
         logger.info("%s: created heatmap store %s, %d×%d blocks", path, (c, rows, cols), *nb)
         return cls(path, root, writable=True)
 
-    @staticmethod
-    def _create_failed_tiles(group: zarr.Group, shape: tuple[int, int], chunk: tuple[int, int]) -> None:
-        group.create_array("failed_tiles", shape=tuple(shape), chunks=tuple(chunk), dtype="bool",
-                           fill_value=False, compressors=_compressor(), dimension_names=("y", "x"))
-
     # ------------------------------------------------------------------ state
-    @property
-    def done(self) -> np.ndarray:
-        """bool (block rows, block cols): blocks whose probabilities are stored (read-only view)."""
-        v = self._done.view()
-        v.flags.writeable = False
-        return v
-
-    @property
-    def failed(self) -> np.ndarray:
-        """bool (block rows, block cols): blocks whose last attempt failed (read-only view)."""
-        v = self._failed.view()
-        v.flags.writeable = False
-        return v
-
-    @property
-    def failed_tiles(self) -> np.ndarray:
-        """bool (rows, cols): tissue tiles of written blocks that could not be decoded (read-only)."""
-        v = self._failed_tiles.view()
-        v.flags.writeable = False
-        return v
-
-    @property
-    def errors(self) -> dict[tuple[int, int], str]:
-        """Error message of every failed block."""
-        return self._block_messages("errors")
-
-    @property
-    def tile_errors(self) -> dict[tuple[int, int], str]:
-        """Error message (the first bad tile's) of every block with failed tiles."""
-        return self._block_messages("tile_errors")
-
-    def _block_messages(self, key: str) -> dict[tuple[int, int], str]:
-        raw = self._meta_group.attrs.get(key, {})
-        return {tuple(int(v) for v in k.split(",")): msg for k, msg in raw.items()}
-
-    def block_has_failed_tiles(self, block_index: tuple[int, int]) -> bool:
-        """Whether block ``block_index`` was written with undecodable tiles (a rerun retries it)."""
-        rs, cs = self.block_slices(block_index)
-        return bool(self._failed_tiles[rs, cs].any())
-
+    # (done / failed flags, failed tiles and their messages: store_blocks.py)
     @property
     def attrs(self) -> dict[str, Any]:
         """Provenance attributes given by the pipeline (slide, model, timings ...)."""
@@ -304,15 +262,7 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin):
         if self.tasks or tasks:
             self._write_task_chunks(block_index, rs, cs, tasks)
         self._probs[:, rs, cs] = probs
-        bad = np.zeros(expected[1:], bool) if failed_tiles is None else np.asarray(failed_tiles, dtype=bool)
-        if bad.shape != expected[1:]:
-            raise ValueError(f"block {tuple(block_index)} needs a failed-tile mask of shape {expected[1:]}, "
-                             f"got {bad.shape}")
-        if bad.any() or self._failed_tiles[rs, cs].any():  # untouched chunks stay absent (fill value)
-            self._failed_tiles_arr[rs, cs] = bad
-            with self._lock:
-                self._failed_tiles[rs, cs] = bad
-            self._record_error(by, bx, (tile_error or "undecodable tile") if bad.any() else None, "tile_errors")
+        self._write_failed_tiles(block_index, rs, cs, failed_tiles, tile_error)
         self._done_arr[by, bx] = True
         with self._lock:
             self._done[by, bx] = True
@@ -321,28 +271,6 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin):
         if was_failed:  # a retry succeeded: the block is no longer failed
             self._failed_arr[by, bx] = False
             self._record_error(by, bx, None)
-
-    def mark_failed(self, block_index: tuple[int, int], error: str) -> None:
-        """Flag block ``block_index`` as failed and record ``error`` (rerunning retries it)."""
-        self._check_writable()
-        self.block_slices(block_index)  # bounds check
-        by, bx = (int(v) for v in block_index)
-        self._failed_arr[by, bx] = True
-        with self._lock:
-            self._failed[by, bx] = True
-        self._record_error(by, bx, str(error))
-        logger.warning("%s: block (%d, %d) failed: %s", self.path.name, by, bx, error)
-
-    def _record_error(self, by: int, bx: int, error: str | None, key: str = "errors") -> None:
-        with self._lock:  # attributes are one JSON document: serialise its updates
-            errors = dict(self._meta_group.attrs.get(key, {}))
-            if error is None:
-                if f"{by},{bx}" not in errors:
-                    return
-                errors.pop(f"{by},{bx}", None)
-            else:
-                errors[f"{by},{bx}"] = error
-            self._meta_group.attrs[key] = errors
 
     def write_tissue(self, tissue: np.ndarray, fraction: np.ndarray | None = None) -> None:
         """Store the tile tissue mask (bool (rows, cols)) as the ``labels/tissue`` label image,

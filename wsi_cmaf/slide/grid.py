@@ -25,6 +25,7 @@ plain crops of that level and pixel-identical to per-tile ``read_region`` calls.
 the level window is resized (Pillow, antialiased bilinear, with a sub-pixel source box) to
 exactly the target grid; tiles then match per-tile reads (:func:`read_tile`) to within
 interpolation round-off except near block edges (tested: mean absolute difference < 1 grey level).
+The window reads themselves (and :func:`read_tile`) are in :mod:`wsi_cmaf.slide.windows`.
 """
 
 from __future__ import annotations
@@ -35,13 +36,14 @@ from dataclasses import InitVar, dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
 
 from wsi_cmaf.errors import ConfigError, RequestTooLargeError
-from wsi_cmaf.slide._pixels import PAD_VALUE, pad_beyond  # noqa: F401  (PAD_VALUE re-exported)
-from wsi_cmaf.slide.level0 import (level0_extent, level0_grid_config, level0_tile_px, pad_level0,
-                                   read_strip_level0, record_level0_placement, wsinfer_level0_px)
+from wsi_cmaf.slide._pixels import PAD_VALUE  # noqa: F401  (re-exported)
+from wsi_cmaf.slide.level0 import level0_extent, level0_grid_config, record_level0_placement, wsinfer_level0_px
 from wsi_cmaf.slide.tissue import inside_fractions, tissue_fractions  # noqa: F401  (re-exported)
+from wsi_cmaf.slide.windows import _level0_for_level_px, _read_strip, _tile_shape, plan_reads, read_tile
+# re-exported: views.py cuts its windows with it, imported from here
+from wsi_cmaf.slide.windows import _read_target_window  # noqa: F401
 
 if TYPE_CHECKING:
     from wsi_cmaf.slide.reader import SlideReader
@@ -127,32 +129,12 @@ class BlockTiles:
     cols: np.ndarray
 
 
-def _pad_target_tiles(grid: TileGrid, tiles: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """``tiles`` with their target pixels wholly beyond the slide set to :data:`PAD_VALUE`."""
-    ex, ey = grid.target_extent
-    step = grid.config.step
-    # pixel i is wholly outside when i >= ceil(extent); the straddling one keeps its resampled blend
-    inside_w = math.ceil(ex - 1e-6) - np.asarray(cols, np.int64) * step
-    inside_h = math.ceil(ey - 1e-6) - np.asarray(rows, np.int64) * step
-    return pad_beyond(tiles, inside_w, inside_h)
-
-
 def _target_extent(level0_size: tuple[int, int], slide_mpp: tuple[float, float],
                    config: GridConfig) -> tuple[float, float]:
     """(width, height) of the slide in target px."""
     if config.source == "level0":
         return level0_extent(level0_size, config, slide_mpp)
     return level0_size[0] * slide_mpp[0] / config.mpp, level0_size[1] * slide_mpp[1] / config.mpp
-
-
-def _level0_for_level_px(px: int, downsample: float) -> int:
-    """Smallest level-0 coordinate that backends map to level pixel ``px`` (int(loc / ds))."""
-    loc = int(round(px * downsample))
-    while int(loc / downsample) < px:
-        loc += 1
-    while loc > 0 and int((loc - 1) / downsample) >= px:
-        loc -= 1
-    return loc
 
 
 @dataclass
@@ -328,81 +310,6 @@ class TileGrid:
         return r + block.rows.start, c + block.cols.start
 
 
-def _read_target_window(reader: SlideReader, grid: TileGrid, ty: int, tx: int, height: int, width: int) -> np.ndarray:
-    """Target-grid pixels [ty, ty+height) x [tx, tx+width) with one read_region call."""
-    level, ds = grid.level, grid.level_downsample
-    if grid.exact:
-        loc = (_level0_for_level_px(tx, ds), _level0_for_level_px(ty, ds))
-        return reader.read_region(loc, level, (width, height))
-    sx, sy = grid.level_scale
-    # Level-px window with a margin for the resampling filter's support, so tiles cut from a
-    # block and tiles read alone see the same neighbouring pixels.
-    mx_, my_ = math.ceil(sx) + 1, math.ceil(sy) + 1
-    ax, ay, bx, by = tx * sx, ty * sy, (tx + width) * sx, (ty + height) * sy
-    lx0, ly0 = max(0, math.floor(ax) - mx_), max(0, math.floor(ay) - my_)
-    lx1, ly1 = math.ceil(bx) + mx_, math.ceil(by) + my_
-    loc = (_level0_for_level_px(lx0, ds), _level0_for_level_px(ly0, ds))
-    region = reader.read_region(loc, level, (lx1 - lx0, ly1 - ly0))
-    image = Image.fromarray(region)
-    box = (ax - lx0, ay - ly0, bx - lx0, by - ly0)
-    return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR, box=box))
-
-
-def plan_reads(rows: np.ndarray, cols: np.ndarray, tile: int, step: int,
-               call_overhead_px: float) -> list[tuple[int, int, int, int]]:
-    """Split a block's tissue tiles into row strips read with one call each.
-
-    Returns ``(r0, r1, c0, c1)`` inclusive tile ranges. Minimises ``calls * call_overhead_px +
-    decoded pixels`` over strips of consecutive tissue rows (exact dynamic programme, at most
-    block_tiles² steps). With a large overhead (tiffslide, ~2 ms a call) this is the single
-    bounding box; with OpenSlide, whose calls are cheap but whose decoding is slow, sparse tissue
-    is read as a few strips instead of decoding the glass around it.
-    """
-    if rows.size == 0:
-        return []
-    urows = np.unique(rows)
-    lo = np.array([cols[rows == r].min() for r in urows])
-    hi = np.array([cols[rows == r].max() for r in urows])
-    n = len(urows)
-    best = np.full(n + 1, np.inf)
-    best[0] = 0.0
-    choice = np.zeros(n + 1, dtype=np.int64)
-    for j in range(1, n + 1):
-        cmin, cmax = lo[j - 1], hi[j - 1]
-        for i in range(j, 0, -1):  # strip = tissue rows i-1 .. j-1
-            cmin, cmax = min(cmin, lo[i - 1]), max(cmax, hi[i - 1])
-            area = ((urows[j - 1] - urows[i - 1]) * step + tile) * ((cmax - cmin) * step + tile)
-            cost = best[i - 1] + call_overhead_px + area
-            if cost < best[j]:
-                best[j], choice[j] = cost, i - 1
-    strips = []
-    j = n
-    while j > 0:
-        i = int(choice[j])
-        strips.append((int(urows[i]), int(urows[j - 1]), int(lo[i:j].min()), int(hi[i:j].max())))
-        j = i
-    return strips[::-1]
-
-
-def _read_strip(reader: SlideReader, grid: TileGrid, strip: tuple[int, int, int, int],
-                rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Tiles (rows, cols) of one strip ``(r0, r1, c0, c1)``, cut from ONE read of its window."""
-    r0, r1, c0, c1 = strip
-    t, step = grid.config.tile_size, grid.config.step
-    if grid.config.source == "level0" and not grid.exact:
-        return read_strip_level0(reader, grid, strip, rows, cols)
-    window = np.ascontiguousarray(_read_target_window(reader, grid, r0 * step, c0 * step,
-                                                      (r1 - r0) * step + t, (c1 - c0) * step + t))
-    s0, s1, s2 = window.strides
-    # View of every tile origin in the window (tiles may overlap when stride < tile size).
-    views = np.lib.stride_tricks.as_strided(
-        window, shape=(r1 - r0 + 1, c1 - c0 + 1, t, t, 3),
-        strides=(s0 * step, s1 * step, s0, s1, s2), writeable=False,
-    )
-    # fancy indexing copies only the tissue tiles; partial edge tiles get explicit padding
-    return _pad_target_tiles(grid, views[rows - r0, cols - c0], rows, cols)
-
-
 def read_block(reader: SlideReader, grid: TileGrid, block: Block) -> BlockTiles:
     """Tissue tiles of ``block``, cut in memory from as few reads as pay off.
 
@@ -426,26 +333,6 @@ def read_block(reader: SlideReader, grid: TileGrid, block: Block) -> BlockTiles:
         sel = (rows >= strip[0]) & (rows <= strip[1])
         tiles[sel] = _read_strip(reader, grid, strip, rows[sel], cols[sel])
     return BlockTiles(block, tiles, rows, cols)
-
-
-def read_tile(reader: SlideReader, grid: TileGrid, row: int, col: int) -> np.ndarray:
-    """One tile (t, t, 3) read on its own (reference for tests and naive loops)."""
-    t, step = grid.config.tile_size, grid.config.step
-    if grid.config.source == "level0" and not grid.exact:
-        w0, h0 = level0_tile_px(t, grid.config.mpp, grid.slide_mpp)
-        x, y = grid.tile_location(row, col)
-        tile = np.ascontiguousarray(reader.read_region((x, y), 0, (w0, h0))[..., :3])
-        return pad_level0(tile[None], grid, np.array([x]), np.array([y]))[0]
-    tile = _read_target_window(reader, grid, row * step, col * step, t, t)
-    return _pad_target_tiles(grid, tile[None], np.array([row]), np.array([col]))[0]
-
-
-def _tile_shape(grid: TileGrid) -> tuple[int, int]:
-    """(height, width) of the tiles :func:`read_block` returns for ``grid``."""
-    if grid.config.source == "level0" and not grid.exact:
-        w0, h0 = level0_tile_px(grid.config.tile_size, grid.config.mpp, grid.slide_mpp)
-        return (h0, w0)
-    return (grid.config.tile_size, grid.config.tile_size)
 
 
 def block_read_backend(reader: SlideReader) -> str:
