@@ -109,6 +109,12 @@ class _TolerantReader:
         # cells on the storage tiles: one bad tile costs one cell; a guess when the backend says nothing
         self._cell = (int(float(w)), int(float(h))) if w and h else (DEFAULT_TILE, DEFAULT_TILE)
 
+    def __getattr__(self, name: str):
+        # geometry and metadata (level_for_mpp, level_downsamples, ...) come from the real reader
+        if name == "_reader":  # not set yet (copy/unpickle): no recursion
+            raise AttributeError(name)
+        return getattr(self._reader, name)
+
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         ds = self._reader.level_downsamples[level]
 
@@ -143,16 +149,23 @@ def tiles_touching(grid: TileGrid, rows: np.ndarray, cols: np.ndarray,
     """bool per tile (rows[i], cols[i]): whether its level-px footprint meets one of ``cells``
     ((x, y, w, h) level px). Resized grids widen footprints by the margin the block read adds for
     the resampling filter, so a tile that saw any painted pixel is included."""
-    step, t = grid.config.step, grid.config.tile_size
+    step = grid.config.step
+    return footprints_touching(grid, cols * step, rows * step, grid.config.tile_size, cells)
+
+
+def footprints_touching(grid: TileGrid, x: np.ndarray, y: np.ndarray, size: int,
+                        cells: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """bool per square of ``size`` target px at target px (x[i], y[i]) of ``grid``: whether its
+    level-px footprint (widened by the resampling filter's reach on resized grids) meets a cell."""
     if grid.exact:
         sx = sy = 1.0
         mx = my = 0
     else:
         sx, sy = grid.level_scale
         mx, my = math.ceil(sx) + 1, math.ceil(sy) + 1
-    x0, x1 = cols * step * sx - mx, (cols * step + t) * sx + mx
-    y0, y1 = rows * step * sy - my, (rows * step + t) * sy + my
-    bad = np.zeros(rows.shape, bool)
+    x0, x1 = x * sx - mx, (x + size) * sx + mx
+    y0, y1 = y * sy - my, (y + size) * sy + my
+    bad = np.zeros(np.shape(x), bool)
     for cx, cy, cw, ch in cells:
         bad |= (x0 < cx + cw) & (cx < x1) & (y0 < cy + ch) & (cy < y1)
     return bad
