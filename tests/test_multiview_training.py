@@ -250,3 +250,22 @@ def test_slide_patches_command_builds_a_view_store(slides, tmp_path, capsys):
     with pytest.raises(SystemExit) as usage:  # argparse: exit 2 with the expected form
         main(["manifest", "slide-patches", str(table), "--out", str(tmp_path / "z.zarr"), "--view", "16"])
     assert usage.value.code == 2 and "a view is MPP:SIZE" in capsys.readouterr().err
+
+
+def test_evaluate_reproduces_the_runs_test_metrics(mv_run, view_store, tmp_path):
+    from wsi_cmaf.train.engine.validate import evaluate_checkpoint
+
+    result, _ = mv_run
+    report, _ = evaluate_checkpoint(result.model_dir, view_store, out_dir=tmp_path / "eval", device="cpu",
+                                    n_boot=20, progress=False)
+    assert report["n"] == result.test_metrics["n"]
+    for name in ("auroc", "auprc", "balanced_accuracy"):
+        assert report["metrics"][name]["value"] == pytest.approx(result.test_metrics["metrics"][name]["value"], abs=1e-9)
+    # a multi-view model needs a store with its views
+    plain = tmp_path / "plain.zarr"
+    store = PatchStore(view_store)
+    rows = np.arange(len(store))
+    write_patch_store(plain, store.read(rows), store.labels, store.patient_ids,
+                      np.array(["train", "val", "test"])[store.split_codes])
+    with pytest.raises(DataError, match="holds no context views"):
+        evaluate_checkpoint(result.model_dir, plain, out_dir=tmp_path / "e2", device="cpu", n_boot=5, progress=False)

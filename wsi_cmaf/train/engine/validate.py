@@ -23,7 +23,7 @@ from wsi_cmaf.infer.runner import resolve_device
 from wsi_cmaf.models import ModelConfig, load_model
 from wsi_cmaf.train.config import ModelSection
 from wsi_cmaf.train.data.setup import BatchPipeline, fit_patient_stain
-from wsi_cmaf.train.data.datasets import DataBundle, ManifestDataset, PatchStoreDataset
+from wsi_cmaf.train.data.datasets import DataBundle, ManifestDataset, PatchStoreDataset, anchor_image, collate_views
 from wsi_cmaf.train.evaluate.predict import full_report, predict
 from wsi_cmaf.train.data.manifest import SPLITS, Manifest, read_manifest
 from wsi_cmaf.train.evaluate.metrics import mcnemar_test
@@ -75,12 +75,31 @@ def _subtype_labels(frame: pd.DataFrame, class_names: Sequence[str], where: str)
     return out
 
 
+def model_views(mc: ModelConfig) -> list[dict] | None:
+    """The views a saved multi-view model takes (``model_kwargs.views``), None for one view."""
+    kwargs = dict(mc.model_kwargs or {})
+    if mc.architecture != "multiview" or int(kwargs.get("num_views", 2)) < 2:
+        return None
+    views = kwargs.get("views")
+    if not views:
+        raise ConfigError(f"{mc.architecture} model with {kwargs.get('num_views', 2)} views declares no "
+                          "model_kwargs.views, so no patch store can be matched to it")
+    return [{"mpp": float(v["mpp"]), "size": int(v["size"])} for v in views]
+
+
 def eval_dataset(source: str | Path, split: str, target: str, class_names: Sequence[str],
-                 check_images: str = "exists") -> tuple[Dataset, pd.DataFrame]:
-    """Dataset (returning indices) and per-row metadata of one split (or ``all``) of a manifest/store."""
+                 check_images: str = "exists", views: list[dict] | None = None) -> tuple[Dataset, pd.DataFrame]:
+    """Dataset (returning indices) and per-row metadata of one split (or ``all``) of a manifest/store.
+
+    ``views``: a multi-view model's views; the source must then be a patch store with these views.
+    """
     if split not in EVAL_SPLITS:
         raise ConfigError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
     source = Path(source)
+    is_store = source.is_dir() and (source / "zarr.json").is_file()
+    if views is not None and not is_store:
+        raise DataError(f"{source}: a multi-view model is evaluated on a patch store with its views {views}; "
+                        "build one with `wsi-cmaf manifest slide-patches --view MPP:SIZE`")
     if source.is_dir() and (source / "zarr.json").is_file():
         from wsi_cmaf.train.data.patchstore import PatchStore
 
@@ -93,7 +112,10 @@ def eval_dataset(source: str | Path, split: str, target: str, class_names: Seque
         bad = sorted(set(np.unique(store.labels[rows]).tolist()) - set(range(len(class_names))))
         if bad:
             raise DataError(f"{source}: labels {bad} are outside the class set {list(class_names)}")
-        ds = PatchStoreDataset(store, rows=rows, return_index=True)
+        if views is not None and store.views != views:
+            raise DataError(f"{source}: the model takes views {views} but the store holds "
+                            f"{store.views or 'no context views'}; rebuild the store with the model's views")
+        ds = PatchStoreDataset(store, rows=rows, return_index=True, views=views is not None)
         return ds, pd.DataFrame({"label": ds.labels, "patient_id": ds.patient_ids})
     require = () if split == "all" else (split,)
     manifest = read_manifest(source, check_images=check_images, require_splits=require)
@@ -130,15 +152,20 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, *, split: 
     if target == "label" and mc.num_classes != 2:
         raise ConfigError(f"the model has {mc.num_classes} classes {mc.class_names}; "
                           "benign/malignant labels need a 2-class model (use --target subtype)")
-    ds, meta = eval_dataset(manifest, split, target, mc.class_names, check_images)
+    views = model_views(mc)
+    if views is None and compare is not None:  # a multi-view model B needs the views in the dataset
+        views = model_views(load_model(resolve_checkpoint(compare), map_location="cpu")[1])
+    ds, meta = eval_dataset(manifest, split, target, mc.class_names, check_images, views)
     out = Path(out_dir) if out_dir else model_dir.parent / f"eval_{Path(manifest).stem}_{split}"
     out.mkdir(parents=True, exist_ok=True)
     pipeline = eval_pipeline(mc, ds, stain_patches_per_patient, seed, dev)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
+    loader = eval_loader(ds, batch_size)
     pids = np.asarray(ds.patient_ids).astype(str)  # type: ignore[attr-defined]
+    own_views = model_views(mc) is not None
 
     def prepare(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return pipeline(x, pids[idx.cpu().numpy()], train=False)
+        # a single-view model on a multi-view store (for --compare) sees the tile itself, view 0
+        return pipeline(x if own_views else anchor_image(x), pids[idx.cpu().numpy()], train=False)
 
     bar = tqdm(loader, disable=not progress, desc="evaluate", unit="batch", dynamic_ncols=True)
     probs, labels, idx = predict(model, bar, prepare, dev)  # type: ignore[arg-type]
@@ -173,11 +200,14 @@ def _compare_with(other: str | Path, mc: ModelConfig, ds: Dataset, pids: np.ndar
                           f"{mc_b.positive_class}) differ from {list(mc.class_names)} (positive {mc.positive_class})")
     model_b = primary_view(model_b).to(device)
     pipeline = eval_pipeline(mc_b, ds, per_patient, seed, device)  # B's own stain/resize/normalisation
+    b_views = model_views(mc_b)
+    if b_views is not None and getattr(ds, "store", None) is not None and ds.store.views != b_views:  # type: ignore[attr-defined]
+        raise DataError(f"--compare {other_dir}: it takes views {b_views}, the store holds {ds.store.views}")  # type: ignore[attr-defined]
 
     def prepare(x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-        return pipeline(x, pids[i.cpu().numpy()], train=False)
+        return pipeline(x if b_views is not None else anchor_image(x), pids[i.cpu().numpy()], train=False)
 
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
+    loader = eval_loader(ds, batch_size)
     bar = tqdm(loader, disable=not progress, desc="evaluate (compare)", unit="batch", dynamic_ncols=True)
     probs_b, _labels_b, idx_b = predict(model_b, bar, prepare, device)  # type: ignore[arg-type]
     # pair the rows by dataset index, whatever order each pass produced them in
@@ -188,6 +218,12 @@ def _compare_with(other: str | Path, mc: ModelConfig, ds: Dataset, pids: np.ndar
                           hard_predictions(probs_b[order_b], mc.positive_class))
     return {"model_a": "this model", "model_b": str(other_dir), "test": "exact binomial McNemar (two-sided)",
             **result}
+
+
+def eval_loader(ds: Dataset, batch_size: int) -> DataLoader:
+    """Ordered batches of ``ds``; a multi-view dataset's batches carry a ViewBatch."""
+    multi = bool(getattr(ds, "views", False))
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_views if multi else None)
 
 
 def eval_pipeline(mc: ModelConfig, ds: Dataset, per_patient: int, seed: int, device: torch.device) -> BatchPipeline:
