@@ -261,6 +261,14 @@ def test_evaluate_reproduces_the_runs_test_metrics(mv_run, view_store, tmp_path)
     assert report["n"] == result.test_metrics["n"]
     for name in ("auroc", "auprc", "balanced_accuracy"):
         assert report["metrics"][name]["value"] == pytest.approx(result.test_metrics["metrics"][name]["value"], abs=1e-9)
+    # --compare with a single-view model: it sees view 0 of the same rows (McNemar on paired rows)
+    torch.manual_seed(1)
+    single_cfg = ModelConfig(architecture="timm:test_resnet", num_classes=2, class_names=["benign", "malignant"],
+                             input_size=32, stain_normalization=None, weights_note="test model (random weights)")
+    single = save_model(create_model("timm:test_resnet", num_classes=2), single_cfg, tmp_path / "single")
+    both, _ = evaluate_checkpoint(result.model_dir, view_store, out_dir=tmp_path / "cmp", device="cpu", n_boot=5,
+                                  progress=False, compare=single)
+    assert both["mcnemar"]["model_b"] == str(single) and both["n"] == report["n"]
     # a multi-view model needs a store with its views
     plain = tmp_path / "plain.zarr"
     store = PatchStore(view_store)
