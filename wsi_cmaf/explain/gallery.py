@@ -1,7 +1,7 @@
 """The gallery PNG of a slide explanation: one row per tile, one column per map.
 
-Columns: the tile, one saliency overlay per method, then (CMAF-Net only) the cross-attention
-and the gate. Every row is labelled with why the tile was chosen, its probability and its grid
+Columns: the tile, (multi-view models) each context view with its attention weight, one saliency
+overlay per method, then (CMAF-Net only) the cross-attention and the gate. Every row is labelled with why the tile was chosen, its probability and its grid
 row/column. The picture has a fixed pixel size (:func:`gallery_size`) so it can be checked.
 """
 
@@ -25,8 +25,9 @@ _TITLES = {"ig": "Integrated Gradients", "occlusion": "Occlusion", "gradcam": "G
 
 
 def gallery_columns(expl: SlideExplanation) -> list[str]:
-    """Column keys: ``tile``, each saliency map name, then ``attention`` / ``gate`` when present."""
-    cols = ["tile", *expl.saliency]
+    """Column keys: ``tile``, ``view<v>`` per context view, each saliency map name, then
+    ``attention`` / ``gate`` when present."""
+    cols = ["tile", *(f"view{v}" for v in range(1, 1 + len(expl.context or ()))), *expl.saliency]
     return cols + [k for k in ("attention", "gate") if getattr(expl, k) is not None]
 
 
@@ -39,6 +40,9 @@ def _column_title(key: str, expl: SlideExplanation) -> str:
     """Two or three short lines: a column is only CELL_PX wide."""
     if key == "tile":
         return f"tile\n{expl.tile_um:g} µm wide"
+    if key.startswith("view") and expl.views is not None:
+        v = expl.views[int(key[4:])]
+        return f"context, view {key[4:]}\n{v['size'] * v['mpp']:g} µm wide\n(weight: gated attention)"
     if key == "attention":
         if expl.tau is None:
             return "cross-attention received\n(mean over heads)"
@@ -93,6 +97,13 @@ def render_gallery(expl: SlideExplanation, out: str | Path) -> Path:
             ax.set_axis_off()
             if key == "tile":
                 ax.imshow(expl.tiles[i], extent=extent, interpolation="bilinear")
+                continue
+            if key.startswith("view") and expl.context is not None:
+                v = int(key[4:])
+                ax.imshow(expl.context[v - 1][i], extent=extent, interpolation="bilinear")
+                w = float(expl.view_weights[i, v]) if expl.view_weights is not None else float("nan")
+                ax.text(2, s - 2, "missing (off the slide)" if w == 0 else f"weight {w:.2f}", color="white",
+                        fontsize=7.5, va="bottom", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "linewidth": 0})
                 continue
             ax.imshow(grey, cmap="gray", extent=extent, vmin=0, vmax=255, interpolation="bilinear")
             if key == "gate":

@@ -43,11 +43,12 @@ def _attribute(method: Attribution, x: torch.Tensor, nt_samples: int, nt_stdev: 
 def integrated_gradients(model: nn.Module, x: torch.Tensor, target: Target = None, n_steps: int = 32,
                          baseline: float = 0.0, internal_batch_size: int | None = None, *,
                          nt_samples: int = 0, nt_stdev: float = 0.15,
-                         nt_type: str = "smoothgrad") -> np.ndarray:
+                         nt_type: str = "smoothgrad", forward_args: tuple = ()) -> np.ndarray:
     """Integrated Gradients on the input, summed over channels -> signed (B, H, W) map.
 
     The baseline is a constant image (0 = the dataset mean after normalisation). With
     ``nt_samples`` > 0 the map is the NoiseTunnel (SmoothGrad) average over noisy copies.
+    ``forward_args``: more inputs of ``model`` (one row per sample), held fixed and not attributed.
     """
     check_batch(x)
     _check_noise(nt_samples, nt_stdev, nt_type)
@@ -56,7 +57,8 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target: Target = Non
         ig = IntegratedGradients(model)
         try:
             attr = _attribute(ig, x, nt_samples, nt_stdev, nt_type, baselines=baseline, target=tgt,
-                              n_steps=n_steps, internal_batch_size=internal_batch_size or x.shape[0] * n_steps)
+                              n_steps=n_steps, internal_batch_size=internal_batch_size or x.shape[0] * n_steps,
+                              additional_forward_args=tuple(forward_args) or None)
         except RuntimeError as exc:  # no autograd graph (frozen TorchScript, inference mode)
             raise ExplainError(f"integrated gradients needs gradients through the model: {exc}") from exc
     return attr.sum(dim=1).detach().float().cpu().numpy()
@@ -64,11 +66,12 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target: Target = Non
 
 def occlusion(model: nn.Module, x: torch.Tensor, target: Target = None, window: int | None = None,
               stride: int | None = None, baseline: float = 0.0, *, nt_samples: int = 0,
-              nt_stdev: float = 0.15, nt_type: str = "smoothgrad") -> np.ndarray:
+              nt_stdev: float = 0.15, nt_type: str = "smoothgrad", forward_args: tuple = ()) -> np.ndarray:
     """Drop in the target logit when a square window is replaced by ``baseline`` -> (B, H, W).
 
     Window defaults to 1/4 of the tile side and stride to half the window. No gradients needed.
     With ``nt_samples`` > 0 the map is the NoiseTunnel average over noisy copies of the input.
+    ``forward_args``: more inputs of ``model`` (one row per sample), held fixed and not occluded.
     """
     check_batch(x)
     _check_noise(nt_samples, nt_stdev, nt_type)
@@ -79,5 +82,6 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: Target = None, window: 
         tgt = resolve_target(model, x, target)
         attr = _attribute(Occlusion(model), x, nt_samples, nt_stdev, nt_type,
                           sliding_window_shapes=(x.shape[1], window, window),
-                          strides=(x.shape[1], stride, stride), baselines=baseline, target=tgt)
+                          strides=(x.shape[1], stride, stride), baselines=baseline, target=tgt,
+                          additional_forward_args=tuple(forward_args) or None)
     return attr.sum(dim=1).float().cpu().numpy()

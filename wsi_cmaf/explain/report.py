@@ -48,6 +48,8 @@ def report_dict(expl: SlideExplanation, outputs: dict[str, Any], provenance: dic
             entry["attention_peak_yx"] = [int(peak[0]), int(peak[1])]
         if expl.gate is not None:
             entry["gate_mean"] = round(float(expl.gate[i].mean()), 4)
+        if expl.view_weights is not None:
+            entry["view_weights"] = [round(float(w), 4) for w in expl.view_weights[i]]
         tiles.append(entry)
     return {
         "slide": str(Path(expl.slide).absolute()), "store": str(Path(expl.store).absolute()),
@@ -58,6 +60,9 @@ def report_dict(expl: SlideExplanation, outputs: dict[str, Any], provenance: dic
                  "attention": "mean over heads of the attention each location receives" if expl.attention is not None
                  else None,
                  "gate": "mean gate over channels (1 = fused features)" if expl.gate is not None else None},
+        "views": ({"views": expl.views, "maps": "of the tile view (view 0), its context held fixed",
+                   "view_weights": "gated attention weight of each view (0 = missing)"}
+                  if expl.views is not None else None),
         "tau": None if expl.tau is None else [round(float(t), 5) for t in expl.tau],
         "note": expl.cmaf_note,
         "settings": {"methods": list(s.methods), "ig_steps": s.steps, "target_class": expl.positive_class,

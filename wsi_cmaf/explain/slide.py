@@ -100,6 +100,11 @@ class SlideExplanation:
     model: dict[str, Any]
     settings: ExplainSettings
     warnings: list[str] = field(default_factory=list)
+    #: multi-view models: the gated attention weight of each view per tile (n, V), the views, and
+    #: the context views' pixels (one uint8 (n, s, s, 3) array per view 1..V-1)
+    view_weights: np.ndarray | None = None
+    views: list[dict[str, Any]] | None = None
+    context: list[np.ndarray] | None = None
 
     @property
     def is_cmaf(self) -> bool:
@@ -194,13 +199,27 @@ def _cmaf_maps(module, x: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray |
     return maps.received.mean(axis=1), gate, maps.tau, note
 
 
-def _saliency(method: str, module, x: torch.Tensor, target: int, s: ExplainSettings) -> np.ndarray:
-    nt = {"nt_samples": s.nt_samples, "nt_stdev": s.nt_stdev, "nt_type": s.nt_type}
+def _saliency(method: str, module, x: torch.Tensor, target: int, s: ExplainSettings,
+              forward_args: tuple = ()) -> np.ndarray:
+    nt = {"nt_samples": s.nt_samples, "nt_stdev": s.nt_stdev, "nt_type": s.nt_type, "forward_args": forward_args}
     if method == "ig":
         return integrated_gradients(module, x, target, n_steps=s.steps, internal_batch_size=x.shape[0] * s.steps, **nt)
     if method == "occlusion":
         return occlusion(module, x, target, **nt)
     return gradcam_spatial(module, x, target)
+
+
+def _read_views(pixels, grid, kwargs: dict, choice: TileChoice, prep) -> tuple[list[np.ndarray], list, torch.Tensor]:
+    """A multi-view model's views of the chosen tiles, read and preprocessed as the analysis did:
+    (pixels of every view, each (n, s, s, 3); preprocessed views; missing mask (n, V))."""
+    from wsi_cmaf.infer.multiview import ViewsPreprocessor, pack_views
+    from wsi_cmaf.slide.views import ViewSpec, read_block_views
+
+    specs = [ViewSpec(float(v["mpp"]), int(v["size"])) for v in kwargs["views"]]
+    item = read_block_views(pixels, grid, None, specs, rows=choice.rows.astype(np.int64),
+                            cols=choice.cols.astype(np.int64))
+    views, missing = ViewsPreprocessor(prep, [s.size for s in specs])(torch.from_numpy(pack_views(item)))
+    return item.views, views, missing
 
 
 def explain_slide(store_path: str | Path, slide: str | Path | None = None, model: Any = None, *,
@@ -235,10 +254,12 @@ def explain_slide(store_path: str | Path, slide: str | Path | None = None, model
     resolved = resolve_model(model, model_config)
     module = resolved.module.eval()
     kwargs = resolved.config.model_kwargs or {}
-    if kwargs.get("views") or len(kwargs.get("tasks") or {}) > 1:
-        # The tile explanations call the model on one tile per sample and read one set of logits.
-        raise UsageError(f"{resolved.config.architecture}: explanations of multi-view or multi-task models "
-                         "are not supported yet; explain a single-view, single-task model")
+    multi_view = bool(kwargs.get("views")) and int(kwargs.get("num_views", 2)) > 1
+    if multi_view or len(kwargs.get("tasks") or {}) > 1:
+        # explained as a function of the tile, on the primary task (see wsi_cmaf.explain.views)
+        from wsi_cmaf.explain.views import TileViewForward
+
+        module = TileViewForward(module).eval()
     is_cmaf = isinstance(unwrap(module), CMAFNet)
     settings.check(is_cmaf)
     _check_model(store, resolved)
@@ -257,25 +278,39 @@ def explain_slide(store_path: str | Path, slide: str | Path | None = None, model
         pixels = _pixel_reader(reader, _inference_config(store), stack)
         grid, mc = inputs.grid, resolved.config
         stain_module = _stain_module(store, reader, grid, stain, inputs.stain, warnings)
-        tiles = np.stack([read_tile(pixels, grid, int(r), int(c)) for r, c in zip(choice.rows, choice.cols)])
-    prep = TilePreprocessor(mc.input_size, tuple(mc.mean), tuple(mc.std), mc.resize_interpolation, stain_module)
+        prep = TilePreprocessor(mc.input_size, tuple(mc.mean), tuple(mc.std), mc.resize_interpolation, stain_module)
+        fargs: tuple[torch.Tensor, ...] = ()
+        weights, context = None, None
+        if multi_view:
+            view_pixels, views, missing = _read_views(pixels, grid, kwargs, choice, prep)
+            tiles, context = view_pixels[0], view_pixels[1:]
+            views = [v.to(device) for v in views]
+            x_all, fargs = views[0], (*views[1:], missing.to(device))
+            from wsi_cmaf.explain.views import view_weights
+
+            weights = view_weights(unwrap(module).model.to(device), views, fargs[-1]).cpu().numpy()
+        else:
+            tiles = np.stack([read_tile(pixels, grid, int(r), int(c)) for r, c in zip(choice.rows, choice.cols)])
     module = module.to(device)
-    x_all = prep.to(device)(torch.from_numpy(tiles).to(device))
+    if not multi_view:
+        x_all = prep.to(device)(torch.from_numpy(tiles).to(device))
     with torch.no_grad():
-        recomputed = torch.softmax(module(x_all).float(), dim=1)[:, pos].cpu().numpy()
+        recomputed = torch.softmax(module(x_all, *fargs).float(), dim=1)[:, pos].cpu().numpy()
     off = np.abs(recomputed - choice.probability) > PROB_TOLERANCE
     if off.any():
         warnings.append(f"{int(off.sum())} tile(s) give a probability more than {PROB_TOLERANCE} away from the "
                         "stored one (different precision or device than the analysis)")
     sal: dict[str, list[np.ndarray]] = {settings.map_name(m): [] for m in settings.methods}
     att, gate, tau, note = [], [], None, None if is_cmaf else (
-        f"attention and gate maps exist only for CMAF-Net; {resolved.name} ({type(unwrap(module)).__name__}) "
+        f"attention and gate maps exist only for CMAF-Net; {resolved.name} "
+        f"({type(getattr(unwrap(module), 'model', unwrap(module))).__name__}) "
         "gets the generic maps only")
     for i in range(0, len(tiles), settings.batch):
         x = x_all[i:i + settings.batch]
+        fa = tuple(t[i:i + settings.batch] for t in fargs)
         logger.info("explaining tiles %d-%d of %d", i + 1, i + len(x), len(tiles))
         for m in settings.methods:
-            sal[settings.map_name(m)].append(_saliency(m, module, x, pos, settings))
+            sal[settings.map_name(m)].append(_saliency(m, module, x, pos, settings, fa))
         if is_cmaf:
             a, g, tau, note = _cmaf_maps(module, x)
             att.append(a)
@@ -295,4 +330,5 @@ def explain_slide(store_path: str | Path, slide: str | Path | None = None, model
         model={"name": resolved.name, "architecture": type(unwrap(module)).__name__,
                "weights_sha256": resolved.weights_sha256, "weights_note": resolved.note,
                "input_size": int(mc.input_size), "stain": stain},
-        settings=settings, warnings=warnings)
+        settings=settings, warnings=warnings, view_weights=weights,
+        views=[dict(v) for v in kwargs["views"]] if multi_view else None, context=context)
