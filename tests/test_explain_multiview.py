@@ -9,30 +9,25 @@ import numpy as np
 import pytest
 import torch
 
+from tests._multiview import VIEWS, saved_multiview_model, views_by_hand
 from wsi_cmaf.explain.report import explain_store
 from wsi_cmaf.explain.slide import ExplainSettings, explain_slide
 from wsi_cmaf.explain.views import TileViewForward
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.models import ModelConfig, create_model, save_model
+from wsi_cmaf.output.store import HeatmapStore
 from wsi_cmaf.slide.synthetic import write_synthetic_slide
 
 torch.set_num_threads(1)
 CFG = InferenceConfig(device="cpu", batch_size=64, progress=False, overlay=False, geojson=False, compile="off",
                       autocast="off")
-VIEWS = [{"mpp": 4.0, "size": 50}, {"mpp": 16.0, "size": 50}]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("explain_mv")
     slide = write_synthetic_slide(d / "s.tiff", 4800, 3200, 0.5, seed=3, tumour=True).path
-    torch.manual_seed(0)
-    model = create_model("multiview", num_classes=2, backbone="timm:test_resnet", num_views=2, views=VIEWS).eval()
-    with torch.no_grad():
-        model.heads.heads["malignancy"].weight.mul_(20.0)
-    cfg = ModelConfig(architecture="multiview", num_classes=2, class_names=["benign", "malignant"], input_size=32,
-                      stain_normalization=None, weights_note="test model (random weights, seed 0)")
-    model_dir = save_model(model, cfg, d / "mv")
+    model_dir, model = saved_multiview_model(d / "mv")
     res = analyze_slide(slide, model=model_dir, out=d / "out", config=CFG)
     return slide, model_dir, model, res
 
@@ -46,22 +41,7 @@ def test_maps_are_of_the_tile_with_its_context_fixed(run):
     np.testing.assert_allclose(expl.view_weights.sum(1), 1.0, atol=1e-5)
     np.testing.assert_allclose(expl.recomputed, expl.choice.probability, atol=1e-5)  # the analysis's pixels
     # IG completeness: the map sums to logit(tile, context) - logit(black tile, same context)
-    from wsi_cmaf.infer.multiview import ViewsPreprocessor, pack_views
-    from wsi_cmaf.infer.runner import TilePreprocessor
-    from wsi_cmaf.output.store import HeatmapStore
-    from wsi_cmaf.slide.grid import GridConfig, TileGrid
-    from wsi_cmaf.slide.reader import open_slide
-    from wsi_cmaf.slide.tissue import TissueMask
-    from wsi_cmaf.slide.views import ViewSpec, read_block_views
-
-    store = HeatmapStore.open(res.store)
-    mask, mpp = store.tissue_mask()
-    with open_slide(slide) as reader:
-        grid = TileGrid.from_slide(reader, GridConfig(mpp=4.0, tile_size=50), TissueMask(mask, mpp))
-        item = read_block_views(reader, grid, None, [ViewSpec(v["mpp"], v["size"]) for v in VIEWS],
-                                rows=expl.choice.rows.astype(np.int64), cols=expl.choice.cols.astype(np.int64))
-    pre = ViewsPreprocessor(TilePreprocessor(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic"), [50, 50])
-    views, missing = pre(torch.from_numpy(pack_views(item)))
+    views, missing, _ = views_by_hand(slide, HeatmapStore.open(res.store), expl.choice.rows, expl.choice.cols)
     f = TileViewForward(model.eval())
     with torch.no_grad():
         full = f(views[0], views[1], missing)[:, 1]

@@ -6,19 +6,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 
+from tests._multiview import VIEWS, saved_multiview_model, views_by_hand
 from tests.test_tile_faults import corrupt
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
-from wsi_cmaf.models import ModelConfig, create_model, save_model
+from wsi_cmaf.infer.multiview import read_block_views_tolerant
 from wsi_cmaf.output.store import HeatmapStore
+from wsi_cmaf.slide.grid import GridConfig, TileGrid
 from wsi_cmaf.slide.reader import open_slide
 from wsi_cmaf.slide.synthetic import write_synthetic_slide
+from wsi_cmaf.slide.tissue import TissueMask
 from wsi_cmaf.slide.views import ViewSpec, read_block_views
 
 CFG = InferenceConfig(block_tiles=4, progress=False, batch_size=64, overlay=False, geojson=False,
                       compile="off", autocast="off", reader_threads=1)
-VIEWS = [{"mpp": 4.0, "size": 50}, {"mpp": 16.0, "size": 50}]
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +44,7 @@ def slide_ctx(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = create_model("multiview", num_classes=2, backbone="timm:test_resnet", num_views=2, views=VIEWS).eval()
-    with torch.no_grad():  # make the context view matter for the output
-        model.heads.heads["malignancy"].weight.mul_(20.0)
-    cfg = ModelConfig(architecture="multiview", num_classes=2, class_names=["benign", "malignant"], input_size=32,
-                      stain_normalization=None, weights_note="test model (random weights, seed 0)")
-    return save_model(model, cfg, tmp_path_factory.mktemp("model") / "mv"), model
+    return saved_multiview_model(tmp_path_factory.mktemp("model") / "mv")
 
 
 @pytest.fixture(scope="module")
@@ -56,38 +53,30 @@ def clean(slide, model_dir, tmp_path_factory):
     return res, HeatmapStore.open(res.store)
 
 
-def _views(path, res, rows, cols, missing_override=None):
-    """Probabilities of tiles (rows, cols) from views read by hand from the CLEAN slide."""
-    from wsi_cmaf.infer.multiview import ViewsPreprocessor, pack_views
-    from wsi_cmaf.infer.runner import TilePreprocessor
-    from wsi_cmaf.slide.grid import GridConfig, TileGrid
-    from wsi_cmaf.slide.tissue import TissueMask
+def corrupt_tile(src, dst, level: int) -> tuple:
+    """:func:`corrupt` the largest storage tile of ``level``: (path, (x0, y0, x1, y1) of it in level px)."""
+    bad, (index,) = corrupt(src, dst, level=level)
+    with tifffile.TiffFile(bad) as tf:
+        per_row = -(-tf.series[0].levels[level].shape[1] // 256)
+    ty, tx = divmod(index, per_row)
+    return bad, (tx * 256, ty * 256, (tx + 1) * 256, (ty + 1) * 256)
 
-    store = HeatmapStore.open(res.store)
-    mask, mpp = store.tissue_mask()
-    with open_slide(path) as reader:
-        grid = TileGrid.from_slide(reader, GridConfig(mpp=4.0, tile_size=50), TissueMask(mask, mpp))
-        item = read_block_views(reader, grid, None, [ViewSpec(v["mpp"], v["size"]) for v in VIEWS],
-                                rows=rows, cols=cols)
-    pre = ViewsPreprocessor(TilePreprocessor(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic"), [50, 50])
-    return torch.from_numpy(pack_views(item)), pre, item.missing
+
+def meets(x: np.ndarray, y: np.ndarray, size: int, box: tuple) -> np.ndarray:
+    """Whether squares of ``size`` px at (x, y) overlap ``box`` = (x0, y0, x1, y1)."""
+    return (x < box[2]) & (x + size > box[0]) & (y < box[3]) & (y + size > box[1])
 
 
 def test_bad_tile_at_the_grid_level_fails_only_the_tiles_it_touches(slide, model_dir, clean, tmp_path):
     res0, store0 = clean
-    import tifffile
-
-    bad, (index,) = corrupt(slide, tmp_path / "bad1.svs", level=1)
-    with tifffile.TiffFile(bad) as tf:
-        per_row = -(-tf.series[0].levels[1].shape[1] // 256)
     # level 1 is the grid's pixel grid (4 µm/px): the bad 256 px storage tile fails exactly the
     # tissue tiles of 50 px whose footprint overlaps it
-    ty, tx = divmod(index, per_row)
+    bad, box = corrupt_tile(slide, tmp_path / "bad1.svs", 1)
     res = analyze_slide(bad, model=model_dir[0], out=tmp_path / "run1", config=CFG)
     store = HeatmapStore.open(res.store)
     a, b = store0.probabilities(0)[1], store.probabilities(0)[1]
     r, c = np.mgrid[0:a.shape[0], 0:a.shape[1]]
-    overlaps = (c * 50 < (tx + 1) * 256) & (c * 50 + 50 > tx * 256) & (r * 50 < (ty + 1) * 256) & (r * 50 + 50 > ty * 256)
+    overlaps = meets(c * 50, r * 50, 50, box)
     failed = np.isfinite(a) & ~np.isfinite(b)
     np.testing.assert_array_equal(failed, overlaps & np.isfinite(a))
     assert failed.sum() > 0
@@ -105,12 +94,7 @@ def test_bad_tile_at_the_context_level_makes_that_view_missing(slide_ctx, model_
     store0 = HeatmapStore.open(res0.store)
     with open_slide(slide) as reader:  # the context view's read level
         assert reader.level_for_mpp(16.0, 0.05) == 2 and reader.level_for_mpp(8.0) == 1
-    import tifffile
-
-    bad, (index,) = corrupt(slide, tmp_path / "bad2.svs", level=2)
-    with tifffile.TiffFile(bad) as tf:
-        per_row = -(-tf.series[0].levels[2].shape[1] // 256)
-    ty, tx = divmod(index, per_row)
+    bad, box = corrupt_tile(slide, tmp_path / "bad2.svs", 2)
     res = analyze_slide(bad, model=model_dir[0], out=tmp_path / "run2", config=CFG)
     store = HeatmapStore.open(res.store)
     np.testing.assert_array_equal(store.tissue_mask()[0], store0.tissue_mask()[0])  # same tissue stage
@@ -122,16 +106,15 @@ def test_bad_tile_at_the_context_level_makes_that_view_missing(slide_ctx, model_
     # exact crop). The tiles that change are those whose (present) context meets the bad tile.
     r, c = np.mgrid[0:a.shape[0], 0:a.shape[1]]
     ox, oy = np.floor((50 * c + 25) / 4 - 24.5), np.floor((50 * r + 25) / 4 - 24.5)
-    meets = (ox < (tx + 1) * 256) & (ox + 50 > tx * 256) & (oy < (ty + 1) * 256) & (oy + 50 > ty * 256)
     rows_all, cols_all = np.nonzero(np.isfinite(a))
-    _, _, clean_missing = _views(slide, res0, rows_all, cols_all)
+    clean_missing = views_by_hand(slide, store0, rows_all, cols_all)[2].missing
     had_context = np.zeros(a.shape, bool)
     had_context[rows_all, cols_all] = ~clean_missing[:, 1]
-    np.testing.assert_array_equal(changed, meets & had_context)
+    np.testing.assert_array_equal(changed, meets(ox, oy, 50, box) & had_context)
     assert changed.sum() > 0
     rows, cols = np.nonzero(changed)
-    packed, pre, missing = _views(slide, res0, rows, cols)
-    views, miss = pre(packed)
+    views, miss, item = views_by_hand(slide, store0, rows, cols)
+    missing = item.missing
     model = model_dir[1].eval()
     with torch.inference_mode():
         masked = torch.softmax(model(views, torch.stack([miss[:, 0], torch.ones_like(miss[:, 1])], 1)), 1)[:, 1]
@@ -141,12 +124,7 @@ def test_bad_tile_at_the_context_level_makes_that_view_missing(slide_ctx, model_
 
 
 def test_tolerant_view_read_is_the_plain_read_on_a_clean_slide(slide, clean):
-    from wsi_cmaf.infer.multiview import read_block_views_tolerant
-
     res0, store0 = clean
-    from wsi_cmaf.slide.grid import GridConfig, TileGrid
-    from wsi_cmaf.slide.tissue import TissueMask
-
     mask, mpp = store0.tissue_mask()
     specs = [ViewSpec(v["mpp"], v["size"]) for v in VIEWS]
     with open_slide(slide) as reader:

@@ -15,26 +15,19 @@ import numpy as np
 import pytest
 import torch
 
+from tests._multiview import MODEL_CFG, VIEWS, saved_multiview_model, views_by_hand
 from wsi_cmaf.errors import ModelConfigError
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.infer import multiview as engine_views
 from wsi_cmaf.infer import tasks as engine_tasks
 from wsi_cmaf.infer.modelspec import resolve_model
-from wsi_cmaf.infer.multiview import ViewsPreprocessor, pack_views
-from wsi_cmaf.infer.runner import TilePreprocessor
-from wsi_cmaf.models import ModelConfig, create_model, save_model
+from wsi_cmaf.models import create_model
 from wsi_cmaf.output.store import HeatmapStore
-from wsi_cmaf.slide.grid import GridConfig, TileGrid
-from wsi_cmaf.slide.reader import open_slide
 from wsi_cmaf.slide.synthetic import write_synthetic_slide
-from wsi_cmaf.slide.tissue import TissueMask
-from wsi_cmaf.slide.views import ViewSpec, read_block_views
+from wsi_cmaf.slide.views import read_block_views
 
 CFG = InferenceConfig(block_tiles=4, progress=False, batch_size=32, overlay=False, geojson=False,
                       compile="off", autocast="off")
-VIEWS = [{"mpp": 4.0, "size": 50}, {"mpp": 16.0, "size": 50}]
-MODEL_CFG = ModelConfig(architecture="multiview", num_classes=2, class_names=["benign", "malignant"], input_size=32,
-                        stain_normalization=None, weights_note="test model (random weights, seed 0)")
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +39,7 @@ def slide(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = create_model("multiview", num_classes=2, backbone="timm:test_resnet", num_views=2, views=VIEWS).eval()
-    with torch.no_grad():  # make the context view matter for the output
-        model.heads.heads["malignancy"].weight.mul_(20.0)
-    return save_model(model, MODEL_CFG, tmp_path_factory.mktemp("model") / "mv"), model
+    return saved_multiview_model(tmp_path_factory.mktemp("model") / "mv")
 
 
 class CountingReader:
@@ -97,13 +86,7 @@ def counted_run(slide, model_dir, tmp_path_factory):
 
 def _hand(slide_path, store, model, rows, cols, missing_override=None):
     """Probabilities of tiles (rows, cols) from views read by hand and the model called directly."""
-    mask, mpp = store.tissue_mask()
-    specs = [ViewSpec(v["mpp"], v["size"]) for v in VIEWS]
-    with open_slide(slide_path) as reader:
-        grid = TileGrid.from_slide(reader, GridConfig(mpp=4.0, tile_size=50), TissueMask(mask, mpp))
-        item = read_block_views(reader, grid, None, specs, rows=rows, cols=cols)
-    pre = ViewsPreprocessor(TilePreprocessor(32, tuple(MODEL_CFG.mean), tuple(MODEL_CFG.std), "bicubic"), [50, 50])
-    views, missing = pre(torch.from_numpy(pack_views(item)))
+    views, missing, item = views_by_hand(slide_path, store, rows, cols)
     if missing_override is not None:
         missing = missing_override
     with torch.inference_mode():

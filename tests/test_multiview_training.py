@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from tests._multiview import VIEWS, saved_multiview_model
 from wsi_cmaf.errors import ConfigError, DataError
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.models import ModelConfig, create_model, load_model, save_model
 from wsi_cmaf.models.multiview import MultiViewNet, ViewBatch
 from wsi_cmaf.output.store import HeatmapStore
-from wsi_cmaf.slide import GridConfig, write_synthetic_slide
+from wsi_cmaf.slide import write_synthetic_slide
 from wsi_cmaf.slide.views import ViewSpec
 from wsi_cmaf.train.config import ModelSection, TrainConfig, merge_dicts
 from wsi_cmaf.train.data.augment import AugmentConfig, BatchAugment
@@ -27,7 +28,6 @@ from wsi_cmaf.train.engine.trainer import train
 
 torch.set_num_threads(1)
 
-VIEWS = [{"mpp": 4.0, "size": 50}, {"mpp": 16.0, "size": 50}]
 TINY = dict(spatial_backbone="test_resnet", mvit_stem_channels=8, mvit_channels=[8, 16, 16, 16, 16],
             mvit_dims=[16, 16, 16], mvit_depths=[1, 1, 1], mvit_heads=2, context_dim=32, num_heads=2,
             bottleneck_dim=8, head_hidden=[16], nystrom_landmarks=16)
@@ -186,13 +186,8 @@ def test_trained_model_records_its_views_and_runs_on_a_slide(mv_run, slides, tmp
 
 def test_training_batches_match_what_inference_computes(view_store, slides, tmp_path):
     """The store -> loader -> batch pipeline path gives the model the inputs analyze_slide gives it."""
-    torch.manual_seed(0)
-    model = create_model("multiview", num_classes=2, backbone="timm:test_resnet", num_views=2, views=VIEWS).eval()
-    with torch.no_grad():  # spread the outputs so matching tiles by probability is meaningful
-        model.heads.heads["malignancy"].weight.mul_(20.0)
-    cfg = ModelConfig(architecture="multiview", num_classes=2, class_names=["benign", "malignant"], input_size=32,
-                      stain_normalization=None, weights_note="test model (random weights, seed 0)")
-    model_dir = save_model(model, cfg, tmp_path / "model")
+    # its scaled head spreads the outputs, so matching tiles by probability is meaningful
+    model_dir, model = saved_multiview_model(tmp_path / "model")
     ds = PatchStoreDataset(view_store, "test", views=True)
     batch = collate_views([ds[i] for i in range(len(ds))])
     pipe = BatchPipeline(ModelSection(input_size=32, stain_normalization=None), None, None)

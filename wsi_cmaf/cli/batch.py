@@ -52,10 +52,9 @@ def run(args: argparse.Namespace) -> int:
     # dask are imported (seconds of imports against milliseconds of work).
     t0 = time.perf_counter()
     sha = weights_file_sha256(args.model)
-    if sha is not None:
-        plan = plan_batch(inputs, args.out, sha)
-        if not plan.todo:
-            return _report(plan.result(t0))
+    plan = plan_batch(inputs, args.out, sha) if sha is not None else None
+    if plan is not None and not plan.todo:
+        return _report(plan.result(t0))
 
     from wsi_cmaf.cluster import analyze_slides
     from wsi_cmaf.infer import InferenceConfig
@@ -72,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         scheduler=args.scheduler, cluster=args.cluster, workers=args.workers,
         gpus_per_worker=args.gpus_per_worker, slides_per_gpu=args.slides_per_gpu,
         cluster_kwargs=json.loads(args.cluster_options) if args.cluster_options else None,
-        config=cfg, retries=args.retries, progress=not args.no_progress,
+        config=cfg, retries=args.retries, progress=not args.no_progress, plan=plan,
     )
     return _report(result)
 

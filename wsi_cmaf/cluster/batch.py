@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from wsi_cmaf.cluster.engine import connect
 from wsi_cmaf.cluster.inputs import SlideJob
-from wsi_cmaf.cluster.plan import BatchResult, plan_batch
+from wsi_cmaf.cluster.plan import BatchPlan, BatchResult, plan_batch
 from wsi_cmaf.errors import WsiCmafError
 from wsi_cmaf.infer.config import InferenceConfig
 from wsi_cmaf.infer.modelspec import ResolvedModel, quick_weights_sha256, resolve_model
@@ -64,6 +64,7 @@ def analyze_slides(
     config: InferenceConfig | None = None,
     retries: int = 2,
     progress: bool = True,
+    plan: BatchPlan | None = None,
 ) -> BatchResult:
     """Analyse every slide in ``slides`` into ``out_dir/<key>/``, tracking them in ``out_dir/status.csv``.
 
@@ -73,6 +74,9 @@ def analyze_slides(
 
     GPU workers (``gpus_per_worker`` > 0, or ``cluster="local-cuda"``) run ``slides_per_gpu``
     slides at once per GPU; a local cluster then gets one worker process per visible GPU.
+    ``plan``: :func:`~wsi_cmaf.cluster.plan.plan_batch` of these slides and ``out_dir`` made by the
+    caller (the CLI's rerun check); reused when planned for the same weights, so the slides are not
+    fingerprinted twice.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -83,7 +87,8 @@ def analyze_slides(
         resolved = resolve_model(model, model_config)
         weights_sha = resolved.weights_sha256
     cfg = config or InferenceConfig(progress=False, reader_threads=1)
-    plan = plan_batch(slides, out, weights_sha)
+    if plan is None or plan.weights_sha256 != weights_sha:
+        plan = plan_batch(slides, out, weights_sha)
     table, todo = plan.table, plan.todo
     if not todo:
         return plan.result(t0)

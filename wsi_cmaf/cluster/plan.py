@@ -38,10 +38,12 @@ class BatchResult:
 
 @dataclass
 class BatchPlan:
-    """The slides of a batch, its status table, and the slides still to analyse."""
+    """The slides of a batch, its status table, the weights it was planned for, and the slides
+    still to analyse."""
 
     jobs: list[SlideJob]
     table: StatusTable
+    weights_sha256: str
     todo: list[SlideJob]
 
     @property
@@ -77,4 +79,4 @@ def plan_batch(slides: str | Path | list[str | Path], out_dir: str | Path, weigh
     todo = [j for j in jobs if not already_done(table.get(j.key), j, weights_sha256)]
     if len(jobs) > len(todo):
         logger.info("%d of %d slides already done; skipping them", len(jobs) - len(todo), len(jobs))
-    return BatchPlan(jobs, table, todo)
+    return BatchPlan(jobs, table, weights_sha256, todo)

@@ -75,16 +75,13 @@ def _subtype_labels(frame: pd.DataFrame, class_names: Sequence[str], where: str)
     return out
 
 
-def model_views(mc: ModelConfig) -> list[dict] | None:
-    """The views a saved multi-view model takes (``model_kwargs.views``), None for one view."""
-    kwargs = dict(mc.model_kwargs or {})
-    if mc.architecture != "multiview" or int(kwargs.get("num_views", 2)) < 2:
-        return None
-    views = kwargs.get("views")
-    if not views:
-        raise ConfigError(f"{mc.architecture} model with {kwargs.get('num_views', 2)} views declares no "
-                          "model_kwargs.views, so no patch store can be matched to it")
-    return [{"mpp": float(v["mpp"]), "size": int(v["size"])} for v in views]
+def saved_views(module: nn.Module, mc: ModelConfig) -> list[dict] | None:
+    """A saved multi-view model's views in a patch store's form (``[{"mpp", "size"}]``), None for
+    one view; checked as the slide engine checks them (:func:`wsi_cmaf.infer.multiview.model_views`)."""
+    from wsi_cmaf.infer.multiview import model_views
+
+    views = model_views(module, mc, getattr(mc, "architecture", "model"))
+    return None if views is None else [{"mpp": float(v.mpp), "size": int(v.size)} for v in views]
 
 
 def eval_dataset(source: str | Path, split: str, target: str, class_names: Sequence[str],
@@ -144,6 +141,7 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, *, split: 
     model_dir = resolve_checkpoint(checkpoint)
     dev = resolve_device(device)
     model, mc = load_model(model_dir, map_location="cpu")
+    own_views = saved_views(model, mc)
     model = primary_view(model).to(dev)  # a multi-task model is evaluated on its primary task
     if target == "auto":
         target = "subtype" if mc.num_classes > 2 else "label"
@@ -152,20 +150,22 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, *, split: 
     if target == "label" and mc.num_classes != 2:
         raise ConfigError(f"the model has {mc.num_classes} classes {mc.class_names}; "
                           "benign/malignant labels need a 2-class model (use --target subtype)")
-    views = model_views(mc)
-    if views is None and compare is not None:  # a multi-view model B needs the views in the dataset
-        views = model_views(load_model(resolve_checkpoint(compare), map_location="cpu")[1])
+    other = None
+    if compare is not None:  # loaded once: its views decide the dataset when A has none
+        other_dir = resolve_checkpoint(compare)
+        model_b, mc_b = load_model(other_dir, map_location="cpu")
+        other = (other_dir, model_b, mc_b, saved_views(model_b, mc_b))
+    views = own_views if own_views is not None or other is None else other[3]
     ds, meta = eval_dataset(manifest, split, target, mc.class_names, check_images, views)
     out = Path(out_dir) if out_dir else model_dir.parent / f"eval_{Path(manifest).stem}_{split}"
     out.mkdir(parents=True, exist_ok=True)
     pipeline = eval_pipeline(mc, ds, stain_patches_per_patient, seed, dev)
     loader = eval_loader(ds, batch_size)
     pids = np.asarray(ds.patient_ids).astype(str)  # type: ignore[attr-defined]
-    own_views = model_views(mc) is not None
 
     def prepare(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         # a single-view model on a multi-view store (for --compare) sees the tile itself, view 0
-        return pipeline(x if own_views else anchor_image(x), pids[idx.cpu().numpy()], train=False)
+        return pipeline(x if own_views is not None else anchor_image(x), pids[idx.cpu().numpy()], train=False)
 
     bar = tqdm(loader, disable=not progress, desc="evaluate", unit="batch", dynamic_ncols=True)
     probs, labels, idx = predict(model, bar, prepare, dev)  # type: ignore[arg-type]
@@ -174,8 +174,8 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, *, split: 
                          groups=pids[idx], meta=meta_rows, n_boot=n_boot, seed=seed, prefix=split)
     report.update({"split": split, "target": target, "manifest": str(manifest), "model_dir": str(model_dir),
                    "weights_note": mc.weights_note, "bootstrap": n_boot})
-    if compare is not None:
-        report["mcnemar"] = _compare_with(compare, mc, ds, pids, probs, labels, idx, batch_size=batch_size,
+    if other is not None:
+        report["mcnemar"] = _compare_with(other, mc, ds, pids, probs, labels, idx, batch_size=batch_size,
                                           per_patient=stain_patches_per_patient, seed=seed, device=dev,
                                           progress=progress)
     write_json(out / "metrics.json", report)
@@ -189,18 +189,17 @@ def hard_predictions(probs: np.ndarray, positive_class: int) -> np.ndarray:
     return probs.argmax(1)
 
 
-def _compare_with(other: str | Path, mc: ModelConfig, ds: Dataset, pids: np.ndarray, probs: np.ndarray,
-                  labels: np.ndarray, idx: np.ndarray, *, batch_size: int, per_patient: int, seed: int,
-                  device: torch.device, progress: bool) -> dict[str, Any]:
-    """McNemar test of the evaluated model (A) against checkpoint ``other`` (B) on the same rows."""
-    other_dir = resolve_checkpoint(other)
-    model_b, mc_b = load_model(other_dir, map_location="cpu")
+def _compare_with(other: tuple[Path, nn.Module, ModelConfig, list[dict] | None], mc: ModelConfig, ds: Dataset,
+                  pids: np.ndarray, probs: np.ndarray, labels: np.ndarray, idx: np.ndarray, *, batch_size: int,
+                  per_patient: int, seed: int, device: torch.device, progress: bool) -> dict[str, Any]:
+    """McNemar test of the evaluated model (A) against ``other`` = (folder, model, config, views)
+    of checkpoint B, on the same rows."""
+    other_dir, model_b, mc_b, b_views = other
     if list(mc_b.class_names) != list(mc.class_names) or mc_b.positive_class != mc.positive_class:
         raise ConfigError(f"--compare {other_dir}: classes {list(mc_b.class_names)} (positive "
                           f"{mc_b.positive_class}) differ from {list(mc.class_names)} (positive {mc.positive_class})")
     model_b = primary_view(model_b).to(device)
     pipeline = eval_pipeline(mc_b, ds, per_patient, seed, device)  # B's own stain/resize/normalisation
-    b_views = model_views(mc_b)
     if b_views is not None and getattr(ds, "store", None) is not None and ds.store.views != b_views:  # type: ignore[attr-defined]
         raise DataError(f"--compare {other_dir}: it takes views {b_views}, the store holds {ds.store.views}")  # type: ignore[attr-defined]
 
