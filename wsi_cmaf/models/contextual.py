@@ -22,6 +22,7 @@ from timm.models._efficientnet_blocks import InvertedResidual
 from timm.models.vision_transformer import Block as TransformerBlock
 from torch import nn
 
+from wsi_cmaf.models.blocking import cpu_chunk_size, run_blocked
 from wsi_cmaf.models.nystrom import NystromAttention
 
 #: Global mixers a ContextualBlock can use: MobileViT's transformer, or VMamba's SS2D (vssm.py).
@@ -260,13 +261,38 @@ class ContextualBranch(nn.Module):
                 ]))
         self.out_channels = out_dim
         self.final = ConvNormAct(channels[-1], out_dim, 1, act_layer=act)
+        #: Images per chunk for the local stages on CPU in eval mode: None picks from the thread
+        #: count and input size, 0 turns blocking off (``blocking.cpu_chunk_size``).
+        self.cpu_chunk: int | None = None
+
+    def _first_contextual(self) -> int:
+        """Index of the first stage whose body is a transformer (len(bodies) when none is)."""
+        for i, body in enumerate(self.bodies):
+            if isinstance(body, ContextualBlock):
+                return i
+        return len(self.bodies)
+
+    def _local(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution-only stages before the first transformer (stem, MV2 stages, its down)."""
+        x = self.stem(x)
+        first = self._first_contextual()
+        for i, (down, body) in enumerate(zip(self.down, self.bodies)):
+            x = down(x)
+            if i == first:
+                break
+            x = body(x)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Input (B, 3, H, W) -> F_t (B, D_t, ~H/32, ~W/32)."""
         grads = self.grads(x) if self.grads is not None else None
         grid_cache: dict[tuple[int, int], torch.Tensor] = {}
-        x = self.stem(x)
-        for down, body in zip(self.down, self.bodies):
-            x = down(x)
-            x = body(x, grads, grid_cache) if isinstance(body, ContextualBlock) else body(x)
+        # The local stages are memory-bound at this resolution; blocking the later stages or the
+        # gradient maps as well measured no faster.
+        x = run_blocked(self._local, x, cpu_chunk_size(self, x))
+        first = self._first_contextual()
+        for i in range(first, len(self.bodies)):
+            if i > first:
+                x = self.down[i](x)
+            x = self.bodies[i](x, grads, grid_cache)
         return self.final(x)

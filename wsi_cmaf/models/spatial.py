@@ -7,7 +7,10 @@ import logging
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models._features import FeatureListNet
 from torch import nn
+
+from wsi_cmaf.models.blocking import cpu_chunk_size, run_blocked
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +79,37 @@ class SpatialBranch(nn.Module):
             # Start as plain ResNet: zero-init the BN scale so skips are learned in, not forced in.
             nn.init.zeros_(skip[1].weight)
         self.attention = SpatialAttention(attention_kernel) if spatial_attention else None
+        #: Images per chunk for the trunk's stem and first stage on CPU in eval mode
+        #: (``blocking.cpu_chunk_size``; 0 turns blocking off).
+        self.cpu_chunk: int | None = None
+
+    def _trunk(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The trunk's feature maps, its stem and first tapped stage run in chunks on CPU."""
+        k = cpu_chunk_size(self, x)
+        if not k or not isinstance(self.trunk, FeatureListNet) or self.trunk.grad_checkpointing:
+            return self.trunk(x)
+        # timm's FeatureListNet runs its children in order and keeps the tapped outputs; the
+        # same loop here, with everything up to the first tapped stage (7x7 conv at 112 px,
+        # max-pool, layer1 at 56 px) run in chunks.
+        layers = list(self.trunk.items())
+        n_early = next(i for i, (name, _) in enumerate(layers) if name in self.trunk.return_layers) + 1
+
+        def early(z: torch.Tensor) -> torch.Tensor:
+            for _, layer in layers[:n_early]:
+                z = layer(z)
+            return z
+
+        x = run_blocked(early, x, k)
+        feats = [x]
+        for name, layer in layers[n_early:]:
+            x = layer(x)
+            if name in self.trunk.return_layers:
+                feats.append(x)
+        return feats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Input (B, 3, H, W) -> F_s (B, 512, ceil(H/32), ceil(W/32))."""
-        feats = self.trunk(x)
+        feats = self._trunk(x)
         out = feats[-1]
         size = (int(out.shape[-2]), int(out.shape[-1]))
         for stage, proj in zip(self.skip_stages, self.skips):
