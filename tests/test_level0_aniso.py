@@ -21,7 +21,7 @@ from wsi_cmaf.infer.pipeline import _stride_level0, _um_per_tile
 from wsi_cmaf.infer.summary import failure_records
 from wsi_cmaf.slide.grid import GridConfig, TileGrid
 
-from tests.test_wsinfer_placement import TinyNet, _zoo_folder
+from tests.test_wsinfer_placement import TinyNet, _analyze_on_lattice, _zoo_folder
 
 ANISO = (0.25, 0.5)  # (x, y) µm/px; mean 0.375
 SIZE0 = (2000, 1400)  # level-0 (width, height)
@@ -224,18 +224,10 @@ def test_resume_of_a_square_pixel_store_made_before_the_key(tmp_path) -> None:
     # tile_size_level0 was recorded resumes, gains the key, and its geometry is what it was
     import json
 
-    from wsi_cmaf.infer.config import InferenceConfig
     from wsi_cmaf.infer.pipeline import analyze_slide
     from wsi_cmaf.output.store import HeatmapStore
-    from wsi_cmaf.slide.synthetic import write_synthetic_slide
 
-    slide = tmp_path / "s.tiff"
-    write_synthetic_slide(slide, 1200, 900, 0.499, seed=3, tumour=True)
-    torch.manual_seed(0)
-    folder = _zoo_folder(tmp_path, TinyNet(), 50, 4.0, 64)
-    run = InferenceConfig(batch_size=16, overlay=False, geojson=False, progress=False, autocast="off")
-    analyze_slide(slide, model=folder, out=tmp_path / "out", config=run)
-    store_path = tmp_path / "out" / "s.zarr"
+    slide, folder, run, store_path = _analyze_on_lattice(tmp_path, 1200, 900)
     made = HeatmapStore.open(store_path)
     assert made.attrs["grid"]["tile_size_level0"] == [401, 401]
     geometry = made.geometry.to_dict()

@@ -11,19 +11,19 @@ import pytest
 import torch
 
 from tests._multiview import VIEWS, saved_multiview_model
+from tests.test_slide_patches import annotated_slides
 from wsi_cmaf.errors import ConfigError, DataError
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.models import ModelConfig, create_model, load_model, save_model
 from wsi_cmaf.models.multiview import MultiViewNet, ViewBatch
 from wsi_cmaf.output.store import HeatmapStore
-from wsi_cmaf.slide import write_synthetic_slide
 from wsi_cmaf.slide.views import ViewSpec
 from wsi_cmaf.train.config import ModelSection, TrainConfig, merge_dicts
 from wsi_cmaf.train.data.augment import AugmentConfig, BatchAugment
 from wsi_cmaf.train.data.datasets import PatchStoreDataset, build_dataloaders, collate_views
 from wsi_cmaf.train.data.patchstore import PatchStore, write_patch_store
 from wsi_cmaf.train.data.setup import BatchPipeline
-from wsi_cmaf.train.data.slide_patches import AnnotatedSlide, build_slide_patch_store
+from wsi_cmaf.train.data.slide_patches import build_slide_patch_store
 from wsi_cmaf.train.engine.trainer import train
 
 torch.set_num_threads(1)
@@ -36,12 +36,7 @@ TINY = dict(spatial_backbone="test_resnet", mvit_stem_channels=8, mvit_channels=
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory):
     """Three 2 x 2 mm synthetic slides (10 x 10 tiles of 200 µm), one per split."""
-    root = tmp_path_factory.mktemp("mv_slides")
-    out = []
-    for i, split in enumerate(("train", "val", "test")):
-        s = write_synthetic_slide(root / f"slide{i}.tiff", 8000, 8000, 0.25, seed=200 + i)
-        out.append(AnnotatedSlide(s.path, s.tumour_mask, s.mask_mpp, split))
-    return out
+    return annotated_slides(tmp_path_factory.mktemp("mv_slides"), 200)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -11,14 +13,18 @@ from wsi_cmaf.train.patchstore import PatchStore
 from wsi_cmaf.train.slide_patches import AnnotatedSlide, build_slide_patch_store, slide_patches
 
 
-@pytest.fixture(scope="module")
-def slides(tmp_path_factory):
-    root = tmp_path_factory.mktemp("annotated")
+def annotated_slides(root: Path, first_seed: int) -> list[AnnotatedSlide]:
+    """Three 2 x 2 mm synthetic slides (8000² px at 0.25 µm/px) with their masks, one per split."""
     out = []
     for i, split in enumerate(("train", "val", "test")):
-        s = write_synthetic_slide(root / f"slide{i}.tiff", 8000, 8000, 0.25, seed=100 + i)
+        s = write_synthetic_slide(root / f"slide{i}.tiff", 8000, 8000, 0.25, seed=first_seed + i)
         out.append(AnnotatedSlide(s.path, s.tumour_mask, s.mask_mpp, split))
     return out
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    return annotated_slides(tmp_path_factory.mktemp("annotated"), 100)
 
 
 def test_labels_follow_the_mask(slides):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -116,20 +117,30 @@ def _zoo_folder(root: Path, net: nn.Module, patch_px: int, spacing: float, input
     return folder
 
 
-def test_store_geometry_is_the_lattice_and_old_stores_are_refused(tmp_path) -> None:
+def _analyze_on_lattice(tmp_path: Path, width: int, height: int) -> tuple[Path, Path, Any, Path]:
+    """A 0.499 µm/px synthetic slide analysed in level-0 mode by a 50 px @ 4 µm/px zoo model.
+
+    Returns the slide, the model folder, the run's InferenceConfig and the store's path.
+    """
     from wsi_cmaf.infer.config import InferenceConfig
     from wsi_cmaf.infer.pipeline import analyze_slide
-    from wsi_cmaf.output.store import HeatmapStore
-    from wsi_cmaf.output.tiles import tile_table, tiles_geojson
     from wsi_cmaf.slide.synthetic import write_synthetic_slide
 
     slide = tmp_path / "s.tiff"
-    write_synthetic_slide(slide, 2000, 1400, 0.499, seed=3, tumour=True)
+    write_synthetic_slide(slide, width, height, 0.499, seed=3, tumour=True)
     torch.manual_seed(0)
     folder = _zoo_folder(tmp_path, TinyNet(), 50, 4.0, 64)
     run = InferenceConfig(batch_size=16, overlay=False, geojson=False, progress=False, autocast="off")
     analyze_slide(slide, model=folder, out=tmp_path / "out", config=run)
-    store_path = tmp_path / "out" / "s.zarr"
+    return slide, folder, run, tmp_path / "out" / "s.zarr"
+
+
+def test_store_geometry_is_the_lattice_and_old_stores_are_refused(tmp_path) -> None:
+    from wsi_cmaf.infer.pipeline import analyze_slide
+    from wsi_cmaf.output.store import HeatmapStore
+    from wsi_cmaf.output.tiles import tile_table, tiles_geojson
+
+    slide, folder, run, store_path = _analyze_on_lattice(tmp_path, 2000, 1400)
     store = HeatmapStore.open(store_path)
     # P = 401 (see above): 2000 / 401 = 4.99 -> 5 columns; 1400 / 401 = 3.49 -> 3 whole + 1 partial
     assert store.grid_shape == (4, 5)

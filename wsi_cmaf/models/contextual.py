@@ -261,24 +261,20 @@ class ContextualBranch(nn.Module):
                 ]))
         self.out_channels = out_dim
         self.final = ConvNormAct(channels[-1], out_dim, 1, act_layer=act)
+        #: index of the first stage whose body is a transformer; the stages before it (and its
+        #: down-sampling) are convolution-only
+        self.first_contextual = next(
+            (i for i, body in enumerate(self.bodies) if isinstance(body, ContextualBlock)), len(self.bodies))
         #: Images per chunk for the local stages on CPU in eval mode: None picks from the thread
         #: count and input size, 0 turns blocking off (``blocking.cpu_chunk_size``).
         self.cpu_chunk: int | None = None
 
-    def _first_contextual(self) -> int:
-        """Index of the first stage whose body is a transformer (len(bodies) when none is)."""
-        for i, body in enumerate(self.bodies):
-            if isinstance(body, ContextualBlock):
-                return i
-        return len(self.bodies)
-
     def _local(self, x: torch.Tensor) -> torch.Tensor:
         """The convolution-only stages before the first transformer (stem, MV2 stages, its down)."""
         x = self.stem(x)
-        first = self._first_contextual()
         for i, (down, body) in enumerate(zip(self.down, self.bodies)):
             x = down(x)
-            if i == first:
+            if i == self.first_contextual:
                 break
             x = body(x)
         return x
@@ -290,7 +286,7 @@ class ContextualBranch(nn.Module):
         # The local stages are memory-bound at this resolution; blocking the later stages or the
         # gradient maps as well measured no faster.
         x = run_blocked(self._local, x, cpu_chunk_size(self, x))
-        first = self._first_contextual()
+        first = self.first_contextual
         for i in range(first, len(self.bodies)):
             if i > first:
                 x = self.down[i](x)

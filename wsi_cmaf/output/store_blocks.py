@@ -17,6 +17,13 @@ import numpy as np
 logger = logging.getLogger("wsi_cmaf.output.store")  # the store's messages keep the store's logger name
 
 
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """A view of ``a`` that callers cannot write through (the store owns the block state)."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
 class BlockStateMixin:
     """Per-block state; mixed into HeatmapStore (uses its arrays, caches, ``_lock`` and helpers)."""
 
@@ -41,23 +48,17 @@ class BlockStateMixin:
     @property
     def done(self) -> np.ndarray:
         """bool (block rows, block cols): blocks whose probabilities are stored (read-only view)."""
-        v = self._done.view()
-        v.flags.writeable = False
-        return v
+        return _read_only(self._done)
 
     @property
     def failed(self) -> np.ndarray:
         """bool (block rows, block cols): blocks whose last attempt failed (read-only view)."""
-        v = self._failed.view()
-        v.flags.writeable = False
-        return v
+        return _read_only(self._failed)
 
     @property
     def failed_tiles(self) -> np.ndarray:
         """bool (rows, cols): tissue tiles of written blocks that could not be decoded (read-only)."""
-        v = self._failed_tiles.view()
-        v.flags.writeable = False
-        return v
+        return _read_only(self._failed_tiles)
 
     @property
     def errors(self) -> dict[tuple[int, int], str]:
