@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_cmaf.infer.pipeline import _stride_level0, _um_per_tile
+from wsi_cmaf.infer.attrs import _stride_level0, _um_per_tile
 from wsi_cmaf.infer.summary import failure_records
 from wsi_cmaf.slide.grid import GridConfig, TileGrid
 
@@ -180,7 +180,7 @@ def test_store_tile_size_is_the_lattice(aniso_store) -> None:
 
 
 def _attrs_of(mpp: tuple[float, float], grid: TileGrid, level0_key: bool) -> dict:
-    from wsi_cmaf.infer.pipeline import _tile_size_level0_attrs
+    from wsi_cmaf.infer.attrs import _tile_size_level0_attrs
 
     g = {"tile_size": grid.config.tile_size, "mpp": grid.config.mpp, "tile_origin_level0": [0, 0]}
     return {"slide": {"mpp": list(mpp)}, "grid": {**g, **(_tile_size_level0_attrs(grid) if level0_key else {})}}
@@ -200,7 +200,7 @@ def test_square_pixel_geometry_is_bit_identical(m: float, tile: int, mpp: float)
 
 
 def test_tile_size_level0_attrs() -> None:
-    from wsi_cmaf.infer.pipeline import _tile_size_level0_attrs
+    from wsi_cmaf.infer.attrs import _tile_size_level0_attrs
     from wsi_cmaf.output.geometry import TileGeometry
 
     assert _tile_size_level0_attrs(_grid(50, 4.0, "level0")) == {"tile_size_level0": [533, 533]}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,13 +210,13 @@ def _saliency(method: str, module, x: torch.Tensor, target: int, s: ExplainSetti
     return gradcam_spatial(module, x, target)
 
 
-def _read_views(pixels, grid, kwargs: dict, choice: TileChoice, prep) -> tuple[list[np.ndarray], list, torch.Tensor]:
-    """A multi-view model's views of the chosen tiles, read and preprocessed as the analysis did:
-    (pixels of every view, each (n, s, s, 3); preprocessed views; missing mask (n, V))."""
+def _read_views(pixels, grid, specs: Sequence[Any], choice: TileChoice, prep) -> tuple[list[np.ndarray], list, torch.Tensor]:
+    """A multi-view model's views (``ViewSpec``s, as resolved) of the chosen tiles, read and
+    preprocessed as the analysis did: (pixels of every view, each (n, s, s, 3); preprocessed
+    views; missing mask (n, V))."""
     from wsi_cmaf.infer.multiview import ViewsPreprocessor, pack_views
-    from wsi_cmaf.slide.views import ViewSpec, read_block_views
+    from wsi_cmaf.slide.views import read_block_views
 
-    specs = [ViewSpec(float(v["mpp"]), int(v["size"])) for v in kwargs["views"]]
     item = read_block_views(pixels, grid, None, specs, rows=choice.rows.astype(np.int64),
                             cols=choice.cols.astype(np.int64))
     views, missing = ViewsPreprocessor(prep, [s.size for s in specs])(torch.from_numpy(pack_views(item)))
@@ -282,7 +283,7 @@ def explain_slide(store_path: str | Path, slide: str | Path | None = None, model
         fargs: tuple[torch.Tensor, ...] = ()
         weights, context = None, None
         if multi_view:
-            view_pixels, views, missing = _read_views(pixels, grid, kwargs, choice, prep)
+            view_pixels, views, missing = _read_views(pixels, grid, resolved.views, choice, prep)
             tiles, context = view_pixels[0], view_pixels[1:]
             views = [v.to(device) for v in views]
             x_all, fargs = views[0], (*views[1:], missing.to(device))

@@ -93,11 +93,6 @@ def sample_input(views: Sequence[ViewSpec] | None, input_size: int) -> tuple:
     return [x] * len(views), torch.zeros(1, len(views), dtype=torch.bool)
 
 
-def views_attrs(views: Sequence[ViewSpec]) -> list[dict[str, float | int]]:
-    """The store's ``views`` attribute: µm/px and size of each view, view 0 = the tile."""
-    return [{"mpp": float(v.mpp), "size": int(v.size)} for v in views]
-
-
 def pack_views(item: BlockViews) -> np.ndarray:
     """(N, L) uint8 rows: every view's pixels (row-major, view after view), then V missing flags."""
     n = item.rows.size

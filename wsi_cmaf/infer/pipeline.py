@@ -15,8 +15,7 @@ from tqdm.auto import tqdm
 
 from wsi_cmaf.errors import NoDecodableTissueError, WsiCmafError
 from wsi_cmaf.infer.attrs import _attrs, _um_per_tile
-# re-exported: tests check the level-0 spacing through this module
-from wsi_cmaf.infer.attrs import _stride_level0, _tile_size_level0_attrs, edge_tiles_attrs  # noqa: F401
+from wsi_cmaf.infer.attrs import edge_tiles_attrs  # noqa: F401  (re-exported)
 from wsi_cmaf.infer.checks import check_device, check_inputs
 from wsi_cmaf.infer.callargs import UNSET, merge_run_config
 from wsi_cmaf.infer.config import InferenceConfig

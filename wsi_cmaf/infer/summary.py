@@ -10,7 +10,6 @@ import numpy as np
 from wsi_cmaf.infer.result import SlideResult
 from wsi_cmaf.output.store import HeatmapStore
 from wsi_cmaf.slide.grid import TileGrid
-from wsi_cmaf.slide.level0 import level0_tile_px
 from wsi_cmaf.slide.tissue import TissueMask
 
 logger = logging.getLogger(__name__)
@@ -24,7 +23,8 @@ def _tile_size_level0(grid: TileGrid) -> tuple[int, int]:
     if grid.config.source == "level0":
         # WSInfer's square P x P patch; the effective µm/px over mpp_x or mpp_y would give
         # P * mean / mpp_x by P * mean / mpp_y on a slide whose pixels are not square
-        return level0_tile_px(grid.config.tile_size, grid.config.mpp, grid.slide_mpp)
+        patch = grid.level0_pitch[0]
+        return patch, patch
     w, h = (int(round(grid.config.tile_size * grid.config.mpp / m)) for m in grid.slide_mpp)
     return w, h
 

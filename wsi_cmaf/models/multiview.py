@@ -78,10 +78,6 @@ class ViewBatch:
         parts = [v.tensor_split(sections) for v in self.views]
         return [ViewBatch([p[i] for p in parts], m) for i, m in enumerate(self.missing.tensor_split(sections))]
 
-    def map_views(self, fn: Any) -> ViewBatch:
-        """A ViewBatch with ``fn(view)`` applied to each view, the mask kept."""
-        return ViewBatch([fn(v) for v in self.views], self.missing)
-
 
 ViewsInput = torch.Tensor | Sequence[torch.Tensor] | ViewBatch
 

@@ -35,6 +35,14 @@ def max_pool2(data: np.ndarray) -> np.ndarray:
     return d.reshape(*d.shape[:-2], d.shape[-2] // 2, 2, d.shape[-1] // 2, 2).max(axis=(-3, -1))
 
 
+def drop_levels(group: Any, levels: int) -> None:
+    """Delete the arrays ``str(level)`` with ``level >= levels`` of a zarr ``group`` (left over from an
+    earlier, deeper pyramid)."""
+    for name in list(group.array_keys()):
+        if name.isdigit() and int(name) >= levels:
+            del group[name]
+
+
 def write_nan_mean_levels(group: Any, level0: np.ndarray, levels: int, chunk: tuple[int, int], *,
                           compressors: Any, dimension_names: tuple[str, ...], first: int = 0) -> None:
     """Write arrays ``str(level)`` for ``first <= level < levels`` of a zarr ``group``: ``level0``

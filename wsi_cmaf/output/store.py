@@ -43,7 +43,9 @@ from wsi_cmaf.errors import OutputError, OutputExistsError, StoreMismatchError
 from wsi_cmaf.output._json import json_diff, jsonable
 from wsi_cmaf.output.geometry import TileGeometry
 from wsi_cmaf.output.ngff import AXES, image_metadata, label_image_metadata, labels_group_metadata
-from wsi_cmaf.output.pyramid import max_pool2, nan_mean_pool2  # noqa: F401  (re-exported)
+from wsi_cmaf.output.pyramid import (  # noqa: F401  (nan_mean_pool2 re-exported)
+    drop_levels, max_pool2, nan_mean_pool2, write_nan_mean_levels,
+)
 from wsi_cmaf.output.store_blocks import BlockStateMixin
 from wsi_cmaf.output.store_inputs import RunInputsMixin
 from wsi_cmaf.output.store_tasks import TaskGroupsMixin, check_task_layout
@@ -322,22 +324,18 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin):
         tissue = np.asarray(self._tissue[...])
         tissue_group = self._root["labels/tissue"]
         (k0, k1) = self.chunk
+        write_nan_mean_levels(self._root, probs, levels, self.chunk, compressors=_compressor(),
+                              dimension_names=AXES, first=1)
         for level in range(1, levels):
-            probs, tissue = nan_mean_pool2(probs), max_pool2(tissue)
-            h, w = probs.shape[-2:]
-            chunks = (probs.shape[0], max(1, min(k0, h)), max(1, min(k1, w)))
-            arr = self._root.create_array(str(level), shape=probs.shape, chunks=chunks, dtype="float32",
-                                          fill_value=np.nan, compressors=_compressor(),
-                                          dimension_names=AXES, overwrite=True)
-            arr[...] = probs
-            tarr = tissue_group.create_array(str(level), shape=tissue.shape, chunks=(1,) + chunks[1:],
+            tissue = max_pool2(tissue)
+            h, w = tissue.shape[-2:]
+            tarr = tissue_group.create_array(str(level), shape=tissue.shape,
+                                             chunks=(1, max(1, min(k0, h)), max(1, min(k1, w))),
                                              dtype="uint8", fill_value=0, compressors=_compressor(),
                                              dimension_names=AXES, overwrite=True)
             tarr[...] = tissue
         for group in (self._root, tissue_group):  # levels left over from an earlier, deeper finalize
-            for name in list(group.array_keys()):
-                if name.isdigit() and int(name) >= levels:
-                    del group[name]
+            drop_levels(group, levels)
         pyramid = self.geometry.pyramid()
         self._finalize_task_groups(levels, pyramid)
         tissue_group.attrs["ome"] = label_image_metadata("tissue", levels, pyramid)

@@ -22,7 +22,7 @@ import numpy as np
 
 from wsi_cmaf.errors import OutputError
 from wsi_cmaf.output.ngff import AXES, image_metadata
-from wsi_cmaf.output.pyramid import write_nan_mean_levels
+from wsi_cmaf.output.pyramid import drop_levels, write_nan_mean_levels
 
 #: group under the store root that holds one image group per extra task
 TASKS_GROUP = "tasks"
@@ -125,7 +125,5 @@ class TaskGroupsMixin:
             group = self._root[task_group_path(task)]
             write_nan_mean_levels(group, np.asarray(group["0"][...]), levels, self.chunk,
                                   compressors=_compressor(), dimension_names=AXES, first=1)
-            for name in list(group.array_keys()):
-                if name.isdigit() and int(name) >= levels:
-                    del group[name]
+            drop_levels(group, levels)
             group.attrs["ome"] = image_metadata(self.tasks[task], levels, pyramid, name=f"{task}_probabilities")

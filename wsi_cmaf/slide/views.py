@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ViewSpec", "BlockViews", "read_block_views", "iter_block_views", "tile_centres_level0"]
+__all__ = ["ViewSpec", "BlockViews", "as_view_specs", "views_attrs", "read_block_views", "iter_block_views",
+           "tile_centres_level0"]
 
 _SAME_MPP_RTOL = 0.002  # as grid.py: a level within 0.2 % of the view spacing is cropped, not resampled
 
@@ -61,6 +62,17 @@ class ViewSpec:
             raise ConfigError(f"a view's mpp must be a positive number of µm/px, got {self.mpp!r}")
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
             raise ConfigError(f"a view's size must be a positive int of px, got {self.size!r}")
+
+
+def as_view_specs(views: Sequence[ViewSpec | dict]) -> list[ViewSpec]:
+    """Views given as :class:`ViewSpec` or ``{"mpp", "size"}`` dicts, as ViewSpecs (float mpp, int size)."""
+    return [ViewSpec(float(v.mpp), int(v.size)) if isinstance(v, ViewSpec) else ViewSpec(float(v["mpp"]), int(v["size"]))
+            for v in views]
+
+
+def views_attrs(views: Sequence[ViewSpec]) -> list[dict[str, float | int]]:
+    """Views in the stores' and model configs' form: ``[{"mpp": float, "size": int}]``, view 0 = the tile."""
+    return [{"mpp": float(v.mpp), "size": int(v.size)} for v in views]
 
 
 @dataclass

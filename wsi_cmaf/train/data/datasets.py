@@ -216,9 +216,6 @@ def build_dataloaders(
         if not _is_store(source):
             raise DataError(f"{source}: a {views}-view model trains on a patch store with context views; build one "
                             "from annotated slides with `wsi-cmaf manifest slide-patches --view MPP:SIZE`")
-        if tasks:
-            raise DataError("multi-view training reads a patch store, which carries no secondary-task labels; "
-                            "train multi-view and multi-task models separately")
     else:
         views = None
     classes = tuple(range(num_classes))

@@ -26,6 +26,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,6 +69,19 @@ def write_patch_store(
                               attrs=attrs, overwrite=overwrite, views=views)
     writer.write(0, images, labels, patient_ids, splits, view_images=view_images, view_missing=view_missing)
     return writer.close()
+
+
+def _take(arr: Any, idx: np.ndarray, unique: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Rows ``idx`` of an in-memory or zarr array; from zarr each touched chunk is decoded once.
+
+    ``unique``: ``np.unique(idx, return_inverse=True)`` when the caller already has it.
+    """
+    if isinstance(arr, np.ndarray):
+        return arr[idx]
+    uniq, inverse = unique if unique is not None else np.unique(idx, return_inverse=True)
+    if uniq.size == 0:
+        return np.empty((0, *arr.shape[1:]), np.uint8)
+    return arr.get_orthogonal_selection((uniq,))[inverse]
 
 
 class PatchStoreWriter:
@@ -275,33 +289,24 @@ class PatchStore:
             raise DataError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
         return np.flatnonzero(self.split_codes == SPLIT_NAMES.index(split))
 
-    def read(self, indices: np.ndarray | list[int]) -> np.ndarray:
-        """Patches at ``indices`` (any order, repeats allowed); each touched chunk is decoded once."""
+    def _checked(self, indices: np.ndarray | list[int]) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"patch index out of range 0..{len(self) - 1}")
-        if self._memory is not None:
-            return self._memory[idx]
-        uniq, inverse = np.unique(idx, return_inverse=True)
-        if uniq.size == 0:
-            return np.empty((0, *self.patch_shape, 3), np.uint8)
-        data = self._images.get_orthogonal_selection((uniq,))
-        return data[inverse]
+        return idx
+
+    def read(self, indices: np.ndarray | list[int]) -> np.ndarray:
+        """Patches at ``indices`` (any order, repeats allowed); each touched chunk is decoded once."""
+        return _take(self._memory if self._memory is not None else self._images, self._checked(indices))
 
     def read_views(self, indices: np.ndarray | list[int]) -> tuple[list[np.ndarray], np.ndarray]:
         """Every view of the patches at ``indices``: ``([(k, S_v, S_v, 3)] per view, missing (k, V))``."""
         if self.views is None:
             raise DataError(f"{self.path} has no context views; build it with views "
                             "(wsi_cmaf.train.data.slide_patches, or `wsi-cmaf manifest slide-patches --view`)")
-        idx = np.asarray(indices, dtype=np.int64)
-        out = [self.read(idx)]
+        idx = self._checked(indices)
         uniq, inverse = np.unique(idx, return_inverse=True)
-        for arr in self._view_arrays:
-            if isinstance(arr, np.ndarray):
-                out.append(arr[idx])
-            else:
-                s = arr.shape[1]
-                out.append(arr.get_orthogonal_selection((uniq,))[inverse] if uniq.size
-                           else np.empty((0, s, s, 3), np.uint8))
+        base = self._memory if self._memory is not None else self._images
+        out = [_take(arr, idx, (uniq, inverse)) for arr in (base, *self._view_arrays)]
         assert self._view_missing is not None
         return out, self._view_missing[idx]

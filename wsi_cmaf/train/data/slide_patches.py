@@ -27,7 +27,7 @@ import numpy as np
 from wsi_cmaf.errors import DataError
 from wsi_cmaf.slide import GridConfig, TileGrid, detect_tissue, open_slide, read_block
 from wsi_cmaf.slide.grid import tissue_fractions
-from wsi_cmaf.slide.views import ViewSpec, read_block_views
+from wsi_cmaf.slide.views import ViewSpec, as_view_specs, read_block_views, views_attrs
 from wsi_cmaf.train.data.patchstore import write_patch_store
 
 logger = logging.getLogger(__name__)
@@ -56,9 +56,7 @@ class SlidePatches:
 
 def view_specs(grid_config: GridConfig, context: Sequence[ViewSpec | dict]) -> list[dict[str, float | int]]:
     """The store's / model's ``views`` list: the tile itself, then each context view."""
-    specs = [c if isinstance(c, ViewSpec) else ViewSpec(float(c["mpp"]), int(c["size"])) for c in context]
-    return ([{"mpp": float(grid_config.mpp), "size": int(grid_config.tile_size)}]
-            + [{"mpp": float(c.mpp), "size": int(c.size)} for c in specs])
+    return views_attrs([ViewSpec(float(grid_config.mpp), int(grid_config.tile_size)), *as_view_specs(context)])
 
 
 def slide_patches(item: AnnotatedSlide, grid_config: GridConfig, *, positive_min: float = 0.5,
@@ -76,7 +74,7 @@ def slide_patches(item: AnnotatedSlide, grid_config: GridConfig, *, positive_min
 def slide_patch_views(item: AnnotatedSlide, grid_config: GridConfig, context: Sequence[ViewSpec | dict], *,
                       positive_min: float = 0.5, negative_max: float = 0.05) -> SlidePatches:
     """:func:`slide_patches` plus each tile's ``context`` views (one read per block and view)."""
-    specs = [ViewSpec(float(v["mpp"]), int(v["size"])) for v in view_specs(grid_config, context)[1:]]
+    specs = as_view_specs(context)
     grid_config = replace(grid_config, min_inside_fraction=1.0)
     with open_slide(item.path) as reader:
         tissue = detect_tissue(reader)

@@ -23,7 +23,9 @@ from wsi_cmaf.infer.runner import resolve_device
 from wsi_cmaf.models import ModelConfig, load_model
 from wsi_cmaf.train.config import ModelSection
 from wsi_cmaf.train.data.setup import BatchPipeline, fit_patient_stain
-from wsi_cmaf.train.data.datasets import DataBundle, ManifestDataset, PatchStoreDataset, anchor_image, collate_views
+from wsi_cmaf.train.data.datasets import (
+    DataBundle, ManifestDataset, PatchStoreDataset, _is_store, anchor_image, collate_views,
+)
 from wsi_cmaf.train.evaluate.predict import full_report, predict
 from wsi_cmaf.train.data.manifest import SPLITS, Manifest, read_manifest
 from wsi_cmaf.train.evaluate.metrics import mcnemar_test
@@ -79,9 +81,10 @@ def saved_views(module: nn.Module, mc: ModelConfig) -> list[dict] | None:
     """A saved multi-view model's views in a patch store's form (``[{"mpp", "size"}]``), None for
     one view; checked as the slide engine checks them (:func:`wsi_cmaf.infer.multiview.model_views`)."""
     from wsi_cmaf.infer.multiview import model_views
+    from wsi_cmaf.slide.views import views_attrs
 
     views = model_views(module, mc, getattr(mc, "architecture", "model"))
-    return None if views is None else [{"mpp": float(v.mpp), "size": int(v.size)} for v in views]
+    return None if views is None else views_attrs(views)
 
 
 def eval_dataset(source: str | Path, split: str, target: str, class_names: Sequence[str],
@@ -93,11 +96,11 @@ def eval_dataset(source: str | Path, split: str, target: str, class_names: Seque
     if split not in EVAL_SPLITS:
         raise ConfigError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
     source = Path(source)
-    is_store = source.is_dir() and (source / "zarr.json").is_file()
+    is_store = _is_store(source)
     if views is not None and not is_store:
         raise DataError(f"{source}: a multi-view model is evaluated on a patch store with its views {views}; "
                         "build one with `wsi-cmaf manifest slide-patches --view MPP:SIZE`")
-    if source.is_dir() and (source / "zarr.json").is_file():
+    if is_store:
         from wsi_cmaf.train.data.patchstore import PatchStore
 
         if target == "subtype":
