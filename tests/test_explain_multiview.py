@@ -63,6 +63,8 @@ def test_json_and_gallery_for_a_multi_view_store(run, tmp_path):
     assert doc["views"]["views"] == VIEWS
     assert all(len(t["view_weights"]) == 2 for t in doc["tiles"])
     assert "attention and gate maps exist only for CMAF-Net" in (doc["note"] or "")
+    # the model's own class, not the tile-view wrapper the explanation runs it through
+    assert expl.model["architecture"] == "MultiViewNet"
     # the gallery gains one column per context view, showing its pixels
     from PIL import Image
 
@@ -85,3 +87,4 @@ def test_multitask_model_is_explained_on_its_primary_task(run, tmp_path):
     expl = explain_slide(res.store, model=model_dir, top_k=2, settings=ExplainSettings(methods=("ig",), steps=8))
     np.testing.assert_allclose(expl.recomputed, expl.choice.probability, atol=1e-5)
     assert expl.view_weights is None and expl.saliency["ig"].shape[1:] == (32, 32)
+    assert expl.model["architecture"] == type(model).__name__

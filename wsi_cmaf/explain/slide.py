@@ -254,6 +254,7 @@ def explain_slide(store_path: str | Path, slide: str | Path | None = None, model
     device = resolve_device(settings.device)
     resolved = resolve_model(model, model_config)
     module = resolved.module.eval()
+    architecture = type(unwrap(module)).__name__  # before any TileViewForward wrapping below
     kwargs = resolved.config.model_kwargs or {}
     multi_view = bool(kwargs.get("views")) and int(kwargs.get("num_views", 2)) > 1
     if multi_view or len(kwargs.get("tasks") or {}) > 1:
@@ -304,7 +305,7 @@ def explain_slide(store_path: str | Path, slide: str | Path | None = None, model
     sal: dict[str, list[np.ndarray]] = {settings.map_name(m): [] for m in settings.methods}
     att, gate, tau, note = [], [], None, None if is_cmaf else (
         f"attention and gate maps exist only for CMAF-Net; {resolved.name} "
-        f"({type(getattr(unwrap(module), 'model', unwrap(module))).__name__}) "
+        f"({architecture}) "
         "gets the generic maps only")
     for i in range(0, len(tiles), settings.batch):
         x = x_all[i:i + settings.batch]
@@ -328,7 +329,7 @@ def explain_slide(store_path: str | Path, slide: str | Path | None = None, model
         attention=None if not att or att[0] is None else np.concatenate(att).astype(np.float32),
         gate=None if not gate or gate[0] is None else np.concatenate(gate).astype(np.float32),
         tau=tau, cmaf_note=note,
-        model={"name": resolved.name, "architecture": type(unwrap(module)).__name__,
+        model={"name": resolved.name, "architecture": architecture,
                "weights_sha256": resolved.weights_sha256, "weights_note": resolved.note,
                "input_size": int(mc.input_size), "stain": stain},
         settings=settings, warnings=warnings, view_weights=weights,
