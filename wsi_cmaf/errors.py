@@ -128,3 +128,96 @@ class OutputNotADirectoryError(UsageError, OutputError):
 
 class MissingDependencyError(WsiCmafError, ImportError):
     """An optional package needed for the requested output is not installed."""
+
+
+class CudaGraphThreadError(ConfigError):
+    """CUDA graphs (``compile='reduce-overhead'``) were asked for from a second thread of one
+    process, as when slides share a worker; graph trees keep per-thread state."""
+
+
+class ImageGeometryError(DataError):
+    """A training or evaluation image does not fit the geometry asked for (e.g. an image larger
+    than the model's tile where tiles were expected; it would otherwise be cropped)."""
+
+
+# --- slide quality control -------------------------------------------------------------
+class MppEstimateError(WsiCmafError):
+    """The µm/px could not be estimated from the image (too little tissue or too few nuclei)."""
+
+
+# --- hostile environments: broken models, damaged stores, full or read-only disks -------
+class NonFiniteOutputError(ModelError):
+    """A model returned NaN or Inf for more tiles (or samples) than can be ignored: its output
+    would look like a benign result. The message names the model and what to try."""
+
+
+class ImplausibleModelConfigError(ModelConfigError, ImplausibleValueError):
+    """A model config asks for sizes or spacings outside the range any real model uses (a
+    multi-gigabyte input per tile, a patch wider than a slide, a non-positive µm/px)."""
+
+
+class StoreDamagedError(OutputError):
+    """A heatmap store's blocks do not match what was recorded when they were written."""
+
+
+class StoreLockedError(OutputError):
+    """Another process holds the writer lock of a heatmap store. ``holder`` is its lock record."""
+
+    def __init__(self, message: str, holder: dict | None = None) -> None:
+        self.holder = dict(holder or {})
+        super().__init__(message)
+
+
+class OutputWriteError(OutputError):
+    """Writing an output failed (disk full, read-only, no permission, quota). ``path`` is the file
+    or folder, ``errno`` the OS error number; the message says what was kept and what to do."""
+
+    def __init__(self, path: str | Path, errno: int | None, message: str) -> None:
+        self.path = Path(path)
+        self.errno = errno
+        super().__init__(message)
+
+
+class InsufficientSpaceError(OutputWriteError):
+    """The output file system has clearly less free space than the run needs (checked before
+    inference). ``need`` and ``free`` are in bytes."""
+
+    def __init__(self, path: str | Path, need: int, free: int, message: str) -> None:
+        import errno as _errno
+
+        self.need, self.free = int(need), int(free)
+        super().__init__(path, _errno.ENOSPC, message)
+
+
+class EncoderError(ModelError):
+    """A foundation-model tile encoder could not be used (unknown name, weights, checkpoint)."""
+
+
+class UnknownEncoderError(EncoderError, UsageError):
+    """An encoder name that is neither registered nor ``timm:<architecture>``."""
+
+
+class EncoderWeightsNotFoundError(EncoderError):
+    """No local weights were found for an encoder and downloading was not allowed."""
+
+
+class CheckpointKeyError(EncoderError):
+    """A checkpoint lacks keys the encoder needs or holds keys it does not have.
+    ``missing`` and ``unexpected`` list them."""
+
+    def __init__(self, message: str, missing: list[str] | None = None, unexpected: list[str] | None = None) -> None:
+        self.missing = list(missing or [])
+        self.unexpected = list(unexpected or [])
+        super().__init__(message)
+
+
+class CheckpointShapeError(EncoderError):
+    """A checkpoint tensor has another shape than the encoder's (``wrong``: {key: (got, want)})."""
+
+    def __init__(self, message: str, wrong: dict | None = None) -> None:
+        self.wrong = dict(wrong or {})
+        super().__init__(message)
+
+
+class EncoderDimensionError(EncoderError):
+    """An encoder's embedding has another width than its registry entry declares."""

@@ -28,7 +28,8 @@ from wsi_cmaf.errors import DataError
 from wsi_cmaf.models.multiview import ViewBatch
 from wsi_cmaf.train.data.imbalance import ResampleReport, resample_to_ratio
 from wsi_cmaf.train.data.manifest import SPLITS, Manifest, read_manifest, task_label_array
-from wsi_cmaf.train.data.patchstore import PatchStore, load_patch
+from wsi_cmaf.train.data.geometry import decide_geometry, load_image
+from wsi_cmaf.train.data.patchstore import PatchStore
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +45,24 @@ class ManifestDataset(Dataset):
 
     ``task_labels``: ``{task: int labels (N,)}`` of secondary tasks, aligned with the rows (after
     ``split``); each sample then ends with ``{task: label}`` (-1 = no label for that task).
+
+    ``patch_size`` is the model's tile (``patch_size_pixels``), ``image_size`` its input size.
+    ``geometry`` (:mod:`~wsi_cmaf.train.data.geometry`): ``"tile"`` yields ``patch_size`` tiles,
+    ``"resize"`` resizes images larger than a tile whole to ``image_size`` (BreakHis), ``"auto"``
+    picks one from the images' sizes; ``self.geometry`` records the choice.
     """
 
     def __init__(self, manifest: Manifest, split: str | None = None, *, transform: Transform | None = None,
                  patch_size: int = 50, return_index: bool = False,
-                 task_labels: Mapping[str, np.ndarray] | None = None) -> None:
+                 task_labels: Mapping[str, np.ndarray] | None = None, image_size: int | None = None,
+                 geometry: str = "auto") -> None:
         self.manifest = manifest.split(split) if split else manifest
         self.paths = self.manifest.paths()
         self.labels = self.manifest.labels()
         self.patient_ids = self.manifest.frame["patient_id"].astype(str).to_numpy()
         self.transform, self.patch_size, self.return_index = transform, int(patch_size), return_index
+        self.image_size = int(image_size or patch_size)
+        self.geometry = decide_geometry(self.paths, self.patch_size, geometry)
         self.task_labels: dict[str, np.ndarray] | None = None
         if task_labels is not None:
             self.task_labels = {t: np.asarray(v, dtype=np.int64) for t, v in task_labels.items()}
@@ -66,7 +75,8 @@ class ManifestDataset(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            img = _to_tensor(load_patch(self.paths[i], self.patch_size, 255))
+            img = _to_tensor(load_image(self.paths[i], self.patch_size, geometry=self.geometry,
+                                        out_size=self.image_size))
         except OSError as exc:
             raise DataError(f"cannot read training image {self.paths[i]}: {exc}") from exc
         if self.transform is not None:
@@ -199,6 +209,9 @@ def build_dataloaders(
     num_classes: int = 2,
     tasks: Mapping[str, Sequence[str]] | None = None,
     views: int | None = None,
+    patch_size: int = 50,
+    image_size: int | None = None,
+    image_geometry: str = "auto",
 ) -> DataBundle:
     """Train/val/test DataLoaders from a manifest CSV or a patch store directory.
 
@@ -210,6 +223,8 @@ def build_dataloaders(
     ``views``: the number of views a multi-view model takes; the source must then be a patch store
     with exactly that many, and batches carry a :class:`~wsi_cmaf.models.multiview.ViewBatch`
     (``info["views"]`` records the store's view specs).
+    ``patch_size`` / ``image_size`` / ``image_geometry``: how manifest images reach the model
+    (:class:`ManifestDataset`); decided once for every split, recorded in ``info["image_geometry"]``.
     """
     source = Path(source)
     if views is not None and views > 1:
@@ -238,15 +253,18 @@ def build_dataloaders(
     else:
         manifest = read_manifest(source, classes=classes, check_images=check_images)
         frame = manifest.frame.assign(row=np.arange(len(manifest)))
+        geometry = decide_geometry(manifest.paths(), patch_size, image_geometry)
+        shape = {"patch_size": patch_size, "image_size": image_size, "geometry": geometry}
         if tasks:
             task_arrays = {t: task_label_array(manifest.frame, t, names, str(source)) for t, names in tasks.items()}
             make = lambda rows, tf: ManifestDataset(  # noqa: E731
                 Manifest(manifest.frame.iloc[rows].reset_index(drop=True), manifest.root),
-                transform=tf, return_index=return_index, task_labels={t: a[rows] for t, a in task_arrays.items()})
+                transform=tf, return_index=return_index, task_labels={t: a[rows] for t, a in task_arrays.items()},
+                **shape)
         else:
             make = lambda rows, tf: ManifestDataset(  # noqa: E731
                 Manifest(manifest.frame.iloc[rows].reset_index(drop=True), manifest.root),
-                transform=tf, return_index=return_index)
+                transform=tf, return_index=return_index, **shape)
     report = None
     if imbalance_ratio:
         frame, report = resample_to_ratio(frame, imbalance_ratio, seed=seed, split="train")
@@ -278,6 +296,8 @@ def build_dataloaders(
             logger.warning("task %r: no training sample carries a label; its head will not learn", task)
         logger.info("task %r: %d of %d training samples labelled", task, labelled, len(values))
     info: dict = {"source": str(source)}
+    if not _is_store(source):
+        info["image_geometry"] = geometry
     if views is not None:
         info["views"] = store.views
     return DataBundle(loaders, datasets, counts, report, info)

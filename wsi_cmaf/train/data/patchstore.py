@@ -190,34 +190,37 @@ def _check_store_views(views: Sequence[dict], patch_hw: tuple[int, int]) -> list
 
 
 def load_patch(path: str | Path, size: int = 50, pad_value: int = 255) -> np.ndarray:
-    """Decode an image file to (size, size, 3) uint8 RGB (smaller ones padded, larger centre-cropped)."""
-    from PIL import Image
+    """Decode a tile-sized image to (size, size, 3) uint8 RGB (smaller ones padded white).
 
-    with Image.open(path) as im:
-        arr = np.array(im.convert("RGB"))  # writable copy (torch.from_numpy needs one)
-    if arr.shape[:2] == (size, size):
-        return arr
-    # IDC has a few edge patches smaller than 50x50: pad (white, bottom/right) rather than
-    # resize, so every patch keeps the same µm/px. Larger ones are centre-cropped.
-    out = np.full((size, size, 3), pad_value, np.uint8)
-    h, w = min(arr.shape[0], size), min(arr.shape[1], size)
-    y0, x0 = (arr.shape[0] - h) // 2, (arr.shape[1] - w) // 2
-    out[:h, :w] = arr[y0:y0 + h, x0:x0 + w]
-    return out
+    A larger image is an :class:`~wsi_cmaf.errors.ImageGeometryError`, never a crop; whole images
+    go through :func:`wsi_cmaf.train.data.geometry.load_image` with ``geometry="resize"``.
+    """
+    from wsi_cmaf.train.data.geometry import load_image
+
+    return load_image(path, size, geometry="tile", pad_value=pad_value)
 
 
 def build_patch_store(manifest, path: str | Path, *, patch_size: int = 50,
                       chunk_patches: int = DEFAULT_CHUNK, workers: int = 2, pad_value: int = 255) -> Path:
-    """Pack every image of a :class:`~wsi_cmaf.train.data.manifest.Manifest` into a store (row order kept)."""
+    """Pack every image of a :class:`~wsi_cmaf.train.data.manifest.Manifest` into a store (row order kept).
+
+    Images larger than ``patch_size`` (BreakHis) are resized whole to it
+    (:mod:`wsi_cmaf.train.data.geometry`); pass the model's input size as ``patch_size`` for them.
+    """
+    from wsi_cmaf.train.data.geometry import decide_geometry, load_image
+
     frame = manifest.frame
     paths = manifest.paths()
+    # images larger than the store's patches are resized whole to them, never cropped
+    geometry = decide_geometry(paths, patch_size, "auto")
     writer = PatchStoreWriter(path, len(frame), (patch_size, patch_size), chunk_patches=chunk_patches,
                               attrs={"source": "manifest", "manifest_root": str(manifest.root)})
     bad: list[str] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PIL decoding releases the GIL
         for start in range(0, len(frame), chunk_patches):
             stop = min(start + chunk_patches, len(frame))
-            futures = [pool.submit(load_patch, p, patch_size, pad_value) for p in paths[start:stop]]
+            futures = [pool.submit(load_image, p, patch_size, geometry=geometry, pad_value=pad_value)
+                       for p in paths[start:stop]]
             batch = np.empty((stop - start, patch_size, patch_size, 3), np.uint8)
             for i, fut in enumerate(futures):
                 try:

@@ -99,6 +99,7 @@ def build_data(data: DataConfig, model: ModelSection, output_dir: Path, seed: in
         in_memory=data.in_memory, return_index=True, check_images=data.check_images,
         num_classes=model.num_classes, tasks=model.extra_tasks() or None,
         views=model.num_views if model.num_views > 1 else None,
+        patch_size=model.patch_size_pixels, image_size=model.input_size, image_geometry=data.image_geometry,
     )
 
 

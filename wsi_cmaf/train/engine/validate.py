@@ -28,6 +28,7 @@ from wsi_cmaf.train.data.datasets import (
 )
 from wsi_cmaf.train.evaluate.predict import full_report, predict
 from wsi_cmaf.train.data.manifest import SPLITS, Manifest, read_manifest
+from wsi_cmaf.train.data.geometry import decide_geometry
 from wsi_cmaf.train.evaluate.metrics import mcnemar_test
 from wsi_cmaf.train.engine.state import json_safe, write_json
 from wsi_cmaf.train.engine.tasks import primary_view
@@ -88,10 +89,14 @@ def saved_views(module: nn.Module, mc: ModelConfig) -> list[dict] | None:
 
 
 def eval_dataset(source: str | Path, split: str, target: str, class_names: Sequence[str],
-                 check_images: str = "exists", views: list[dict] | None = None) -> tuple[Dataset, pd.DataFrame]:
+                 check_images: str = "exists", views: list[dict] | None = None, *, patch_size: int = 50,
+                 image_size: int | None = None, image_geometry: str = "auto") -> tuple[Dataset, pd.DataFrame]:
     """Dataset (returning indices) and per-row metadata of one split (or ``all``) of a manifest/store.
 
     ``views``: a multi-view model's views; the source must then be a patch store with these views.
+    ``patch_size`` / ``image_size`` / ``image_geometry``: the model's tile and input size and how
+    manifest images reach it (:mod:`wsi_cmaf.train.data.geometry`; BreakHis images are resized whole).
+    The geometry is decided on the whole manifest, before the split is taken.
     """
     if split not in EVAL_SPLITS:
         raise ConfigError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
@@ -125,7 +130,9 @@ def eval_dataset(source: str | Path, split: str, target: str, class_names: Seque
     if split != "all":
         frame = frame[frame["split"] == split]
     frame = frame.reset_index(drop=True)
-    ds = ManifestDataset(Manifest(frame, manifest.root), return_index=True)
+    geometry = decide_geometry(manifest.paths(), patch_size, image_geometry)
+    ds = ManifestDataset(Manifest(frame, manifest.root), return_index=True, patch_size=patch_size,
+                         image_size=image_size, geometry=geometry)
     return ds, frame
 
 
@@ -159,7 +166,8 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, *, split: 
         model_b, mc_b = load_model(other_dir, map_location="cpu")
         other = (other_dir, model_b, mc_b, saved_views(model_b, mc_b))
     views = own_views if own_views is not None or other is None else other[3]
-    ds, meta = eval_dataset(manifest, split, target, mc.class_names, check_images, views)
+    ds, meta = eval_dataset(manifest, split, target, mc.class_names, check_images, views,
+                            patch_size=mc.patch_size_pixels, image_size=mc.input_size)
     out = Path(out_dir) if out_dir else model_dir.parent / f"eval_{Path(manifest).stem}_{split}"
     out.mkdir(parents=True, exist_ok=True)
     pipeline = eval_pipeline(mc, ds, stain_patches_per_patient, seed, dev)
