@@ -27,7 +27,7 @@ def tiny_base() -> dict:
                                "signal": 1.0, "seed": 3},
                  "batch_size": 8, "eval_batch_size": 64, "max_steps_per_epoch": 2, "augment": False},
         "model": {"name": "cmaf_net", "input_size": 32, "stain_normalization": None, "kwargs": dict(TINY_CMAF)},
-        "loss": {"loss": "acbfl", "ramp_steps": 2},
+        "loss": {"loss": "acbfl"},
         "optim": {"sam": False},
         "stages": {"epochs": [1, 1, 1]},
     }

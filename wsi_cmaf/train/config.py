@@ -102,6 +102,10 @@ class DataConfig:
     augment_kwargs: dict[str, Any] = field(default_factory=dict)
     stain_patches_per_patient: int = 64  # patches sampled to fit each patient's Macenko matrix
     max_steps_per_epoch: int | None = None  # cap (quick runs); None = full pass over train
+    # How manifest images reach the model (train/data/geometry.py): "tile" = images at the model's
+    # tile size (IDC), "resize" = images larger than a tile are resized whole to model.input_size
+    # (BreakHis, as the paper did), "auto" = decided from the images' sizes. Never a crop.
+    image_geometry: str = "auto"
 
     @property
     def accumulation_steps(self) -> int:
@@ -122,6 +126,10 @@ class DataConfig:
             raise ConfigError("data.micro_batch_size must be >= 2 (BatchNorm, HSIC) or null")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ConfigError("data.max_steps_per_epoch must be >= 1 or null")
+        from wsi_cmaf.train.data.geometry import GEOMETRIES
+
+        if self.image_geometry not in GEOMETRIES:
+            raise ConfigError(f"data.image_geometry must be one of {GEOMETRIES}, got {self.image_geometry!r}")
 
 
 CLIP_MODES = ("agc", "history", "none")
@@ -227,6 +235,7 @@ class TrainLossConfig(LossConfig):
         out = super().to_dict()
         if not out.get("task_weights"):
             out.pop("task_weights", None)
+        out.pop("ramp_steps", None)  # set per stage by the trainer; refused in training configs
         return out
 
 
@@ -251,6 +260,9 @@ class TrainConfig:
     progress_bar: bool = True
     name: str = "run"
     weights_note: str | None = None  # provenance recorded in config.json; default describes the run
+    # A named whole-run setting (wsi_cmaf.train.presets): "paper" = the paper's recipe; the file's
+    # own keys override it. Recorded so a saved config says where its values came from.
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         if self.stages is None:
@@ -297,10 +309,17 @@ class TrainConfig:
         if not isinstance(data, dict) or "data" not in data:
             raise ConfigError("training config must be a mapping with at least a 'data' section")
         data = dict(data)
+        if data.get("preset") is not None:  # the preset first, the file's own keys on top
+            from wsi_cmaf.train.presets import preset_dict
+
+            data = merge_dicts(preset_dict(str(data["preset"])), data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"training config: unknown key(s) {unknown}; known: {sorted(known)}")
+        if "ramp_steps" in (data.get("loss") or {}):
+            raise ConfigError("loss.ramp_steps does nothing in a training run: the β ramp spans each stage with "
+                              "ib: ramp (stages[].ib, stages[].epochs); remove the key")
         sections = {
             "data": _from_dict(DataConfig, data.pop("data"), "data"),
             "model": _from_dict(ModelSection, data.pop("model", None), "model"),
@@ -345,6 +364,7 @@ class TrainConfig:
         """JSON-ready dict (round-trips through :meth:`from_dict`)."""
         out = dataclasses.asdict(self)
         out["loss"] = self.loss.to_dict()
+        out["loss"].pop("ramp_steps", None)  # the trainer sets it per stage; from_dict refuses it
         for key in ("tasks", "task_class_names"):  # single-task configs read exactly as before
             if out["model"].get(key) is None:
                 out["model"].pop(key, None)
