@@ -91,7 +91,6 @@ def test_gradients_reach_tau_gates_and_both_branches():
     checks = {
         "tau": model.cmaf.log_tau,
         "gate": model.cmaf.gate.weight,
-        "entropy weights": model.cmaf.entropy_logits,
         "spatial stem": model.spatial.trunk.conv1.weight,
         "contextual stem": model.contextual.stem[0].conv.weight,
         "nystrom qkv": model.contextual.bodies[1].transformer[0].attn.qkv.weight,

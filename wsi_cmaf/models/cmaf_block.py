@@ -151,8 +151,15 @@ class CMAFBlock(nn.Module):
             self.log_tau = nn.Parameter(log_tau)
         else:  # "w/o temperature learning": a buffer, saved with the weights but never trained
             self.register_buffer("log_tau", log_tau)
-        # Per-head weights of the entropy regulariser (softmax over heads, start uniform).
-        self.entropy_logits = nn.Parameter(torch.zeros(num_heads)) if reg_entropy else None
+        # The entropy regulariser weighs the heads uniformly. Learned per-head weights (the former
+        # design) get gradient from the regulariser alone, dR/dw_h = s_h (e_h - R), so their softmax
+        # drifts to whichever head already has the lowest entropy: "when beneficial" cannot be
+        # learned that way (MODEL.md "Regularisers"). The zeros are kept as a buffer so checkpoints
+        # that saved the learned logits still load; their values are not used.
+        if reg_entropy:
+            self.register_buffer("entropy_logits", torch.zeros(num_heads))
+        else:
+            self.entropy_logits = None
         self.gate = nn.Conv2d(2 * dim, dim, 1) if gating else None
         # Created last and only when asked, so DFA-off models draw the same initial weights
         # and have the same state_dict as before DFA existed.
@@ -221,6 +228,6 @@ class CMAFBlock(nn.Module):
         if self.entropy_logits is not None:
             # Entropy normalised by its maximum log(Nk) so the term is in [0, 1] at any grid size.
             max_ent = math.log(max(attn.shape[-1], 2))
-            weights = torch.softmax(self.entropy_logits, dim=0)
+            weights = torch.full((self.num_heads,), 1.0 / self.num_heads, device=attn.device)
             aux["reg_entropy"] = (weights * aux["attn_entropy"] / max_ent).sum()
             aux["entropy_weights"] = weights

@@ -1,8 +1,10 @@
 """Imbalance protocol: resample the training split to a fixed majority:minority ratio.
 
-The paper's sweep (80:20, 90:10, 95:5, 99:1) undersamples the minority (positive) class of
-the TRAINING split only; validation and test keep their natural distribution so every
-ratio is evaluated on the same patients and patches.
+The paper's sweep (80:20, 90:10, 95:5, 99:1) undersamples the minority (positive) class. Its
+minority counts (49,685 / 22,082 / 10,460 / 2,006 against IDC's 198,738 benign patches) are
+those of the WHOLE dataset, so the paper evidently resampled every split. This project resamples
+the TRAINING split only, its own choice: validation and test keep their natural distribution, so
+every ratio is evaluated on the same patients and patches (MODEL.md, "Deviations").
 
 Counts are exact: with the ratio reduced to ``a:b`` (gcd 1) the result holds ``k*a``
 majority and ``k*b`` minority rows for the largest ``k`` the data allows. When the data
