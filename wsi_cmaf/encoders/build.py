@@ -1,0 +1,98 @@
+"""Building an encoder from its registry entry: the timm trunk and the embedding it forms.
+
+:class:`EncoderModule` is what the inference engine runs. Its ``forward_features`` is the tile
+embedding (B, D) and its ``forward_head`` a single constant logit per tile, so the engine's
+embedding path (``InferenceConfig(embeddings=True)``) stores the embeddings and its heatmap is a
+coverage map (1 where a tile was embedded, NaN elsewhere) rather than a class probability.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from wsi_cmaf.encoders.registry import EncoderSpec, timm_kwargs
+from wsi_cmaf.errors import EncoderDimensionError, EncoderError
+
+logger = logging.getLogger(__name__)
+
+#: the single "class" of an encoder store's main image
+COVERAGE_CLASS = "embedded"
+
+
+class EncoderModule(nn.Module):
+    """A timm ViT trunk plus the registry's embedding formation.
+
+    ``cls``: the class token of the final normalised tokens; ``cls+mean_patch``: the class token
+    concatenated with the mean of the patch tokens (register tokens excluded), as Virchow does;
+    ``timm``: timm's own pooled pre-logits output.
+    """
+
+    def __init__(self, trunk: nn.Module, pooling: str, name: str = "encoder") -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.pooling = pooling
+        self.encoder_name = name
+        self.num_prefix_tokens = int(getattr(trunk, "num_prefix_tokens", 1))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The (B, D) tile embedding."""
+        tokens = self.trunk.forward_features(x)
+        if self.pooling == "timm" or tokens.ndim != 3:
+            return self.trunk.forward_head(tokens, pre_logits=True)
+        cls = tokens[:, 0]
+        if self.pooling == "cls":
+            return cls
+        return torch.cat([cls, tokens[:, self.num_prefix_tokens:].mean(dim=1)], dim=-1)
+
+    def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``feats`` itself with ``pre_logits``; else one zero logit per tile (softmax: 1.0)."""
+        if pre_logits:
+            return feats
+        return feats.new_zeros((feats.shape[0], 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def build_trunk(spec: EncoderSpec, device: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
+    """The timm trunk of ``spec`` with random weights, never fetching any (``pretrained=False``).
+
+    On ``device="meta"`` no memory is allocated: parameter counts and shapes without weights.
+    """
+    import timm
+
+    kwargs = timm_kwargs(spec, **overrides)
+    try:
+        with torch.device(device):
+            trunk = timm.create_model(spec.timm_arch, pretrained=False, **kwargs)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise EncoderError(f"encoder {spec.name}: timm could not build {spec.timm_arch} with {spec.timm_kwargs}: "
+                           f"{exc}") from exc
+    return trunk.eval()
+
+
+def build_encoder(spec: EncoderSpec, device: str | torch.device = "cpu", **overrides: Any) -> EncoderModule:
+    """:class:`EncoderModule` of ``spec`` with random weights (load real ones with the loader)."""
+    return EncoderModule(build_trunk(spec, device, **overrides), spec.pooling, spec.name).eval()
+
+
+def embedding_dim(module: EncoderModule, spec: EncoderSpec) -> int:
+    """The embedding width ``module`` gives (from the trunk's width, no forward pass).
+
+    Raises :class:`EncoderDimensionError` when a registered entry declares another width.
+    """
+    width = int(getattr(module.trunk, "num_features", 0) or getattr(module.trunk, "embed_dim", 0))
+    dim = 2 * width if module.pooling == "cls+mean_patch" else width
+    if spec.dim and dim != spec.dim:
+        raise EncoderDimensionError(f"encoder {spec.name}: the {spec.timm_arch} trunk gives {dim}-wide embeddings "
+                                    f"but the registry declares {spec.dim}; the entry or its timm_kwargs are wrong")
+    return dim
+
+
+def parameter_count(module: nn.Module) -> int:
+    """Number of parameters (works on meta tensors)."""
+    return int(sum(p.numel() for p in module.parameters()))
