@@ -221,37 +221,3 @@ class CheckpointShapeError(EncoderError):
 
 class EncoderDimensionError(EncoderError):
     """An encoder's embedding has another width than its registry entry declares."""
-
-
-class EncoderError(ModelError):
-    """A foundation-model tile encoder could not be used (unknown name, weights, checkpoint)."""
-
-
-class UnknownEncoderError(EncoderError, UsageError):
-    """An encoder name that is neither registered nor ``timm:<architecture>``."""
-
-
-class EncoderWeightsNotFoundError(EncoderError):
-    """No local weights were found for an encoder and downloading was not allowed."""
-
-
-class CheckpointKeyError(EncoderError):
-    """A checkpoint lacks keys the encoder needs or holds keys it does not have.
-    ``missing`` and ``unexpected`` list them."""
-
-    def __init__(self, message: str, missing: list[str] | None = None, unexpected: list[str] | None = None) -> None:
-        self.missing = list(missing or [])
-        self.unexpected = list(unexpected or [])
-        super().__init__(message)
-
-
-class CheckpointShapeError(EncoderError):
-    """A checkpoint tensor has another shape than the encoder's (``wrong``: {key: (got, want)})."""
-
-    def __init__(self, message: str, wrong: dict | None = None) -> None:
-        self.wrong = dict(wrong or {})
-        super().__init__(message)
-
-
-class EncoderDimensionError(EncoderError):
-    """An encoder's embedding has another width than its registry entry declares."""
