@@ -71,8 +71,8 @@ def test_green_ink_is_not_tissue() -> None:
     tm = tissue_mask_from_rgb(img, 8.0)
     assert not (tm.mask & ink).any()
     assert (tm.mask & truth & ~ink).sum() / (truth & ~ink).sum() > 0.95
-    kept = tissue_mask_from_rgb(img, 8.0, TissueConfig(pen_hue_range=None))
-    assert (kept.mask & ink & ~truth).sum() > 100  # without the filter the ink counts as tissue
+    kept = tissue_mask_from_rgb(img, 8.0, TissueConfig(pen_hue_range=None, exclude_ink=False))
+    assert (kept.mask & ink & ~truth).sum() > 100  # without the filters the ink counts as tissue
 
 
 def test_config_validation() -> None:

@@ -152,7 +152,11 @@ class TileGrid:
     slide_mpp: tuple[float, float]
     level0_size: tuple[int, int]  # (width, height) of level 0
     tissue_fraction: np.ndarray
+    #: fraction of each tile covered by marker ink (same normalisation as ``tissue_fraction``); None: not known
+    ink_fraction: np.ndarray | None = None
     tissue: np.ndarray = field(init=False)
+    #: tiles that would be tissue tiles if ink counted as tissue but are mostly ink: not analysed
+    ink_tiles: np.ndarray = field(init=False)
     blocks: list[Block] = field(init=False)
     #: share of each tile's area inside the slide (float32, grid shape): < 1 for partial edge tiles
     inside_fraction: np.ndarray = field(init=False)
@@ -167,6 +171,12 @@ class TileGrid:
                                         inside_fractions(n_cols, ex, t, step)).astype(np.float32)
         thr = self.config.tissue_threshold
         self.tissue = (self.tissue_fraction >= thr) & (self.tissue_fraction > 0)
+        if self.ink_fraction is None:
+            self.ink_tiles = np.zeros_like(self.tissue)
+        else:
+            marked = self.tissue_fraction + self.ink_fraction
+            self.ink_tiles = (marked >= thr) & (marked > 0) & (self.ink_fraction > self.tissue_fraction)
+            self.tissue &= ~self.ink_tiles
         self.blocks = []
         for by in range(self.n_block_rows):
             for bx in range(self.n_block_cols):
@@ -191,20 +201,26 @@ class TileGrid:
                 f"{config.mpp:g} µm/px over this {w0}x{h0} px slide would have {shape[0]}x{shape[1]} "
                 f"tiles, over the limit of {MAX_GRID_TILES:,}; check the grid's mpp and tile size")
         level = reader.level_for_mpp(config.mpp, config.mpp_tolerance)
+        ink = None
         if tissue_mask is None:
             fraction = np.ones(shape, dtype=np.float32)
         else:
             m = float(tissue_mask.mpp)
-            fraction = tissue_fractions(np.asarray(tissue_mask.mask, dtype=bool), (m, m), config.mpp,
-                                        config.tile_size, config.step, shape)
             # a partial edge tile's tissue is measured over its inside area (the padding is not slide)
             ex, ey = _target_extent((w0, h0), (mx, my), config)
             inside = np.outer(inside_fractions(shape[0], ey, config.tile_size, config.step),
                               inside_fractions(shape[1], ex, config.tile_size, config.step))
-            fraction = np.where(inside > 0, np.minimum(fraction / np.maximum(inside, 1e-12), 1.0), 0.0
-                                ).astype(np.float32)
+
+            def per_tile(mask: np.ndarray) -> np.ndarray:
+                f = tissue_fractions(np.asarray(mask, dtype=bool), (m, m), config.mpp,
+                                     config.tile_size, config.step, shape)
+                return np.where(inside > 0, np.minimum(f / np.maximum(inside, 1e-12), 1.0), 0.0).astype(np.float32)
+
+            fraction = per_tile(tissue_mask.mask)
+            if getattr(tissue_mask, "ink", None) is not None:
+                ink = per_tile(tissue_mask.ink)
         grid = cls(config, level, float(reader.level_downsamples[level]), (float(mx), float(my)),
-                   (int(w0), int(h0)), fraction)
+                   (int(w0), int(h0)), fraction, ink)
         logger.info("grid %dx%d tiles at %.3g µm/px (level %d, %s), %d tissue tiles in %d blocks",
                     shape[0], shape[1], config.mpp, level, "crop" if grid.exact else "resize",
                     grid.n_tissue, len(grid.blocks))

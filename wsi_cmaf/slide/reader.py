@@ -114,7 +114,7 @@ def _check_pixel_format(path: Path, facts: _mpp.TiffFacts | None) -> None:
 def open_slide(
     path: str | Path,
     backend: str = "auto",
-    mpp: float | tuple[float, float] | None = None,
+    mpp: float | tuple[float, float] | str | None = None,
 ) -> SlideReader:
     """Open a whole-slide image.
 
@@ -122,6 +122,8 @@ def open_slide(
         path: slide file (SVS, pyramidal TIFF, DICOM ...) or a folder of DICOM files.
         backend: ``"auto"`` or one of :data:`BACKENDS`.
         mpp: level-0 µm/px override (one value or ``(x, y)``); always wins over metadata.
+            ``"estimate"`` measures it from the nuclei in the image instead
+            (:mod:`wsi_cmaf.qc.mpp_estimate`; ``mpp_source`` is then "estimated from nuclei").
 
     Raises:
         SlideNotFoundError, NotASlideFileError, UnsupportedSlideError, UnreadableSlideError,
@@ -130,7 +132,8 @@ def open_slide(
     path = Path(path)
     if backend != "auto" and backend not in BACKENDS:
         raise ConfigError(f"unknown slide backend {backend!r}; choose auto or one of {BACKENDS}")
-    override = _mpp.normalise_override(mpp)
+    estimate = isinstance(mpp, str) and mpp.strip().lower() == "estimate"
+    override = None if estimate else _mpp.normalise_override(mpp)
     _check_path(path)
     facts = _mpp.tiff_facts(path) if path.is_file() else None
     _check_pixel_format(path, facts)
@@ -142,7 +145,7 @@ def open_slide(
             impl = _make_backend(backend, path)
         except library_errors(backend) as exc:
             raise UnreadableSlideError(path, f"backend {backend} cannot open it: {exc}") from exc
-        return SlideReader(path, impl, override, facts)
+        return SlideReader(path, impl, override, facts, estimate=estimate)
 
     failures: list[str] = []
     candidates = ("wsidicom",) if path.is_dir() else BACKENDS
@@ -156,7 +159,7 @@ def open_slide(
             failures.append(f"{name}: {type(exc).__name__}: {exc}")
             logger.debug("%s cannot open %s: %s", name, path, exc)
             continue
-        return SlideReader(path, impl, override, facts)
+        return SlideReader(path, impl, override, facts, estimate=estimate)
     raise UnreadableSlideError(path, "no backend could open it (" + "; ".join(failures) + ")")
 
 
@@ -192,6 +195,7 @@ class SlideReader:
         impl: Backend,
         override: tuple[float, float] | None,
         facts: _mpp.TiffFacts | None,
+        estimate: bool = False,
     ) -> None:
         self.path = path
         self._impl = impl
@@ -223,9 +227,27 @@ class SlideReader:
             self._mpp_error = exc
         self._errors = library_errors(self.backend)
         self._closed = False
+        #: the µm/px measured from nuclei when opened with ``mpp="estimate"`` (else None)
+        self.mpp_estimate = None
+        if estimate:
+            self._use_estimate()
         logger.debug("opened %s with %s (%d levels)", path, self.backend, self.level_count)
 
     # -- resolution --------------------------------------------------------------------
+    def _use_estimate(self) -> None:
+        from wsi_cmaf.qc.mpp_estimate import ESTIMATED_SOURCE, estimate_mpp
+
+        try:
+            est = estimate_mpp(self)
+        except BaseException:
+            self._impl.close()
+            raise
+        if self._mpp is not None:
+            logger.info("%s: using the estimated %.3g µm/px instead of the %s value %.4g", self.path,
+                        est.mpp, self._mpp_source, self._mpp[0])
+        self.mpp_estimate = est
+        self._mpp, self._mpp_source, self._mpp_error = (est.mpp, est.mpp), ESTIMATED_SOURCE, None
+
     @property
     def mpp(self) -> tuple[float, float]:
         """Level-0 (x, y) µm/px; raises MissingResolutionError when unresolvable."""
@@ -241,7 +263,8 @@ class SlideReader:
 
     @property
     def mpp_source(self) -> str | None:
-        """'override' | 'vendor' | 'description' | 'tiff-resolution' | 'objective-power'; None when unknown.
+        """'override' | 'vendor' | 'description' | 'tiff-resolution' | 'objective-power' |
+        'estimated from nuclei'; None when unknown.
 
         'vendor': the opening backend's scanner property; 'description': the level-0 TIFF
         ImageDescription parsed by wsi-cmaf (Aperio ``MPP``, OME, Philips) whatever backend opened it.

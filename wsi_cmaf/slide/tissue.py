@@ -16,10 +16,12 @@ Known limits (say so before trusting the mask):
 
 - **Pen and ink.** Green/cyan marker (hue within ``pen_hue_range``, default
   0.20-0.55) is removed, also after morphology, because H&E never has that hue.
-  Blue marker overlaps haematoxylin in hue and is *kept as tissue*; black marker is
-  removed by the ``min_value`` rule, its coloured fringe may survive as thin slivers
-  (mostly removed by ``min_object_um2``). On the DICOM test slide at 8 µm/px none of
-  the ~1,600 green-ink pixels stay in the mask, while ~400 px of dark-blue ink dots do.
+  With ``exclude_ink`` (default) blue, black and red marker are removed too, by the
+  hue/saturation/value rules of :mod:`wsi_cmaf.qc.ink`, and the ink found is kept in
+  ``TissueMask.ink`` (its area is reported; tiles that are mostly ink are not analysed).
+  On the DICOM test slide at 8 µm/px none of the green ink and none of the dark-blue ink
+  dots stay in the mask. Thin black strokes narrower than 3 px of the mask (24 µm) are
+  not ink to the rules and can survive as slivers (mostly removed by ``min_object_um2``).
 - **Bubbles and folds.** Air-bubble edges are grey (low saturation) and not detected;
   tissue under a bubble stays tissue. Folds are detected (they are more saturated).
 - **Pale tissue.** Fat and very pale, unstained or faded tissue has saturation near
@@ -43,6 +45,7 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import disk, remove_small_holes, remove_small_objects
 
 from wsi_cmaf.errors import ConfigError
+from wsi_cmaf.qc.ink import ink_mask
 from wsi_cmaf.slide.faults import TileFailure
 from wsi_cmaf.slide.reader import SlideReader
 
@@ -61,6 +64,8 @@ class TissueConfig:
     closing_radius_um: float = 16.0
     min_object_um2: float = 5_000.0
     fill_holes_um2: float = 20_000.0
+    #: remove blue, black and red marker ink as well (see :mod:`wsi_cmaf.qc.ink`)
+    exclude_ink: bool = True
 
     def __post_init__(self) -> None:
         if not self.mpp > 0:
@@ -83,6 +88,16 @@ class TissueMask:
     mpp: float
     threshold: float = float("nan")
     failed_tiles: tuple[TileFailure, ...] = field(default=())
+    #: marker ink found at the mask's resolution (excluded from ``mask``); None when not looked for
+    ink: np.ndarray | None = None
+
+    def ink_fraction(self) -> float:
+        """Ink area over ink + tissue area (0 when no ink was looked for or found)."""
+        if self.ink is None:
+            return 0.0
+        n_ink = int(np.count_nonzero(self.ink))
+        total = n_ink + int(np.count_nonzero(self.mask))
+        return n_ink / total if total else 0.0
 
     @property
     def n_failed_tiles(self) -> int:
@@ -159,6 +174,10 @@ def tissue_mask_from_rgb(rgb: np.ndarray, mpp: float, config: TissueConfig | Non
         lo, hi = cfg.pen_hue_range
         usable &= ~((hue >= _steps_at_least(lo)) & (hue <= int(np.floor(hi * 255.0)))
                     & (sat >= _steps_at_least(cfg.min_saturation)))
+    ink = None
+    if cfg.exclude_ink:
+        ink = ink_mask(hue, sat, val, cfg.min_value)
+        usable &= ~ink
     counts = np.bincount(sat[usable], minlength=256)
     levels = np.flatnonzero(counts)
     if levels.size > 1:
@@ -185,7 +204,8 @@ def tissue_mask_from_rgb(rgb: np.ndarray, mpp: float, config: TissueConfig | Non
     if small >= 1:
         mask = remove_small_objects(mask, max_size=small)
     logger.debug("tissue: otsu=%.3f threshold=%.3f fraction=%.3f", otsu, threshold, mask.mean())
-    return TissueMask(mask=mask.astype(bool, copy=False), mpp=float(mpp), threshold=threshold, failed_tiles=failed)
+    return TissueMask(mask=mask.astype(bool, copy=False), mpp=float(mpp), threshold=threshold, failed_tiles=failed,
+                      ink=ink)
 
 
 def detect_tissue(reader: SlideReader, config: TissueConfig | None = None) -> TissueMask:

@@ -1,0 +1,1 @@
+"""Slide quality control: µm/px from nuclear sizes, marker ink, out-of-focus tiles."""
