@@ -11,7 +11,7 @@ _EXPORTS = {
     "BatchResult": "wsi_cmaf.cluster.plan",
     "analyze_slides": "wsi_cmaf.cluster.batch",
     "connect": "wsi_cmaf.cluster.engine",
-    "make_jobqueue_cluster": "wsi_cmaf.cluster.engine",
+    "make_jobqueue_cluster": "wsi_cmaf.cluster.jobqueue",
     "SlideJob": "wsi_cmaf.cluster.inputs",
     "collect_slides": "wsi_cmaf.cluster.inputs",
 }

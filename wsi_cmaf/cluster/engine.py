@@ -15,8 +15,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import dask
 from distributed import Client, LocalCluster
 
+from wsi_cmaf.cluster.jobqueue import make_jobqueue_cluster  # noqa: F401  (re-exported)
+from wsi_cmaf.cluster.loopback import loopback_options
 from wsi_cmaf.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -82,39 +85,16 @@ def make_local_cuda_cluster(devices: Sequence[str] | None = None, *, slides_per_
     if not devices:
         raise ConfigError("GPUs were requested (--cluster local-cuda or --gpus-per-worker) but no GPU "
                           "is visible (CUDA_VISIBLE_DEVICES / torch.cuda.device_count()); use --gpus-per-worker 0")
-    kwargs.setdefault("dashboard_address", ":0")
-    common = dict(threads_per_worker=slides_per_gpu, resources={"GPU": slides_per_gpu}, **kwargs)
+    dashboard = bool(kwargs.pop("dashboard", False))
+    loopback = loopback_options(dashboard)
+    common = dict(threads_per_worker=slides_per_gpu, resources={"GPU": slides_per_gpu}, **{**loopback, **kwargs})
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError:
         logger.info("dask-cuda not installed; pinning one worker per GPU with LocalCluster worker env")
         return PerGPULocalCluster(devices, processes=True, **common)
+    common.pop("worker_class")  # dask-cuda brings its own worker class
     return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(devices), **common)
-
-
-def make_jobqueue_cluster(kind: str, *, gpus_per_job: int = 0, slides_per_gpu: int = 1, **kwargs: Any):
-    """A dask-jobqueue SLURM or PBS cluster (not started until scaled).
-
-    ``gpus_per_job`` > 0 asks the batch system for GPUs and advertises a ``GPU`` worker
-    resource of ``gpus_per_job * slides_per_gpu``, so inference tasks (submitted with
-    ``resources={"GPU": 1}``) land only there, ``slides_per_gpu`` of them per GPU at once.
-    Other keyword arguments go to the dask-jobqueue class (cores, memory, queue, account,
-    walltime, job_extra_directives, ...); anything left out comes from dask's jobqueue config.
-    """
-    import dask_jobqueue
-
-    if kind not in ("slurm", "pbs"):
-        raise ConfigError(f"unknown job-queue cluster kind {kind!r}; use 'slurm' or 'pbs'")
-    directives = list(kwargs.pop("job_extra_directives", []) or [])
-    worker_args = list(kwargs.pop("worker_extra_args", []) or [])
-    if gpus_per_job:
-        directives.append(f"--gres=gpu:{gpus_per_job}" if kind == "slurm" else f"-l ngpus={gpus_per_job}")
-        worker_args += ["--resources", f"GPU={gpus_per_job * slides_per_gpu}"]
-    cls = dask_jobqueue.SLURMCluster if kind == "slurm" else dask_jobqueue.PBSCluster
-    kwargs.setdefault("cores", 4)
-    kwargs.setdefault("memory", "16GiB")
-    kwargs.setdefault("processes", 1)
-    return cls(job_extra_directives=directives, worker_extra_args=worker_args, **kwargs)
 
 
 @contextmanager
@@ -128,12 +108,21 @@ def connect(
     gpus_per_worker: int = 0,
     slides_per_gpu: int = 2,
     cluster_kwargs: dict[str, Any] | None = None,
+    retries: int = 2,
+    adapt: tuple[int, int] | None = None,
+    dashboard: bool = False,
+    lifetime: str | int | None = "auto",
+    lifetime_stagger: str | int | None = None,
 ) -> Iterator[Client]:
     """Yield a client: the given one, one connected to ``scheduler``, or one on a new cluster.
 
     ``cluster="local"`` with ``gpus_per_worker`` > 0 becomes ``"local-cuda"``: one worker per
-    visible GPU (``workers`` of them at most). Clusters and clients this function creates are
-    closed on exit; a given client is left open.
+    visible GPU (``workers`` of them at most). Local clusters bind 127.0.0.1 only and start a
+    dashboard (on 127.0.0.1) only with ``dashboard``. A slide whose worker is lost is run again
+    elsewhere, ``retries`` times at most (the scheduler's ``allowed-failures``). SLURM/PBS
+    clusters use TLS and keep ``workers`` jobs (or between ``adapt`` = (min, max) jobs) running,
+    replacing any job that ends early. Clusters and clients this function creates are closed on
+    exit; a given client is left open.
     """
     if client is not None:
         yield client
@@ -147,20 +136,27 @@ def connect(
     extra = dict(cluster_kwargs or {})
     if cluster == "local" and gpus_per_worker:
         cluster = "local-cuda"
-    if cluster == "local-cuda":
-        devices = extra.pop("devices", None)
-        devices = [str(d) for d in (devices if devices is not None else visible_gpus())]
-        cl = make_local_cuda_cluster(devices[:workers] if workers else devices,
-                                     slides_per_gpu=slides_per_gpu, **extra)
-    elif cluster == "local":
-        cl = LocalCluster(n_workers=workers or 2, threads_per_worker=threads_per_worker, processes=True,
-                          dashboard_address=extra.pop("dashboard_address", ":0"), **extra)
-    else:
-        cl = make_jobqueue_cluster(cluster, gpus_per_job=gpus_per_worker, slides_per_gpu=slides_per_gpu, **extra)
-        cl.scale(jobs=workers or 2)
+    # The scheduler reads allowed-failures when it is built (here, in this process).
+    with dask.config.set({"distributed.scheduler.allowed-failures": max(0, int(retries))}):
+        if cluster == "local-cuda":
+            devices = extra.pop("devices", None)
+            devices = [str(d) for d in (devices if devices is not None else visible_gpus())]
+            cl = make_local_cuda_cluster(devices[:workers] if workers else devices,
+                                         slides_per_gpu=slides_per_gpu, dashboard=dashboard, **extra)
+        elif cluster == "local":
+            opts = {**loopback_options(dashboard), **extra}
+            cl = LocalCluster(n_workers=workers or 2, threads_per_worker=threads_per_worker, processes=True, **opts)
+        else:
+            cl = make_jobqueue_cluster(cluster, gpus_per_job=gpus_per_worker, slides_per_gpu=slides_per_gpu,
+                                       dashboard=dashboard, lifetime=lifetime, lifetime_stagger=lifetime_stagger,
+                                       **extra)
+            lo, hi = adapt if adapt else (workers or 2, workers or 2)
+            # Adaptive, even at a fixed size: it starts a new job for each one that ended (walltime,
+            # preemption, scancel); a plain scale() would leave the cluster short.
+            cl.adapt(minimum_jobs=lo, maximum_jobs=hi, interval="1s", wait_count=5)
     try:
-        with Client(cl) as c:
-            if c.dashboard_link:
+        with Client(cl, security=getattr(cl, "security", None)) as c:
+            if dashboard and c.dashboard_link:
                 logger.info("dask dashboard: %s", c.dashboard_link)
             yield c
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import filecmp
 import glob
 import hashlib
 import os
@@ -19,11 +20,14 @@ WSI_EXTENSIONS = frozenset({
 
 @dataclass(frozen=True)
 class SlideJob:
-    """One slide of a batch: where it is, its optional µm/px override, and its output key."""
+    """One input of a batch: where it is, its optional µm/px override, its output key, and,
+    when it names the same file as an earlier input (a link, a hard link or an exact copy),
+    that input's key: such an input is analysed once, under the earlier key."""
 
     path: Path
     mpp: float | None
     key: str  # unique output folder name inside the batch output directory
+    same_as: str | None = None
 
 
 def _from_csv(csv_path: Path) -> list[tuple[Path, float | None]]:
@@ -65,7 +69,12 @@ def _expand(item: str | Path) -> list[tuple[Path, float | None]]:
 
 
 def _keys(paths: list[Path]) -> list[str]:
-    """Output names unique per slide: the stem, plus a short hash of the folder when stems collide."""
+    """Output names unique per input path.
+
+    The stem alone when no other input shares it; else the stem plus a short hash of the folder
+    (``s-f164b278``); and when two inputs of one folder share a stem (``s.svs``, ``s.tiff``),
+    the extension too (``s-f164b278-svs``), so no two inputs ever write one store.
+    """
     stems: dict[str, int] = {}
     for p in paths:
         stems[p.stem] = stems.get(p.stem, 0) + 1
@@ -76,11 +85,67 @@ def _keys(paths: list[Path]) -> list[str]:
         else:
             digest = hashlib.sha1(str(p.resolve().parent).encode()).hexdigest()[:8]
             keys.append(f"{p.stem}-{digest}")
+    counts: dict[str, int] = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    keys = [f"{k}-{p.suffix.lstrip('.').lower() or 'noext'}" if counts[k] > 1 else k for k, p in zip(keys, paths)]
+    seen: dict[str, Path] = {}
+    for k, p in zip(keys, paths):
+        if k in seen:  # e.g. s.TIFF and s.tiff in one folder on a case-sensitive file system
+            raise ConfigError(f"inputs {seen[k]} and {p} would share the output folder {k!r}; rename one")
+        seen[k] = p
     return keys
 
 
+def _identity(p: Path) -> tuple[int, int] | None:
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _same_files(paths: list[Path]) -> list[int | None]:
+    """For each path, the index of an earlier path holding the same file, else None.
+
+    The same file: one real path (symbolic links), one inode (hard links), or byte-identical
+    content (a copy). Content is compared only between regular files of equal size whose
+    fingerprints (size + first and last MiB) agree, and then in full.
+    """
+    from wsi_cmaf.slide.reader import file_fingerprint
+
+    first_of: dict[object, int] = {}
+    by_size: dict[int, list[int]] = {}
+    out: list[int | None] = []
+    for i, p in enumerate(paths):
+        ident = _identity(p)
+        real = os.path.realpath(p)
+        hit = first_of.get(("real", real))
+        if hit is None and ident is not None:
+            hit = first_of.get(("inode", ident))
+        if hit is None and p.is_file():
+            size = p.stat().st_size
+            for j in by_size.get(size, []):
+                if file_fingerprint(paths[j]) == file_fingerprint(p) and filecmp.cmp(paths[j], p, shallow=False):
+                    hit = j
+                    break
+            if hit is None:
+                by_size.setdefault(size, []).append(i)
+        out.append(hit)
+        if hit is None:
+            first_of[("real", real)] = i
+            if ident is not None:
+                first_of[("inode", ident)] = i
+    return out
+
+
 def collect_slides(slides: str | Path | list[str | Path]) -> list[SlideJob]:
-    """Slides named by a list, a glob, a directory (recursive) or a CSV (``path[,mpp]``)."""
+    """Every input named by a list, a glob, a directory (recursive) or a CSV (``path[,mpp]``).
+
+    One job per distinct input path, each with its own key. Inputs holding the same file as an
+    earlier one (links, hard links, exact copies) keep their own job and key, marked ``same_as``
+    that earlier input: they are analysed once and reported under each name, never dropped.
+    """
     items = slides if isinstance(slides, list | tuple) else [slides]
     found: list[tuple[Path, float | None]] = []
     for item in items:
@@ -88,11 +153,18 @@ def collect_slides(slides: str | Path | list[str | Path]) -> list[SlideJob]:
     seen: set[str] = set()
     unique = []
     for p, mpp in found:
-        real = os.path.realpath(p)
-        if real not in seen:
-            seen.add(real)
+        name = os.path.abspath(p)  # the same path named twice is one input
+        if name not in seen:
+            seen.add(name)
             unique.append((p, mpp))
     if not unique:
         raise ConfigError(f"no slides found in {slides!s} (known extensions: {sorted(WSI_EXTENSIONS)})")
-    keys = _keys([p for p, _ in unique])
-    return [SlideJob(p, mpp, k) for (p, mpp), k in zip(unique, keys)]
+    paths = [p for p, _ in unique]
+    keys = _keys(paths)
+    same = _same_files(paths)
+    jobs = []
+    for (p, mpp), k, j in zip(unique, keys, same):
+        # a different µm/px override is a different analysis: then the copy is analysed on its own
+        primary = j if j is not None and unique[j][1] == mpp else None
+        jobs.append(SlideJob(p, mpp, k, keys[primary] if primary is not None else None))
+    return jobs

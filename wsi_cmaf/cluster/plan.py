@@ -15,7 +15,8 @@ from typing import Any
 
 from wsi_cmaf.cluster.inputs import SlideJob, collect_slides
 from wsi_cmaf.cluster.status import StatusTable
-from wsi_cmaf.errors import WsiCmafError
+from wsi_cmaf import errors
+from wsi_cmaf.errors import SlideNotFoundError, WsiCmafError
 from wsi_cmaf.slide.reader import file_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -46,16 +47,43 @@ class BatchPlan:
     weights_sha256: str
     todo: list[SlideJob]
 
+    permanent_failures: int = 0
+
     @property
     def skipped(self) -> int:
-        """Slides already done with the same file and model."""
+        """Inputs not analysed by this run: done before, or failed before for good."""
         return len(self.jobs) - len(self.todo)
+
+    def sync_aliases(self) -> None:
+        """Give every input that names another input's file that input's outcome, with a note."""
+        by_key = {j.key: j for j in self.jobs}
+        for j in self.jobs:
+            if j.same_as is None:
+                continue
+            primary = self.table.get(j.same_as) or {}
+            note = f"same file as {by_key[j.same_as].path}; analysed once, as {j.same_as}"
+            fields = {c: primary.get(c, "") for c in ("fingerprint", "status", "error", "error_type",
+                                                       "tissue_tiles", "output", "model_hash")}
+            fields["seconds"] = 0
+            row = self.table.get(j.key) or {}
+            if any(str(row.get(c, "")) != str(v) for c, v in fields.items()) or row.get("note") != note:
+                self.table.update(j.key, slide=str(j.path), note=note, **fields)
 
     def result(self, t0: float, dashboard: str | None = None) -> BatchResult:
         """The batch result as the status table now records it (``t0``: ``perf_counter`` at the start)."""
         rows = [self.table.get(j.key) for j in self.jobs]
         return BatchResult(self.table.path, rows, self.table.counts(), self.skipped,
                            time.perf_counter() - t0, dashboard)
+
+
+def current_fingerprint(path: Path) -> str:
+    """The file's fingerprint, ``"missing"`` when it does not exist, ``""`` when it cannot be read."""
+    try:
+        return file_fingerprint(path)
+    except SlideNotFoundError:
+        return "missing"
+    except (WsiCmafError, OSError):
+        return ""
 
 
 def already_done(row: dict[str, Any] | None, job: SlideJob, model_hash: str) -> bool:
@@ -70,13 +98,54 @@ def already_done(row: dict[str, Any] | None, job: SlideJob, model_hash: str) -> 
         return False
 
 
-def plan_batch(slides: str | Path | list[str | Path], out_dir: str | Path, weights_sha256: str) -> BatchPlan:
-    """Collect the slides, open ``out_dir/status.csv`` and list those not done with these weights."""
+def is_permanent_error(error_type: str | None) -> bool:
+    """Whether a recorded error class is a property of the input file (retrying cannot help).
+
+    Input errors (:class:`~wsi_cmaf.errors.SlideError`: missing, not a slide, unreadable,
+    unsupported, no µm/px) are; errors of the run (output, disk, model, lost workers) are not.
+    """
+    cls = getattr(errors, str(error_type or ""), None)
+    return isinstance(cls, type) and issubclass(cls, errors.SlideError)
+
+
+def failed_for_good(row: dict[str, Any] | None, job: SlideJob, model_hash: str) -> bool:
+    """Whether ``job`` failed with a permanent input error on this same file and model."""
+    if not row or row.get("status") != "failed" or row.get("model_hash") != model_hash:
+        return False
+    if not is_permanent_error(row.get("error_type")):
+        return False
+    recorded = row.get("fingerprint") or ""
+    return bool(recorded) and recorded == current_fingerprint(job.path)
+
+
+def plan_batch(slides: str | Path | list[str | Path], out_dir: str | Path, weights_sha256: str,
+               *, retry_failed: bool = False, status_name: str = "status.csv") -> BatchPlan:
+    """Collect the slides, open ``out_dir/status.csv`` and list those still to analyse.
+
+    Left out: slides done with these weights, inputs naming the same file as another input
+    (analysed once, see :class:`SlideJob`), and, unless ``retry_failed``, slides that failed with
+    a permanent input error on an unchanged file (their row is reported as it stands).
+    """
     jobs = collect_slides(slides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = StatusTable(out / "status.csv")
-    todo = [j for j in jobs if not already_done(table.get(j.key), j, weights_sha256)]
-    if len(jobs) > len(todo):
-        logger.info("%d of %d slides already done; skipping them", len(jobs) - len(todo), len(jobs))
-    return BatchPlan(jobs, table, weights_sha256, todo)
+    table = StatusTable(out / status_name)  # status_name: one table per kind of run sharing out_dir
+    todo, kept_failed = [], 0
+    for j in jobs:
+        row = table.get(j.key)
+        if j.same_as is not None or already_done(row, j, weights_sha256):
+            continue
+        if not retry_failed and failed_for_good(row, j, weights_sha256):
+            kept_failed += 1
+            continue
+        todo.append(j)
+    plan = BatchPlan(jobs, table, weights_sha256, todo)
+    plan.permanent_failures = kept_failed
+    plan.sync_aliases()
+    done = len(jobs) - len(todo) - kept_failed
+    if done:
+        logger.info("%d of %d inputs already done; skipping them", done, len(jobs))
+    if kept_failed:
+        logger.info("%d inputs failed before with an input error on the same file; not retried "
+                    "(--retry-failed retries them)", kept_failed)
+    return plan

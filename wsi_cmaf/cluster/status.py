@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ["slide", "key", "fingerprint", "status", "error", "tissue_tiles", "seconds",
-           "output", "model_hash", "attempts", "updated"]
+COLUMNS = ["slide", "key", "fingerprint", "status", "error", "error_type", "tissue_tiles", "seconds",
+           "output", "model_hash", "attempts", "note", "updated"]
 
 
 class StatusTable:

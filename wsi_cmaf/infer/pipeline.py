@@ -61,9 +61,11 @@ def _dask_client(client: Client | None, threads: int) -> Iterator[Client]:
     # No dashboard: this pool is internal, and on a GPU node running several slides at once the
     # dashboard's lazy imports raced between threads ("module 'distributed.dashboard' has no
     # attribute 'scheduler'", seen on an H200 node). Creation is serialised for the same reason.
+    # Its HTTP servers (which run even without a dashboard) bind 127.0.0.1 only.
+    from wsi_cmaf.cluster.loopback import in_process_client
+
     with _CLIENT_LOCK:
-        own = Client(processes=False, n_workers=1, threads_per_worker=threads, dashboard_address=None,
-                     set_as_default=False)
+        own = in_process_client(threads)
     try:
         yield own
     finally:
