@@ -141,7 +141,8 @@ def analyze_slide(
                           tissue_threshold=cfg.tissue_threshold, source=mc.patch_source,
                           block_tiles=cfg.block_tiles if mc.patch_source == "pyramid" else block_tiles_for_level0(
                               cfg.block_tiles, mc.patch_size_pixels, mc.spacing_um_px, tuple(slide_mpp)))
-        store_path = out_dir / f"{slide_path.stem}.zarr"
+        # extra["store_name"]: a store inside another one (an encoder's embeddings beside a heatmap)
+        store_path = out_dir / cfg.extra.get("store_name", "{stem}.zarr").format(stem=slide_path.stem)
         identity = run_identity(reader, resolved, gcfg, tcfg, _stain_method(resolved, cfg))
         with timer("inputs"):  # a resumed run takes tissue mask, grid and stain fit from its store
             inputs = load_inputs(store_path, identity, reader, gcfg) if resume and not overwrite else None
@@ -192,7 +193,7 @@ def analyze_slide(
         result.outputs.update(exports.join(result.warnings))
         result.provenance = prov
         result.timings["exports"] = round(exports.seconds, 4)
-    summary = out_dir / f"{slide_path.stem}_summary.json"
+    summary = out_dir / cfg.extra.get("summary_name", "{stem}_summary.json").format(stem=slide_path.stem)
     result.outputs["summary"] = summary
     result.to_json(summary)
     return result

@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 FORMAT = "wsi-cmaf-heatmap"
 FORMAT_VERSION = 1
 META = "wsi_cmaf"  # root attribute key and name of the bookkeeping group
+#: sub-folder of a store holding encoders' embedding stores (wsi_cmaf.encoders.embed)
+ENCODERS_GROUP = "encoders"
 _RESERVED = {"format", "format_version", "layout", "identity", "geometry", "layout_complete", "finalized"}
 
 
@@ -145,7 +147,8 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin):
         if path.exists() or path.is_symlink():
             meta = read_store_meta(path) if path.is_dir() else None
             if meta is None:
-                if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+                # a folder holding only encoders' embedding stores (wsi-cmaf embed) takes the heatmap too
+                if path.is_dir() and not path.is_symlink() and all(p.name == ENCODERS_GROUP for p in path.iterdir()):
                     return cls._create(path, layout, identity, attrs)
                 raise OutputError(f"{path} exists and is not a wsi-cmaf heatmap store; "
                                   "refusing to write there (choose another output location)")
@@ -385,4 +388,9 @@ def _remove_store(path: Path) -> None:
     if path.is_symlink() or read_store_meta(path) is None:
         raise OutputError(f"{path} is not a wsi-cmaf store folder; refusing to delete it")
     logger.info("%s: removing the existing store (overwrite)", path)
+    if (path / ENCODERS_GROUP).is_dir():  # other runs' embeddings (wsi-cmaf embed) are not this store's to delete
+        for child in path.iterdir():
+            if child.name != ENCODERS_GROUP:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        return
     shutil.rmtree(path)
