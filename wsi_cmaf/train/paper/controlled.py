@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,16 +45,24 @@ from wsi_cmaf.train.data.imbalance import parse_ratio
 
 logger = logging.getLogger(__name__)
 
-#: arm name -> (registry loss, loss kwargs, DFA readout on)
-ARMS: dict[str, tuple[str, dict[str, Any], bool]] = {
-    "ce": ("cross_entropy", {}, False),
-    "ce_sqrt": ("sqrt_weighted_cross_entropy", {}, False),
-    "ce_inverse": ("weighted_cross_entropy", {}, False),
-    "balanced_softmax": ("balanced_softmax", {}, False),
-    "focal": ("focal", {}, False),
-    "acbfl": ("acbfl", {}, False),  # the project default: λ = 0
-    "acbfl_smooth": ("acbfl", {"lambda_smooth": 0.1}, False),  # the −λH "label smoothing" reading
-    "acbfl_dfa": ("acbfl", {}, True),
+_NO_REGULARISERS = {"beta1": 0.0, "beta2": 0.0, "diversity_weight": 0.0, "entropy_weight": 0.0,
+                    "orthogonality_weight": 0.0}
+#: arm name -> (registry loss, loss kwargs, DFA readout on, other LossConfig fields)
+ARMS: dict[str, tuple[str, dict[str, Any], bool, dict[str, Any]]] = {
+    "ce": ("cross_entropy", {}, False, {}),
+    "ce_sqrt": ("sqrt_weighted_cross_entropy", {}, False, {}),
+    "ce_inverse": ("weighted_cross_entropy", {}, False, {}),
+    "balanced_softmax": ("balanced_softmax", {}, False, {}),
+    "focal": ("focal", {}, False, {}),
+    "acbfl": ("acbfl", {}, False, {}),  # A-CBFL alone, λ = 0
+    "acbfl_smooth": ("acbfl", {"lambda_smooth": 0.1}, False, {}),  # the −λH "label smoothing" reading
+    "acbfl_dfa": ("acbfl", {}, True, {}),
+    # the objective as shipped: A-CBFL times the Eq. 6 class weights (√ inverse frequency)
+    "acbfl_shipped": ("acbfl", {}, False, {"class_weighted_ib": True}),
+    # the mechanism: every class at γ_base, or α frozen at inverse frequency
+    "acbfl_no_class_gamma": ("acbfl", {"class_gamma": False}, False, {}),
+    "acbfl_no_dynamic": ("acbfl", {"dynamic_alpha": False}, False, {}),
+    "acbfl_no_reg": ("acbfl", {}, False, dict(_NO_REGULARISERS)),  # the IB and attention terms off
 }
 REFERENCE_ARM = "ce_sqrt"
 #: the tiny CMAF-Net of the synthetic sweeps (benchmarks/configs/sweep_synthetic.yaml)
@@ -83,7 +92,11 @@ class ControlledConfig:
     model_kwargs: dict[str, Any] = field(default_factory=lambda: dict(TINY_CMAF))
     stage1_epochs: int = 15
     stage1_lr: float = 1e-3
-    steps: int = 300
+    # Fusion budget in passes over each ratio's training set (steps = ceil(passes × n / batch)), so
+    # every ratio sees each sample equally often; ``steps`` (an int) fixes the step count instead,
+    # as the first version of the experiment did (300 steps: 58 passes at 70:30, 1.9 at 99:1).
+    passes: float = 20.0
+    steps: int | None = None
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -103,7 +116,15 @@ class ControlledConfig:
             raise ConfigError("at least one seed and one ratio are needed")
         for r in self.ratios:
             parse_ratio(r)
+        if self.steps is None and not self.passes > 0:
+            raise ConfigError(f"passes must be > 0 (or set steps), got {self.passes}")
         return self
+
+    def fusion_steps(self, n_train: int) -> int:
+        """Optimiser steps of one fusion run on ``n_train`` samples (the budget rule above)."""
+        if self.steps is not None:
+            return int(self.steps)
+        return max(1, math.ceil(self.passes * n_train / min(self.batch_size, n_train)))
 
     def fingerprint(self) -> str:
         """Short hash of the settings (results of other settings are not reused)."""
@@ -265,11 +286,12 @@ def train_fusion(arm: str, feats: tuple[torch.Tensor, torch.Tensor], y: torch.Te
     """Train the fusion stage of ``arm`` on cached maps; ``batches`` (steps, B) is the shared order."""
     from wsi_cmaf.losses.objective import IBObjective, LossConfig
 
-    loss_name, loss_kwargs, dfa = ARMS[arm]
+    loss_name, loss_kwargs, dfa, fields = ARMS[arm]
     counts = (float((y == 0).sum()), float((y == 1).sum()))
     net = fusion_model(cfg, seed, dfa, counts)
-    objective = IBObjective(LossConfig(loss=loss_name, loss_kwargs=dict(loss_kwargs), class_weighted_ib=False,
-                                       ramp_steps=max(1, cfg.steps // 3)), counts)
+    settings = {"class_weighted_ib": False, **fields}
+    objective = IBObjective(LossConfig(loss=loss_name, loss_kwargs=dict(loss_kwargs),
+                                       ramp_steps=max(1, len(batches) // 3), **settings), counts)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     net.train()
@@ -286,10 +308,13 @@ def train_fusion(arm: str, feats: tuple[torch.Tensor, torch.Tensor], y: torch.Te
 
 
 @torch.inference_mode()
-def positive_probability(net: nn.Module, feats: tuple[torch.Tensor, torch.Tensor], batch: int = 2048) -> np.ndarray:
-    """P(malignant) for every cached sample."""
+def positive_logit(net: nn.Module, feats: tuple[torch.Tensor, torch.Tensor], batch: int = 2048) -> np.ndarray:
+    """Logit margin z = l_malignant − l_benign for every cached sample (P(malignant) = sigmoid(z))."""
     fs, ft = feats
-    out = [torch.softmax(net((fs[i:i + batch], ft[i:i + batch])), dim=1)[:, 1] for i in range(0, len(fs), batch)]
+    out = []
+    for i in range(0, len(fs), batch):
+        logits = net((fs[i:i + batch], ft[i:i + batch])).float()
+        out.append(logits[:, 1] - logits[:, 0])
     return torch.cat(out).numpy()
 
 
@@ -310,37 +335,17 @@ def run_seed(data: Data, cfg: ControlledConfig, seed: int) -> dict[str, Any]:
         feats = (f_pool[0][local], f_pool[1][local])
         y = torch.from_numpy(data.labels[sets[ratio]])
         order_rng = np.random.default_rng([seed, 3000, r_index])
-        batches = order_rng.integers(0, len(local), size=(cfg.steps, min(cfg.batch_size, len(local))))
+        batches = order_rng.integers(0, len(local), size=(cfg.fusion_steps(len(local)),
+                                                          min(cfg.batch_size, len(local))))
         for arm in cfg.arms:
             fused = train_fusion(arm, feats, y, cfg, seed, batches)
-            scores[f"{ratio}|{arm}"] = {"val": positive_probability(fused, f_val),
-                                        "test": positive_probability(fused, f_test)}
+            scores[f"{ratio}|{arm}"] = {"val": positive_logit(fused, f_val), "test": positive_logit(fused, f_test)}
     logger.info("seed %d: stage 1 + cache %.0f s, %d fusion runs %.0f s", seed, t_cache,
                 len(scores), time.perf_counter() - t0 - t_cache)
     return {"scores": scores, "seconds": {"stage1_and_cache": t_cache, "total": time.perf_counter() - t0},
             "train_counts": {r: [int((data.labels[i] == 0).sum()), int((data.labels[i] == 1).sum())]
-                             for r, i in sets.items()}}
-
-
-def save_seed(path: Path, result: dict[str, Any]) -> None:
-    """Write one seed's scores (npz) and counts/timings (json) atomically."""
-    arrays = {f"{key}|{part}": v.astype(np.float32) for key, d in result["scores"].items() for part, v in d.items()}
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    meta = {k: v for k, v in result.items() if k != "scores"}
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    tmp.replace(path)
-
-
-def load_seed(path: Path) -> dict[str, Any]:
-    """Inverse of :func:`save_seed`."""
-    z = np.load(path, allow_pickle=False)
-    scores: dict[str, dict[str, np.ndarray]] = {}
-    for name in z.files:
-        key, part = name.rsplit("|", 1)
-        scores.setdefault(key, {})[part] = z[name]
-    meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
-    return {"scores": scores, **meta}
+                             for r, i in sets.items()},
+            "fusion_steps": {r: cfg.fusion_steps(len(i)) for r, i in sets.items()}}
 
 
 def run_controlled(cfg: ControlledConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
@@ -366,9 +371,11 @@ def run_controlled(cfg: ControlledConfig, out_dir: str | Path, progress: bool = 
 
 def _run(cfg: ControlledConfig, out: Path, progress: bool) -> dict[str, Any]:
     from wsi_cmaf.train.paper.controlled_report import write_report
+    from wsi_cmaf.train.paper.controlled_scores import load_seed, save_labels, save_seed, seed_path
 
     t0 = time.perf_counter()
     data = make_data(cfg, out / "data.npz")
+    save_labels(out, data)
     results = {}
     seeds = cfg.seeds
     bar = None
@@ -377,10 +384,10 @@ def _run(cfg: ControlledConfig, out: Path, progress: bool) -> dict[str, Any]:
 
         bar = tqdm(total=len(seeds), desc="seeds", unit="seed", disable=None)  # None: only on a terminal
     for seed in seeds:
-        path = out / f"seed_{seed}.npz"
+        path = seed_path(out, seed)
         if not path.is_file():
             save_seed(path, run_seed(data, cfg, seed))
-        results[seed] = load_seed(path)
+        results[seed] = load_seed(path)  # the report reads the stored (float16) scores, as a rederivation does
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -7,6 +7,12 @@ specificity at 0.5, expected calibration error, and whether the run is degenerat
 differences: for each bootstrap resample of the test *patients* (the same resample for both arms
 and every seed) the seed-mean of ``metric(arm) − metric(reference)``; the 2.5/97.5 % quantiles
 give the CI, and "wins" counts the seeds where the arm beats the reference on the full test set.
+
+That patient-bootstrap CI holds the trained models fixed: it says how sure we are about *these*
+models on other patients, not about another draw of training runs. Two intervals beside it also
+carry the seed-to-seed variation: the paired **seed-level** t-interval over the per-seed
+differences (full test set), and a **two-level** bootstrap that resamples seeds and test patients
+together. A difference is "resolved" in the write-up only where the seed-level interval excludes 0.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from wsi_cmaf.train.evaluate.metrics import (bootstrap_indices, expected_calibra
 from wsi_cmaf.train.paper.controlled import REFERENCE_ARM, ControlledConfig, Data
 
 #: extra paired comparisons beside "every arm vs the reference"
-EXTRA_PAIRS = (("acbfl_dfa", "acbfl"), ("acbfl_smooth", "acbfl"))
+EXTRA_PAIRS = (("acbfl_dfa", "acbfl"), ("acbfl_smooth", "acbfl"), ("acbfl_shipped", "acbfl"),
+               ("acbfl_no_class_gamma", "acbfl"), ("acbfl_no_dynamic", "acbfl"), ("acbfl_no_reg", "acbfl"))
 DEGENERATE_SHARE = 0.995
 #: per-cell columns, in table order
 CELL_METRICS = ("auroc", "auprc", "sens_at_spec", "test_spec_at_spec", "sens_at_0.5", "spec_at_0.5", "ece")
@@ -109,18 +116,38 @@ def paired_differences(cfg: ControlledConfig, data: Data, results: dict[int, dic
 
     rows = []
     full = runs.set_index(["seed", "ratio", "arm"])
+    seeds = list(results)
+    # two-level bootstrap: resample b draws its own multiset of seeds beside its patient resample
+    seed_draws = np.random.default_rng(1).integers(0, len(seeds), size=(len(resamples), len(seeds)))
     for ratio in cfg.ratios:
         for arm, ref in pairs:
-            seeds = list(results)
-            diffs = np.mean([boot(s, ratio, arm) - boot(s, ratio, ref) for s in seeds], axis=0)
+            per_seed = np.stack([boot(s, ratio, arm) - boot(s, ratio, ref) for s in seeds])  # (S, B, 2)
+            diffs = per_seed.mean(axis=0)
+            two_level = per_seed[seed_draws, np.arange(len(resamples))[:, None]].mean(axis=1)  # (B, 2)
             row: dict[str, Any] = {"ratio": ratio, "arm": arm, "reference": ref}
             for j, m in enumerate(("auroc", "sens_at_spec")):
-                point = [full.loc[(s, ratio, arm), m] - full.loc[(s, ratio, ref), m] for s in seeds]
+                point = np.array([full.loc[(s, ratio, arm), m] - full.loc[(s, ratio, ref), m] for s in seeds])
                 lo, hi = np.nanquantile(diffs[:, j], [0.025, 0.975])
+                s_lo, s_hi = seed_interval(point)
+                t_lo, t_hi = np.nanquantile(two_level[:, j], [0.025, 0.975])
                 row.update({f"d_{m}": float(np.mean(point)), f"d_{m}_lo": float(lo), f"d_{m}_hi": float(hi),
+                            f"d_{m}_seed_lo": s_lo, f"d_{m}_seed_hi": s_hi,
+                            f"d_{m}_2l_lo": float(t_lo), f"d_{m}_2l_hi": float(t_hi),
                             f"wins_{m}": int(sum(p > 0 for p in point))})
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def seed_interval(differences: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Paired t-interval of the mean of per-seed differences (NaN with fewer than 2 seeds)."""
+    from scipy import stats
+
+    d = np.asarray(differences, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if len(d) < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return float(d.mean() - half), float(d.mean() + half)
 
 
 def _fmt(mean: float, std: float) -> str:
@@ -135,13 +162,21 @@ def markdown(cells: pd.DataFrame, diffs: pd.DataFrame, cfg: ControlledConfig) ->
     for _, r in cells.iterrows():
         vals = [_fmt(r[m], r[f"{m}_std"]) for m in CELL_METRICS]
         lines.append(f"| {r.ratio} | {r.arm} | " + " | ".join(vals) + f" | {r.degenerate}/{r.seeds} |")
-    lines += ["", f"Paired differences (seed mean, patient-bootstrap 95 % CI, seeds won of {len(cfg.seeds)}):", "",
-              "| ratio | arm − reference | Δ AUROC [95 % CI] | wins | Δ sens @ spec [95 % CI] | wins |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", f"Paired differences: seed mean; 95 % intervals from the patient bootstrap (models fixed), "
+              f"over the {len(cfg.seeds)} paired seeds (t) and two-level (seeds × patients); seeds won:", "",
+              "| ratio | arm − reference | Δ AUROC | patients | seeds | two-level | wins | Δ sens @ spec | patients | "
+              "seeds | two-level | wins |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ci(lo: float, hi: float) -> str:
+        return f"[{lo:+.3f}, {hi:+.3f}]"
+
     for _, r in diffs.iterrows():
-        lines.append(f"| {r.ratio} | {r.arm} − {r.reference} | {r.d_auroc:+.3f} [{r.d_auroc_lo:+.3f}, "
-                     f"{r.d_auroc_hi:+.3f}] | {r.wins_auroc} | {r.d_sens_at_spec:+.3f} [{r.d_sens_at_spec_lo:+.3f}, "
-                     f"{r.d_sens_at_spec_hi:+.3f}] | {r.wins_sens_at_spec} |")
+        cols = []
+        for m in ("auroc", "sens_at_spec"):
+            cols += [f"{r[f'd_{m}']:+.3f}", ci(r[f"d_{m}_lo"], r[f"d_{m}_hi"]),
+                     ci(r[f"d_{m}_seed_lo"], r[f"d_{m}_seed_hi"]), ci(r[f"d_{m}_2l_lo"], r[f"d_{m}_2l_hi"]),
+                     str(r[f"wins_{m}"])]
+        lines.append(f"| {r.ratio} | {r.arm} − {r.reference} | " + " | ".join(cols) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -192,9 +227,15 @@ def plot(cells: pd.DataFrame, diffs: pd.DataFrame, cfg: ControlledConfig, path: 
 
 
 def write_report(cfg: ControlledConfig, data: Data, results: dict[int, dict[str, Any]], out: Path,
-                 wall_seconds: float) -> dict[str, Any]:
-    """Write results.json, results.md, runs.csv and the figure into ``out``; return the summary."""
+                 wall_seconds: float, run_provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write results.json, results.md, runs.csv and the figure into ``out``; return the summary.
+
+    ``run_provenance``: that of the run whose stored scores are being re-reported
+    (:func:`~wsi_cmaf.train.paper.controlled_scores.rederive`); this process's goes under ``rederived_by``.
+    """
     import torch
+
+    from wsi_cmaf.train.paper.provenance import provenance
 
     runs = per_run_table(cfg, data, results)
     cells = cell_table(runs, cfg)
@@ -203,8 +244,14 @@ def write_report(cfg: ControlledConfig, data: Data, results: dict[int, dict[str,
     md = markdown(cells, diffs, cfg)
     counts = {str(s): r["train_counts"] for s, r in results.items()}
     split = {k: int((data.split == k).sum()) for k in ("train", "val", "test")}
+    n_train = {r: sum(results[next(iter(results))]["train_counts"][r]) for r in cfg.ratios}
+    steps = {r: cfg.fusion_steps(n) for r, n in n_train.items()}
     summary = {
+        "provenance": run_provenance or provenance(),
+        **({"rederived_by": provenance()} if run_provenance else {}),
         "command": "wsi-cmaf protocol imbalance-controlled",
+        "budget": {"fusion_steps": steps, "batch_size": cfg.batch_size,
+                   "passes": {r: round(steps[r] * min(cfg.batch_size, n) / n, 2) for r, n in n_train.items()}},
         "wall_seconds": wall_seconds,
         "seconds_per_seed": {str(s): r["seconds"] for s, r in results.items()},
         "machine": f"{platform.platform()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)",

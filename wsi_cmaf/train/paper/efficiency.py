@@ -301,7 +301,10 @@ def run_efficiency(cfg: EfficiencyConfig, out_dir: str | Path, progress: bool = 
     floors = floor_checks(long)
     table.to_csv(out / "results.csv", index=False, float_format="%.6g")
     long.to_csv(out / "results_long.csv", index=False, float_format="%.6g")
-    payload = {"config": asdict(cfg), "rows": long.to_dict(orient="records"), "floors": floors}
+    from wsi_cmaf.train.paper.provenance import provenance
+
+    payload = {"provenance": provenance(resolve_device(cfg.device)), "config": asdict(cfg),
+               "rows": long.to_dict(orient="records"), "floors": floors}
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
     md = markdown_efficiency(table, long, floors)
     (out / "results.md").write_text(md, encoding="utf-8")

@@ -311,6 +311,10 @@ def _jsonable(value: Any) -> Any:
 
 def _write_plan(out: Path, protocol: Protocol, base: dict[str, Any]) -> None:
     """``protocol.json``: what this folder holds and how it was made (runs and their overrides)."""
-    plan = {"protocol": protocol.name, "title": protocol.title, "group_by": protocol.group_by, "base": base,
-            "runs": [dataclasses.asdict(r) for r in protocol.runs]}
+    from wsi_cmaf.infer.runner import resolve_device
+    from wsi_cmaf.train.paper.provenance import provenance
+
+    plan = {"protocol": protocol.name, "title": protocol.title, "group_by": protocol.group_by,
+            "provenance": provenance(resolve_device(str(base.get("device") or "auto"))),
+            "base": base, "runs": [dataclasses.asdict(r) for r in protocol.runs]}
     (out / "protocol.json").write_text(json.dumps(plan, indent=2, default=_jsonable) + "\n", encoding="utf-8")
