@@ -221,8 +221,3 @@ class CheckpointShapeError(EncoderError):
 
 class EncoderDimensionError(EncoderError):
     """An encoder's embedding has another width than its registry entry declares."""
-
-
-# --- slide quality control -------------------------------------------------------------
-class MppEstimateError(WsiCmafError):
-    """The µm/px could not be estimated from the image (too little tissue or too few nuclei)."""

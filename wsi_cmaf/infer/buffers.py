@@ -20,6 +20,13 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def sync_event() -> torch.cuda.Event:
+    """A CUDA event for a host thread to wait on: ``blocking=True`` makes ``synchronize()``
+    sleep instead of spinning, which matters with several slides in flight (two waiting threads
+    each) beside the decoder threads on the same cores."""
+    return torch.cuda.Event(blocking=True)
+
+
 class HostBufferRing:
     """``n`` reusable host buffers (page-locked when ``pin``), handed out round-robin.
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import threading
-import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsi_cmaf.infer.buffers import HostBufferRing, PendingProbs
+from wsi_cmaf.infer.buffers import HostBufferRing, PendingProbs, sync_event
+from wsi_cmaf.infer.prepared import device_key, device_lock, prepared_model  # noqa: F401 (public here too)
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +45,22 @@ def autocast_dtype(device: torch.device, mode: str) -> torch.dtype | None:
     if mode == "fp16":
         return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
     # On CPU bf16 pays only where the hardware computes it (AMX / AVX512-BF16): elsewhere
     # oneDNN emulates it, which is slower than fp32 and still changes the numbers.
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+
+
+def cuda_has_native_bf16() -> bool:
+    """Whether the current CUDA device computes bf16 natively (compute capability 8.0 and newer).
+
+    ``torch.cuda.is_bf16_supported()`` also says yes where bf16 is only emulated (V100, T4), which
+    runs slower than fp16 there; training asks the same question (``train.engine.amp``).
+    """
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch releases without the argument counted native support only
+        return bool(torch.cuda.is_bf16_supported())
 
 
 def _cpu_flags() -> frozenset[str]:
@@ -159,63 +170,17 @@ class TilePreprocessor(nn.Module):
         return x.sub_(self.mean).div_(self.std)
 
 
-_DEVICE_LOCKS: dict[str, threading.Lock] = {}
-_PREPARED: dict[tuple, tuple[weakref.ref, nn.Module, bool]] = {}
-_GLOBAL_LOCK = threading.Lock()
-_PREPARED_MAX = 4
-
-
-def device_lock(device: torch.device) -> threading.Lock:
-    """One lock per device of this process.
-
-    Slides in flight on one worker share its device and model: their batches are enqueued one
-    block at a time under this lock, so a compiled (or CUDA-graph) module is never entered by two
-    threads at once and CPU slides do not oversubscribe torch's thread pool. Reads, stain fits and
-    writes of the other slides go on meanwhile.
-    """
-    with _GLOBAL_LOCK:
-        return _DEVICE_LOCKS.setdefault(str(device), threading.Lock())
-
-
-def prepared_model(model: nn.Module, device: torch.device, compile: str = "auto",
-                   cuda_graph_batch: int | None = None) -> tuple[nn.Module, bool]:
-    """``model`` prepared for inference on ``device`` (cached per process), and whether it is compiled.
-
-    Uses :func:`wsi_cmaf.models.optimize.prepare_for_inference` (BN folding, channels_last,
-    ``torch.compile`` on CUDA for ``compile="auto"``). Cached by module identity, so a batch
-    worker that runs many slides with one model folds and compiles it once; a model whose weights
-    are changed in place after its first use is not re-prepared.
-    """
-    key = (id(model), str(device), compile, cuda_graph_batch)
-    with _GLOBAL_LOCK:
-        hit = _PREPARED.get(key)
-        if hit is not None and hit[0]() is model:
-            return hit[1], hit[2]
-    try:
-        from wsi_cmaf.models.optimize import prepare_for_inference, resolve_compile_mode
-    except ImportError:  # an older models package: plain eager execution, same numbers as before
-        logger.debug("wsi_cmaf.models.optimize not available; running %s eagerly", type(model).__name__)
-        prepared, compiled = model.to(device).eval(), False
-    else:
-        prepared = prepare_for_inference(model, device, compile=compile, cuda_graph_batch=cuda_graph_batch)
-        compiled = (resolve_compile_mode(compile, device, cuda_graph_batch) is not None
-                    and not isinstance(model, torch.jit.ScriptModule))
-    with _GLOBAL_LOCK:
-        if len(_PREPARED) >= _PREPARED_MAX:
-            _PREPARED.pop(next(iter(_PREPARED)))
-        _PREPARED[key] = (weakref.ref(model), prepared, compiled)
-    return prepared, compiled
-
-
 class BatchRunner:
     """Runs ``model`` over uint8 tiles in batches and returns class probabilities.
 
     Batches are cut from each call's tiles only, never across calls, so a block's output
     does not depend on which other blocks ran (needed for bit-identical resume); a call's
     tiles are split into equal batches of at most ``batch_size``. A compiled model specialises
-    on shapes, so its batches are zero-padded up to a multiple of a quarter of ``batch_size``
-    (at most four shapes, each compiled once); padding depends only on the batch, so resume
-    stays exact.
+    on shapes, so its batches are zero-padded to ``batch_size``: one shape, compiled once per
+    process (each extra shape is a full Inductor compile of the model on the first slide of
+    every worker, which costs more than the padded rows). TorchScript pads to a multiple of a
+    quarter of ``batch_size`` (at most four shapes; its re-profiling is cheap). Padding depends
+    only on the batch, so resume stays exact.
 
     :meth:`submit` enqueues a block and returns at once on CUDA: tiles are copied into a ring of
     ``inflight`` reused page-locked buffers, copied to the device without blocking, preprocessed
@@ -283,6 +248,8 @@ class BatchRunner:
         """Rows a batch of ``m`` tiles is run with (padding only for compiled and TorchScript models)."""
         if not self.fixed_shapes:
             return m
+        if self.compiled:
+            return max(self.batch_size, m)
         q = max(1, -(-self.batch_size // 4))
         return min(max(self.batch_size, m), -(-m // q) * q)
 
@@ -290,13 +257,16 @@ class BatchRunner:
         x = self.preprocess(batch)
         with self._autocast():
             logits = self.model(*x) if isinstance(x, tuple) else self.model(x)
+        # A row with any NaN/Inf output becomes all NaN here, on the device, so the flag comes back
+        # with the probabilities (no extra sync); softmax alone would turn a -Inf logit into a 0.
+        finite = torch.isfinite(logits).all(dim=1, keepdim=True)
         if self.segments is None:
-            return torch.softmax(logits.float(), dim=1)
+            return torch.where(finite, torch.softmax(logits.float(), dim=1), float("nan"))
         parts, start = [], 0
         for n in self.segments:
             parts.append(torch.softmax(logits[:, start:start + n].float(), dim=1))
             start += n
-        return torch.cat([*parts, logits[:, start:].float()], dim=1)
+        return torch.where(finite, torch.cat([*parts, logits[:, start:].float()], dim=1), float("nan"))
 
     @torch.inference_mode()
     def _run_cpu(self, tiles: np.ndarray) -> np.ndarray:
@@ -318,19 +288,25 @@ class BatchRunner:
                 for sl in self._batches(n):
                     m = sl.stop - sl.start
                     slot, host = self.inputs.acquire((self.padded(m), *tiles.shape[1:]), torch.uint8)
-                    np.copyto(host[:m].numpy(), tiles[sl])
-                    if len(host) > m:
-                        host[m:].zero_()  # deterministic padding rows (their outputs are dropped)
-                    batch = host.to(self.device, non_blocking=True)
-                    copied = torch.cuda.Event()
-                    copied.record(self.stream)
-                    self.inputs.release(slot, copied)
+                    copied = None
+                    try:
+                        np.copyto(host[:m].numpy(), tiles[sl])
+                        if len(host) > m:
+                            host[m:].zero_()  # deterministic padding rows (their outputs are dropped)
+                        batch = host.to(self.device, non_blocking=True)
+                        copied = sync_event()
+                        copied.record(self.stream)
+                    finally:
+                        # An error here (OOM allocating the device batch) must not keep the slot:
+                        # the retry would wait on it for ever. Without an event the slot is free
+                        # at once; the handler below synchronises the stream before any retry.
+                        self.inputs.release(slot, copied)
                     probs = self._forward(batch)[:m]
                     if pending.ring is None:  # the class count is known after the first batch
                         pending.slot, pending.host = self.outputs.acquire((n, probs.shape[1]), torch.float32)
                         pending.ring = self.outputs
                     pending.host[sl].copy_(probs, non_blocking=True)
-                pending.event = torch.cuda.Event()
+                pending.event = sync_event()
                 pending.event.record(self.stream)
         except BaseException:
             self.stream.synchronize()

@@ -44,8 +44,13 @@ def _sincos_2d(h: int, w: int, dim: int, device: torch.device, dtype: torch.dtyp
     return code.permute(2, 0, 1).to(dtype)
 
 
-_SINCOS_CACHE: dict[tuple[int, int, int, torch.device, torch.dtype], torch.Tensor] = {}
+_SINCOS_CACHE: dict[tuple[int, int, int, torch.device, torch.dtype, int], torch.Tensor] = {}
 _SINCOS_CACHE_MAX = 64
+
+
+def _stream_key(device: torch.device) -> int:
+    """The CUDA stream a tensor built now is ordered on (0 off CUDA, where there are no streams)."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
 def sincos_2d(h: int, w: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -54,10 +59,16 @@ def sincos_2d(h: int, w: int, dim: int, device: torch.device, dtype: torch.dtype
     Input-independent, so it is built once per (h, w, dim, device, dtype) and reused: eager
     forwards otherwise spend ~10 small kernels per MobileViT block on it. Under ``torch.compile``
     it is computed in the graph (Inductor folds it into a constant).
+
+    On CUDA each stream gets its own copy: slides in flight run on their own streams, and a
+    code built on one stream may not be finished when another stream reads it. Per stream, the
+    caching allocator also makes dropping entries safe: a freed block is reused on the stream
+    it was allocated on only, after the kernels already queued there (the ones reading it).
     """
     if torch.compiler.is_compiling():
         return _sincos_2d(h, w, dim, device, dtype)
-    key = (h, w, dim, torch.device(device), dtype)
+    device = torch.device(device)
+    key = (h, w, dim, device, dtype, _stream_key(device))
     code = _SINCOS_CACHE.get(key)
     if code is None:
         if len(_SINCOS_CACHE) >= _SINCOS_CACHE_MAX:
@@ -65,7 +76,7 @@ def sincos_2d(h: int, w: int, dim: int, device: torch.device, dtype: torch.dtype
         # A normal tensor even when first built under inference_mode, so later training
         # forwards may use it too.
         with torch.inference_mode(False):
-            code = _sincos_2d(h, w, dim, key[3], dtype)
+            code = _sincos_2d(h, w, dim, device, dtype)
         _SINCOS_CACHE[key] = code
     return code
 
