@@ -116,8 +116,10 @@ def _timm_spec(arch: str, input_size: int, mpp: float) -> EncoderSpec:
 
     if not arch or not timm.is_model(arch):
         raise UnknownEncoderError(f"timm has no architecture {arch!r}; pick one from timm.list_models()")
+    # a ViT's position embeddings depend on the input size; other architectures take no img_size
+    kwargs = {"num_classes": 0, **({"img_size": int(input_size)} if int(input_size) != 224 else {})}
     return EncoderSpec(name=f"{TIMM_PREFIX}{arch}", title=f"timm {arch}", timm_arch=arch,
-                       timm_kwargs={"num_classes": 0}, input_size=int(input_size), mpp=float(mpp),
+                       timm_kwargs=kwargs, input_size=int(input_size), mpp=float(mpp),
                        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), dim=0, pooling="timm",
                        checkpoint_format="timm", checkpoint_files=("model.safetensors", "pytorch_model.bin"),
                        hf_repo=None, params=None, licence="that of the weights you bring", gated=False)
