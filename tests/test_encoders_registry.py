@@ -14,7 +14,7 @@ from tests._encoders import hf_reference_cls, random_encoder, random_hf_state, s
 from wsi_cmaf.encoders import get_encoder, list_encoders
 from wsi_cmaf.encoders.build import build_encoder, embedding_dim, parameter_count
 from wsi_cmaf.encoders.loader import find_weights, load_encoder
-from wsi_cmaf.errors import (CheckpointKeyError, CheckpointShapeError, EncoderWeightsNotFoundError,
+from wsi_cmaf.errors import (CheckpointKeyError, CheckpointShapeError, EncoderError, EncoderWeightsNotFoundError,
                              UnknownEncoderError)
 
 
@@ -212,3 +212,21 @@ def test_unknown_encoders_are_named():
         get_encoder("unii")
     with pytest.raises(UnknownEncoderError, match="timm has no architecture 'not_a_net'"):
         get_encoder("timm:not_a_net")
+
+
+def test_a_file_backed_encoder_pickles_as_its_path_and_hash(tmp_path):
+    import pickle
+
+    spec = small_spec("phikon", 32)
+    enc = random_encoder(spec, seed=4)
+    save_file(timm_to_hf(enc.trunk.state_dict(), "hf_vit", 2), tmp_path / "model.safetensors")
+    loaded = load_encoder(spec, weights=tmp_path)
+    blob = pickle.dumps(loaded.module)
+    assert len(blob) < 20_000  # the path, the spec and the hash: not the tensors
+    assert _same_outputs(pickle.loads(blob), enc, size=32)
+    save_file({k: v + 1 for k, v in timm_to_hf(enc.trunk.state_dict(), "hf_vit", 2).items()},
+              tmp_path / "model.safetensors")  # the file changed under the run
+    with pytest.raises(EncoderError, match="changed since the run started"):
+        pickle.loads(blob)
+    random = random_encoder(spec)
+    assert len(pickle.dumps(random)) > 100_000  # random weights travel as tensors

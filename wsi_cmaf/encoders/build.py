@@ -57,6 +57,19 @@ class EncoderModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    #: (spec, checkpoint path, sha256) when the weights came from a file (set by the loader)
+    weights_source: tuple | None = None
+
+    def __reduce_ex__(self, protocol: int):
+        # A batch hands its model to every worker as a pickle; an encoder whose weights are a
+        # file travels as that file's path and hash (bytes, not gigabytes) and each worker reads
+        # the checkpoint itself, checking the hash.
+        if self.weights_source is not None:
+            from wsi_cmaf.encoders.loader import rebuild_encoder
+
+            return rebuild_encoder, self.weights_source
+        return super().__reduce_ex__(protocol)
+
 
 def build_trunk(spec: EncoderSpec, device: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
     """The timm trunk of ``spec`` with random weights, never fetching any (``pretrained=False``).

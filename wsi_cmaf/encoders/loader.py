@@ -216,6 +216,7 @@ def load_encoder(name: str | EncoderSpec, weights: str | Path | None = None, *, 
         module = module.to(device)
         sha = sha256_file(path)
         note = f"weights from {path} (sha256 {sha[:12]})"
+        module.weights_source = (spec, str(path.resolve()), sha)
     else:
         sha, note = state_dict_sha256(module), "untrained (random initialisation)"
     dim = embedding_dim(module, spec) if spec.pooling != "timm" else _probe_dim(module, spec)
@@ -231,3 +232,13 @@ def _probe_dim(module: EncoderModule, spec: EncoderSpec) -> int:
             return int(module.forward_features(x).shape[-1])
     except Exception as exc:  # noqa: BLE001  (a user's architecture: report it as an encoder problem)
         raise EncoderError(f"encoder {spec.name}: a 1x3x{spec.input_size}x{spec.input_size} forward failed: {exc}") from exc
+
+
+def rebuild_encoder(spec: EncoderSpec, path: str, sha256: str) -> EncoderModule:
+    """The encoder a pickled :class:`EncoderModule` names: ``spec`` with the checkpoint at ``path``,
+    which must still hash to ``sha256`` (a batch worker reads the file itself)."""
+    loaded = load_encoder(spec, path)
+    if loaded.weights_sha256 != sha256:
+        raise EncoderError(f"encoder {spec.name}: {path} changed since the run started (sha256 "
+                           f"{loaded.weights_sha256[:12]}, expected {sha256[:12]}); rerun with the new weights")
+    return loaded.module
