@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-resume", dest="resume", action="store_false",
                    help="refuse to reuse an existing store")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--wait-lock", action="store_true",
+                   help="when another run is writing the same store, wait for it instead of failing at once")
     p.add_argument("--embeddings", action="store_true",
                    help="also store each tissue tile's embedding (input of the classifier head) in the store, "
                         "for slide-level models (wsi-cmaf train-slide); needs a registry model")
@@ -63,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     result = analyze_slide(
         args.slide, model=args.model, out=args.out, model_config=args.model_config, mpp=args.mpp,
         backend=args.backend, resume=args.resume, overwrite=args.overwrite, config=cfg,
+        wait_lock=args.wait_lock,
     )
     if not args.quiet:
         print("\n".join(result.summary_lines()))

@@ -13,12 +13,13 @@ from typing import Any
 from distributed import Client
 from tqdm.auto import tqdm
 
-from wsi_cmaf.errors import NoDecodableTissueError, WsiCmafError
+from wsi_cmaf.errors import NoDecodableTissueError, OutputWriteError, WsiCmafError
 from wsi_cmaf.infer.attrs import _attrs, _um_per_tile
 from wsi_cmaf.infer.attrs import edge_tiles_attrs  # noqa: F401  (re-exported)
 from wsi_cmaf.infer.checks import check_device, check_inputs
 from wsi_cmaf.infer.callargs import UNSET, merge_run_config
 from wsi_cmaf.infer.config import InferenceConfig
+from wsi_cmaf.infer.guards import check_nonfinite, check_output_space, output_write_errors, writer_lock
 from wsi_cmaf.infer.inputs import RunInputs, load_inputs, restore_stain, run_identity, save_inputs, save_stain
 from wsi_cmaf.infer.modelspec import ResolvedModel, resolve_model
 from wsi_cmaf.infer.multitask import segments, task_outputs
@@ -26,7 +27,7 @@ from wsi_cmaf.infer.multiview import ViewsPreprocessor, read_block_views_task
 from wsi_cmaf.infer.result import SlideResult
 from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor
 from wsi_cmaf.infer.stainfit import fit_from_blocks, fit_from_tiles, read_sample, sample_is_all_tissue, sample_tiles
-from wsi_cmaf.infer.stream import BlockFeed, stream_blocks
+from wsi_cmaf.infer.stream import RESUMABLE, BlockFeed, stream_blocks
 from wsi_cmaf.infer.summary import failure_records, summarise
 from wsi_cmaf.infer.tasks import BlockFailure, SlideSpec, read_block_task
 from wsi_cmaf.output.provenance import api_call, run_provenance
@@ -95,6 +96,7 @@ def analyze_slide(
     progress: bool = UNSET,
     embeddings: bool = UNSET,
     config: InferenceConfig | None = None,
+    wait_lock: bool = False,
 ) -> SlideResult:
     """Analyse one slide and write its heatmap store, overlay PNG, GeoJSON and summary JSON.
 
@@ -113,6 +115,13 @@ def analyze_slide(
     drop only the grid tiles they touch (NaN in the heatmap, flagged in the store's ``failed_tiles``)
     and the result lists them with their level-0 locations. The slide fails as a whole only when it
     cannot be opened or none of its tissue decodes (:class:`~wsi_cmaf.errors.NoDecodableTissueError`).
+    A tile whose model output is NaN/Inf is a failed tile too; more than 1 % of them fail the slide
+    (:class:`~wsi_cmaf.errors.NonFiniteOutputError`).
+
+    One run writes a store at a time: a second one raises :class:`~wsi_cmaf.errors.StoreLockedError`
+    naming the holder, or with ``wait_lock`` waits for it. A store that clearly does not fit the
+    free space is refused before inference; a write error (full disk, read-only, no permission)
+    is an :class:`~wsi_cmaf.errors.OutputWriteError` that leaves the store resumable.
     """
     cfg = merge_run_config(config, device=device, batch_size=batch_size, stain=stain, progress=progress,
                            embeddings=embeddings)
@@ -144,13 +153,17 @@ def analyze_slide(
         # extra["store_name"]: a store inside another one (an encoder's embeddings beside a heatmap)
         store_path = out_dir / cfg.extra.get("store_name", "{stem}.zarr").format(stem=slide_path.stem)
         identity = run_identity(reader, resolved, gcfg, tcfg, _stain_method(resolved, cfg))
+        stack.enter_context(output_write_errors(out_dir, RESUMABLE))
+        stack.callback(writer_lock(out_dir, store_path, wait_lock).release)  # held until the summary is written
         with timer("inputs"):  # a resumed run takes tissue mask, grid and stain fit from its store
             inputs = load_inputs(store_path, identity, reader, gcfg) if resume and not overwrite else None
         reused = inputs is not None
         if inputs is None:
             inputs = _tissue_and_grid(reader, pixels, tcfg, gcfg, cfg, timer)
         mask, grid = inputs.mask, inputs.grid
-        out_dir.mkdir(parents=True, exist_ok=True)
+        check_output_space(store_path, grid, mc.num_classes, overwrite=overwrite,
+                           embedding_dim=embed[1] if embed is not None else None,
+                           n_tasks=max(0, len(resolved.tasks or {}) - 1))
         store = HeatmapStore.open_or_create(
             store_path, grid_shape=grid.shape, chunk=grid.block_shape, class_names=list(mc.class_names),
             identity=identity, attrs=_attrs(reader, resolved, grid, cfg, mask),
@@ -180,6 +193,8 @@ def analyze_slide(
                                   slide_fingerprint=store.identity.get("slide_fingerprint"),
                                   store_path=store.path, call=call)
             store.finalize(extra_attrs={"timings": dict(timer), "provenance": prov})
+        label = f"{resolved.name} ({model})" if isinstance(model, (str, Path)) else resolved.name
+        check_nonfinite(store, grid, label, cfg.autocast, warn)  # before "undecodable": not the file's fault
         if grid.n_tissue and n_failed_tiles >= grid.n_tissue:  # the store keeps what is known
             first = next(f["reason"] for f in failures if f["stage"] == "inference")
             raise NoDecodableTissueError(
@@ -193,9 +208,9 @@ def analyze_slide(
         result.outputs.update(exports.join(result.warnings))
         result.provenance = prov
         result.timings["exports"] = round(exports.seconds, 4)
-    summary = out_dir / cfg.extra.get("summary_name", "{stem}_summary.json").format(stem=slide_path.stem)
-    result.outputs["summary"] = summary
-    result.to_json(summary)
+        summary = out_dir / cfg.extra.get("summary_name", "{stem}_summary.json").format(stem=slide_path.stem)
+        result.outputs["summary"] = summary
+        result.to_json(summary)  # under the lock: the summary belongs to this run's store
     return result
 
 
@@ -365,6 +380,8 @@ class _Exports:
             if cfg.geojson:
                 self.outputs["geojson"] = write_geojson(store, out_dir / f"{slide_path.stem}_regions.geojson",
                                                         threshold=cfg.decision_threshold)
+        except OutputWriteError as exc:  # a full or read-only disk fails the run, as for the store
+            self._error = exc
         except WsiCmafError as exc:
             self.warnings.append(f"export failed: {exc}")
             logger.warning("export failed: %s", exc)

@@ -76,10 +76,10 @@ class SlideResult:
         return d
 
     def to_json(self, path: str | Path) -> Path:
-        """Write the summary as JSON."""
-        p = Path(path)
-        p.write_text(json.dumps(self.to_dict(), indent=2))
-        return p
+        """Write the summary as JSON (to a temporary name, then renamed: never half a file)."""
+        from wsi_cmaf.output.store_io import atomic_write_text
+
+        return atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2))
 
     def summary_lines(self) -> list[str]:
         """Human-readable summary for the CLI."""

@@ -36,11 +36,17 @@ import numpy as np
 from wsi_cmaf.errors import OutputError
 from wsi_cmaf.infer.buffers import PendingProbs
 from wsi_cmaf.infer.tasks import BlockFailure, PartialBlock
+from wsi_cmaf.output.store_io import is_write_error, write_error
 from wsi_cmaf.slide.grid import BlockTiles, TileGrid
 
 logger = logging.getLogger(__name__)
 
 _STOP = object()
+#: a tile's failure reason when the model returned NaN or Inf for it
+NONFINITE_REASON = "non-finite model output (NaN/Inf)"
+#: what a write error leaves behind
+RESUMABLE = ("blocks written before the error are kept and marked done, none after it; "
+             "rerun the same command to resume")
 
 
 def failed_tile_chunk(item: PartialBlock) -> np.ndarray:
@@ -49,6 +55,21 @@ def failed_tile_chunk(item: PartialBlock) -> np.ndarray:
     bad = np.zeros((rs.stop - rs.start, cs.stop - cs.start), bool)
     bad[np.asarray(item.failed_rows) - rs.start, np.asarray(item.failed_cols) - cs.start] = True
     return bad
+
+
+def _failed_tiles(item: BlockTiles, nonfinite: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+    """The block's failed-tile mask (undecodable tiles, and tiles whose model output was not
+    finite, ``nonfinite`` over ``item.tiles``) and its message; (None, None) when none failed."""
+    partial = isinstance(item, PartialBlock)
+    if not partial and not nonfinite.any():
+        return None, None
+    rs, cs = item.block.rows, item.block.cols
+    bad = failed_tile_chunk(item) if partial else np.zeros((rs.stop - rs.start, cs.stop - cs.start), bool)
+    n = int(nonfinite.sum())
+    if n:
+        bad[np.asarray(item.rows)[nonfinite] - rs.start, np.asarray(item.cols)[nonfinite] - cs.start] = True
+    reasons = ([item.reason] if partial else []) + ([f"{NONFINITE_REASON} ({n} tile(s))"] if n else [])
+    return bad, "; ".join(reasons)
 
 
 def block_chunk(item: BlockTiles, probs: np.ndarray, n_classes: int) -> np.ndarray:
@@ -96,6 +117,7 @@ class BlockWriter:
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, maxsize))
         self.error: BaseException | None = None
         self.written = 0
+        self.nonfinite = 0  # tiles whose model output was NaN or Inf (written as failed tiles)
         self.wait_s = 0.0  # time spent waiting for device results (device busy, writer idle)
         self._on_written = on_written
         self._thread = threading.Thread(target=self._run, name="wsi-cmaf-writer", daemon=True)
@@ -126,6 +148,9 @@ class BlockWriter:
             t0 = time.perf_counter()
             probs = job.pending.result()
             self.wait_s += time.perf_counter() - t0
+            # the runner turns every row whose model output was not finite into NaN
+            nonfinite = ~np.isfinite(probs).all(axis=1) if len(probs) else np.zeros(0, bool)
+            self.nonfinite += int(nonfinite.sum())
             # rows: [primary probabilities | each other task's (multi-task models) | embeddings]
             extra: dict[str, Any] = {}
             col = self.n_classes
@@ -139,9 +164,10 @@ class BlockWriter:
                 extra["embeddings"] = block_embedding_chunk(job.item, probs[:, col:])
             probs = probs[:, : self.n_classes]
             chunk = block_chunk(job.item, probs, self.n_classes)
-            if isinstance(job.item, PartialBlock):
-                self.store.write_block(job.item.block.index, chunk, failed_tile_chunk(job.item),
-                                       job.item.reason, **extra)
+            bad, reason = _failed_tiles(job.item, nonfinite)
+            if bad is not None:
+                self.store.write_block(job.item.block.index, chunk, bad, reason, nonfinite=int(nonfinite.sum()),
+                                       **extra)
             else:
                 self.store.write_block(job.item.block.index, chunk, **extra)
             n = len(job.item.tiles) + (job.item.n_failed if isinstance(job.item, PartialBlock) else 0)
@@ -162,6 +188,8 @@ class BlockWriter:
     def raise_error(self) -> None:
         """Raise the writer's error, if any, in the calling thread."""
         if self.error is not None:
+            if is_write_error(self.error):  # a full or read-only disk: say so, and what is kept
+                raise write_error(self.error, self.store.path, RESUMABLE) from self.error
             raise OutputError(f"{self.store.path}: writing a heatmap block failed: "
                               f"{type(self.error).__name__}: {self.error}") from self.error
 

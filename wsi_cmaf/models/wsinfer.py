@@ -26,7 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from wsi_cmaf.errors import ModelConfigError
+from wsi_cmaf.errors import ImplausibleModelConfigError, ModelConfigError
 from wsi_cmaf.model_files import WSINFER_WEIGHTS_NAME, is_wsinfer_folder
 from wsi_cmaf.models.config import ModelConfig
 
@@ -150,6 +150,8 @@ def translate_wsinfer_config(data: dict[str, Any], source: str | Path | None = N
             translated_from={"format": "wsinfer", "source": str(source) if source is not None else None,
                              "original": data, "translation": notes},
         )
+    except ImplausibleModelConfigError as exc:  # e.g. Resize to 200,000 px: refused before any allocation
+        raise ImplausibleModelConfigError(f"{where}: {exc}") from exc
     except ModelConfigError as exc:
         raise WSInferConfigError(f"{where}: {exc}") from exc
 

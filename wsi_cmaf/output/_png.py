@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_cmaf.output.store_io import atomic_write_bytes
+
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -56,5 +58,5 @@ def write_png(path: str | Path, rgb: np.ndarray, text: dict[str, str] | None = N
               dpi: float | None = None, level: int = 1) -> Path:
     """Write :func:`encode_png` to ``path`` (raises OSError on failure)."""
     path = Path(path)
-    path.write_bytes(encode_png(rgb, text, dpi, level))
+    atomic_write_bytes(path, encode_png(rgb, text, dpi, level))  # never half a PNG under its name
     return path

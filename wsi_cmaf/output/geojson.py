@@ -26,6 +26,7 @@ from wsi_cmaf.errors import OutputError
 from wsi_cmaf.output.geometry import slide_size
 from wsi_cmaf.output.provenance import export_provenance
 from wsi_cmaf.output.store import HeatmapStore
+from wsi_cmaf.output.store_io import atomic_write_text, is_write_error, write_error
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +199,9 @@ def write_geojson(
     collection = regions_geojson(store, threshold=threshold, class_index=class_index, **kwargs)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(collection))
+        atomic_write_text(out, json.dumps(collection))  # never half a file under its name
     except OSError as exc:
+        if is_write_error(exc):
+            raise write_error(exc, out) from exc
         raise OutputError(f"cannot write {out}: {exc}") from exc
     return out

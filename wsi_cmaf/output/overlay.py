@@ -29,6 +29,7 @@ from wsi_cmaf.output.geojson import positive_class
 from wsi_cmaf.output.geometry import slide_size
 from wsi_cmaf.output.provenance import export_provenance
 from wsi_cmaf.output.store import HeatmapStore
+from wsi_cmaf.output.store_io import is_write_error, write_error
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class OverlayPicture:
             out.parent.mkdir(parents=True, exist_ok=True)
             write_png(out, np.asarray(self.image), self.png_text, dpi=dpi, level=compress_level)
         except OSError as exc:
+            if is_write_error(exc):
+                raise write_error(exc, out) from exc
             raise OutputError(f"cannot write {out}: {exc}") from exc
         return out
 

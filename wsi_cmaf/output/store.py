@@ -48,7 +48,8 @@ from wsi_cmaf.output.pyramid import (  # noqa: F401  (nan_mean_pool2 re-exported
 )
 from wsi_cmaf.output.store_blocks import BlockStateMixin
 from wsi_cmaf.output.store_inputs import RunInputsMixin
-from wsi_cmaf.output.store_tasks import TaskGroupsMixin, check_task_layout
+from wsi_cmaf.output.store_tasks import TaskGroupsMixin, check_task_layout, task_group_path
+from wsi_cmaf.output.store_verify import BlockManifestMixin
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def read_store_meta(path: Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
 
-class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin):
+class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin, BlockManifestMixin):
     """Writer/reader of one slide's heatmap store (see module docstring for the layout)."""
 
     def __init__(self, path: Path, root: zarr.Group, *, writable: bool) -> None:
@@ -107,6 +108,7 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin):
         self._failed_tiles = (np.zeros(self.grid_shape, bool) if self._failed_tiles_arr is None
                               else np.asarray(self._failed_tiles_arr[...], dtype=bool))
         self._lock = threading.Lock()  # guards the caches and the "errors" attributes only
+        self._open_manifest(writable)  # what each block wrote, for resume and ``verify`` (store_verify.py)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -167,6 +169,7 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin):
             if not resume:
                 raise OutputExistsError(f"{path} already exists (pass resume to continue it or overwrite to replace it)")
             store = cls(path, zarr.open_group(str(path), mode="r+", zarr_format=3), writable=True)
+            store.recheck_done()  # a done block whose chunks are gone or differ is computed again
             store._set_meta(jsonable(attrs))
             logger.info("%s: resuming, %d/%d blocks already done", path, store._done.sum(), store._done.size)
             return store
@@ -245,13 +248,15 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin):
 
     def write_block(self, block_index: tuple[int, int], probs: np.ndarray, failed_tiles: np.ndarray | None = None,
                     tile_error: str | None = None, *, embeddings: np.ndarray | None = None,
-                    tasks: dict[str, np.ndarray] | None = None) -> None:
+                    tasks: dict[str, np.ndarray] | None = None, nonfinite: int = 0) -> None:
         """Store ``probs`` float32 (C, h, w) as block ``block_index``'s chunk, then mark it done.
 
         ``failed_tiles``: bool (h, w), the block's tiles that could not be decoded (their ``probs``
         are NaN), with ``tile_error`` saying why. ``embeddings``: (h, w, D) for a store with an
         ``embeddings`` array. ``tasks``: {task: (C_task, h, w)} for every extra task of a
-        multi-task store. The chunks and the tile mask are written before
+        multi-task store. ``nonfinite``: how many of the failed tiles failed because the model's
+        output was not finite (kept in the block's manifest row). The chunks, the tile mask and
+        the manifest row are written before
         the flag, so a crash in between only costs the recomputation of this block. Safe to call
         from several threads for distinct blocks.
         """
@@ -268,6 +273,10 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin):
             self._write_task_chunks(block_index, rs, cs, tasks)
         self._probs[:, rs, cs] = probs
         self._write_failed_tiles(block_index, rs, cs, failed_tiles, tile_error)
+        values = {"0": probs, **{f"{task_group_path(t)}/0": v for t, v in (tasks or {}).items()}}
+        if self._emb is not None:
+            values["embeddings"] = embeddings if embeddings is not None else self._emb[rs, cs]
+        self._record_manifest(block_index, values, nonfinite)  # after the chunks, before the flag
         self._done_arr[by, bx] = True
         with self._lock:
             self._done[by, bx] = True

@@ -179,7 +179,7 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, *, split: 
         return pipeline(x if own_views is not None else anchor_image(x), pids[idx.cpu().numpy()], train=False)
 
     bar = tqdm(loader, disable=not progress, desc="evaluate", unit="batch", dynamic_ncols=True)
-    probs, labels, idx = predict(model, bar, prepare, dev)  # type: ignore[arg-type]
+    probs, labels, idx = predict(model, bar, prepare, dev, name=str(model_dir))  # type: ignore[arg-type]
     meta_rows = meta.iloc[idx].reset_index(drop=True) if meta is not None else None
     report = full_report(probs, labels, list(mc.class_names), out, positive_class=mc.positive_class,
                          groups=pids[idx], meta=meta_rows, n_boot=n_boot, seed=seed, prefix=split)

@@ -34,10 +34,14 @@ Prepare = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, prepare: Prepare, device: torch.device,
-            autocast_dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            autocast_dtype: torch.dtype | None = None, *, name: str | None = None,
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run ``model`` over ``loader`` -> (probabilities (N, C), labels (N,), dataset indices (N,)).
 
     ``prepare(images, indices)`` turns a loader batch into model input (stain, resize, normalise).
+    Any sample whose output is NaN/Inf raises :class:`~wsi_cmaf.errors.NonFiniteOutputError`
+    naming the model (``name``, else its class): a metric over the remaining samples would not be
+    the metric of the split, and NaN probabilities would otherwise surface as an unrelated error.
     """
     was = model.training
     model.eval()
@@ -48,11 +52,30 @@ def predict(model: nn.Module, loader: DataLoader, prepare: Prepare, device: torc
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             logits = model(inp)
-        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        # checked on the device and carried as NaN rows: no extra sync (softmax maps -Inf to 0)
+        finite = torch.isfinite(logits).all(dim=1, keepdim=True)
+        probs.append(torch.where(finite, torch.softmax(logits.float(), dim=1), float("nan")).cpu())
         labels.append(torch.as_tensor(y))
         indices.append(torch.as_tensor(idx))
     model.train(was)
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy(), torch.cat(indices).numpy()
+    out = torch.cat(probs).numpy(), torch.cat(labels).numpy(), torch.cat(indices).numpy()
+    _check_finite(out[0], out[2], name or type(model).__name__, autocast_dtype)
+    return out
+
+
+def _check_finite(probs: np.ndarray, indices: np.ndarray, name: str, autocast_dtype: torch.dtype | None) -> None:
+    bad = ~np.isfinite(probs).all(axis=1)
+    if not bad.any():
+        return
+    from wsi_cmaf.errors import NonFiniteOutputError
+
+    hint = (f"evaluate it without mixed precision ({autocast_dtype} now; the --precision off of analyze)"
+            if autocast_dtype is not None else "it fails in full precision: check the checkpoint "
+            "(a diverged training run, a damaged file or export)")
+    first = ", ".join(str(int(i)) for i in indices[bad][:5])
+    raise NonFiniteOutputError(f"model {name!r} returned NaN/Inf for {int(bad.sum())} of {len(probs)} samples "
+                               f"(dataset indices {first}{' ...' if bad.sum() > 5 else ''}); no metric is "
+                               f"computed from them: {hint}")
 
 
 def quick_metrics(probs: np.ndarray, labels: np.ndarray, positive_class: int = 1) -> dict[str, float]:
