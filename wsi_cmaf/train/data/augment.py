@@ -53,14 +53,14 @@ def rgb_to_hed(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) RGB in [0, 255] -> HED stain concentrations (as ``skimage.color.rgb2hed``)."""
     hed_from_rgb, _ = _hed_matrices()
     rgb = (x.float() / 255.0).clamp_min(1e-6)
-    stains = torch.einsum("bchw,cd->bdhw", torch.log(rgb) / _LOG_ADJUST, hed_from_rgb.to(x.device))
+    stains = torch.einsum("bchw,cd->bdhw", torch.log(rgb) / _LOG_ADJUST, hed_from_rgb.to(x.device, non_blocking=True))
     return stains.clamp_min(0.0)
 
 
 def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`rgb_to_hed` (as ``skimage.color.hed2rgb``), RGB in [0, 255]."""
     _, rgb_from_hed = _hed_matrices()
-    log_rgb = -torch.einsum("bdhw,dc->bchw", hed * -_LOG_ADJUST, rgb_from_hed.to(hed.device))
+    log_rgb = -torch.einsum("bdhw,dc->bchw", hed * -_LOG_ADJUST, rgb_from_hed.to(hed.device, non_blocking=True))
     return (torch.exp(log_rgb).clamp(0.0, 1.0)) * 255.0
 
 
@@ -120,7 +120,10 @@ class BatchAugment(nn.Module):
 
     def _u(self, b: int, low: float, high: float, device: torch.device, k: int = 1) -> torch.Tensor:
         r = torch.rand((b, k), generator=self.generator)
-        return (low + (high - low) * r).to(device)
+        # Draws stay on the CPU generator (reproducible across devices). non_blocking: a blocking
+        # copy would wait for all the device's queued work at every draw; a small pageable
+        # source is staged at once, so it may be freed after the call.
+        return (low + (high - low) * r).to(device, non_blocking=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Augment a batch; output has x's shape and dtype, values in [0, 255]."""
@@ -145,8 +148,8 @@ class BatchAugment(nn.Module):
             return x
         b = x.shape[0]
         # both draws always happen, so the random stream does not depend on the outcome
-        use = (torch.rand(b, generator=self.generator) < p).to(x.device)
-        pick = torch.randint(k, (b,), generator=self.generator).to(x.device)
+        use = (torch.rand(b, generator=self.generator) < p).to(x.device, non_blocking=True)
+        pick = torch.randint(k, (b,), generator=self.generator).to(x.device, non_blocking=True)
         # torchstain's convention (as MacenkoNormalizer): -OD = log((I + 1) / Io), linear map, back
         neg_od = x.add(1.0).mul_(1.0 / IO).log_()
         out = torch.bmm(self.stain_maps[pick], neg_od.flatten(2)).view_as(x)
@@ -170,7 +173,8 @@ class BatchAugment(nn.Module):
         if c.brightness > 0:
             x = x * self._u(b, 1 - c.brightness, 1 + c.brightness, dev)[..., None, None]
         if c.contrast > 0:
-            mean = (x * _RGB2YIQ[0].to(dev).view(1, 3, 1, 1)).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+            luma = _RGB2YIQ[0].to(dev, non_blocking=True).view(1, 3, 1, 1)
+            mean = (x * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)
             f = self._u(b, 1 - c.contrast, 1 + c.contrast, dev)[..., None, None]
             x = mean + f * (x - mean)
         if c.saturation > 0 or c.hue > 0:
@@ -181,7 +185,7 @@ class BatchAugment(nn.Module):
             m = torch.zeros(b, 3, 3, device=dev)
             m[:, 0, 0] = 1.0
             m[:, 1, 1], m[:, 1, 2], m[:, 2, 1], m[:, 2, 2] = cos, -sin, sin, cos
-            yiq = _RGB2YIQ.to(dev)
+            yiq = _RGB2YIQ.to(dev, non_blocking=True)
             full = torch.linalg.inv(yiq) @ m @ yiq
             x = torch.einsum("bij,bjhw->bihw", full, x)
         return x.clamp(0.0, 255.0)
@@ -210,13 +214,14 @@ class BatchAugment(nn.Module):
         cos, sin = torch.cos(angle), torch.sin(angle)
         theta = torch.stack([torch.stack([cos * sx, -sin * sy, torch.zeros(b)], 1),
                              torch.stack([sin * sx, cos * sy, torch.zeros(b)], 1)], 1)
-        grid = F.affine_grid(theta.to(x.device), [b, 3, h, w], align_corners=False)
+        grid = F.affine_grid(theta.to(x.device, non_blocking=True), [b, 3, h, w], align_corners=False)
         if elastic:
-            field = F.interpolate(coarse.to(x.device), size=(h, w), mode="bicubic", align_corners=False)
+            field = F.interpolate(coarse.to(x.device, non_blocking=True), size=(h, w), mode="bicubic",
+                                  align_corners=False)
             field = field / field.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
             # pixels -> normalised grid units (2 / size per pixel)
-            scale = torch.tensor([2.0 * c.elastic_px / w, 2.0 * c.elastic_px / h], device=x.device)
-            grid = grid + field.permute(0, 2, 3, 1) * scale * use.to(x.device)
+            scale = torch.tensor([2.0 * c.elastic_px / w, 2.0 * c.elastic_px / h]).to(x.device, non_blocking=True)
+            grid = grid + field.permute(0, 2, 3, 1) * scale * use.to(x.device, non_blocking=True)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode=c.padding_mode, align_corners=False)
 
 
@@ -280,6 +285,6 @@ class PatientStainNormalizer(nn.Module):
         for pid in sorted(set(pids)):
             if pid not in self._keys:
                 continue
-            rows = torch.tensor([i for i, p in enumerate(pids) if p == pid], device=x.device)
+            rows = torch.tensor([i for i, p in enumerate(pids) if p == pid]).to(x.device, non_blocking=True)
             out[rows] = self.normalizers[self._keys[pid]](x[rows]).to(out.dtype)
         return out

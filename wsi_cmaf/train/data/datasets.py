@@ -212,6 +212,7 @@ def build_dataloaders(
     patch_size: int = 50,
     image_size: int | None = None,
     image_geometry: str = "auto",
+    pin_memory: bool = False,
 ) -> DataBundle:
     """Train/val/test DataLoaders from a manifest CSV or a patch store directory.
 
@@ -220,6 +221,7 @@ def build_dataloaders(
     seeded (store: :class:`ChunkShuffleSampler`; manifest: a seeded generator).
     ``tasks``: ``{secondary task: class names}``; each reads the manifest column of its name
     (:func:`~wsi_cmaf.train.data.manifest.task_label_array`) and samples gain ``{task: label}``.
+    ``pin_memory``: batches in page-locked memory (CUDA runs: their copies do not block the host).
     ``views``: the number of views a multi-view model takes; the source must then be a patch store
     with exactly that many, and batches carry a :class:`~wsi_cmaf.models.multiview.ViewBatch`
     (``info["views"]`` records the store's view specs).
@@ -276,7 +278,7 @@ def build_dataloaders(
             raise DataError(f"{source}: split {split!r} is empty")
         ds = make(rows, train_transform if split == "train" else eval_transform)
         datasets[split] = ds
-        kwargs = {"num_workers": num_workers, "persistent_workers": num_workers > 0,
+        kwargs = {"num_workers": num_workers, "persistent_workers": num_workers > 0, "pin_memory": pin_memory,
                   "collate_fn": collate_views if views is not None else None}
         if split == "train":
             if isinstance(ds, PatchStoreDataset):

@@ -77,8 +77,12 @@ def subtype_manifest(source: Path, class_names: list[str], output_dir: Path) -> 
     return out
 
 
-def build_data(data: DataConfig, model: ModelSection, output_dir: Path, seed: int) -> DataBundle:
+def build_data(data: DataConfig, model: ModelSection, output_dir: Path, seed: int,
+               pin_memory: bool = False) -> DataBundle:
     """Loaders (train/val/test, with sample indices) for a run, imbalance-resampled as configured.
+
+    ``pin_memory`` (for CUDA runs) has the loaders hand out page-locked batches, whose copies to
+    the device do not block the host.
 
     With ``model.tasks``, samples also carry the secondary tasks' labels (``{task: label}``).
     """
@@ -100,6 +104,7 @@ def build_data(data: DataConfig, model: ModelSection, output_dir: Path, seed: in
         num_classes=model.num_classes, tasks=model.extra_tasks() or None,
         views=model.num_views if model.num_views > 1 else None,
         patch_size=model.patch_size_pixels, image_size=model.input_size, image_geometry=data.image_geometry,
+        pin_memory=pin_memory,
     )
 
 

@@ -310,8 +310,9 @@ def train_epoch(ctx: RunContext, rt: StageRuntime, epoch: int, stage_epoch: int)
                 continue
             inp = ctx.pipeline(x.to(ctx.device, non_blocking=True), batch_patient_ids(ctx.bundle, "train", idx),
                                train=True)
-            target = torch.as_tensor(y, device=ctx.device)
-            tasks = ({t: torch.as_tensor(v, device=ctx.device) for t, v in batch[3].items()}
+            # non_blocking: a blocking copy waits for the whole queued step before the host goes on
+            target = torch.as_tensor(y).to(ctx.device, non_blocking=True)
+            tasks = ({t: torch.as_tensor(v).to(ctx.device, non_blocking=True) for t, v in batch[3].items()}
                      if len(batch) > 3 else None)
             if rt.objective is not None:
                 rt.objective.update(c["stage_step"], rt.total_steps if stage.dynamic_weighting else None)

@@ -275,7 +275,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
     seed_everything(config.seed)
     device = resolve_device(config.device)
     amp = Amp(config.amp, device)
-    bundle = build_data(config.data, config.model, out, config.seed)
+    bundle = build_data(config.data, config.model, out, config.seed, pin_memory=device.type == "cuda")
     pipeline = build_pipeline(config.data, config.model, bundle, config.seed, device)
     seed_everything(config.seed)  # model initialisation independent of how much data setup drew
     model = build_model(config, bundle.info.get("views")).to(device)
