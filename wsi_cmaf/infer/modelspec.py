@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wsi_cmaf.errors import ModelConfigError, ModelError
+from wsi_cmaf.errors import ImplausibleModelConfigError, ModelConfigError, ModelError
 from wsi_cmaf.models import ModelConfig, create_model, load_model
 from wsi_cmaf.model_files import (
     CONFIG_NAME,
@@ -226,6 +226,8 @@ def _check_config_beside(path: Path) -> None:
         return
     try:
         ModelConfig.from_json(cfg)
+    except ImplausibleModelConfigError as exc:  # well formed, but not a size any model uses
+        raise ImplausibleModelConfigError(f"{cfg}: {str(exc).removeprefix(f'{cfg}: ')}") from exc
     except ModelConfigError as exc:
         why = str(exc).removeprefix(f"{cfg}: ")
         raise ModelConfigError(f"{cfg}: malformed model config ({why}); fix or replace this file") from exc
