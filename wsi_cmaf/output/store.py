@@ -14,6 +14,9 @@ Layout (``<slide>.zarr``)::
                          ``0, 1, 2 ...`` (see store_tasks.py); the main image is the first task
     embeddings           optional float16 (rows, cols, D) tile embeddings (InferenceConfig.embeddings),
                          chunk (K, K, D) = one inference block; NaN where no value
+    wsi_cmaf/manifest    int64 (block rows, block cols, F), chunk (1, 1, F): what each written block
+                         holds (tile count, CRC-32 and stored size of its data chunks), checked on
+                         resume and by ``wsi-cmaf verify`` (store_verify.py)
     wsi_cmaf/inside_fraction  float32 (rows, cols): share of each tile inside the slide; < 1 marks a
                          partial edge tile, padded with white (the "edge_tiles" attribute says how)
     wsi_cmaf/tissue_mask, tissue_fraction, overlay_background   the tissue stage's outputs, and
