@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from wsi_cmaf.cli import add_inference_options
+from wsi_cmaf.cli.qc import add_mpp_options
 
 VERB = "analyze"
 HELP = "analyse a slide: tissue tiles -> model -> OME-Zarr heatmap, overlay PNG, GeoJSON"
@@ -21,7 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output directory (default ./wsi_cmaf_results/<slide>)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--mpp", type=float, default=None, help="override the slide's µm/px (level 0)")
+    add_mpp_options(p, "default: the slide's metadata")
+    p.add_argument("--exclude-blurred", action="store_true",
+                   help="leave tiles the QC flags as out of focus out of the analysis (flagged in qc/blur either way)")
+    p.add_argument("--no-qc", dest="qc", action="store_false",
+                   help="skip the slide QC (µm/px check, out-of-focus tiles) in the store and summary")
     p.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "wsidicom"])
     p.add_argument("--stain", default="auto", choices=["auto", "macenko", "none"],
                    help="stain normalisation (auto: as the model config says)")
@@ -59,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, batch_size=args.batch_size, progress=show_progress(args),
         stain=None if args.stain == "auto" else args.stain, autocast="bf16" if args.bf16 else args.precision,
         compile=args.compile, reader_threads=args.reader_threads, overlay=args.overlay, geojson=args.geojson,
-        embeddings=args.embeddings,
+        embeddings=args.embeddings, qc=args.qc, mpp_check=args.mpp_check == "on",
+        exclude_blurred=args.exclude_blurred,
         extra={"progress": "always"} if args.progress else {},
     )
     result = analyze_slide(

@@ -29,6 +29,7 @@ from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor
 from wsi_cmaf.infer.stainfit import fit_from_blocks, fit_from_tiles, read_sample, sample_is_all_tissue, sample_tiles
 from wsi_cmaf.infer.stream import RESUMABLE, BlockFeed, stream_blocks
 from wsi_cmaf.infer.summary import failure_records, summarise
+from wsi_cmaf.qc.stage import qc_before_inference, qc_into_store, qc_summary
 from wsi_cmaf.infer.tasks import BlockFailure, SlideSpec, read_block_task
 from wsi_cmaf.output.provenance import api_call, run_provenance
 from wsi_cmaf.output.store import HeatmapStore
@@ -161,6 +162,7 @@ def analyze_slide(
         if inputs is None:
             inputs = _tissue_and_grid(reader, pixels, tcfg, gcfg, cfg, timer)
         mask, grid = inputs.mask, inputs.grid
+        qc = qc_before_inference(reader, pixels, grid, mask, cfg, timer, warn)  # µm/px check, ink, focus
         check_output_space(store_path, grid, mc.num_classes, overwrite=overwrite,
                            embedding_dim=embed[1] if embed is not None else None,
                            n_tasks=max(0, len(resolved.tasks or {}) - 1))
@@ -172,6 +174,7 @@ def analyze_slide(
         )
         if not reused:
             save_inputs(store, inputs)  # tissue label image, masks, background: before any block
+        qc_into_store(store, qc)
         # blocks written with undecodable tiles are retried: a transfer error may be gone now
         todo = [b for b in grid.blocks if not store.done[b.index] or store.block_has_failed_tiles(b.index)]
         skipped = len(grid.blocks) - len(todo)
@@ -192,6 +195,7 @@ def analyze_slide(
                                   weights_note=resolved.note, slide_path=slide_path,
                                   slide_fingerprint=store.identity.get("slide_fingerprint"),
                                   store_path=store.path, call=call)
+            prov["slide"].update(mpp=list(reader.mpp), mpp_source=reader.mpp_source)  # e.g. "estimated from nuclei"
             store.finalize(extra_attrs={"timings": dict(timer), "provenance": prov})
         label = f"{resolved.name} ({model})" if isinstance(model, (str, Path)) else resolved.name
         check_nonfinite(store, grid, label, cfg.autocast, warn)  # before "undecodable": not the file's fault
@@ -207,6 +211,7 @@ def analyze_slide(
                            failures=(n_failed_tiles, failures))
         result.outputs.update(exports.join(result.warnings))
         result.provenance = prov
+        result.qc = qc_summary(qc)
         result.timings["exports"] = round(exports.seconds, 4)
         summary = out_dir / cfg.extra.get("summary_name", "{stem}_summary.json").format(stem=slide_path.stem)
         result.outputs["summary"] = summary
@@ -346,7 +351,8 @@ def _block_backend(reader, cfg: InferenceConfig) -> str:
 
 
 def _mpp_override(reader) -> tuple[float, float] | None:
-    return tuple(reader.mpp) if reader.mpp_source == "override" else None
+    # an estimated µm/px is not in the file either: workers reopen the slide with the run's value
+    return tuple(reader.mpp) if reader.mpp_source in ("override", "estimated from nuclei") else None
 
 
 class _Exports:

@@ -47,6 +47,8 @@ class SlideResult:
     #: a multi-task model's tasks, primary first: {task: {"classes", "store_group", "mean_probability"
     #: per class over the tissue tiles with a value}}; empty (and left out of the JSON) for one task
     tasks: dict[str, Any] = field(default_factory=dict)
+    #: the slide QC (µm/px check, ink, out-of-focus tiles; keys in wsi_cmaf.qc.report); {} when off
+    qc: dict[str, Any] = field(default_factory=dict)
 
     @property
     def store(self) -> Path:
@@ -73,6 +75,8 @@ class SlideResult:
         d["outputs"] = {k: str(Path(v).absolute()) for k, v in self.outputs.items()}
         if not d["tasks"]:  # single-task summaries keep their old keys
             del d["tasks"]
+        if not d["qc"]:
+            del d["qc"]
         return d
 
     def to_json(self, path: str | Path) -> Path:

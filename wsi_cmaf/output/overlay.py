@@ -117,7 +117,8 @@ def _open_slide(slide: Any, store: HeatmapStore, stack: ExitStack) -> tuple[Any,
 
         kwargs = {}
         src = store.attrs.get("slide") or {}
-        if src.get("mpp_source") == "override" and src.get("mpp"):
+        # the file itself has no (or another) µm/px: reopen it with the one the run used
+        if src.get("mpp_source") in ("override", "estimated from nuclei") and src.get("mpp"):
             kwargs["mpp"] = tuple(src["mpp"])  # the slide itself has no µm/px
         return stack.enter_context(open_slide(path, **kwargs)), None
     except (ImportError, WsiCmafError, OSError) as exc:
@@ -276,6 +277,13 @@ def render_overlay(
         hatch = fmap & D.hatch(fmap.shape, max(4, round(8 * s)), lw)
         rgb[hatch | D.edges(fmap, lw)] = D.FAILED_COLOUR
 
+    # slide QC: tiles flagged as out of focus get a red outline (store group ``qc``, when present)
+    from wsi_cmaf.qc.report import read_store as read_qc
+
+    qc = read_qc(store)
+    blurred = qc["blur"].astype(bool) if qc is not None and qc.get("blur") is not None else None
+    if blurred is not None and blurred.shape == prob.shape and blurred.any():
+        rgb[D.edges(D.lookup(ri, ci, blurred, False), lw)] = (230, 30, 30)
     outline_source = "none"
     stored_mask = store.tissue_mask() if store.geometry.has_level0 else None
     if stored_mask is not None:
@@ -301,7 +309,10 @@ def render_overlay(
     sha = str(model.get("weights_sha256") or "")[:12]
     title = [f"{slide_name} — p({name})",
              f"model {model.get('name', '?')}" + (f" (weights sha256 {sha}…)" if sha else "")
-             + f" · {rows}×{cols} tiles of {store.um_per_tile[1]:g} µm"]
+             + f" · {rows}×{cols} tiles of {store.um_per_tile[1]:g} µm"
+             + (" · µm/px estimated from nuclei" if (attrs.get("slide") or {}).get("mpp_source")
+                == "estimated from nuclei" else "")
+             + (f" · {int(blurred.sum())} tiles out of focus (red)" if blurred is not None and blurred.any() else "")]
     canvas, map_box = draw_header(title, banner, map_w, map_h, s)
     canvas.paste(Image.fromarray(rgb), map_box[:2])
     draw = ImageDraw.Draw(canvas)
