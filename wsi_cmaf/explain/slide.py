@@ -271,7 +271,8 @@ def explain_slide(store_path: str | Path, slide: str | Path | None = None, model
         raise UsageError(f"the slide the store records ({slide_path}) is not there; pass --slide")
     warnings: list[str] = []
     with ExitStack() as stack:
-        mpp = tuple(src["mpp"]) if src.get("mpp_source") == "override" and src.get("mpp") else None
+        mpp = (tuple(src["mpp"]) if src.get("mpp_source") in ("override", "estimated from nuclei") and src.get("mpp")
+               else None)
         reader = stack.enter_context(open_slide(slide_path, mpp=mpp))
         if reader.fingerprint() != store.identity.get("slide_fingerprint"):
             raise StoreMismatchError(f"{slide_path} is not the slide {store.path.name} was made from "

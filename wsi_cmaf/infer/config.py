@@ -55,6 +55,13 @@ class InferenceConfig:
     #: also store each tissue tile's embedding (the classifier head's input) in the store's
     #: ``embeddings`` array, computed in the same pass; needs a model with forward_features.
     embeddings: bool = False
+    #: slide QC (wsi_cmaf.qc): out-of-focus tiles measured, ink and the µm/px check reported in the
+    #: store's ``qc`` group and the summary
+    qc: bool = True
+    #: estimate the µm/px from the nuclei and warn when the metadata disagree (part of the QC)
+    mpp_check: bool = True
+    #: leave tiles the QC flags as out of focus out of the analysis (they stay flagged in ``qc/blur``)
+    exclude_blurred: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

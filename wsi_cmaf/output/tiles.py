@@ -64,6 +64,8 @@ def tile_table(store: HeatmapStore | str | Path, *, tissue_only: bool = True) ->
     ``partial`` whether it reaches past the slide's edge (``w, h`` stay the analysed tile's size;
     stores from before edge tiles were analysed have whole tiles only: 1.0 and false).
     Probabilities are NaN where nothing was computed (no tissue, failed block).
+    Stores written with the slide QC add ``blurred`` (flagged as out of focus) and ``sharpness``
+    (its band ratio, NaN where not measured) before the probabilities.
     ``tissue_only`` keeps the tissue tiles only.
     """
     store = _as_store(store)
@@ -92,6 +94,12 @@ def tile_table(store: HeatmapStore | str | Path, *, tissue_only: bool = True) ->
                             else np.full(rr.shape, np.nan)),
         "inside_fraction": inside[keep], "partial": inside[keep] < 1.0,
     }
+    from wsi_cmaf.qc.report import read_store as read_qc
+
+    qc = read_qc(store)  # stores written with the slide QC: out-of-focus flag and sharpness per tile
+    if qc is not None and qc.get("blur") is not None and qc["blur"].shape == (rows, cols):
+        data["blurred"] = qc["blur"].ravel()[keep].astype(bool)
+        data["sharpness"] = qc["sharpness"].ravel()[keep].astype(np.float64)
     probs = store.probabilities(0)
     for k, name in enumerate(store.class_names):
         data[prob_column(name)] = probs[k].ravel()[keep].astype(np.float64)

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
-from skimage.color import rgb2hed
+from skimage.color import hed_from_rgb
 
 from wsi_cmaf.slide.grid import TileGrid
 from wsi_cmaf.slide.reader import SlideReader
@@ -40,14 +42,21 @@ TARGET_MPP = 0.5
 WINDOW_PX = 128
 #: least share of stained pixels a window needs to be judged
 MIN_WINDOW_TISSUE = 0.3
+_H_FROM_OD = np.ascontiguousarray(hed_from_rgb[:, 0], dtype=np.float32)
 
 
 def band_ratio(rgb: np.ndarray) -> float:
     """Sharpness of an (H, W, 3) uint8 RGB window (see the module text); NaN with too little tissue."""
-    sat = np.asarray(Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).convert("HSV"))[..., 1]
-    if (sat > 30).mean() < MIN_WINDOW_TISSUE or min(rgb.shape[:2]) < 16:
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    top, bottom = rgb.max(axis=2), rgb.min(axis=2)
+    # HSV saturation (max - min) / max > 30/255, as the tissue stage counts stained pixels
+    stained = (top.astype(np.int16) - bottom) * 255 > 30 * top.astype(np.int16).clip(1)
+    if stained.mean() < MIN_WINDOW_TISSUE or min(rgb.shape[:2]) < 16:
         return float("nan")
-    h = rgb2hed(rgb)[..., 0]
+    # haematoxylin as skimage.color.rgb2hed unmixes it (optical density times the H column of its
+    # matrix), in float32 and without the other two channels
+    od = np.log(np.maximum(rgb.astype(np.float32) / np.float32(255.0), np.float32(1e-6))) / np.float32(np.log(1e-6))
+    h = np.maximum(od @ _H_FROM_OD, np.float32(0.0))
     g1 = ndi.gaussian_filter(h, 1.0)
     g2 = ndi.gaussian_filter(h, 2.0)
     fine, medium = float(((h - g1) ** 2).mean()), float(((g1 - g2) ** 2).mean())
@@ -64,15 +73,22 @@ def tile_sharpness(reader: SlideReader, grid: TileGrid, tiles: np.ndarray | None
     tile_h = grid.config.tile_size * grid.config.mpp / my
     side = int(min(WINDOW_PX * factor, tile_w, tile_h))
     w0, h0 = reader.level_dimensions[0]
-    for r, c in zip(*np.nonzero(tiles)):
-        x, y = grid.tile_location(int(r), int(c))
+
+    def measure(rc: tuple[int, int]) -> float:
+        x, y = grid.tile_location(*rc)
         cx, cy = x + tile_w / 2.0, y + tile_h / 2.0
         x0 = int(min(max(cx - side / 2.0, 0), max(w0 - side, 0)))
         y0 = int(min(max(cy - side / 2.0, 0), max(h0 - side, 0)))
         rgb = reader.read_region((x0, y0), 0, (side, side))
         if factor > 1:
             rgb = np.asarray(Image.fromarray(rgb).reduce(factor))
-        out[r, c] = band_ratio(rgb)
+        return band_ratio(rgb)
+
+    where = [(int(r), int(c)) for r, c in zip(*np.nonzero(tiles))]
+    # decoding and the filters release the GIL: one thread per core
+    with ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 8))) as pool:
+        for (r, c), value in zip(where, pool.map(measure, where, chunksize=16)):
+            out[r, c] = value
     return out
 
 

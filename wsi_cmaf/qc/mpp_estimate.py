@@ -43,6 +43,7 @@ from skimage.segmentation import clear_border
 from wsi_cmaf.errors import MppEstimateError
 from wsi_cmaf.qc.ink import ink_mask
 from wsi_cmaf.slide.reader import SlideReader
+from wsi_cmaf.slide.tissue import TissueMask
 
 logger = logging.getLogger(__name__)
 
@@ -207,20 +208,25 @@ def _screen_level(reader: SlideReader) -> int:
 
 
 def sample_tissue_tiles(reader: SlideReader, n_tiles: int = 48, tile_px: int = 256,
-                        seed: int = 0) -> list[np.ndarray]:
+                        seed: int = 0, tissue: TissueMask | None = None) -> list[np.ndarray]:
     """Up to ``n_tiles`` level-0 tiles of ``tile_px`` px that are mostly tissue, spread over the slide.
 
-    Where the tissue is comes from one coarse level read whole (no µm/px needed); candidates
-    are drawn at random (``seed``) among the lattice tiles with enough tissue.
+    Where the tissue is comes from ``tissue`` (a tissue mask of this slide, which needs its µm/px)
+    or else from one coarse level read whole (no µm/px needed); candidates are drawn at random
+    (``seed``) among the lattice tiles with enough tissue.
     """
     w0, h0 = reader.level_dimensions[0]
     tile_px = min(tile_px, w0, h0)
-    level = _screen_level(reader)
-    lw, lh = reader.level_dimensions[level]
     screen = None
-    if lw * lh <= 4 * _SCREEN_MAX_PIXELS:
-        screen = _tissue_pixels(reader.read_region((0, 0), level, (lw, lh)))
-    sx, sy = lw / w0, lh / h0
+    if tissue is not None:
+        screen = np.asarray(tissue.mask, bool)
+        sx, sy = reader.mpp[0] / tissue.mpp, reader.mpp[1] / tissue.mpp
+    else:
+        level = _screen_level(reader)
+        lw, lh = reader.level_dimensions[level]
+        if lw * lh <= 4 * _SCREEN_MAX_PIXELS:
+            screen = _tissue_pixels(reader.read_region((0, 0), level, (lw, lh)))
+        sx, sy = lw / w0, lh / h0
     candidates = []
     for y in range(0, h0 - tile_px + 1, tile_px):
         for x in range(0, w0 - tile_px + 1, tile_px):
@@ -244,13 +250,15 @@ def sample_tissue_tiles(reader: SlideReader, n_tiles: int = 48, tile_px: int = 2
     return tiles
 
 
-def estimate_mpp(reader: SlideReader, n_tiles: int = 48, tile_px: int = 256, seed: int = 0) -> MppEstimate:
+def estimate_mpp(reader: SlideReader, n_tiles: int = 48, tile_px: int = 256, seed: int = 0,
+                 tissue: TissueMask | None = None) -> MppEstimate:
     """Estimate ``reader``'s level-0 µm/px from the nuclei in up to ``n_tiles`` sampled tissue tiles.
 
-    Works without any µm/px metadata. Raises MppEstimateError when the slide has too little
+    Works without any µm/px metadata. ``tissue`` (a tissue mask of the slide, when its µm/px is
+    known) saves finding the tissue again. Raises MppEstimateError when the slide has too little
     tissue or too few nucleus-like objects.
     """
-    tiles = sample_tissue_tiles(reader, n_tiles=n_tiles, tile_px=tile_px, seed=seed)
+    tiles = sample_tissue_tiles(reader, n_tiles=n_tiles, tile_px=tile_px, seed=seed, tissue=tissue)
     if not tiles:
         raise MppEstimateError(f"{reader.path}: no tissue tile of {tile_px} px found to estimate the µm/px from; "
                                "pass the scanner's µm/px with --mpp")

@@ -184,6 +184,14 @@ class TileGrid:
                 if self.tissue[rows, cols].any():
                     self.blocks.append(Block((by, bx), rows, cols))
 
+    def exclude(self, tiles: np.ndarray) -> None:
+        """Leave ``tiles`` (bool, grid shape) out of the analysis: no longer tissue tiles, blocks rebuilt."""
+        tiles = np.asarray(tiles, bool)
+        if tiles.shape != self.tissue.shape:
+            raise ValueError(f"tiles to exclude have shape {tiles.shape}, the grid is {self.tissue.shape}")
+        self.tissue = self.tissue & ~tiles
+        self.blocks = [b for b in self.blocks if self.tissue[b.rows, b.cols].any()]
+
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_slide(cls, reader: SlideReader, config: GridConfig | None = None,

@@ -246,6 +246,8 @@ class SlideReader:
             logger.info("%s: using the estimated %.3g µm/px instead of the %s value %.4g", self.path,
                         est.mpp, self._mpp_source, self._mpp[0])
         self.mpp_estimate = est
+        #: what the file's metadata said before the estimate replaced it (None: nothing, or an override)
+        self.metadata_mpp = self._mpp if self._mpp_source not in (None, "override") else None
         self._mpp, self._mpp_source, self._mpp_error = (est.mpp, est.mpp), ESTIMATED_SOURCE, None
 
     @property

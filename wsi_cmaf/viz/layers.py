@@ -209,7 +209,7 @@ def open_slide_for_store(store: Any, slide: str | Path | None = None) -> Any | N
                        store.path, path)
         return None
     kwargs = {}
-    if src.get("mpp_source") == "override" and src.get("mpp"):
+    if src.get("mpp_source") in ("override", "estimated from nuclei") and src.get("mpp"):
         kwargs["mpp"] = tuple(src["mpp"])  # the slide has no µm/px of its own
     try:
         return open_slide(path, **kwargs)
