@@ -136,8 +136,11 @@ def connect(
     extra = dict(cluster_kwargs or {})
     if cluster == "local" and gpus_per_worker:
         cluster = "local-cuda"
-    # The scheduler reads allowed-failures when it is built (here, in this process).
-    with dask.config.set({"distributed.scheduler.allowed-failures": max(0, int(retries))}):
+    # The scheduler reads allowed-failures when it is built (here, in this process); a job-queue
+    # cluster reads lost-worker-timeout each time a job's worker leaves, before replacing the job.
+    settings = {"distributed.scheduler.allowed-failures": max(0, int(retries)),
+                "distributed.deploy.lost-worker-timeout": "5s"}
+    with dask.config.set(settings):
         if cluster == "local-cuda":
             devices = extra.pop("devices", None)
             devices = [str(d) for d in (devices if devices is not None else visible_gpus())]
@@ -154,10 +157,10 @@ def connect(
             # Adaptive, even at a fixed size: it starts a new job for each one that ended (walltime,
             # preemption, scancel); a plain scale() would leave the cluster short.
             cl.adapt(minimum_jobs=lo, maximum_jobs=hi, interval="1s", wait_count=5)
-    try:
-        with Client(cl, security=getattr(cl, "security", None)) as c:
-            if dashboard and c.dashboard_link:
-                logger.info("dask dashboard: %s", c.dashboard_link)
-            yield c
-    finally:
-        cl.close()
+        try:
+            with Client(cl, security=getattr(cl, "security", None)) as c:
+                if dashboard and c.dashboard_link:
+                    logger.info("dask dashboard: %s", c.dashboard_link)
+                yield c
+        finally:
+            cl.close()
