@@ -135,6 +135,23 @@ def test_read_only_output_is_one_line_and_exit_1(slide, tmp_path, capsys) -> Non
         lines = capsys.readouterr().err.strip().splitlines()
         assert rc == 1 and len(lines) == 1, lines
         assert "read-only (EROFS)" in lines[0] and str(ro / "o") in lines[0] and "Traceback" not in lines[0]
+        assert "nothing was written yet" in lines[0]
+
+
+def test_full_disk_while_drawing_the_overlay_fails_the_run_and_keeps_the_store(slide, tmp_path, monkeypatch) -> None:
+    import wsi_cmaf.output.overlay as overlay
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(overlay, "write_png", full)
+    cfg = InferenceConfig(block_tiles=4, progress=False, batch_size=64, overlay=True, geojson=False, stain=None)
+    with pytest.raises(OutputWriteError, match=r"w_overlay\.png: no space left on the device \(ENOSPC\)") as info:
+        run(slide, tmp_path / "o", cfg)
+    store = HeatmapStore.open(tmp_path / "o" / "w.zarr")
+    assert f"the heatmap store {store.path} is complete" in str(info.value)
+    assert store.finalized and store.done.any() and verify_store(store.path).ok
+    assert not (tmp_path / "o" / "w_overlay.png").exists()
 
 
 def test_permission_denied_is_named(slide, tmp_path, monkeypatch) -> None:

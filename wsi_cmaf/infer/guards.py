@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_cmaf.errors import NonFiniteOutputError, WsiCmafError
+from wsi_cmaf.infer.stream import RESUMABLE
 from wsi_cmaf.output.store import HeatmapStore, read_store_meta
 from wsi_cmaf.output.store_io import check_free_space, estimate_store_bytes, free_bytes, is_write_error, write_error
 from wsi_cmaf.output.store_lock import StoreLock, acquire_store_lock
@@ -27,15 +28,17 @@ def _related(a: Path, b: Path) -> bool:
 
 
 @contextmanager
-def output_write_errors(out_dir: Path, kept: str) -> Iterator[None]:
+def output_write_errors(out_dir: Path, store_path: Path) -> Iterator[None]:
     """Turn a write error (full disk, read-only, no permission, quota) on ``out_dir``, one of its
-    parents or anything inside it into :class:`~wsi_cmaf.errors.OutputWriteError`; OS errors of
-    other files (the slide) pass unchanged."""
+    parents or anything inside it into :class:`~wsi_cmaf.errors.OutputWriteError` saying what is
+    kept (``store_path``'s done blocks, if it exists yet); OS errors of other files (the slide)
+    pass unchanged."""
     try:
         yield
     except OSError as exc:
         name = getattr(exc, "filename", None)
         if is_write_error(exc) and (name is None or _related(Path(name), out_dir)):
+            kept = RESUMABLE if read_store_meta(store_path) is not None else "nothing was written yet"
             raise write_error(exc, out_dir, kept) from exc
         raise
 

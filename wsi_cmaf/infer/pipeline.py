@@ -27,7 +27,7 @@ from wsi_cmaf.infer.multiview import ViewsPreprocessor, read_block_views_task
 from wsi_cmaf.infer.result import SlideResult
 from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor
 from wsi_cmaf.infer.stainfit import fit_from_blocks, fit_from_tiles, read_sample, sample_is_all_tissue, sample_tiles
-from wsi_cmaf.infer.stream import RESUMABLE, BlockFeed, stream_blocks
+from wsi_cmaf.infer.stream import BlockFeed, stream_blocks
 from wsi_cmaf.infer.summary import failure_records, summarise
 from wsi_cmaf.qc.stage import qc_before_inference, qc_into_store, qc_summary
 from wsi_cmaf.infer.tasks import BlockFailure, SlideSpec, read_block_task
@@ -154,7 +154,7 @@ def analyze_slide(
         # extra["store_name"]: a store inside another one (an encoder's embeddings beside a heatmap)
         store_path = out_dir / cfg.extra.get("store_name", "{stem}.zarr").format(stem=slide_path.stem)
         identity = run_identity(reader, resolved, gcfg, tcfg, _stain_method(resolved, cfg))
-        stack.enter_context(output_write_errors(out_dir, RESUMABLE))
+        stack.enter_context(output_write_errors(out_dir, store_path))
         stack.callback(writer_lock(out_dir, store_path, wait_lock).release)  # held until the summary is written
         with timer("inputs"):  # a resumed run takes tissue mask, grid and stain fit from its store
             inputs = load_inputs(store_path, identity, reader, gcfg) if resume and not overwrite else None
@@ -387,7 +387,7 @@ class _Exports:
                 self.outputs["geojson"] = write_geojson(store, out_dir / f"{slide_path.stem}_regions.geojson",
                                                         threshold=cfg.decision_threshold)
         except OutputWriteError as exc:  # a full or read-only disk fails the run, as for the store
-            self._error = exc
+            self._error = OutputWriteError(exc.path, exc.errno, f"{exc}; the heatmap store {store.path} is complete")
         except WsiCmafError as exc:
             self.warnings.append(f"export failed: {exc}")
             logger.warning("export failed: %s", exc)
