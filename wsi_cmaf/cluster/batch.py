@@ -37,6 +37,7 @@ def slide_task(job: SlideJob, out_dir: str, model: ModelRef, cfg: InferenceConfi
     on data held by another worker.
     """
     from wsi_cmaf.infer import analyze_slide
+    from wsi_cmaf.qc.report import status_fields
 
     t0 = time.perf_counter()
     row: dict[str, Any] = {"slide": str(job.path), "key": job.key, "model_hash": model.sha256}
@@ -51,7 +52,7 @@ def slide_task(job: SlideJob, out_dir: str, model: ModelRef, cfg: InferenceConfi
         return row
     row.update(status="done" if not result.blocks_failed else "partial", error="; ".join(result.warnings),
                error_type="", tissue_tiles=result.tiles_tissue, seconds=round(time.perf_counter() - t0, 3),
-               output=str(result.store))
+               output=str(result.store), **status_fields(result))
     return row
 
 

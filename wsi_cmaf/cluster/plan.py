@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_cmaf.cluster.inputs import SlideJob, collect_slides
-from wsi_cmaf.cluster.status import StatusTable
+from wsi_cmaf.cluster.status import QC_COLUMNS, StatusTable
 from wsi_cmaf import errors
 from wsi_cmaf.errors import SlideNotFoundError, WsiCmafError
 from wsi_cmaf.slide.reader import file_fingerprint
@@ -63,7 +63,7 @@ class BatchPlan:
             primary = self.table.get(j.same_as) or {}
             note = f"same file as {by_key[j.same_as].path}; analysed once, as {j.same_as}"
             fields = {c: primary.get(c, "") for c in ("fingerprint", "status", "error", "error_type",
-                                                       "tissue_tiles", "output", "model_hash")}
+                                                       "tissue_tiles", "output", "model_hash", *QC_COLUMNS)}
             fields["seconds"] = 0
             row = self.table.get(j.key) or {}
             if any(str(row.get(c, "")) != str(v) for c, v in fields.items()) or row.get("note") != note:

@@ -11,6 +11,9 @@ from typing import Any
 
 COLUMNS = ["slide", "key", "fingerprint", "status", "error", "error_type", "tissue_tiles", "seconds",
            "output", "model_hash", "attempts", "note", "updated"]
+#: slide QC columns (filled by wsi_cmaf.qc.report.status_fields): sort an archive by suspicious µm/px or ink
+QC_COLUMNS = ["mpp", "mpp_source", "mpp_estimate", "mpp_ratio", "ink_fraction", "blurred_tiles"]
+COLUMNS += QC_COLUMNS
 
 
 class StatusTable:

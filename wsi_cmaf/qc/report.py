@@ -159,3 +159,18 @@ def read_store(store: Any) -> dict[str, Any] | None:
     for name in ("blur", "sharpness", "ink_tiles"):
         out[name] = np.asarray(group[name][...]) if name in group else None
     return out
+
+
+def status_fields(result: Any) -> dict[str, Any]:
+    """The QC columns of a batch's status.csv (``wsi_cmaf.cluster.status.QC_COLUMNS``) for one analysis result (blank where the QC did not run).
+
+    ``mpp_ratio`` is the µm/px used over the estimate: near 1 when they agree, about 2 or 0.5 for
+    a slide labelled with the other objective's value.
+    """
+    qc = getattr(result, "qc", None) or {}
+    mpp = float(result.mpp[0]) if getattr(result, "mpp", None) else None
+    est = qc.get("mpp_estimate")
+    return {"mpp": "" if mpp is None else round(mpp, 5), "mpp_source": getattr(result, "mpp_source", "") or "",
+            "mpp_estimate": "" if est is None else est,
+            "mpp_ratio": "" if est is None or mpp is None else round(mpp / est, 3),
+            "ink_fraction": qc.get("ink_fraction", ""), "blurred_tiles": qc.get("blurred_tiles", "")}

@@ -1,0 +1,43 @@
+"""QC columns of a batch's status.csv: filled by the slide task from the analysis, sortable by µm/px ratio."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from wsi_cmaf.cluster.batch import slide_task
+from wsi_cmaf.cluster.inputs import SlideJob
+from wsi_cmaf.cluster.status import COLUMNS, QC_COLUMNS, StatusTable
+from wsi_cmaf.cluster.worker_model import make_model_ref
+from wsi_cmaf.infer import InferenceConfig
+from wsi_cmaf.infer.modelspec import resolve_model
+
+
+@pytest.mark.realdata
+def test_status_csv_has_qc_columns_sortable_by_mpp_ratio(real_slide, tmp_path: Path) -> None:
+    assert set(QC_COLUMNS) <= set(COLUMNS)
+    resolved = resolve_model(None)
+    ref = make_model_ref(resolved, None, None, tmp_path)
+    cfg = InferenceConfig(progress=False, overlay=False, geojson=False)
+    slide = real_slide("svs")
+    table = StatusTable(tmp_path / "status.csv")
+    # the same 20x slide as scanned (0.499) and mislabelled as 40x (0.25)
+    for key, mpp in (("right", None), ("mislabelled", 0.25)):
+        row = slide_task(SlideJob(slide, mpp, key, None), str(tmp_path / "out"), ref, cfg)
+        assert row["status"] == "done", row
+        table.update(key, **{k: v for k, v in row.items() if k != "key"})
+    with open(tmp_path / "status.csv", newline="") as fh:
+        rows = {r["key"]: r for r in csv.DictReader(fh)}
+    right, wrong = rows["right"], rows["mislabelled"]
+    assert float(right["mpp"]) == pytest.approx(0.499) and right["mpp_source"] == "vendor"
+    assert wrong["mpp_source"] == "override"
+    # the estimate is a property of the image: near the true 0.499 whatever the label says
+    for r in (right, wrong):
+        assert abs(float(r["mpp_estimate"]) / 0.499 - 1) <= 0.25
+    assert 0.8 <= float(right["mpp_ratio"]) <= 1.25
+    assert float(wrong["mpp_ratio"]) < 0.625  # a factor of 2 below: sorts first
+    assert sorted(rows.values(), key=lambda r: float(r["mpp_ratio"]))[0]["key"] == "mislabelled"
+    assert float(right["ink_fraction"]) < 0.01 and right["blurred_tiles"] == "0"
+    assert "differ by" in wrong["error"]  # the disagreement warning is in the row's messages
