@@ -63,3 +63,25 @@ def test_embed_without_local_weights_or_with_an_unknown_encoder_fails_by_name(sl
     assert main(["embed", str(slide.path), "--encoder", "unii", "--out", str(tmp_path / "o")]) == 2
     assert "unknown encoder 'unii'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing written before the encoder is known
+
+
+def test_analyze_with_an_encoder_writes_the_heatmap_and_the_embeddings_side_by_side(slide, tmp_path, capsys,
+                                                                                      monkeypatch):
+    import timm
+
+    from wsi_cmaf.output.store import HeatmapStore
+
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    torch.save(net.state_dict(), tmp_path / "tiny224.pth")
+    out = tmp_path / "o"
+    assert main(["analyze", str(slide.path), "--out", str(out), "--encoder", "timm:vit_tiny_patch16_224",
+                 "--encoder-weights", str(tmp_path / "tiny224.pth"), "--no-overlay", "--no-geojson"]) == 0
+    assert "embeddings   timm:vit_tiny_patch16_224" in capsys.readouterr().out
+    heat = HeatmapStore.open(out / "c.zarr")
+    emb = HeatmapStore.open(out / "c.zarr" / "encoders" / "timm_vit_tiny_patch16_224")
+    assert heat.embedding_dim is None and emb.embedding_dim == 192
+    assert emb.identity["grid"]["config"]["mpp"] == 0.5 and emb.identity["grid"]["config"]["tile_size"] == 224
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert main(["analyze", str(slide.path), "--out", str(tmp_path / "o2"), "--encoder", "uni"]) == 1
+    assert "encoder uni: no local weights" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()  # refused before the analysis wrote anything

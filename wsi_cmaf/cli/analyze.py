@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from wsi_cmaf.cli import add_inference_options
+from wsi_cmaf.cli.embed import add_encoder_options, embed_alongside, load_encoder_option
 from wsi_cmaf.cli.qc import add_mpp_options
 
 VERB = "analyze"
@@ -43,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings", action="store_true",
                    help="also store each tissue tile's embedding (input of the classifier head) in the store, "
                         "for slide-level models (wsi-cmaf train-slide); needs a registry model")
+    add_encoder_options(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--progress", action="store_true",
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         exclude_blurred=args.exclude_blurred,
         extra={"progress": "always"} if args.progress else {},
     )
+    encoder = load_encoder_option(args)  # a missing checkpoint fails before the analysis
     result = analyze_slide(
         args.slide, model=args.model, out=args.out, model_config=args.model_config, mpp=args.mpp,
         backend=args.backend, resume=args.resume, overwrite=args.overwrite, config=cfg,
@@ -75,4 +78,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if not args.quiet:
         print("\n".join(result.summary_lines()))
+    if encoder is not None:
+        emb = embed_alongside(encoder, args.slide, result.store.parent, cfg, mpp=getattr(args, "mpp", None))
+        if not args.quiet:
+            print(f"embeddings   {encoder.spec.name}: {emb.tiles_tissue} tiles -> {emb.store}")
     return 0

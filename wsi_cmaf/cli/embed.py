@@ -102,3 +102,32 @@ def _exports(stores: list[Path], args: argparse.Namespace) -> None:
             print(f"wrote {export_anndata(store, base.with_suffix('.h5ad'))}")
         if "h5" in args.export:
             print(f"wrote {export_h5(store, base.with_suffix('.h5'), name=stem)}")
+
+
+def add_encoder_options(p: argparse.ArgumentParser) -> None:
+    """``--encoder`` / ``--encoder-weights`` / ``--allow-download`` for verbs that embed alongside (analyze)."""
+    p.add_argument("--encoder", default=None,
+                   help="also embed the tissue tiles with this foundation-model encoder (wsi-cmaf encoders) "
+                        "into <slide>.zarr/encoders/<name>, beside the heatmap, as wsi-cmaf embed does")
+    p.add_argument("--encoder-weights", default=None,
+                   help="checkpoint file or folder of --encoder (default: the Hugging Face cache)")
+    p.add_argument("--allow-download", action="store_true",
+                   help="let --encoder fetch its weights from the Hugging Face hub (never by default)")
+
+
+def load_encoder_option(args: argparse.Namespace):
+    """The ``--encoder`` of ``args`` loaded (None without one): before any slide work, so missing
+    weights fail at once."""
+    if not getattr(args, "encoder", None):
+        return None
+    from wsi_cmaf.encoders.embed import resolve_encoder
+
+    return resolve_encoder(args.encoder, args.encoder_weights, allow_download=args.allow_download)
+
+
+def embed_alongside(loaded, slide: str, out_dir: str | Path, cfg, *, mpp: float | None = None):
+    """Embed ``slide`` with ``loaded`` into the same output folder as a heatmap just written."""
+    from wsi_cmaf.encoders.embed import embed_config, embed_slide
+
+    ecfg = embed_config(cfg, loaded.spec.name)
+    return embed_slide(slide, loaded, out_dir, config=ecfg, mpp=mpp)
