@@ -121,6 +121,37 @@ def test_all_nan_model_fails_by_name_not_as_a_benign_slide(slides, tmp_path, cap
     assert not (out / "one_summary.json").exists()  # no summary calls it benign
 
 
+class Overflows(nn.Module):
+    """Logits of about +-1e5: fine in fp32, Inf under fp16 autocast (its largest value is 65,504)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[3e4, 3e4, 3e4], [-3e4, -3e4, -3e4]]))
+            self.fc.bias.fill_(1e5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_fp16_overflow_is_refused_and_precision_off_resumes_the_failed_tiles(slides, tmp_path, capsys) -> None:
+    from wsi_cmaf.cli import main
+
+    model = zoo_folder(tmp_path / "ovf", Overflows())
+    args = ["analyze", str(slides["one"]), "--model", str(model), "--out", str(tmp_path / "o"), "--no-overlay",
+            "--no-geojson", "-q", "--precision"]
+    assert main(args + ["fp16"]) == 1
+    err = capsys.readouterr().err
+    assert "returned NaN/Inf for" in err and "rerun with --precision off" in err
+    store = HeatmapStore.open(tmp_path / "o" / "one.zarr")
+    assert (store.failed_tiles == store.tissue()).all() and store.nonfinite_tiles() == int(store.tissue().sum())
+    assert main(args + ["off"]) == 0
+    store = HeatmapStore.open(tmp_path / "o" / "one.zarr")
+    assert not store.failed_tiles.any() and store.nonfinite_tiles() == 0
+    assert np.isfinite(store.probabilities(0)[:, store.tissue()]).all()
+
+
 def test_runner_flags_rows_with_any_nonfinite_logit_on_the_device() -> None:
     """-Inf in one logit gives a finite softmax ([0, 1]); the row must still come back as NaN."""
     from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor
