@@ -50,6 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="rewrite the tables and figure in DIR")
     parser.add_argument("--tol", type=float, default=1e-9, help="largest accepted absolute difference")
     args = parser.parse_args(argv)
+    if not (args.dir / "scores").is_dir():
+        # a run made before scores were stored: only its per-run table can be re-analysed
+        from wsi_cmaf.train.paper.controlled_report import seed_level_table
+
+        table = seed_level_table(pd.read_csv(args.dir / "runs.csv"))
+        print(f"{args.dir} stores no scores: the patient bootstrap cannot be recomputed; seed-level "
+              "intervals from runs.csv:")
+        print(table.to_string(index=False, float_format=lambda v: f"{v:+.4f}"))
+        return 0
     committed = json.loads((args.dir / "results.json").read_text(encoding="utf-8"))
     with tempfile.TemporaryDirectory() as tmp:
         summary = rederive(args.dir, Path(tmp))

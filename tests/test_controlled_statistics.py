@@ -136,3 +136,18 @@ def test_tiny_run_is_rederived_exactly_and_records_provenance(tmp_path: Path) ->
     pd.testing.assert_frame_equal(pd.read_csv(out / "runs.csv"), pd.read_csv(tmp_path / "again" / "runs.csv"))
     assert again["provenance"] == prov and "rederived_by" in again
     assert json.loads((out / "results.json").read_text())["budget"]["fusion_steps"] == {"70:30": 4, "95:5": 4}
+
+
+def test_seed_level_table_from_runs_alone() -> None:
+    """Seeds 0-2 with AUROC differences 0.01, 0.02, 0.03: mean 0.02, t-interval 0.02 ± 4.302653·0.01/√3."""
+    from wsi_cmaf.train.paper.controlled_report import seed_level_table
+
+    rows = []
+    for s, d in enumerate((0.01, 0.02, 0.03)):
+        rows += [{"seed": s, "ratio": "95:5", "arm": "ce_sqrt", "auroc": 0.8, "sens_at_spec": 0.3},
+                 {"seed": s, "ratio": "95:5", "arm": "acbfl", "auroc": 0.8 + d, "sens_at_spec": 0.3}]
+    t = seed_level_table(pd.DataFrame(rows)).set_index("arm").loc["acbfl"]
+    half = 4.302653 * 0.01 / math.sqrt(3)
+    assert t["d_auroc"] == pytest.approx(0.02)
+    assert (t["d_auroc_seed_lo"], t["d_auroc_seed_hi"]) == pytest.approx((0.02 - half, 0.02 + half), abs=1e-6)
+    assert (t["d_sens_at_spec_seed_lo"], t["d_sens_at_spec_seed_hi"]) == (0.0, 0.0)

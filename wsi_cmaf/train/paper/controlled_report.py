@@ -138,6 +138,28 @@ def paired_differences(cfg: ControlledConfig, data: Data, results: dict[int, dic
     return pd.DataFrame(rows)
 
 
+def seed_level_table(runs: pd.DataFrame, pairs: list[tuple[str, str]] | None = None) -> pd.DataFrame:
+    """Per ratio and pair: the seed mean of the paired full-test-set differences and its seed-level
+    t-interval, from a ``runs.csv`` table alone (no scores needed). Default pairs: every arm vs the
+    reference, then :data:`EXTRA_PAIRS`."""
+    arms = list(dict.fromkeys(runs["arm"]))
+    if pairs is None:
+        pairs = [(a, REFERENCE_ARM) for a in arms if a != REFERENCE_ARM]
+        pairs += [p for p in EXTRA_PAIRS if p[0] in arms and p[1] in arms]
+    full = runs.set_index(["seed", "ratio", "arm"])
+    seeds = sorted(set(runs["seed"]))
+    rows = []
+    for ratio in dict.fromkeys(runs["ratio"]):
+        for arm, ref in pairs:
+            row: dict[str, Any] = {"ratio": ratio, "arm": arm, "reference": ref}
+            for m in ("auroc", "sens_at_spec"):
+                point = np.array([full.loc[(s, ratio, arm), m] - full.loc[(s, ratio, ref), m] for s in seeds])
+                lo, hi = seed_interval(point)
+                row.update({f"d_{m}": float(point.mean()), f"d_{m}_seed_lo": lo, f"d_{m}_seed_hi": hi})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def seed_interval(differences: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     """Paired t-interval of the mean of per-seed differences (NaN with fewer than 2 seeds)."""
     from scipy import stats
