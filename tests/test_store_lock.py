@@ -108,3 +108,18 @@ def test_lock_in_one_process_excludes_another_handle(tmp_path) -> None:
         with pytest.raises(StoreLockedError, match=f"pid {os.getpid()}"):
             acquire_store_lock(tmp_path / "s.zarr")
     acquire_store_lock(tmp_path / "s.zarr").release()
+
+
+def test_file_system_without_locks_warns_and_goes_on(slide, tmp_path, monkeypatch, caplog) -> None:
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="wsi_cmaf.output.store_lock"):
+        res = run(slide, tmp_path / "o")
+    assert res.blocks_computed == res.blocks_total
+    assert any("does not support file locks" in r.message for r in caplog.records)
+    assert not lock_path(tmp_path / "o" / "k.zarr").exists()

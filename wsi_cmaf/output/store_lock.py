@@ -11,6 +11,8 @@ pid is gone on this host (a child process that inherited the descriptor) is repl
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -78,9 +80,9 @@ def _is_stale(record: dict[str, Any]) -> bool:
 class StoreLock:
     """The held writer lock of one store; :meth:`release` (or leaving the ``with``) lets go."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int | None) -> None:
         self.path = path
-        self._fd: int | None = fd
+        self._fd = fd  # None: not locked (a file system without locks)
 
     def release(self) -> None:
         """Remove the lock file, then drop the lock (idempotent). Removing it while still locked
@@ -122,7 +124,16 @@ def acquire_store_lock(store: str | Path, *, wait: bool = False, poll_s: float =
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):  # no locks on this file system
+                os.close(fd)
+                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                    logger.warning("%s: the file system does not support file locks (%s); writing without "
+                                   "the writer lock: make sure no other run writes this store", store, exc)
+                    return StoreLock(path, None)
+                raise
             record = _read_record(fd)
             os.close(fd)
             if not replaced and _is_stale(record):

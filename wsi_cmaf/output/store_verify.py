@@ -85,7 +85,9 @@ class BlockManifestMixin:
     _meta_group: Any
     _done: np.ndarray
     _done_arr: Any
+    _failed_tiles: np.ndarray
     _lock: Any
+    tissue: Any
     _emb: Any
     path: Path
     tasks: dict[str, list[str]]
@@ -159,27 +161,39 @@ class BlockManifestMixin:
     # ---------------------------------------------------------------- checking
     def check_blocks(self, deep: bool = False) -> list[BlockProblem]:
         """Every done block whose chunks do not match its manifest row (missing, other size, and
-        with ``deep`` another CRC, tile count or an unreadable chunk)."""
+        with ``deep`` another CRC, tile count or an unreadable chunk).
+
+        A block written before manifests existed is checked for what can still be known: a block
+        with tissue tiles that did not fail must have its level-0 chunk.
+        """
         arr = self._manifest_array()
         done = np.argwhere(self._done)
         if not len(done):
             return []
-        if arr is None:
-            return [BlockProblem((int(by), int(bx)), "no manifest (written by an older wsi-cmaf): cannot be verified")
-                    for by, bx in done]
-        rows = np.asarray(arr[...])
+        rows = np.asarray(arr[...]) if arr is not None else None
         arrays = self._data_arrays()
+        expected = None
         problems = []
         for by, bx in done.tolist():
-            row = rows[by, bx]
-            why = self._block_problem(by, bx, row, arrays, deep)
+            if rows is None or rows[by, bx, 0] == 0:
+                if expected is None:  # tiles that must have a value in a store without manifest rows
+                    expected = self.tissue() & ~self._failed_tiles
+                why = self._presence_problem(by, bx, expected, arrays[0])
+            else:
+                why = self._block_problem(by, bx, rows[by, bx], arrays, deep)
             if why:
                 problems.append(BlockProblem((by, bx), why))
         return problems
 
+    def _presence_problem(self, by: int, bx: int, expected: np.ndarray, level0: tuple[str, Any]) -> str | None:
+        rs, cs = self.block_slices((by, bx))
+        name, arr = level0
+        if expected[rs, cs].any() and not self._chunk_nbytes(name, arr, by, bx):
+            key = f"{name}/{arr.metadata.encode_chunk_key(self._chunk_coords(name, by, bx))}"
+            return f"chunk {key} is missing (a block written before manifests: only its presence is checked)"
+        return None
+
     def _block_problem(self, by: int, bx: int, row: np.ndarray, arrays: list, deep: bool) -> str | None:
-        if row[0] == 0:
-            return "no manifest row: cannot be verified"
         for i, (name, arr) in enumerate(arrays):
             want_crc, want_size = int(row[3 + 2 * i]), int(row[4 + 2 * i])
             key = f"{name}/{arr.metadata.encode_chunk_key(self._chunk_coords(name, by, bx))}"
