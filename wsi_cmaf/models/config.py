@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_cmaf.errors import ModelConfigError
+from wsi_cmaf.models.bounds import check_plausible
 
 logger = logging.getLogger(__name__)
 
@@ -37,30 +38,6 @@ PATCH_SOURCES = ("pyramid", "level0")
 #: Fields added after stores were first written: omitted from ``to_dict`` at their defaults so the
 #: identity of existing stores (which includes the config) does not change and they still resume.
 _OMIT_AT_DEFAULT = {"patch_source": "pyramid", "translated_from": None}
-
-
-#: sane ranges of a model config: inputs and patches of at most 4,096 / 8,192 px (a 4,096² float
-#: input is 200 MB per tile), patches of at most 10 mm, spacings of 0.01-100 µm/px (the µm/px
-#: of slides run from ~0.1 to a few µm/px; coarse tissue maps reach tens)
-MAX_INPUT_SIZE, MAX_PATCH_PIXELS, MAX_PATCH_UM, SPACING_RANGE_UM = 4096, 8192, 10_000.0, (0.01, 100.0)
-
-
-def plausibility_problems(spacing_um_px: float, patch_size_pixels: int, input_size: int) -> list[str]:
-    """What is outside the sane ranges (:data:`MAX_INPUT_SIZE` ...) among well-typed values."""
-    problems = []
-    lo, hi = SPACING_RANGE_UM
-    if not (lo <= spacing_um_px <= hi):  # NaN fails this too
-        problems.append(f"spacing_um_px {spacing_um_px!r} is outside {lo}-{hi:g} µm/px")
-    if input_size > MAX_INPUT_SIZE:
-        problems.append(f"input_size {input_size} px is larger than {MAX_INPUT_SIZE} px "
-                        f"({3 * 4 * input_size ** 2 / 1e9:.1f} GB of float input per tile)")
-    if patch_size_pixels > MAX_PATCH_PIXELS:
-        problems.append(f"patch_size_pixels {patch_size_pixels} is larger than {MAX_PATCH_PIXELS} px")
-    patch_um = patch_size_pixels * spacing_um_px
-    if patch_um > MAX_PATCH_UM:
-        problems.append(f"a patch of {patch_size_pixels} px at {spacing_um_px:g} µm/px is {patch_um / 1000:g} mm wide, "
-                        f"more than {MAX_PATCH_UM / 1000:g} mm")
-    return problems
 
 
 @dataclass
@@ -124,11 +101,7 @@ class ModelConfig:
             problems.append(f"patch_source must be one of {PATCH_SOURCES}, got {self.patch_source!r}")
         if problems:
             raise ModelConfigError("invalid model config: " + "; ".join(problems))
-        implausible = plausibility_problems(self.spacing_um_px, self.patch_size_pixels, self.input_size)
-        if implausible:
-            from wsi_cmaf.errors import ImplausibleModelConfigError
-
-            raise ImplausibleModelConfigError("implausible model config: " + "; ".join(implausible))
+        check_plausible(self.spacing_um_px, self.patch_size_pixels, self.input_size)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists)."""
