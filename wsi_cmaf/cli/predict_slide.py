@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="clinical CSV; patients without a row (or without it) are predicted image-only")
     p.add_argument("--out", default=None, help="predictions CSV (default: print the table)")
     p.add_argument("--no-attention", action="store_true", help="do not write the MIL attention maps into the stores")
+    p.add_argument("--encoder", default=None,
+                   help="read the embeddings of this encoder (wsi-cmaf embed) from each store folder's encoders/<name>")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     if args.clinical is not None:
         require_path(args.clinical, "clinical table")
     table = predict_slide(args.model, args.manifest, clinical=args.clinical, out_csv=args.out,
-                          write_attention_maps=not args.no_attention)
+                          write_attention_maps=not args.no_attention, encoder_name=args.encoder)
     if not args.quiet:
         print(table.to_string(index=False) if args.out is None else f"{len(table)} patients -> {args.out}")
     return 0

@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="probability of hiding a training patient's clinical data (fusion, concat, clinical)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-attention", action="store_true", help="do not write the MIL attention maps into the stores")
+    p.add_argument("--encoder", default=None,
+                   help="read the embeddings of this encoder (wsi-cmaf embed) from each store folder's encoders/<name>")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = SlideTrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                            modality_dropout=args.modality_dropout, seed=args.seed)
     metrics = train_slide(args.manifest, args.out, kind=args.kind, clinical=args.clinical, schema=args.schema,
-                          config=cfg, write_attention_maps=not args.no_attention)
+                          config=cfg, write_attention_maps=not args.no_attention, encoder_name=args.encoder)
     if not args.quiet:
         print(json.dumps(metrics, indent=2))
     return 0

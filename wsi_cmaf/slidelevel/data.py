@@ -1,7 +1,9 @@
 """Manifests of stores -> one bag of tile embeddings per patient, with labels and clinical rows.
 
-Manifest CSV columns: ``store`` (path of a heatmap store made with embeddings; relative paths are
-relative to the manifest), ``label`` (0/1; empty for unlabelled slides at prediction time), and
+Manifest CSV columns: ``store`` (path of a heatmap store made with embeddings, or of a slide's
+store folder together with an encoder; relative paths are relative to the manifest), optionally
+``encoder`` (the stored encoder to read, ``<store>/encoders/<name>``; ``--encoder`` sets it for
+every row), ``label`` (0/1; empty for unlabelled slides at prediction time), and
 optionally ``patient`` (slides of one patient are pooled into one bag; default: one patient per
 row) and ``split`` (``train``/``test``; default: all ``train``). Clinical CSV: one row per patient,
 a ``patient`` column and the schema's variables.
@@ -55,8 +57,19 @@ class PatientData:
                            [self.refs[i] for i in idx] if self.refs else [])
 
 
-def read_manifest(path: str | Path) -> pd.DataFrame:
-    """The manifest with absolute store paths and ``patient``/``split`` filled in."""
+def slide_stem(store: str | Path) -> str:
+    """The slide name of a store path: ``s.zarr`` and ``s.zarr/encoders/<name>`` both give ``s``."""
+    p = Path(store)
+    if p.parent.name == "encoders" and p.parent.parent.name:
+        p = p.parent.parent
+    return p.stem
+
+
+def read_manifest(path: str | Path, encoder: str | None = None) -> pd.DataFrame:
+    """The manifest with absolute store paths and ``patient``/``split`` filled in.
+
+    ``encoder`` (or an ``encoder`` column) points each row at that encoder's embedding store
+    inside its slide's store folder (see :func:`wsi_cmaf.encoders.embed.find_encoder_store`)."""
     path = Path(path)
     try:
         df = pd.read_csv(path, dtype={"patient": str, "split": str})
@@ -66,8 +79,18 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         raise ManifestError(f"{path}: a slide manifest needs a 'store' column (and 'label' for training)")
     df = df.copy()
     df["store"] = [str(p if Path(p).is_absolute() else (path.parent / p)) for p in df["store"].astype(str)]
-    if "patient" not in df:
-        df["patient"] = [Path(s).stem for s in df["store"]]
+    if "patient" not in df:  # named after the slide, not after an encoder's sub-store
+        df["patient"] = [slide_stem(s) for s in df["store"]]
+    if encoder is not None or "encoder" in df:
+        from wsi_cmaf.encoders.embed import find_encoder_store
+        from wsi_cmaf.errors import OutputError
+
+        names = [encoder] * len(df) if encoder is not None else df["encoder"].tolist()
+        try:
+            df["store"] = [str(find_encoder_store(s, None if pd.isna(n) or n == "" else str(n)))
+                           for s, n in zip(df["store"], names)]
+        except OutputError as exc:
+            raise ManifestError(f"{path}: {exc}") from exc
     if "split" not in df:
         df["split"] = "train"
     if "label" not in df:
@@ -88,6 +111,18 @@ def read_clinical(path: str | Path) -> pd.DataFrame:
         dup = df.loc[df["patient"].duplicated(), "patient"].iloc[0]
         raise ManifestError(f"{path}: patient {dup!r} appears more than once; one row per patient")
     return df.set_index("patient")
+
+
+def embedding_sources(manifest: pd.DataFrame) -> list[dict]:
+    """The distinct models/encoders (name and weights SHA-256) whose embeddings the stores hold."""
+    from wsi_cmaf.output.store import HeatmapStore
+
+    seen: dict[tuple, dict] = {}
+    for store in dict.fromkeys(manifest["store"]):
+        st = HeatmapStore.open(store)
+        key = (st.identity.get("model"), st.identity.get("weights_sha256"))
+        seen.setdefault(key, {"model": key[0], "weights_sha256": key[1], "dim": st.embedding_dim})
+    return list(seen.values())
 
 
 def load_patients(manifest: pd.DataFrame) -> PatientData:

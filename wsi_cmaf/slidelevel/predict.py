@@ -19,7 +19,8 @@ import pandas as pd
 from wsi_cmaf.errors import DataError
 from wsi_cmaf.slidelevel.bags import write_attention_map
 from wsi_cmaf.slidelevel.clinical import ClinicalEncoder, ClinicalSchema
-from wsi_cmaf.slidelevel.data import PatientData, attach_clinical, load_patients, read_clinical, read_manifest
+from wsi_cmaf.slidelevel.data import (PatientData, attach_clinical, embedding_sources, load_patients, read_clinical,
+                                      read_manifest)
 from wsi_cmaf.slidelevel.train import (SlideTrainConfig, fit_slide_model, load_slide_model, predict_patients,
                                        save_slide_model)
 
@@ -65,7 +66,7 @@ def write_attention(data: PatientData, attention: list[np.ndarray] | None, model
 
 def train_slide(manifest: str | Path, out: str | Path, *, kind: str | None = None, clinical: str | Path | None = None,
                 schema: str | Path | None = None, config: SlideTrainConfig | None = None,
-                write_attention_maps: bool = True) -> dict[str, Any]:
+                write_attention_maps: bool = True, encoder_name: str | None = None) -> dict[str, Any]:
     """Train on the manifest's ``split == "train"`` patients, save the model into ``out``, predict every
     patient (``out/predictions.csv``, attention maps in the stores) and return the metrics
     (also ``out/metrics.json``: AUROC on train and, when present, test patients)."""
@@ -73,7 +74,9 @@ def train_slide(manifest: str | Path, out: str | Path, *, kind: str | None = Non
     kind = kind or ("fusion" if clinical is not None else "image")
     if (clinical is None) != (schema is None):
         raise DataError("give both the clinical table (--clinical) and its schema (--schema), or neither")
-    data = load_patients(read_manifest(manifest))
+    rows = read_manifest(manifest, encoder_name)
+    sources = embedding_sources(rows)
+    data = load_patients(rows)
     encoder = None
     if clinical is not None:
         table = read_clinical(clinical)
@@ -84,7 +87,7 @@ def train_slide(manifest: str | Path, out: str | Path, *, kind: str | None = Non
     groups = [(g.start, g.stop) for _, g in encoder.groups] if encoder is not None else None
     model = fit_slide_model(kind, data.subset(np.flatnonzero(is_train)), cfg, groups)
     out = Path(out)
-    save_slide_model(out, model, encoder, cfg, {"trained_on": str(Path(manifest).resolve())})
+    save_slide_model(out, model, encoder, cfg, {"trained_on": str(Path(manifest).resolve()), "embeddings": sources})
     pred = predict_patients(model, data)
     table_out = prediction_table(kind, data, pred)
     table_out.to_csv(out / "predictions.csv", index=False)
@@ -100,14 +103,17 @@ def train_slide(manifest: str | Path, out: str | Path, *, kind: str | None = Non
 
 
 def predict_slide(model_dir: str | Path, manifest: str | Path, *, clinical: str | Path | None = None,
-                  out_csv: str | Path | None = None, write_attention_maps: bool = True) -> pd.DataFrame:
+                  out_csv: str | Path | None = None, write_attention_maps: bool = True,
+                  encoder_name: str | None = None) -> pd.DataFrame:
     """Predict every patient of ``manifest`` with the saved slide model in ``model_dir``.
 
     Patients without clinical data (no table, no row, or every value missing) get the image-only
     prediction and ``modality == "image-only"``.
     """
-    model, encoder, _ = load_slide_model(model_dir)
-    data = load_patients(read_manifest(manifest))
+    model, encoder, doc = load_slide_model(model_dir)
+    rows = read_manifest(manifest, encoder_name)
+    _check_sources(doc.get("embeddings"), embedding_sources(rows), model_dir)
+    data = load_patients(rows)
     if encoder is not None:
         attach_clinical(data, read_clinical(clinical) if clinical is not None else None, encoder)
     pred = predict_patients(model, data)
@@ -118,3 +124,17 @@ def predict_slide(model_dir: str | Path, manifest: str | Path, *, clinical: str 
         Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(out_csv, index=False)
     return table
+
+
+def _check_sources(trained: list[dict] | None, given: list[dict], model_dir: str | Path) -> None:
+    """A slide model only reads embeddings of the models/encoders (same weights) it was trained on:
+    another encoder of the same width would give plausible-looking but meaningless predictions."""
+    if not trained:  # a model saved before sources were recorded
+        return
+    known = {(t["model"], t["weights_sha256"]) for t in trained}
+    other = [g for g in given if (g["model"], g["weights_sha256"]) not in known]
+    if other:
+        names = ", ".join(f"{t['model']} ({str(t['weights_sha256'])[:12]})" for t in trained)
+        got = ", ".join(f"{g['model']} ({str(g['weights_sha256'])[:12]})" for g in other)
+        raise DataError(f"the slide model {model_dir} was trained on embeddings of {names}; these stores hold "
+                        f"{got}: embed the slides with the same encoder and weights (or pass --encoder)")
