@@ -13,7 +13,8 @@ memory does not grow with the slide. On CPU ``submit`` computes before it return
 still overlaps Zarr writes with the next block's compute.
 
 Errors: undecodable tiles of a block are left out of the batch and written as failed tiles with
-the rest of their block (:class:`~wsi_cmaf.infer.tasks.PartialBlock`); a read failure of another
+the rest of their block (:class:`~wsi_cmaf.infer.tasks.PartialBlock`), and so are tiles whose model
+output was NaN/Inf (the runner returns their rows as NaN); a read failure of another
 kind becomes a failed block (recorded by the writer, the slide goes on); an exception of the
 model stops the loop after marking that block failed; a write error stops the loop at the next
 hand-over. In every case the writer first drains what was already handed to it
@@ -238,7 +239,8 @@ def stream_blocks(
     finally:
         writer.close()
     writer.raise_error()
-    logger.debug("stream: %d blocks written, writer waited %.2fs for the device", writer.written, writer.wait_s)
+    logger.debug("stream: %d blocks written (%d tiles with non-finite model output), writer waited %.2fs for "
+                 "the device", writer.written, writer.nonfinite, writer.wait_s)
     return n_failed
 
 
