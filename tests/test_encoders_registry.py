@@ -230,3 +230,15 @@ def test_a_file_backed_encoder_pickles_as_its_path_and_hash(tmp_path):
         pickle.loads(blob)
     random = random_encoder(spec)
     assert len(pickle.dumps(random)) > 100_000  # random weights travel as tensors
+
+
+def test_a_non_finite_embedding_is_a_nan_coverage_logit():
+    spec = small_spec("phikon", 32)
+    enc = random_encoder(spec)
+    feats = torch.randn(3, 64)
+    feats[1, 5] = float("nan")
+    feats[2, 0] = float("inf")
+    logit = enc.forward_head(feats)
+    assert logit.shape == (3, 1) and logit[0, 0] == 0
+    assert torch.isnan(logit[1:]).all()
+    assert torch.softmax(logit, dim=1)[0, 0] == 1.0 and torch.isnan(torch.softmax(logit, dim=1)[1:]).all()

@@ -49,10 +49,12 @@ class EncoderModule(nn.Module):
         return torch.cat([cls, tokens[:, self.num_prefix_tokens:].mean(dim=1)], dim=-1)
 
     def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """``feats`` itself with ``pre_logits``; else one zero logit per tile (softmax: 1.0)."""
+        """``feats`` itself with ``pre_logits``; else one logit per tile that is 0 (softmax: 1.0)
+        when its embedding is finite and NaN when it is not, so a NaN/Inf embedding shows as a hole
+        in the coverage map and in the engine's non-finite checks instead of passing as covered."""
         if pre_logits:
             return feats
-        return feats.new_zeros((feats.shape[0], 1))
+        return (feats.float() * 0).sum(dim=1, keepdim=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
