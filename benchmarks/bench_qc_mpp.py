@@ -40,10 +40,11 @@ def main() -> None:
         with open_slide(SLIDES / name) as r:
             cases.append((name, SLIDES / name, r.mpp[0]))
     with tempfile.TemporaryDirectory() as tmp:
-        for factor in (2, 4):
-            out = Path(tmp) / f"cmu_x{factor}.tiff"
-            cases.append((f"cmu_small_region.svs resampled /{factor}, no metadata", out,
-                          resampled_copy(SLIDES / "cmu_small_region.svs", factor, out)))
+        for name in ("cmu_small_region.svs", "cmu_small_region_pyramid_3level.tiff"):
+            for factor in (2, 4):
+                out = Path(tmp) / f"{Path(name).stem}_x{factor}.tiff"
+                cases.append((f"{name} resampled /{factor}, no metadata", out,
+                              resampled_copy(SLIDES / name, factor, out)))
         for name in ("tcga-cr-7395-01a-01-ts1.svs", "small_dicom.dcm"):
             cases.append((name, SLIDES / name, None))
         print("| slide | true µm/px | estimate | interval | error | nuclei / tiles | seconds |")

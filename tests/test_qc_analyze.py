@@ -124,3 +124,15 @@ def test_mpp_check_warns_on_a_wrong_label(real_slide, tmp_path: Path) -> None:
     assert main(["qc", str(path), "--out", str(out), "--mpp", "0.25", "--mpp-check", "off", "-q"]) == 0
     report = json.loads((out / f"{path.stem}_qc.json").read_text())
     assert report["mpp_estimate"] is None and not any("differ by" in w for w in report["warnings"])
+
+
+@pytest.mark.realdata
+def test_resumed_run_keeps_the_ink_exclusion(real_slide, tmp_path: Path) -> None:
+    cfg = InferenceConfig(progress=False, overlay=False, geojson=False, tissue_threshold=0.25, mpp_check=False)
+    first = analyze_slide(real_slide("dicom"), out=tmp_path / "a", mpp=0.5, config=cfg)
+    assert first.qc["ink_fraction"] > 0.1 and first.qc["ink_tiles"] > 0
+    again = analyze_slide(real_slide("dicom"), out=tmp_path / "a", mpp=0.5, config=cfg)  # inputs from the store
+    assert again.blocks_skipped == again.blocks_total
+    assert again.tiles_tissue == first.tiles_tissue
+    assert again.qc["ink_fraction"] == first.qc["ink_fraction"]
+    assert again.qc["ink_tiles"] == first.qc["ink_tiles"]

@@ -20,7 +20,7 @@ from wsi_cmaf.infer.modelspec import ResolvedModel, config_identity
 from wsi_cmaf.output._json import jsonable
 from wsi_cmaf.output.store import HeatmapStore, read_store_meta
 from wsi_cmaf.slide.faults import TileFailure
-from wsi_cmaf.slide.grid import GridConfig, TileGrid
+from wsi_cmaf.slide.grid import GridConfig, TileGrid, level0_grid_config, mask_tile_fractions
 from wsi_cmaf.slide.tissue import TissueConfig, TissueMask
 from wsi_cmaf.stain import MacenkoNormalizer, StainFit
 
@@ -72,11 +72,18 @@ def load_inputs(path: Path, identity: dict[str, Any], reader: Any, grid_config: 
     failures = tuple(TileFailure(int(f["level"]), tuple(f["location"]), tuple(f["size"]), tuple(f["level_box"]),
                                  str(f["reason"])) for f in facts.get("failed_tiles", []))
     threshold = facts.get("threshold")
-    tissue = TissueMask(mask, mpp, float("nan") if threshold is None else float(threshold), failed_tiles=failures)
     level = reader.level_for_mpp(grid_config.mpp, grid_config.mpp_tolerance)
     w0, h0 = reader.level_dimensions[0]
+    # the marker ink the first run cut out: the same tiles stay out, the same ink area is reported
+    ink = np.asarray(store._meta_group["ink_mask"][...], bool) if "ink_mask" in store._meta_group else None
+    ink_fraction = None
+    if ink is not None:
+        cfg = level0_grid_config(grid_config, reader.mpp) if grid_config.source == "level0" else grid_config
+        ink_fraction = mask_tile_fractions(ink, mpp, (int(w0), int(h0)), tuple(reader.mpp), cfg, fraction.shape)
+    tissue = TissueMask(mask, mpp, float("nan") if threshold is None else float(threshold), failed_tiles=failures,
+                        ink=ink)
     grid = TileGrid(grid_config, level, float(reader.level_downsamples[level]),
-                    (float(reader.mpp[0]), float(reader.mpp[1])), (int(w0), int(h0)), fraction)
+                    (float(reader.mpp[0]), float(reader.mpp[1])), (int(w0), int(h0)), fraction, ink_fraction)
     if grid.shape != tuple(identity["grid"]["shape"]):  # cannot happen for a store we wrote
         logger.warning("%s: stored grid has shape %s, expected %s; recomputing", path, grid.shape,
                        identity["grid"]["shape"])
@@ -93,6 +100,9 @@ def save_inputs(store: HeatmapStore, inputs: RunInputs) -> None:
     store.write_tissue(grid.tissue, grid.tissue_fraction)
     store.write_inside_fraction(grid.inside_fraction)
     store.write_tissue_mask(mask.mask, mask.mpp)
+    if mask.ink is not None:  # for resumed runs (the tissue mask above has the ink cut out)
+        store._put_meta_array("ink_mask", np.asarray(mask.ink, bool), None, {"mpp": float(mask.mpp)},
+                              dims=("mask_y", "mask_x"))
     if inputs.background is not None:
         store.write_background(inputs.background)
     threshold = float(mask.threshold) if np.isfinite(mask.threshold) else None  # JSON has no NaN

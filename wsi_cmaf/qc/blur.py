@@ -11,10 +11,10 @@ It is measured on a window of :data:`WINDOW_PX` px at the centre of each tissue 
 :data:`TARGET_MPP` µm/px (level 0 box-reduced when the slide is finer), so the threshold means
 the same on 20x and 40x scans. Focus changes over hundreds of µm, so one window speaks for its tile.
 
-:data:`BLUR_THRESHOLD` was calibrated on the real slides (``benchmarks/README.md``): in-focus
-64 µm tissue tiles of the CMU, TCGA and DICOM slides have 5th percentiles of 3.35, 0.81 and 1.92
-(one TCGA tile of 1,970 reaches 0.38), the CMU pixels blurred with σ = 2 px measure 0.22-0.25 and
-with σ = 3 px 0.18-0.20.
+:data:`BLUR_THRESHOLD` was calibrated on the real slides (``benchmarks/bench_qc_blur.py``, table in
+``benchmarks/README.md``): on 64 µm tissue tiles of the CMU, TCGA and DICOM slides the 5th
+percentiles are 1.95, 0.80 and 1.88 (one TCGA tile of 1,968 reaches 0.44), while the CMU pixels
+blurred with σ = 2 px measure 0.23-0.26 and with σ = 3 px 0.18-0.22.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ BLUR_THRESHOLD = 0.45
 #: µm/px the ratio is measured at (or level 0 when that is coarser)
 TARGET_MPP = 0.5
 #: side of the measured window in px at that resolution
-WINDOW_PX = 128
+WINDOW_PX = 64
 #: least share of stained pixels a window needs to be judged
 MIN_WINDOW_TISSUE = 0.3
 _H_FROM_OD = np.ascontiguousarray(hed_from_rgb[:, 0], dtype=np.float32)

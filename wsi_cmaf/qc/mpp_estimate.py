@@ -59,7 +59,7 @@ MIN_NUCLEI = 50
 #: below this many nucleus-like objects an estimate is reported as low-confidence
 CONFIDENT_NUCLEI = 200
 #: metadata and estimate further apart than this factor are reported as disagreeing. The worst
-#: error measured on the real slides and their resampled copies is 1.13x (benchmarks/README.md)
+#: error measured on the real slides and their resampled copies is 1.14x (benchmarks/README.md)
 #: and the reference may be 1.2x off for another tissue; a 20x/40x mix-up is 2x. 1.6 flags a 2x
 #: error even when the estimate errs 25 % towards the metadata, and a correct label only when the
 #: estimate errs by 60 %, five times the worst error measured.

@@ -137,6 +137,19 @@ def _target_extent(level0_size: tuple[int, int], slide_mpp: tuple[float, float],
     return level0_size[0] * slide_mpp[0] / config.mpp, level0_size[1] * slide_mpp[1] / config.mpp
 
 
+def mask_tile_fractions(mask: np.ndarray, mask_mpp: float, level0_size: tuple[int, int],
+                        slide_mpp: tuple[float, float], config: GridConfig, shape: tuple[int, int]) -> np.ndarray:
+    """Share (float32, ``shape``) of each grid tile's area inside the slide that a slide-level mask
+    (isotropic pixels of ``mask_mpp`` µm from the slide's corner) covers."""
+    f = tissue_fractions(np.asarray(mask, dtype=bool), (mask_mpp, mask_mpp), config.mpp,
+                         config.tile_size, config.step, shape)
+    # a partial edge tile's tissue is measured over its inside area (the padding is not slide)
+    ex, ey = _target_extent(level0_size, slide_mpp, config)
+    inside = np.outer(inside_fractions(shape[0], ey, config.tile_size, config.step),
+                      inside_fractions(shape[1], ex, config.tile_size, config.step))
+    return np.where(inside > 0, np.minimum(f / np.maximum(inside, 1e-12), 1.0), 0.0).astype(np.float32)
+
+
 @dataclass
 class TileGrid:
     """Tiles at ``config.mpp`` over one slide; build with :meth:`from_slide`.
@@ -214,19 +227,9 @@ class TileGrid:
             fraction = np.ones(shape, dtype=np.float32)
         else:
             m = float(tissue_mask.mpp)
-            # a partial edge tile's tissue is measured over its inside area (the padding is not slide)
-            ex, ey = _target_extent((w0, h0), (mx, my), config)
-            inside = np.outer(inside_fractions(shape[0], ey, config.tile_size, config.step),
-                              inside_fractions(shape[1], ex, config.tile_size, config.step))
-
-            def per_tile(mask: np.ndarray) -> np.ndarray:
-                f = tissue_fractions(np.asarray(mask, dtype=bool), (m, m), config.mpp,
-                                     config.tile_size, config.step, shape)
-                return np.where(inside > 0, np.minimum(f / np.maximum(inside, 1e-12), 1.0), 0.0).astype(np.float32)
-
-            fraction = per_tile(tissue_mask.mask)
+            fraction = mask_tile_fractions(tissue_mask.mask, m, (w0, h0), (mx, my), config, shape)
             if getattr(tissue_mask, "ink", None) is not None:
-                ink = per_tile(tissue_mask.ink)
+                ink = mask_tile_fractions(tissue_mask.ink, m, (w0, h0), (mx, my), config, shape)
         grid = cls(config, level, float(reader.level_downsamples[level]), (float(mx), float(my)),
                    (int(w0), int(h0)), fraction, ink)
         logger.info("grid %dx%d tiles at %.3g µm/px (level %d, %s), %d tissue tiles in %d blocks",
