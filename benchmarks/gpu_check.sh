@@ -159,8 +159,8 @@ else
            tests/test_train_host_copies.py tests/test_runner_device_faults.py"
     T8_BATCH=""; LOOP_BATCH=""
 fi
-WORK=/tmp/wsi_cmaf_bench
-BWORK=/tmp/wsi_cmaf_gpu_batch
+WORK=${BENCH_WORK:-/tmp/wsi_cmaf_bench}
+BWORK=${BATCH_WORK:-/tmp/wsi_cmaf_gpu_batch}
 
 # --- 1. background: slide writers and the compile warm-up (untimed) --------------------------
 run_stage prepare 200 0 "wsi_cmaf tifffile imagecodecs" 0 -- bash -c "

@@ -72,7 +72,8 @@ awk -v t="$TOTAL" -v c="$CARRY_MIB" 'BEGIN {exit !(t < c)}' || { echo "REHEARSAL
 
 RES=$WORK/out
 (cd "$WORK/clone" && env -u PYTHONPATH PYTHON="$VENV/bin/python" WHEELS="$WHEEL_CACHE" SITE="$WORK/site" \
-    OUT="$RES" QUICK=1 CAP="${CAP:-1800}" SLOT_SCALE="${SLOT_SCALE:-5}" TORCHINDUCTOR_CACHE_DIR="$WORK/inductor" bash benchmarks/gpu_check.sh)
+    OUT="$RES" QUICK=1 CAP="${CAP:-1800}" SLOT_SCALE="${SLOT_SCALE:-5}" TORCHINDUCTOR_CACHE_DIR="$WORK/inductor" \
+    BENCH_WORK="$WORK/slides" BATCH_WORK="$WORK/batch_slides" bash benchmarks/gpu_check.sh)
 
 "$VENV/bin/python" - "$RES/stages.jsonl" <<'EOF'
 import json, sys
