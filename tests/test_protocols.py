@@ -159,6 +159,8 @@ def test_efficiency_on_tiny_models(tmp_path):
     assert (table["peak_memory_MiB"] > 0).all()  # each model measured from a clean baseline
     assert "timm:resnet18" in md and (tmp_path / "results.csv").is_file()
     assert (tmp_path / "table8_efficiency.png").is_file()
+    prov = json.loads((tmp_path / "results.json").read_text())["provenance"]
+    assert len(prov["commit"]) == 40 and prov["device"].startswith("cpu") and prov["torch"] and prov["timm"]
     with pytest.raises(ConfigError):
         EfficiencyConfig(models=["cmaf_net"], batch_size=0).validate()
 
@@ -180,6 +182,8 @@ def test_protocol_trains_writes_tables_and_resumes(tmp_path, monkeypatch):
     assert [c[1] for c in calls] == [False, False] and len(rows) == 2
     for name in ("results.csv", "results.md", "results_per_seed.csv", "fig3_imbalance.png", "protocol.json"):
         assert (out / name).is_file(), name
+    prov = json.loads((out / "protocol.json").read_text())["provenance"]
+    assert set(prov) >= {"commit", "dirty", "python", "torch", "timm", "numpy", "device", "command"}
     table = pd.read_csv(out / "results.csv")
     assert list(table["loss"]) == ["cross_entropy", "focal"] and set(table["n_seeds"]) == {1}
     assert table["test_sensitivity_mean"].between(0, 1).all()
