@@ -8,7 +8,8 @@ in [0, 1). Marker inks sit elsewhere:
   glass is unsaturated);
 - black marker: value < 0.30 without the hue and saturation of dense haematoxylin (the darkest
   H&E, e.g. epidermis at 8 µm/px, reaches value 0.15 but stays purple and saturated); values
-  below the tissue stage's ``min_value`` are missing scanner tiles, not ink;
+  below the tissue stage's ``min_value`` are missing scanner tiles, not ink, and so is the grey
+  rim (within 3 px) of a pure-black gap;
 - red marker: hue within 0.03 of red with saturation ≥ 0.85 (eosin and blood are pinker or
   paler; on the real slides here no tissue pixel reaches it).
 
@@ -31,6 +32,8 @@ BLACK_MAX_VALUE = 0.30
 HEMATOXYLIN_MIN_SATURATION = 0.25
 RED_HUE_HALF_WIDTH = 0.03
 RED_MIN_SATURATION = 0.85
+#: value below which a pixel is a scanner gap (missing tile, pure black), not marker
+SCANNER_GAP_VALUE = 0.03
 #: saturation above which a green/cyan pixel is ink rather than glass
 GREEN_MIN_SATURATION = 0.05
 
@@ -47,6 +50,9 @@ def ink_colours(hue: np.ndarray, sat: np.ndarray, val: np.ndarray, min_value: fl
     blue = (hue > _u8(BLUE_HUE[0])) & (hue <= _u8(BLUE_HUE[1])) & (sat >= _u8(BLUE_MIN_SATURATION))
     hema_like = ((hue >= _u8(BLUE_HUE[1])) | (hue <= _u8(0.05))) & (sat >= _u8(HEMATOXYLIN_MIN_SATURATION))
     black = (val < _u8(BLACK_MAX_VALUE)) & ~hema_like & ~green & ~blue
+    gap = val < _u8(SCANNER_GAP_VALUE)
+    if gap.any():  # the grey rim of a missing (pure black) scanner tile is not a pen stroke
+        black &= ~ndi.binary_dilation(gap, iterations=3)
     red = ((hue <= _u8(RED_HUE_HALF_WIDTH)) | (hue >= _u8(1.0 - RED_HUE_HALF_WIDTH))) & (sat >= _u8(RED_MIN_SATURATION))
     return {name: m & bright for name, m in (("green", green), ("blue", blue), ("black", black), ("red", red))}
 
