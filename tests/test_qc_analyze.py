@@ -136,3 +136,10 @@ def test_resumed_run_keeps_the_ink_exclusion(real_slide, tmp_path: Path) -> None
     assert again.tiles_tissue == first.tiles_tissue
     assert again.qc["ink_fraction"] == first.qc["ink_fraction"]
     assert again.qc["ink_tiles"] == first.qc["ink_tiles"]
+
+
+@pytest.mark.realdata
+def test_tiles_verb_takes_an_estimated_mpp(real_slide, capsys) -> None:
+    assert main(["tiles", str(real_slide("svs")), "--slide-mpp", "estimate"]) == 0
+    out = capsys.readouterr().out
+    assert "estimated from nuclei" in out and "marker ink: " in out

@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from wsi_cmaf.cli.qc import mpp_value
+
 VERB = "tiles"
 HELP = "show the tissue tile grid of a slide (tiles, blocks, level) and optionally save a preview PNG"
 
@@ -20,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=None, help="px between tile origins (default: --size)")
     p.add_argument("--threshold", type=float, default=0.5, help="min tissue fraction of a tile (default 0.5)")
     p.add_argument("--block-tiles", type=int, default=32, help="tiles per block side (default 32)")
-    p.add_argument("--slide-mpp", type=float, default=None, help="override the slide's level-0 µm/px")
+    p.add_argument("--slide-mpp", type=mpp_value, default=None,
+                   help="override the slide's level-0 µm/px, or 'estimate' to measure it from the nuclei")
     p.add_argument("--backend", default="auto", help="auto | openslide | tiffslide | wsidicom")
     p.add_argument("--preview", type=Path, default=None, help="write a PNG: tissue mask and grid over the thumbnail")
 
@@ -79,12 +82,14 @@ def run(args: argparse.Namespace) -> int:
         tissue = detect_tissue(reader)
         grid = TileGrid.from_slide(reader, config, tissue)
         n_rows, n_cols = grid.shape
-        print(f"slide: {reader.path} ({reader.backend}, level-0 {reader.mpp[0]:.4g} µm/px)")
+        print(f"slide: {reader.path} ({reader.backend}, level-0 {reader.mpp[0]:.4g} µm/px, {reader.mpp_source})")
         print(f"level: {grid.level} (downsample {grid.level_downsample:g}, "
               f"{'crop' if grid.exact else 'read + resize'})")
         print(f"grid: {n_rows} x {n_cols} tiles of {config.tile_size} px at {config.mpp:g} µm/px, "
               f"stride {config.step} px (partial edge tiles dropped)")
         print(f"tissue tiles: {grid.n_tissue} of {n_rows * n_cols} (tissue {tissue.fraction():.1%} of slide)")
+        print(f"marker ink: {tissue.ink_fraction():.1%} of tissue + ink, {int(grid.ink_tiles.sum())} mostly-ink tiles "
+              "left out")
         print(f"blocks: {len(grid.blocks)} with tissue of {grid.n_block_rows * grid.n_block_cols} "
               f"({config.block_tiles} x {config.block_tiles} tiles each)")
         if args.preview is not None:
