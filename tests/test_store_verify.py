@@ -55,6 +55,11 @@ def test_manifest_rows_pin_what_was_written(slide, tmp_path) -> None:
     report = verify_store(store.path, deep=True)
     assert report.ok and report.blocks_done == int(store.done.sum()) and "whole" in report.lines()[0]
     assert main(["verify", str(store.path)]) == 0
+    from wsi_cmaf.output.store_lock import acquire_store_lock
+
+    with acquire_store_lock(store.path):  # a run writing the store now is named
+        assert f"pid {__import__('os').getpid()}" in verify_store(store.path).lines()[-1]
+    assert len(verify_store(store.path).lines()) == 1
 
 
 def test_deleted_chunk_is_reported_and_recomputed_on_resume(slide, tmp_path, capsys) -> None:

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     lines = report.lines()
     if report.ok:
         if not args.quiet:
-            print(lines[0])
+            print("\n".join(lines))
         return 0
     print("\n".join(lines))
     return 1

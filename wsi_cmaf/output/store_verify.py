@@ -61,6 +61,8 @@ class VerifyReport:
     blocks_failed: int
     finalized: bool
     problems: list[BlockProblem] = field(default_factory=list)
+    #: the lock record of a run writing the store right now ({} when none): its blocks may change
+    writer: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -72,10 +74,12 @@ class VerifyReport:
         how = "data reread" if self.deep else "chunk keys and sizes"
         head = (f"{self.path}: {self.blocks_done}/{self.blocks_total} blocks done, {self.blocks_failed} failed, "
                 f"{'finalized' if self.finalized else 'not finalized'}; checked {how}: ")
+        busy = ([f"  note: pid {self.writer.get('pid')} on {self.writer.get('host')} is writing this store now; "
+                 "a block it is rewriting can look damaged until it is done"] if self.writer else [])
         if self.ok:
-            return [head + "whole"]
+            return [head + "whole", *busy]
         return [head + f"{len(self.problems)} damaged block(s) (rerun the same analysis to recompute them)",
-                *(f"  {p}" for p in self.problems)]
+                *(f"  {p}" for p in self.problems), *busy]
 
 
 class BlockManifestMixin:
@@ -236,8 +240,10 @@ def verify_store(path: str | Path, deep: bool = False) -> VerifyReport:
     The default lists chunk files and compares sizes; ``deep`` rereads every done block.
     """
     from wsi_cmaf.output.store import HeatmapStore
+    from wsi_cmaf.output.store_lock import read_lock_record
 
     store = HeatmapStore.open(path, "r")
     return VerifyReport(path=store.path, deep=deep, blocks_total=int(store.done.size),
                         blocks_done=int(store.done.sum()), blocks_failed=int((store.failed & ~store.done).sum()),
-                        finalized=store.finalized, problems=store.check_blocks(deep=deep))
+                        finalized=store.finalized, problems=store.check_blocks(deep=deep),
+                        writer=read_lock_record(store.path))
