@@ -24,12 +24,16 @@ SLIDES = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().pa
 
 
 def resampled_copy(src: Path, factor: int, out: Path) -> float:
-    """Level 0 of ``src`` reduced by ``factor`` (box average) as a metadata-free TIFF; returns its true µm/px."""
+    """Level 0 of ``src`` reduced by ``factor`` (box average; a negative one enlarges) as a metadata-free TIFF;
+    returns its true µm/px."""
     with open_slide(src) as r:
         w, h = r.level_dimensions[0]
         rgb = r.read_region((0, 0), 0, (w, h))
         mpp = r.mpp[0]
-    small = np.asarray(Image.fromarray(rgb).reduce(factor))
+    if factor > 0:
+        small = np.asarray(Image.fromarray(rgb).reduce(factor))
+    else:  # a negative factor enlarges: -2 doubles the size (Lanczos), like a 40x scan of a 20x one
+        small = np.asarray(Image.fromarray(rgb).resize((w * -factor, h * -factor), Image.Resampling.LANCZOS))
     tifffile.imwrite(out, small, tile=(256, 256), photometric="rgb", compression="zlib")
     return mpp * w / small.shape[1]
 
@@ -45,6 +49,9 @@ def main() -> None:
                 out = Path(tmp) / f"{Path(name).stem}_x{factor}.tiff"
                 cases.append((f"{name} resampled /{factor}, no metadata", out,
                               resampled_copy(SLIDES / name, factor, out)))
+        out = Path(tmp) / "cmu_up2.tiff"
+        cases.append(("cmu_small_region.svs enlarged x2 (Lanczos), no metadata", out,
+                      resampled_copy(SLIDES / "cmu_small_region.svs", -2, out)))
         for name in ("tcga-cr-7395-01a-01-ts1.svs", "small_dicom.dcm"):
             cases.append((name, SLIDES / name, None))
         print("| slide | true µm/px | estimate | interval | error | nuclei / tiles | seconds |")
