@@ -3,6 +3,8 @@ cheap check (chunk files and their sizes), ``--deep`` rereads, and resume recomp
 
 from __future__ import annotations
 
+import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +52,7 @@ def test_manifest_rows_pin_what_was_written(slide, tmp_path) -> None:
     rs, cs = store.block_slices((by, bx))
     level0 = store.probabilities(0)[:, rs, cs]
     assert row[1] == int(np.isfinite(level0[0]).sum()) == int(store.tissue()[rs, cs].sum())
-    assert row[3] == (__import__("zlib").crc32(np.ascontiguousarray(level0).tobytes()) & 0xFFFFFFFF)
+    assert row[3] == (zlib.crc32(np.ascontiguousarray(level0).tobytes()) & 0xFFFFFFFF)
     assert row[4] == (store.path / f"0/c/0/{by}/{bx}").stat().st_size > 0
     report = verify_store(store.path, deep=True)
     assert report.ok and report.blocks_done == int(store.done.sum()) and "whole" in report.lines()[0]
@@ -58,7 +60,7 @@ def test_manifest_rows_pin_what_was_written(slide, tmp_path) -> None:
     from wsi_cmaf.output.store_lock import acquire_store_lock
 
     with acquire_store_lock(store.path):  # a run writing the store now is named
-        assert f"pid {__import__('os').getpid()}" in verify_store(store.path).lines()[-1]
+        assert f"pid {os.getpid()}" in verify_store(store.path).lines()[-1]
     assert len(verify_store(store.path).lines()) == 1
 
 
