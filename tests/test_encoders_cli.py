@@ -39,7 +39,7 @@ def test_embed_one_slide_with_a_local_timm_checkpoint_and_exports(slide, tmp_pat
     torch.save(net.state_dict(), tmp_path / "tiny.pth")
     args = ["embed", str(slide.path), "--encoder", "timm:vit_tiny_patch16_224", "--weights", str(tmp_path / "tiny.pth"),
             "--input-size", "32", "--encoder-mpp", "4", "--out", str(tmp_path / "o"), "--export", "h5ad",
-            "--export", "h5", "--precision", "off", "-q"]
+            "--export", "h5", "--precision", "off"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "192-dim" in out and "tiny.pth" in out
@@ -53,6 +53,7 @@ def test_embed_one_slide_with_a_local_timm_checkpoint_and_exports(slide, tmp_pat
     assert (tmp_path / "o" / "c_timm_vit_tiny_patch16_224.h5ad").is_file()
     assert main(args) == 0  # resumed: nothing left to compute
     assert "0 blocks computed" in capsys.readouterr().out
+    assert main([*args, "-q"]) == 0 and capsys.readouterr().out == ""
 
 
 def test_embed_without_local_weights_or_with_an_unknown_encoder_fails_by_name(slide, tmp_path, capsys, monkeypatch):

@@ -60,13 +60,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = InferenceConfig(device=args.device, batch_size=args.batch_size, progress=not args.quiet and _single(args),
                           reader_threads=args.reader_threads or (2 if _single(args) else 1),
                           autocast=args.precision, compile=args.compile)
-    print(f"encoder {loaded.spec.name}: {loaded.dim}-dim, {loaded.spec.input_size} px at {loaded.spec.mpp} µm/px; "
+    say = (lambda *a: None) if args.quiet else print  # noqa: E731  (-q: errors only)
+    say(f"encoder {loaded.spec.name}: {loaded.dim}-dim, {loaded.spec.input_size} px at {loaded.spec.mpp} µm/px; "
           f"{loaded.note}; licence {loaded.spec.licence}")
     stores: list[Path] = []
     if _single(args):
         res = embed_slide(args.inputs[0], loaded, args.out, config=cfg, mpp=args.mpp)
         stores.append(Path(res.store))
-        print(f"{res.tiles_tissue} tiles embedded into {res.store} ({res.blocks_computed} blocks computed, "
+        say(f"{res.tiles_tissue} tiles embedded into {res.store} ({res.blocks_computed} blocks computed, "
               f"{res.blocks_skipped} resumed)")
         failed = 0
     else:
@@ -77,18 +78,18 @@ def run(args: argparse.Namespace) -> int:
                               cluster_kwargs=json.loads(args.cluster_options) if args.cluster_options else None,
                               progress=not args.quiet)
         for row in result.rows:
-            print(f"{str(row.get('key', ''))[:40]:<40} {row.get('status', ''):<8} {row.get('tissue_tiles', '')!s:>7}"
+            say(f"{str(row.get('key', ''))[:40]:<40} {row.get('status', ''):<8} {row.get('tissue_tiles', '')!s:>7}"
                   f"  {str(row.get('error', ''))[:100]}")
             if row.get("status") in ("done", "partial") and row.get("output"):
                 stores.append(Path(row["output"]))
         failed = result.counts.get("failed", 0)
-        print(f"{len(result.rows)} slides ({result.counts}); {result.skipped} skipped as already done; "
+        say(f"{len(result.rows)} slides ({result.counts}); {result.skipped} skipped as already done; "
               f"status table {result.status_path}")
-    _exports(stores, args)
+    _exports(stores, args, say)
     return 1 if failed else 0
 
 
-def _exports(stores: list[Path], args: argparse.Namespace) -> None:
+def _exports(stores: list[Path], args: argparse.Namespace, say) -> None:
     if not args.export:
         return
     from wsi_cmaf.encoders.embed import safe_name
@@ -99,9 +100,9 @@ def _exports(stores: list[Path], args: argparse.Namespace) -> None:
         stem = store.parent.parent.name.removesuffix(".zarr")
         base = slide_dir / f"{stem}_{safe_name(args.encoder)}"
         if "h5ad" in args.export:
-            print(f"wrote {export_anndata(store, base.with_suffix('.h5ad'))}")
+            say(f"wrote {export_anndata(store, base.with_suffix('.h5ad'))}")
         if "h5" in args.export:
-            print(f"wrote {export_h5(store, base.with_suffix('.h5'), name=stem)}")
+            say(f"wrote {export_h5(store, base.with_suffix('.h5'), name=stem)}")
 
 
 def add_encoder_options(p: argparse.ArgumentParser) -> None:
