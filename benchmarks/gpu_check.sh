@@ -163,7 +163,7 @@ WORK=${BENCH_WORK:-/tmp/wsi_cmaf_bench}
 BWORK=${BATCH_WORK:-/tmp/wsi_cmaf_gpu_batch}
 
 # --- 1. background: slide writers and the compile warm-up (untimed) --------------------------
-run_stage prepare 200 0 "wsi_cmaf tifffile imagecodecs" 0 -- bash -c "
+run_stage prepare 200 0 "wsi_cmaf.infer tifffile imagecodecs" 0 -- bash -c "
     $PY benchmarks/bench_pipeline.py --prepare-only --size $BIG --models resnet18@64 --workdir $WORK \
         --write-workers $NCPU --no-rss &&
     $PY benchmarks/gpu_loop.py batch --prepare-only --workdir $BWORK --size $BSIZE --distinct $BDISTINCT \
@@ -208,17 +208,17 @@ SLIDE=$(ls "$WORK"/pipeline_${BIG% *}x${BIG#* }_*.tiff 2>/dev/null | grep -v par
 if [ -z "$SLIDE" ]; then
     for s in loop_cmaf loop_resnet decode; do want $s && event $s skipped "no pipeline slide (stage prepare did not finish)"; done
 else
-    run_stage loop_cmaf 75 1 "wsi_cmaf zarr tiffslide distributed shapely" 0 -- $PY benchmarks/gpu_loop.py loop \
+    run_stage loop_cmaf 75 1 "wsi_cmaf.infer zarr tiffslide distributed shapely" 0 -- $PY benchmarks/gpu_loop.py loop \
         --model cmaf_net@224 --slide "$SLIDE" --repeats $REPEATS --model-only-s $MODEL_S --device $DEV \
         --precision $PREC --compile off --reader-threads 8 --prefetch 16 $LOOP_BATCH
-    run_stage loop_resnet 50 1 "wsi_cmaf zarr tiffslide distributed shapely" 0 -- $PY benchmarks/gpu_loop.py loop \
+    run_stage loop_resnet 50 1 "wsi_cmaf.infer zarr tiffslide distributed shapely" 0 -- $PY benchmarks/gpu_loop.py loop \
         --model resnet18@64 --slide "$SLIDE" --repeats $REPEATS --model-only-s $MODEL_S --device $DEV \
         --precision $PREC --compile off --reader-threads 8 --prefetch 16 --block-tiles 8 $LOOP_BATCH
     NVJ=""; [ "$CUDA" = 1 ] && grep -qx torchvision "$RES/imports_ok.txt" && NVJ="--nvjpeg"
     run_stage decode 40 1 "wsi_cmaf tiffslide dask" 0 -- $PY benchmarks/bench_decode.py --slide "$SLIDE" \
         --threads 8 --block-tiles 8 --repeats 3 $NVJ
 fi
-run_stage batch 110 1 "wsi_cmaf zarr tiffslide distributed shapely" 0 -- $PY benchmarks/gpu_loop.py batch \
+run_stage batch 110 1 "wsi_cmaf.cluster zarr tiffslide distributed shapely" 0 -- $PY benchmarks/gpu_loop.py batch \
     --workdir $BWORK --size $BSIZE --distinct $BDISTINCT --copies $BCOPIES --mpp 1.0 --slides-in-flight $INFLIGHT \
     --reader-threads 4 --model-only-s $MODEL_S --device $DEV --precision $PREC --compile off $LOOP_BATCH
 run_stage compile_first_block 60 1 "wsi_cmaf" 1 -- env TORCHINDUCTOR_CACHE_DIR="$RES/.cold_inductor" \

@@ -7,7 +7,8 @@
 #
 # 1. A venv ($REHEARSAL_VENV) holding python3 with torch, torchvision, timm, tifffile,
 #    scikit-image, matplotlib, safetensors, pandas, pytest, numpy and scipy (and what pip pulls
-#    in for those), nothing of the project's own dependencies.
+#    in for those), plus scikit-learn: the GPU image holds it (the device tool's KINDS.md lists
+#    it) and its 13 MB wheel would take the carry past 64 MiB; training imports it.
 # 2. The wheel list downloaded for this Python (the cp311 equivalents of the GPU's cp312 set) into
 #    $WHEEL_CACHE, installed by the check itself as on the GPU: --no-deps --target, PYTHONPATH.
 # 3. gpu_check.sh in QUICK mode on a fresh clone of HEAD (so untracked files cannot hide a gap),
@@ -38,12 +39,12 @@ if [ "${1:-}" = --gpu-wheels ]; then
     exit 0
 fi
 
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, torchvision, timm, skimage" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, torchvision, timm, skimage, sklearn" 2>/dev/null; then
     echo "building the GPU-like venv in $VENV"
     "$PYBASE" -m venv "$VENV" || exit 1
     # torch pinned in the same call, so timm and torchvision cannot pull another build
     "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 timm tifffile scikit-image matplotlib \
-        safetensors pandas pytest numpy scipy || exit 1
+        safetensors pandas pytest numpy scipy scikit-learn || exit 1
 fi
 # carried packages the base venv holds anyway (pulled in by torch, timm, pandas...): a gap in the
 # list would hide behind them, so they are named
