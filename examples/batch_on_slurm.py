@@ -2,7 +2,8 @@
 
     python examples/batch_on_slurm.py /archive/slides /scratch/results --jobs 4
 
-Each SLURM job runs one dask worker with one GPU; finished slides are skipped on a rerun.
+Each SLURM job runs one dask worker with one GPU; finished slides are skipped on a rerun. Jobs
+that end early are replaced; workers retire before the walltime (lifetime derived from it).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 import zarr
 
 from tests._models import DarknessClassifier, tiny_config
@@ -18,7 +19,15 @@ from wsi_cmaf.slide.synthetic import write_synthetic_slide
 CFG = InferenceConfig(block_tiles=4, progress=False, batch_size=64, reader_threads=1, overlay=False, geojson=False)
 
 
-def test_same_stem_different_extension_are_two_slides(tmp_path):
+@pytest.fixture(scope="module")
+def client():
+    from wsi_cmaf.cluster.engine import connect
+
+    with connect(cluster="local", workers=1) as c:
+        yield c
+
+
+def test_same_stem_different_extension_are_two_slides(client, tmp_path):
     """b/s.tif and b/s.tiff used to share the key s-<hash>: the second failed with StoreMismatchError
     and status.csv lost the first slide's row."""
     b = tmp_path / "b"
@@ -34,7 +43,7 @@ def test_same_stem_different_extension_are_two_slides(tmp_path):
     assert keys["s.tif@b"].endswith("-tif") and keys["s.tiff@b"].endswith("-tiff")
     assert not keys["s.tiff@c"].endswith("-tiff")  # stem + folder hash suffices there: keys stay as before
     model = resolve_model(DarknessClassifier(), tiny_config())
-    res = analyze_slides(tmp_path, tmp_path / "out", model=model, workers=1, config=CFG, progress=False)
+    res = analyze_slides(tmp_path, tmp_path / "out", model=model, client=client, config=CFG, progress=False)
     assert res.counts == {"done": 3}, res.rows
     rows = list(csv.DictReader(open(tmp_path / "out" / "status.csv")))
     assert sorted(r["slide"] for r in rows) == sorted(map(str, (one, two, three)))
@@ -42,7 +51,7 @@ def test_same_stem_different_extension_are_two_slides(tmp_path):
     assert shapes[str(one)] != shapes[str(two)]  # two stores, each of its own slide
 
 
-def test_links_and_copies_are_analysed_once_and_reported_under_each_name(tmp_path):
+def test_links_and_copies_are_analysed_once_and_reported_under_each_name(client, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     real = write_synthetic_slide(src / "orig.tiff", 2400, 2000, 0.5, seed=5).path
@@ -57,7 +66,7 @@ def test_links_and_copies_are_analysed_once_and_reported_under_each_name(tmp_pat
     assert [j.same_as for j in jobs] == [None, None, "orig", "orig", "orig"]
     model = resolve_model(DarknessClassifier(), tiny_config())
     out = tmp_path / "out"
-    res = analyze_slides(inputs, out, model=model, workers=1, config=CFG, progress=False)
+    res = analyze_slides(inputs, out, model=model, client=client, config=CFG, progress=False)
     rows = list(csv.DictReader(open(out / "status.csv")))
     assert len(rows) == 5 and sorted(r["slide"] for r in rows) == sorted(map(str, inputs))  # none dropped
     by_key = {r["key"]: r for r in rows}

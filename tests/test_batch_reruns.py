@@ -19,6 +19,14 @@ from wsi_cmaf.slide.synthetic import write_synthetic_slide
 CFG = InferenceConfig(block_tiles=4, progress=False, batch_size=64, reader_threads=1, overlay=False, geojson=False)
 
 
+@pytest.fixture(scope="module")
+def client():
+    from wsi_cmaf.cluster.engine import connect
+
+    with connect(cluster="local", workers=1) as c:
+        yield c
+
+
 def _forbid(monkeypatch) -> None:
     def forbidden(*a, **k):
         raise AssertionError("this rerun must not start a cluster")
@@ -26,14 +34,14 @@ def _forbid(monkeypatch) -> None:
     monkeypatch.setattr(batch_mod, "connect", forbidden)
 
 
-def test_permanent_failure_is_reported_not_retried_until_the_file_changes(tmp_path, monkeypatch):
+def test_permanent_failure_is_reported_not_retried_until_the_file_changes(client, tmp_path, monkeypatch):
     good = write_synthetic_slide(tmp_path / "good.tiff", 2400, 2000, 0.5, seed=1).path
     truncated = tmp_path / "cut.tiff"
     truncated.write_bytes(good.read_bytes()[:200])  # cut inside its header: unreadable
     missing = tmp_path / "gone.svs"
     model = resolve_model(DarknessClassifier(), tiny_config())
     out = tmp_path / "out"
-    first = analyze_slides([good, truncated, missing], out, model=model, workers=1, config=CFG, progress=False)
+    first = analyze_slides([good, truncated, missing], out, model=model, client=client, config=CFG, progress=False)
     rows = {r["key"]: r for r in first.rows}
     assert rows["good"]["status"] == "done"
     assert rows["cut"]["status"] == "failed" and is_permanent_error(rows["cut"]["error_type"]), rows["cut"]
@@ -55,11 +63,11 @@ def test_permanent_failure_is_reported_not_retried_until_the_file_changes(tmp_pa
         analyze_slides([good, truncated], out, model=model, config=CFG, progress=False)
 
 
-def test_transient_failures_are_still_retried(tmp_path, monkeypatch):
+def test_transient_failures_are_still_retried(client, tmp_path, monkeypatch):
     slide = write_synthetic_slide(tmp_path / "t.tiff", 2400, 2000, 0.5, seed=2).path
     model = resolve_model(DarknessClassifier(), tiny_config())
     out = tmp_path / "out"
-    analyze_slides([slide], out, model=model, workers=1, config=CFG, progress=False)
+    analyze_slides([slide], out, model=model, client=client, config=CFG, progress=False)
     table = StatusTable(out / "status.csv")
     row = table.get("t")
     for error_type in ("KilledWorker", "OutputWriteError", "StoreLockedError", "ModelError", ""):
@@ -80,7 +88,7 @@ def _job(path):
     return SlideJob(path, None, path.stem)
 
 
-def test_cli_rerun_with_only_permanent_failures_starts_nothing(tmp_path):
+def test_cli_rerun_with_only_permanent_failures_starts_nothing(client, tmp_path):
     """`wsi-cmaf batch` over 1 done + 1 truncated slide: the rerun reads status.csv and imports
     neither torch nor dask, prints the failure and exits 1."""
     import json
@@ -99,7 +107,7 @@ def test_cli_rerun_with_only_permanent_failures_starts_nothing(tmp_path):
                       spacing_um_px=4.0, patch_size_pixels=50)
     model_dir = save_model(create_model("timm:test_resnet", num_classes=2), cfg, tmp_path / "model")
     out = tmp_path / "out"
-    first = analyze_slides([good, bad], out, model=model_dir, workers=1, config=CFG, progress=False)
+    first = analyze_slides([good, bad], out, model=model_dir, client=client, config=CFG, progress=False)
     assert first.counts == {"done": 1, "failed": 1}
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p)}
