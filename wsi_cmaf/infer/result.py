@@ -105,6 +105,15 @@ class SlideResult:
         ]
         lines += [f"task {t:<10} {', '.join(f'{c} {p:.3f}' for c, p in info['mean_probability'].items())}"
                   f"  (mean probabilities, {info['store_group']})" for t, info in self.tasks.items()]
+        if self.qc:
+            q = self.qc
+            est = q.get("mpp_estimate")
+            lines.append(f"slide QC        µm/px from nuclei "
+                         + ("not checked" if est is None else f"{est:.3g} ({q['mpp_estimate_interval'][0]:.3g}-"
+                            f"{q['mpp_estimate_interval'][1]:.3g})")
+                         + f"; ink {100 * q.get('ink_fraction', 0.0):.1f} % ({q.get('ink_tiles', 0)} tiles left out); "
+                         f"{q.get('blurred_tiles', 0)} of {q.get('tissue_tiles', 0)} tiles out of focus"
+                         + (" (left out)" if q.get("blur_excluded") else ""))
         lines += [f"{k:<15} {v}" for k, v in self.outputs.items()]
         lines += [f"warning         {w}" for w in self.warnings]
         return lines

@@ -94,12 +94,16 @@ def tile_sharpness(reader: SlideReader, grid: TileGrid, tiles: np.ndarray | None
 
 
 def _stored_tile(reader: SlideReader, axis: str) -> int | None:
-    """Level 0's stored tile width or height in px, when the backend says (OpenSlide does)."""
-    try:
-        value = int(reader.properties.get(f"openslide.level[0].tile-{axis}", 0))
-    except (TypeError, ValueError):
-        return None
-    return value or None
+    """Level 0's stored tile width or height in px, when the backend says (OpenSlide and tiffslide do)."""
+    props = reader.properties
+    for vendor in ("openslide", "tiffslide"):
+        try:
+            value = int(props.get(f"{vendor}.level[0].tile-{axis}", 0))
+        except (TypeError, ValueError):
+            continue
+        if value > 0:
+            return value
+    return None
 
 
 def _inside_one_tile(start: float, centre: float, side: int, tile: int | None) -> int:

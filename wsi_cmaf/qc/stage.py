@@ -20,7 +20,10 @@ def qc_before_inference(reader: Any, pixels: Any, grid: Any, mask: Any, cfg: Any
     if not getattr(cfg, "qc", True):
         return None
     with timer("qc"):
-        qc = run_qc(reader, grid, mask, mpp_check=getattr(cfg, "mpp_check", True), pixels=pixels)
+        # OpenSlide, when it opened the slide, rather than the block reader: it decodes small windows
+        # of JPEG 2000 slides ~1.5x faster than tiffslide, which block reads prefer for large regions
+        windows = reader if reader.backend == "openslide" else pixels
+        qc = run_qc(reader, grid, mask, mpp_check=getattr(cfg, "mpp_check", True), pixels=windows)
     if getattr(cfg, "exclude_blurred", False):
         blurred = qc.blurred
         grid.exclude(blurred)
