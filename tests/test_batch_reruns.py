@@ -114,7 +114,8 @@ def test_cli_rerun_with_only_permanent_failures_starts_nothing(client, tmp_path)
     probe = ("import sys, json, contextlib, io, time\nt0 = time.perf_counter()\nfrom wsi_cmaf.cli import main\n"
              "t1 = time.perf_counter()\nbuf = io.StringIO()\n"
              "with contextlib.redirect_stdout(buf):\n"
-             f"    rc = main(['batch', {str(good)!r}, {str(bad)!r}, '--out', {str(out)!r}, '--model', {str(model_dir)!r}, "
+             f"    rc = main(['batch', {str(good)!r}, {str(bad)!r}, '--out', {str(out)!r}, "
+             f"'--model', {str(model_dir)!r}, "
              "'--no-progress'])\n"
              "heavy = sorted(m for m in ('torch', 'dask', 'distributed') if m in sys.modules)\n"
              "print(json.dumps({'rc': rc, 'heavy': heavy, 'out': buf.getvalue(), 'work': time.perf_counter() - t1}))")

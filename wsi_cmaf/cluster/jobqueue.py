@@ -128,7 +128,8 @@ def make_jobqueue_cluster(kind: str, *, gpus_per_job: int = 0, slides_per_gpu: i
     if security:
         kwargs.setdefault("protocol", "tls://")
         kwargs["security"] = security
-        if "shared_temp_directory" not in kwargs and not dask.config.get(f"jobqueue.{kind}.shared_temp_directory", None):
+        configured = dask.config.get(f"jobqueue.{kind}.shared_temp_directory", None)
+        if "shared_temp_directory" not in kwargs and not configured:
             kwargs["shared_temp_directory"] = os.path.expanduser("~")
     else:
         host = str(sched.get("host", ""))

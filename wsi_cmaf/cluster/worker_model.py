@@ -50,7 +50,8 @@ def make_model_ref(resolved: Any, model: Any, model_config: Any, out_dir: Path) 
     """A reference to ``resolved`` (resolved from ``model``/``model_config``) that workers can load."""
     from wsi_cmaf.infer.modelspec import quick_weights_sha256
 
-    file_backed = (model is None or isinstance(model, str | Path)) and quick_weights_sha256(model) == resolved.weights_sha256
+    is_path = model is None or isinstance(model, str | Path)
+    file_backed = is_path and quick_weights_sha256(model) == resolved.weights_sha256
     config_ok = model_config is None or isinstance(model_config, str | Path)
     if file_backed and config_ok:
         from wsi_cmaf.model_files import DEFAULT_MODEL_DIR
