@@ -13,6 +13,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from wsi_cmaf.cli import main
+from wsi_cmaf.errors import StoreMismatchError
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.output.store import HeatmapStore
 from wsi_cmaf.output.tiles import tile_table
@@ -69,8 +70,10 @@ def test_analyze_stores_qc_and_excludes_blurred_tiles(real_slide, tmp_path: Path
     assert table["blurred"].sum() == qc["blurred_tiles"]
     assert Path(res.outputs["overlay"]).is_file()
 
-    excl = analyze_slide(path, out=tmp_path / "b", config=InferenceConfig(progress=False, overlay=False,
-                                                                          geojson=False, exclude_blurred=True))
+    excluding = InferenceConfig(progress=False, overlay=False, geojson=False, exclude_blurred=True)
+    with pytest.raises(StoreMismatchError, match="exclude_blurred"):  # the first store analysed them all
+        analyze_slide(path, out=tmp_path / "a", config=excluding)
+    excl = analyze_slide(path, out=tmp_path / "b", config=excluding)
     assert excl.qc["blur_excluded"] and excl.qc["blurred_tiles"] == qc["blurred_tiles"]
     assert excl.tiles_tissue == res.tiles_tissue - qc["blurred_tiles"]
     probs = HeatmapStore.open(excl.store).probabilities(0)

@@ -29,7 +29,7 @@ from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor
 from wsi_cmaf.infer.stainfit import fit_from_blocks, fit_from_tiles, read_sample, sample_is_all_tissue, sample_tiles
 from wsi_cmaf.infer.stream import BlockFeed, stream_blocks
 from wsi_cmaf.infer.summary import failure_records, summarise
-from wsi_cmaf.qc.stage import qc_before_inference, qc_into_store, qc_summary
+from wsi_cmaf.qc.stage import qc_before_inference, qc_identity, qc_into_store, qc_summary
 from wsi_cmaf.infer.tasks import BlockFailure, SlideSpec, read_block_task
 from wsi_cmaf.output.provenance import api_call, run_provenance
 from wsi_cmaf.output.store import HeatmapStore
@@ -154,6 +154,7 @@ def analyze_slide(
         # extra["store_name"]: a store inside another one (an encoder's embeddings beside a heatmap)
         store_path = out_dir / cfg.extra.get("store_name", "{stem}.zarr").format(stem=slide_path.stem)
         identity = run_identity(reader, resolved, gcfg, tcfg, _stain_method(resolved, cfg))
+        identity.update(qc_identity(cfg))  # a store analysed with blurred tiles left out resumes only so
         stack.enter_context(output_write_errors(out_dir, store_path))
         stack.callback(writer_lock(out_dir, store_path, wait_lock).release)  # held until the summary is written
         with timer("inputs"):  # a resumed run takes tissue mask, grid and stain fit from its store

@@ -43,3 +43,9 @@ def qc_into_store(store: Any, qc: SlideQC | None) -> None:
 def qc_summary(qc: SlideQC | None) -> dict[str, Any]:
     """The report for the summary JSON ({} when the QC was off)."""
     return {} if qc is None else qc.to_dict()
+
+
+def qc_identity(cfg: Any) -> dict[str, Any]:
+    """What the QC adds to a store's resume identity: ``{"exclude_blurred": True}`` when blurred tiles
+    are left out (another set of analysed tiles), nothing otherwise (older stores still resume)."""
+    return {"exclude_blurred": True} if getattr(cfg, "exclude_blurred", False) else {}
