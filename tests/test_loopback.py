@@ -82,16 +82,33 @@ def test_local_batch_listens_on_loopback_only_and_has_no_dashboard(slide, tmp_pa
     assert res.dashboard is None
 
 
+def _apps(c) -> list[str]:
+    return c.run_on_scheduler(lambda dask_scheduler: [type(a).__name__ for a in
+                                                      dask_scheduler.http_application.applications])
+
+
 def test_dashboard_only_when_asked_and_on_loopback():
     with connect(cluster="local", workers=1) as c:
-        port = c.scheduler_info()["services"]["dashboard"]  # the HTTP server, here without dashboard routes
-        health = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30).read()
-        assert health == b"ok"
-        with pytest.raises(urllib.error.HTTPError):  # 404: no dashboard page is served
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=30).read()
+        port = c.scheduler_info()["services"]["dashboard"]  # the HTTP server, here without the dashboard
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30).read() == b"ok"
+        assert _apps(c) == []  # no Bokeh application behind it
+        assert all(apps == [] for apps in c.run(lambda dask_worker: [
+            type(a).__name__ for a in dask_worker.http_application.applications]).values())
+    pytest.importorskip("bokeh", reason="the dashboard needs bokeh (the dev and dashboard extras install it)")
     with connect(cluster="local", workers=1, dashboard=True) as c:
         port = c.scheduler_info()["services"]["dashboard"]
+        assert _apps(c) == ["DaskBokehTornado"]
         page = urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=60).read()
-        assert b"bokeh" in page.lower()
+        assert b"Dask needs bokeh" not in page and b"bokeh" in page.lower()
         assert {ip for ip, p in _listeners() if p == port} == {"127.0.0.1"}
-        assert c.dashboard_link
+
+
+def test_dashboard_without_bokeh_is_a_named_error(monkeypatch):
+    import sys
+
+    from wsi_cmaf.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "distributed.dashboard.scheduler", None)  # as if bokeh were missing
+    with pytest.raises(MissingDependencyError, match="bokeh"):
+        with connect(cluster="local", workers=1, dashboard=True):
+            pass

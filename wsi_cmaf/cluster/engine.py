@@ -20,7 +20,7 @@ from distributed import Client, LocalCluster
 
 from wsi_cmaf.cluster.jobqueue import make_jobqueue_cluster  # noqa: F401  (re-exported)
 from wsi_cmaf.cluster.loopback import loopback_options
-from wsi_cmaf.errors import ConfigError
+from wsi_cmaf.errors import ConfigError, MissingDependencyError
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,16 @@ def make_local_cuda_cluster(devices: Sequence[str] | None = None, *, slides_per_
     return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(devices), **common)
 
 
+def _check_dashboard() -> None:
+    """Refuse ``dashboard`` early when bokeh is missing: dask would serve a "needs bokeh" page
+    instead (and from then on, in this process, on every scheduler it starts)."""
+    try:
+        import distributed.dashboard.scheduler  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError(f"--dashboard needs bokeh>=3.1 ({exc}); pip install 'wsi-cmaf[dashboard]' "
+                                     "or leave --dashboard out") from exc
+
+
 @contextmanager
 def connect(
     *,
@@ -127,6 +137,8 @@ def connect(
     if client is not None:
         yield client
         return
+    if dashboard:
+        _check_dashboard()
     if scheduler:
         with Client(scheduler) as c:
             yield c
