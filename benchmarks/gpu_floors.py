@@ -160,8 +160,10 @@ def main(folders: list[str]) -> int:
         if v is None:
             ran = [r for r in runs if any(s in r.stages for s in stages)]
             kind, why = (ran[-1] if ran else last).why_absent(stages)
-            if kind == "MISSING" and not last.cuda and name in ("gpu_bf16_compiled_b256_ratio", "gpu_b1_fps",
-                                                                "cuda_tests"):
+            if not last.cuda and name == "cuda_tests" and last.of("tests"):
+                kind, why = "SKIPPED", f"no CUDA; on the CPU: {last.of('tests')[-1].get('summary') or 'no summary'}"
+            elif kind == "MISSING" and not last.cuda and name in ("gpu_bf16_compiled_b256_ratio", "gpu_b1_fps",
+                                                                  "cuda_tests"):
                 kind, why = "SKIPPED", f"no CUDA ({why})"
             print(f"FLOOR {name}: {kind} ({why}) [floor >= {minimum}]")
             continue
