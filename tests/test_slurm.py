@@ -38,8 +38,9 @@ def slurm():
         pytest.skip(reason)
 
 
-def _job_options(name: str, **extra) -> dict:
-    return {"cores": 1, "memory": "3GiB", "walltime": "00:10:00", "job_name": name, **extra}
+def _job_options(name: str, logs: Path | None = None, **extra) -> dict:
+    logs = {"log_directory": str(logs)} if logs is not None else {}  # analyze_slides puts them in OUT
+    return {"cores": 1, "memory": "3GiB", "walltime": "00:10:00", "job_name": name, **logs, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,7 @@ def test_scancel_of_a_job_mid_batch_costs_only_its_slides(slurm, slides, tmp_pat
                                       np.asarray(zarr.open_group(str(single.store), mode="r")["0"]))
     assert len(seen) >= 3, f"no replacement job was submitted after the cancellation (jobs seen: {sorted(seen)})"
     assert not jobs_named(name)  # the batch's jobs are gone when it ends
+    assert list((out / ".wsi-cmaf-logs").glob(f"{name}-*.out"))  # the jobs' logs beside the results
 
 
 @pytest.mark.timeout(300)
@@ -102,7 +104,7 @@ def test_a_retired_worker_is_replaced_and_the_batch_goes_on(slurm, slides, tmp_p
     model = resolve_model(DarknessClassifier(delay=0.5), tiny_config())
     seen: set[str] = set()
     retired: list[str] = []
-    with connect(cluster="slurm", workers=1, cluster_kwargs=_job_options(name)) as c:
+    with connect(cluster="slurm", workers=1, cluster_kwargs=_job_options(name, tmp_path / "logs")) as c:
         def retire_once() -> None:
             deadline = time.monotonic() + 200
             while time.monotonic() < deadline and not (retired and len(seen) >= 2):
@@ -172,7 +174,7 @@ def test_scheduler_speaks_tls_and_refuses_clients_without_the_runs_credentials(s
 
 
 @pytest.mark.timeout(240)
-def test_each_job_gets_its_own_gpu_whatever_the_caller_exported(slurm, monkeypatch):
+def test_each_job_gets_its_own_gpu_whatever_the_caller_exported(slurm, monkeypatch, tmp_path):
     """--gpus-per-worker 1 on SLURM: each job's worker sees one GPU, its own (SLURM's gres sets
     CUDA_VISIBLE_DEVICES), even when the submitting shell exported all of them."""
     if node_gpus() < 2:
@@ -184,7 +186,7 @@ def test_each_job_gets_its_own_gpu_whatever_the_caller_exported(slurm, monkeypat
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (marker, os.environ.get("PYTHONPATH", "")) if p))
     name = f"wsi-{uuid.uuid4().hex[:8]}"
     with connect(cluster="slurm", workers=2, gpus_per_worker=1, slides_per_gpu=2,
-                 cluster_kwargs=_job_options(name)) as c:
+                 cluster_kwargs=_job_options(name, tmp_path / "logs")) as c:
         c.wait_for_workers(2, timeout=120)
         envs = c.run(os.getenv, "CUDA_VISIBLE_DEVICES")
         info = c.scheduler_info()["workers"]

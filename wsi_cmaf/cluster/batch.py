@@ -120,9 +120,16 @@ def analyze_slides(
     gpu = bool(gpus_per_worker) or cluster == "local-cuda"
     kwargs = dict(cluster_kwargs or {})
     if cluster in ("slurm", "pbs"):
-        tls_dir = out / ".wsi-cmaf-tls"  # the run's worker credentials, on the file system jobs share
-        tls_dir.mkdir(mode=0o700, exist_ok=True)
-        kwargs.setdefault("shared_temp_directory", str(tls_dir))
+        import dask
+
+        # The run's worker credentials, and the jobs' own stdout/stderr (else written into the
+        # caller's folder), on the file system the jobs share: unless the site's config says where.
+        if not dask.config.get(f"jobqueue.{cluster}.shared-temp-directory", None):
+            tls_dir = out / ".wsi-cmaf-tls"
+            tls_dir.mkdir(mode=0o700, exist_ok=True)
+            kwargs.setdefault("shared_temp_directory", str(tls_dir))
+        if not dask.config.get(f"jobqueue.{cluster}.log-directory", None):
+            kwargs.setdefault("log_directory", str(out / ".wsi-cmaf-logs"))
     link = None
     with connect(client=client, scheduler=scheduler, cluster=cluster, workers=workers,
                  gpus_per_worker=gpus_per_worker, slides_per_gpu=slides_per_gpu, cluster_kwargs=kwargs,
