@@ -152,7 +152,7 @@ if [ "$QUICK" = 1 ]; then
     T8_BATCH="--batch-size 8"; LOOP_BATCH="--batch-size 16"
 else
     # pipeline slide as issue 12 asks; batch slides with the same tile count at 1 µm/px (16x
-    # fewer pixels to write), 4 distinct ones hard-linked to 20 paths
+    # fewer pixels to write), 4 distinct ones copied to 20 paths (copies, not links: the batch engine analyses one file once)
     BIG="100000 80000"; BSIZE="25000 20000"; BCOPIES=20; BDISTINCT=4; REPEATS=3; MODEL_S=2; INFLIGHT=4
     TESTS="tests/test_trainer.py tests/test_amp.py tests/test_sam.py tests/test_train_fast_paths.py
            tests/test_fast_paths.py tests/test_runner.py tests/test_stream.py tests/test_cuda_runner.py

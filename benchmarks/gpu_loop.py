@@ -8,7 +8,7 @@
 ``loop`` times the streaming stage alone (``stream_blocks``: read -> preprocess -> infer -> write,
 after the reader pool, the stain fit and the reader opening) and the whole ``analyze_slide``,
 each repeat between two model-only measurements (their mean cancels a drift of the device's
-speed). ``batch`` runs CMAF-Net on ``--copies`` paths hard-linked to ``--distinct`` slides on one
+speed). ``batch`` runs CMAF-Net on ``--copies`` paths copied from ``--distinct`` slides on one
 cluster, warmed by a slide first; its bound is one slide's fixed cost (measured on one slide
 alone: its wall time less its tiles at the bound rate) plus the slide's tiles at the lower of the
 model-only and decode rates. ``compile`` times a compiled runner's first block (the compile) and
@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -109,14 +110,23 @@ def cmd_loop(args) -> None:
                    "e2e_tiles_per_s": round(res.tiles_tissue / e2e, 1)})
 
 
-def _link_copies(distinct: list[Path], copies: int, folder: Path) -> list[Path]:
-    """``copies`` paths hard-linked round-robin to the distinct slides (no more bytes on disk)."""
+def _distinct_copies(distinct: list[Path], copies: int, folder: Path) -> list[Path]:
+    """``copies`` paths copied round-robin from the distinct slides, each with a unique trailer.
+
+    The batch engine analyses inputs that hold the same file (links, hard links, byte-identical
+    copies) once, so plain links would time 4 slides, not ``copies``. Bytes after a TIFF's last
+    IFD are never read, so the pixels stay those of the source slide.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(copies):
         p = folder / f"copy_{i:02d}.tiff"
         if not p.exists():
-            os.link(distinct[i % len(distinct)], p)
+            partial = p.with_name(p.stem + ".partial")
+            shutil.copyfile(distinct[i % len(distinct)], partial)
+            with open(partial, "ab") as f:
+                f.write(f"wsi-cmaf benchmark copy {i}\n".encode())
+            os.replace(partial, p)
         paths.append(p)
     return paths
 
@@ -148,9 +158,9 @@ def cmd_batch(args) -> None:
                                   workers=args.write_workers)
             os.replace(partial, p)
         distinct.append(p)
+    paths = _distinct_copies(distinct, args.copies, args.workdir / "copies")
     if args.prepare_only:
         return
-    paths = _link_copies(distinct, args.copies, args.workdir / "links")
     resolved, device = _resolved("cmaf_net@224"), resolve_device(args.device)
     cfg = _icfg(args, overlay=False, geojson=True)
     model_tps = model_only_tiles_per_s(resolved, args.batch_size, device, args.model_only_s, args.precision,
