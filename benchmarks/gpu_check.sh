@@ -113,7 +113,7 @@ import importlib, json, os, sys
 res = sys.argv[1]
 mods = ["torch", "numpy", "timm", "torchvision", "pytest", "pytest_timeout", "xdist", "tifffile", "imagecodecs",
         "tiffslide", "openslide", "zarr", "dask", "distributed", "torchstain", "shapely", "skimage", "pandas",
-        "matplotlib", "tqdm", "psutil", "wsi_cmaf", "wsi_cmaf.infer", "wsi_cmaf.cluster", "wsi_cmaf.train",
+        "matplotlib", "tqdm", "psutil", "wsi_cmaf", "wsi_cmaf.infer", "wsi_cmaf.cluster", "wsi_cmaf.train", "wsi_cmaf.encoders",
         "cucim"]
 out = {}
 for m in mods:
@@ -233,6 +233,11 @@ if [ -n "$REAL" ]; then
 else
     want decode_real && event decode_real skipped "no real slides in .gpudata or ../shared/data/slides"
 fi
+
+# last: not one of the six floors; the encoder throughput table (a second call can run it alone)
+ENC_Q=""; [ "${QUICK:-0}" = 1 ] && ENC_Q="--quick"
+run_stage encoders 90 1 "wsi_cmaf.encoders timm zarr" 0 -- $PY benchmarks/gpu_encoders.py --out "$RES" \
+    --budget 80 $ENC_Q
 
 log "floors"
 $PY benchmarks/gpu_floors.py "$RES" | tee "$RES/floors.txt"
