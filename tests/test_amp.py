@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from wsi_cmaf.errors import ConfigError
-from wsi_cmaf.train import trainer, trainer_loop
-from wsi_cmaf.train.sam import SAM
+from wsi_cmaf.train.engine import loop as trainer_loop
+from wsi_cmaf.train.engine import trainer
+from wsi_cmaf.train.engine.sam import SAM
 from wsi_cmaf.train.config import OptimConfig, StageConfig, TrainConfig
-from wsi_cmaf.train.schedules import build_scheduler
-from wsi_cmaf.train.stages import AdaptiveGradClip, build_optimizer
-from wsi_cmaf.train.trainer import train
-from wsi_cmaf.train.trainer_loop import (
+from wsi_cmaf.train.engine.schedules import build_scheduler
+from wsi_cmaf.train.engine.stages import AdaptiveGradClip, build_optimizer
+from wsi_cmaf.train.engine.trainer import train
+from wsi_cmaf.train.engine.loop import (
     DIVERGENCE_STREAK,
     Amp,
     SkipMonitor,

@@ -1,4 +1,4 @@
-"""Batched, seeded augmentation (wsi_cmaf.train.augment)."""
+"""Batched, seeded augmentation (wsi_cmaf.train.data.augment)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from skimage.color import hed2rgb, rgb2hed
 
-from wsi_cmaf.train.augment import AugmentConfig, BatchAugment, PatientStainNormalizer, hed_to_rgb, rgb_to_hed
+from wsi_cmaf.train.data.augment import AugmentConfig, BatchAugment, PatientStainNormalizer, hed_to_rgb, rgb_to_hed
 from wsi_cmaf.stain import MacenkoNormalizer, fit_macenko
-from wsi_cmaf.train.synthetic_patches import SyntheticPatchConfig, generate_patches
+from wsi_cmaf.train.data.synthetic_patches import SyntheticPatchConfig, generate_patches
 
 OFF = dict(flips=False, rot90=False, rotation_deg=0.0, elastic_px=0.0, hed_sigma=0.0, hed_bias=0.0,
            brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)

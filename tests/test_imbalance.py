@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from wsi_cmaf.errors import ConfigError, DataError
-from wsi_cmaf.train.imbalance import PAPER_RATIOS, imbalance_sweep, parse_ratio, resample_to_ratio, target_counts
+from wsi_cmaf.train.data.imbalance import PAPER_RATIOS, imbalance_sweep, parse_ratio, resample_to_ratio, target_counts
 
 
 def _frame(n_train=(1400, 600), n_other=(100, 40)):

@@ -44,7 +44,7 @@ def test_mcnemar_counts_and_exact_p_by_hand() -> None:
     """Discordant pairs b=6 (A right only), c=1: exact two-sided p = 2·P(X<=1 | n=7) = 16/128."""
     import numpy as np
 
-    from wsi_cmaf.train.metrics import mcnemar_test
+    from wsi_cmaf.train.evaluate.metrics import mcnemar_test
 
     y = np.array([1] * 10 + [0] * 10)
     a = y.copy()
@@ -64,7 +64,7 @@ def test_mcnemar_counts_and_exact_p_by_hand() -> None:
 
 def test_mcnemar_rejects_mismatched_lengths() -> None:
     from wsi_cmaf.errors import DataError
-    from wsi_cmaf.train.metrics import mcnemar_test
+    from wsi_cmaf.train.evaluate.metrics import mcnemar_test
 
     with pytest.raises(DataError, match="pred_b"):
         mcnemar_test([0, 1, 1], [0, 1, 1], [0, 1])
@@ -72,7 +72,7 @@ def test_mcnemar_rejects_mismatched_lengths() -> None:
 
 def test_protocol_default_is_five_seeds() -> None:
     """The paper reports five runs with different random seeds."""
-    from wsi_cmaf.train import protocols as P
+    from wsi_cmaf.train.paper import protocols as P
 
     assert P.DEFAULT_SEEDS == (0, 1, 2, 3, 4)
 
@@ -104,8 +104,8 @@ def test_evaluate_compare_reports_mcnemar(tmp_path, capsys) -> None:
     import pandas as pd
 
     from wsi_cmaf.cli import main
-    from wsi_cmaf.train.metrics import mcnemar_test
-    from wsi_cmaf.train.synthetic_patches import SyntheticPatchConfig, write_synthetic_dataset
+    from wsi_cmaf.train.evaluate.metrics import mcnemar_test
+    from wsi_cmaf.train.data.synthetic_patches import SyntheticPatchConfig, write_synthetic_dataset
 
     written = write_synthetic_dataset(tmp_path / "syn", SyntheticPatchConfig(n_patients=4, patches_per_patient=6,
                                                                               ratio="50:50"))
@@ -127,7 +127,7 @@ def test_evaluate_compare_reports_mcnemar(tmp_path, capsys) -> None:
     # a model with another class set cannot be paired
     from wsi_cmaf.errors import ConfigError
     from wsi_cmaf.models import ModelConfig, create_model, save_model
-    from wsi_cmaf.train.trainer_eval import evaluate_checkpoint
+    from wsi_cmaf.train.engine.validate import evaluate_checkpoint
 
     other = save_model(create_model("cmaf_net", num_classes=2, **TINY).eval(),
                        ModelConfig(architecture="cmaf_net", num_classes=2, class_names=["normal", "tumour"],
@@ -151,7 +151,7 @@ def test_history_clip_follows_the_median_of_recent_norms() -> None:
     """window 3, 2x: a spike is cut to 2x the median; a sustained rise becomes the new normal."""
     import torch
 
-    from wsi_cmaf.train.stages import HistoryGradClip
+    from wsi_cmaf.train.engine.stages import HistoryGradClip
 
     p = _one_param(1.0)
     clip = HistoryGradClip([p], window=3, multiplier=2.0)
@@ -169,7 +169,7 @@ def test_history_clip_follows_the_median_of_recent_norms() -> None:
 def test_history_clip_ignores_nonfinite_norms_and_round_trips_state() -> None:
     import torch
 
-    from wsi_cmaf.train.stages import HistoryGradClip
+    from wsi_cmaf.train.engine.stages import HistoryGradClip
 
     p = _one_param(1.0)
     clip = HistoryGradClip([p], window=4, multiplier=2.0)
@@ -191,7 +191,7 @@ def test_history_clip_never_reads_back_to_the_host(monkeypatch: pytest.MonkeyPat
     """No .item()/float()/bool() on a tensor inside a call: the training loop stays sync-free."""
     import torch
 
-    from wsi_cmaf.train.stages import HistoryGradClip
+    from wsi_cmaf.train.engine.stages import HistoryGradClip
 
     params = [_one_param(1.0), _one_param(3.0)]
     clip = HistoryGradClip(params, window=5)
@@ -212,7 +212,7 @@ def test_clip_mode_in_optim_config() -> None:
     import torch
 
     from wsi_cmaf.train.config import OptimConfig
-    from wsi_cmaf.train.stages import AdaptiveGradClip, HistoryGradClip, build_clipper
+    from wsi_cmaf.train.engine.stages import AdaptiveGradClip, HistoryGradClip, build_clipper
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     assert OptimConfig().clip == "agc"  # the default is unchanged
@@ -234,7 +234,7 @@ def test_training_with_history_clipping_checkpoints_its_history(tmp_path) -> Non
 
     from tests.test_trainer import tiny_config
     from wsi_cmaf.train.config import TrainConfig
-    from wsi_cmaf.train.trainer import train
+    from wsi_cmaf.train.engine.trainer import train
 
     cfg = tiny_config(tmp_path / "run", tmp_path / "syn", stages={"epochs": [1, 1, 0]},
                       optim={"clip": "history", "clip_history_window": 4, "sam": False})
@@ -261,7 +261,7 @@ def test_stain_transfer_matches_macenko_from_the_reference_onto_the_drawn_stain(
     import torch
 
     from wsi_cmaf.stain import MacenkoNormalizer, reference_fit
-    from wsi_cmaf.train.augment import AugmentConfig, BatchAugment
+    from wsi_cmaf.train.data.augment import AugmentConfig, BatchAugment
 
     target = _stain((0.50, 0.80, 0.35), (0.15, 0.90, 0.40), (1.4, 0.7))
     aug = BatchAugment(AugmentConfig(stain_transfer_p=1.0), seed=3).set_stain_references(reference_fit(), [target])
@@ -275,7 +275,7 @@ def test_stain_transfer_probability_references_and_seed() -> None:
     import torch
 
     from wsi_cmaf.stain import reference_fit
-    from wsi_cmaf.train.augment import AugmentConfig, BatchAugment
+    from wsi_cmaf.train.data.augment import AugmentConfig, BatchAugment
 
     refs = [_stain((0.5, 0.8, 0.35), (0.15, 0.9, 0.4), (1.4, 0.7)),
             _stain((0.7, 0.6, 0.4), (0.1, 0.95, 0.3), (2.0, 1.0))]
@@ -301,8 +301,8 @@ def test_stain_transfer_needs_macenko_normalisation(tmp_path) -> None:
     import torch
 
     from wsi_cmaf.train.config import DataConfig, ModelSection
-    from wsi_cmaf.train.data_setup import build_pipeline
-    from wsi_cmaf.train.datasets import DataBundle
+    from wsi_cmaf.train.data.setup import build_pipeline
+    from wsi_cmaf.train.data.datasets import DataBundle
 
     data = DataConfig(augment_kwargs={"stain_transfer_p": 0.5})
     model = ModelSection(stain_normalization=None)
@@ -318,9 +318,9 @@ def test_resumed_run_continues_the_clip_history(tmp_path, monkeypatch: pytest.Mo
     """Stopped after epoch 1 and resumed, a history-clipped run gives the uninterrupted numbers
     (a fresh, empty history would leave the first resumed step unclipped)."""
     from tests.test_trainer import tiny_config
-    from wsi_cmaf.train import trainer
+    from wsi_cmaf.train.engine import trainer
     from wsi_cmaf.train.config import TrainConfig
-    from wsi_cmaf.train.trainer import train
+    from wsi_cmaf.train.engine.trainer import train
 
     stage = {"name": "fusion", "epochs": 2, "lr": 1e-3, "trainable": "fusion", "loss": "objective", "ib": "ramp",
              "schedule": "cosine"}
@@ -355,10 +355,10 @@ def test_stain_transfer_references_are_the_training_patients(monkeypatch: pytest
     import torch
 
     from wsi_cmaf.stain import MacenkoNormalizer
-    from wsi_cmaf.train import data_setup
-    from wsi_cmaf.train.augment import PatientStainNormalizer
+    from wsi_cmaf.train.data import setup as data_setup
+    from wsi_cmaf.train.data.augment import PatientStainNormalizer
     from wsi_cmaf.train.config import DataConfig, ModelSection
-    from wsi_cmaf.train.datasets import DataBundle
+    from wsi_cmaf.train.data.datasets import DataBundle
 
     stains = {"t1": _stain((0.5, 0.8, 0.35), (0.15, 0.9, 0.4), (1.4, 0.7)),
               "t2": _stain((0.7, 0.6, 0.4), (0.1, 0.95, 0.3), (2.0, 1.0)),

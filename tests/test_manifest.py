@@ -9,16 +9,15 @@ from PIL import Image
 
 from wsi_cmaf.cli import main
 from wsi_cmaf.errors import ManifestError
-from wsi_cmaf.train.manifest import (
+from wsi_cmaf.train.data.builders import build_breakhis_manifest, build_idc_manifest
+from wsi_cmaf.train.data.manifest import (
     assign_patient_splits,
-    build_breakhis_manifest,
-    build_idc_manifest,
     parse_breakhis_name,
     read_manifest,
     validate_manifest,
     write_manifest,
 )
-from wsi_cmaf.train.synthetic_patches import SyntheticPatchConfig, write_synthetic_dataset
+from wsi_cmaf.train.data.synthetic_patches import SyntheticPatchConfig, write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +199,7 @@ def test_schema_matches_the_code():
     import json
     from pathlib import Path
 
-    from wsi_cmaf.train.manifest import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, SPLITS
+    from wsi_cmaf.train.data.manifest import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, SPLITS
 
     schema = json.loads((Path(__file__).resolve().parents[1] / "data_manifests" / "manifest.schema.json").read_text())
     assert tuple(schema["required"]) == REQUIRED_COLUMNS
@@ -228,7 +227,7 @@ def _idc_messy_tree(root):
 
 
 def test_idc_scan_keeps_valid_files_lists_rejects_and_counts_duplicates_once(tmp_path):
-    from wsi_cmaf.train.dataset_builders import scan_idc
+    from wsi_cmaf.train.data.builders import scan_idc
 
     root = _idc_messy_tree(tmp_path / "idc")
     built = scan_idc(root, relative_to=root)
@@ -263,7 +262,7 @@ def test_cli_manifest_idc_forgiving_and_strict(tmp_path, capsys):
 
 
 def test_breakhis_scan_rejects_and_duplicates(tmp_path):
-    from wsi_cmaf.train.dataset_builders import scan_breakhis
+    from wsi_cmaf.train.data.builders import scan_breakhis
 
     _breakhis_tree(tmp_path / "BreaKHis_v1")
     _breakhis_tree(tmp_path / "BreaKHis_v1" / "copy")  # nested duplicate tree: 96 more files

@@ -8,7 +8,7 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from wsi_cmaf.errors import DataError
-from wsi_cmaf.train.metrics import (
+from wsi_cmaf.train.evaluate.metrics import (
     _binary_from_counts,
     binary_metrics,
     bootstrap_binary_metrics,

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from wsi_cmaf.errors import DataError, ManifestError
-from wsi_cmaf.train.datasets import ChunkShuffleSampler, PatchStoreDataset, build_dataloaders
-from wsi_cmaf.train.manifest import read_manifest
-from wsi_cmaf.train.patchstore import PatchStore, build_patch_store, write_patch_store
-from wsi_cmaf.train.synthetic_patches import SyntheticPatchConfig, write_synthetic_dataset
+from wsi_cmaf.train.data.datasets import ChunkShuffleSampler, PatchStoreDataset, build_dataloaders
+from wsi_cmaf.train.data.manifest import read_manifest
+from wsi_cmaf.train.data.patchstore import PatchStore, build_patch_store, write_patch_store
+from wsi_cmaf.train.data.synthetic_patches import SyntheticPatchConfig, write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from wsi_cmaf.errors import ConfigError
-from wsi_cmaf.train.protocol_efficiency import EfficiencyConfig, floor_checks, run_efficiency
+from wsi_cmaf.train.paper.efficiency import EfficiencyConfig, floor_checks, run_efficiency
 
 TINY = {"mvit_stem_channels": 8, "mvit_channels": [8, 8, 16, 16, 16], "mvit_dims": [16, 16, 16],
         "mvit_depths": [1, 1, 1], "context_dim": 32, "num_heads": 4, "bottleneck_dim": 8,

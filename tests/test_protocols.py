@@ -11,8 +11,8 @@ import pytest
 
 from wsi_cmaf.errors import ConfigError, DataError
 from wsi_cmaf.models import ABLATIONS, TAU_INITS_TABLE7
-from wsi_cmaf.train import protocols as P
-from wsi_cmaf.train.protocol_report import aggregate, markdown_table, plot_tau_entropy, write_tables
+from wsi_cmaf.train.paper import protocols as P
+from wsi_cmaf.train.paper.report import aggregate, markdown_table, plot_tau_entropy, write_tables
 
 TINY_CMAF = {"spatial_backbone": "test_resnet", "mvit_stem_channels": 8, "mvit_channels": [8, 8, 16, 16, 16],
              "mvit_dims": [16, 16, 16], "mvit_depths": [1, 1, 1], "mvit_heads": 2, "context_dim": 32,
@@ -127,7 +127,7 @@ def test_aggregate_mean_std_over_seeds_from_hand_made_rows(tmp_path):
 
 
 def test_fig4_from_hand_made_log(tmp_path):
-    from wsi_cmaf.train.logging_utils import RunLogger
+    from wsi_cmaf.train.engine.logging_utils import RunLogger
 
     log = RunLogger(tmp_path / "logs")
     for step in range(0, 40, 5):
@@ -146,7 +146,7 @@ def test_fig4_from_hand_made_log(tmp_path):
 
 # ----------------------------------------------------------------------------- Table 8
 def test_efficiency_on_tiny_models(tmp_path):
-    from wsi_cmaf.train.protocol_efficiency import EfficiencyConfig, run_efficiency
+    from wsi_cmaf.train.paper.efficiency import EfficiencyConfig, run_efficiency
 
     cfg = EfficiencyConfig(models=["cmaf_net", "timm:resnet18"], model_kwargs={"cmaf_net": TINY_CMAF},
                            input_size=32, batch_size=2, warmup=1, iters=2)
@@ -167,7 +167,7 @@ def test_efficiency_on_tiny_models(tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 def test_protocol_trains_writes_tables_and_resumes(tmp_path, monkeypatch):
-    from wsi_cmaf.train.trainer import train
+    from wsi_cmaf.train.engine.trainer import train
 
     calls: list[tuple[str, bool]] = []
 

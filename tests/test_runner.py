@@ -14,7 +14,7 @@ from wsi_cmaf.slide import TissueConfig, detect_tissue, open_slide
 from wsi_cmaf.slide.grid import GridConfig, TileGrid, read_block
 from wsi_cmaf.slide.synthetic import write_synthetic_slide
 from wsi_cmaf.stain import MacenkoNormalizer, fit_macenko
-from wsi_cmaf.train.synthetic_patches import SyntheticPatchConfig, patient_params, render_patches
+from wsi_cmaf.train.data.synthetic_patches import SyntheticPatchConfig, patient_params, render_patches
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from wsi_cmaf.errors import ConfigError
-from wsi_cmaf.train.sam import SAM
+from wsi_cmaf.train.engine.sam import SAM
 
 
 def _problem(seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:

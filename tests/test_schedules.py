@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from wsi_cmaf.errors import ConfigError
-from wsi_cmaf.train.sam import SAM
-from wsi_cmaf.train.schedules import SCHEDULES, beta_ramp, build_scheduler, cosine, cyclic, warmup, warmup_cosine
+from wsi_cmaf.train.engine.sam import SAM
+from wsi_cmaf.train.engine.schedules import SCHEDULES, beta_ramp, build_scheduler, cosine, cyclic, warmup, warmup_cosine
 
 
 def _opt(lr: float = 1e-3) -> torch.optim.Optimizer:

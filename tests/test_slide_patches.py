@@ -9,8 +9,8 @@ import pytest
 
 from wsi_cmaf.errors import DataError
 from wsi_cmaf.slide import GridConfig, write_synthetic_slide
-from wsi_cmaf.train.patchstore import PatchStore
-from wsi_cmaf.train.slide_patches import AnnotatedSlide, build_slide_patch_store, slide_patches
+from wsi_cmaf.train.data.patchstore import PatchStore
+from wsi_cmaf.train.data.slide_patches import AnnotatedSlide, build_slide_patch_store, slide_patches
 
 
 def annotated_slides(root: Path, first_seed: int) -> list[AnnotatedSlide]:

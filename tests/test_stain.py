@@ -8,7 +8,7 @@ import torch
 
 from wsi_cmaf.errors import StainFitError, WsiCmafError
 from wsi_cmaf.stain import MacenkoNormalizer, StainFit, fit_macenko, reference_fit
-from wsi_cmaf.train.synthetic_patches import SyntheticPatchConfig, patient_params, render_patches
+from wsi_cmaf.train.data.synthetic_patches import SyntheticPatchConfig, patient_params, render_patches
 
 
 def _patient_images(seed: int, n: int = 24) -> tuple[np.ndarray, dict]:

@@ -12,8 +12,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from wsi_cmaf.errors import ConfigError
-from wsi_cmaf.train.manifest import _IDC_RE, build_idc_manifest, read_manifest
-from wsi_cmaf.train.synthetic_patches import SyntheticPatchConfig, generate_patches, write_synthetic_dataset
+from wsi_cmaf.train.data.builders import build_idc_manifest
+from wsi_cmaf.train.data.manifest import _IDC_RE, read_manifest
+from wsi_cmaf.train.data.synthetic_patches import SyntheticPatchConfig, generate_patches, write_synthetic_dataset
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "data_manifests"
 

@@ -19,10 +19,10 @@ from wsi_cmaf.cli import main
 from wsi_cmaf.errors import ConfigError, ManifestError, OutputExistsError
 from wsi_cmaf.infer.modelspec import resolve_model
 from wsi_cmaf.models import load_model
-from wsi_cmaf.train import trainer
+from wsi_cmaf.train.engine import trainer
 from wsi_cmaf.train.config import TrainConfig, merge_dicts
-from wsi_cmaf.train.logging_utils import read_jsonl
-from wsi_cmaf.train.trainer import TrainResult, train
+from wsi_cmaf.train.engine.logging_utils import read_jsonl
+from wsi_cmaf.train.engine.trainer import TrainResult, train
 
 torch.set_num_threads(1)
 
@@ -166,7 +166,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, syn_dir):
     cfg_path = tmp_path / "killed.json"
     cfg_path.write_text(json.dumps(tiny_config(out, syn_dir, **over)))
     code = ("import sys, torch; torch.set_num_threads(1); from wsi_cmaf.train.config import TrainConfig; "
-            "from wsi_cmaf.train.trainer import train; train(TrainConfig.from_file(sys.argv[1]))")
+            "from wsi_cmaf.train.engine.trainer import train; train(TrainConfig.from_file(sys.argv[1]))")
     with open(tmp_path / "child.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-c", code, str(cfg_path)], stdout=log, stderr=log,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
@@ -254,7 +254,7 @@ def test_evaluate_cli_on_store_and_breakhis_style_manifest(tiny_run, syn_dir, tm
     assert report["metrics"]["auprc"]["value"] == pytest.approx(result.test_metrics["metrics"]["auprc"]["value"])
 
     # a BreakHis-like manifest (PNG files, magnification and subtype columns): per-magnification blocks
-    from wsi_cmaf.train.synthetic_patches import SyntheticPatchConfig, write_synthetic_dataset
+    from wsi_cmaf.train.data.synthetic_patches import SyntheticPatchConfig, write_synthetic_dataset
 
     written = write_synthetic_dataset(tmp_path / "bh", SyntheticPatchConfig(n_patients=4, patches_per_patient=6,
                                                                              ratio="50:50"))

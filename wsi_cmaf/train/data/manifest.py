@@ -302,14 +302,3 @@ def task_label_array(frame: pd.DataFrame, column: str, class_names: Sequence[str
         raise ManifestError(f"{where}: {column} values outside the task's classes", problems)
     return out
 
-
-#: Dataset builders live in :mod:`wsi_cmaf.train.data.builders`; still importable from here.
-_BUILDERS = ("ManifestBuild", "scan_idc", "scan_breakhis", "build_idc_manifest", "build_breakhis_manifest")
-
-
-def __getattr__(name: str) -> object:
-    if name in _BUILDERS:
-        from wsi_cmaf.train.data import builders as dataset_builders
-
-        return getattr(dataset_builders, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
