@@ -38,12 +38,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from wsi_cmaf.device import autocast_dtype, resolve_device  # noqa: E402
 from wsi_cmaf.encoders.embed import embed_slide, encoder_model  # noqa: E402
 from wsi_cmaf.encoders.loader import load_encoder  # noqa: E402
 from wsi_cmaf.infer import InferenceConfig  # noqa: E402
 from wsi_cmaf.infer.embeddings import with_embeddings  # noqa: E402
-from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor, autocast_dtype, resolve_device  # noqa: E402
+from wsi_cmaf.infer.runner import BatchRunner  # noqa: E402
 from wsi_cmaf.output.store import HeatmapStore  # noqa: E402
+from wsi_cmaf.preprocess import TilePreprocessor  # noqa: E402
 from wsi_cmaf.slide.synthetic import write_synthetic_slide  # noqa: E402
 
 

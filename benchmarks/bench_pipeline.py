@@ -45,10 +45,12 @@ import zarr
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from wsi_cmaf.device import resolve_device  # noqa: E402
 from wsi_cmaf.infer import InferenceConfig, analyze_slide  # noqa: E402
 from wsi_cmaf.infer.modelspec import resolve_model  # noqa: E402
-from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor, resolve_device  # noqa: E402
+from wsi_cmaf.infer.runner import BatchRunner  # noqa: E402
 from wsi_cmaf.models import ModelConfig, create_model  # noqa: E402
+from wsi_cmaf.preprocess import TilePreprocessor  # noqa: E402
 from wsi_cmaf.slide.synthetic import write_synthetic_slide  # noqa: E402
 
 MODELS = {

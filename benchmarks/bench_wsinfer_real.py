@@ -88,10 +88,10 @@ import dataclasses, json, sys, time
 p = json.loads(sys.argv[1])
 t0 = time.perf_counter()
 import torch
+from wsi_cmaf.device import autocast_dtype
 from wsi_cmaf.infer.config import InferenceConfig
 from wsi_cmaf.infer.pipeline import analyze_slide
 from wsi_cmaf.models.wsinfer import translate_wsinfer_config
-from wsi_cmaf.infer.runner import autocast_dtype
 import_s = time.perf_counter() - t0
 torch.set_num_threads(p["threads"])
 kw = {"batch_size": p["batch_size"]} if p["batch_size"] else {}  # 0: wsi-cmaf's own default

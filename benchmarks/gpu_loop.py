@@ -36,9 +36,10 @@ import torch  # noqa: E402
 
 import wsi_cmaf.infer.pipeline as pipeline_mod  # noqa: E402
 from bench_pipeline import MODELS, model_only_tiles_per_s  # noqa: E402
+from wsi_cmaf.device import resolve_device  # noqa: E402
 from wsi_cmaf.infer import InferenceConfig, analyze_slide  # noqa: E402
 from wsi_cmaf.infer.modelspec import resolve_model  # noqa: E402
-from wsi_cmaf.infer.runner import BatchRunner, resolve_device  # noqa: E402
+from wsi_cmaf.infer.runner import BatchRunner  # noqa: E402
 from wsi_cmaf.models import ModelConfig, create_model  # noqa: E402
 
 
@@ -202,7 +203,7 @@ def cmd_compile(args) -> None:
 
     resolved, device = _resolved(args.model), resolve_device(args.device)
     cfg = resolved.config
-    from wsi_cmaf.infer.runner import TilePreprocessor
+    from wsi_cmaf.preprocess import TilePreprocessor
 
     runner = BatchRunner(resolved.module, TilePreprocessor(cfg.input_size, cfg.mean, cfg.std), device,
                          args.batch_size, args.precision, compile=args.compile)

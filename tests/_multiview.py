@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsi_cmaf.infer.multiview import ViewsPreprocessor, pack_views
-from wsi_cmaf.infer.runner import TilePreprocessor
 from wsi_cmaf.models import ModelConfig, create_model, save_model
 from wsi_cmaf.models.multiview import MultiViewNet
+from wsi_cmaf.preprocess import TilePreprocessor, ViewsPreprocessor, pack_views
 from wsi_cmaf.slide.grid import GridConfig, TileGrid
 from wsi_cmaf.slide.reader import open_slide
 from wsi_cmaf.slide.tissue import TissueMask

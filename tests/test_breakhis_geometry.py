@@ -74,8 +74,8 @@ def test_training_loaders_use_the_whole_image(tmp_path) -> None:
 def test_evaluate_feeds_the_model_the_whole_image(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`wsi-cmaf evaluate` (evaluate_checkpoint): what reaches the model is the resized whole image,
     normalised by the model's mean/std, with no further resize (it is already at the input size)."""
-    from wsi_cmaf.infer.runner import TilePreprocessor
     from wsi_cmaf.models import ModelConfig, create_model, save_model
+    from wsi_cmaf.preprocess import TilePreprocessor
     from wsi_cmaf.train.engine import validate
 
     size = 32

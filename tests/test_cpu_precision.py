@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_cmaf.infer import runner as runner_mod
-from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor, autocast_dtype, cpu_has_native_bf16
+from wsi_cmaf import device as device_mod
+from wsi_cmaf.device import autocast_dtype, cpu_has_native_bf16
+from wsi_cmaf.infer.runner import BatchRunner
+from wsi_cmaf.models import optimize as optimize_mod
 from wsi_cmaf.models.optimize import prepare_for_inference
+from wsi_cmaf.preprocess import TilePreprocessor
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CPU = torch.device("cpu")
@@ -41,7 +44,7 @@ def fresh_detection():
 ])
 def test_native_bf16_detection(monkeypatch, fresh_detection, capability, flags, native) -> None:
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    monkeypatch.setattr(runner_mod, "_cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(device_mod, "cpu_flags", lambda: frozenset(flags))
     assert cpu_has_native_bf16() is native
     assert autocast_dtype(CPU, "auto") == (torch.bfloat16 if native else None)
     # explicit choices are never second-guessed
@@ -49,10 +52,10 @@ def test_native_bf16_detection(monkeypatch, fresh_detection, capability, flags, 
 
 
 def test_cpu_flags_read_this_machine() -> None:
-    flags = runner_mod._cpu_flags()
+    flags = device_mod.cpu_flags()
     assert isinstance(flags, frozenset)
     print(f"capability={torch.backends.cpu.get_cpu_capability()} "
-          f"bf16 flags={sorted(flags & runner_mod.NATIVE_BF16_FLAGS)} native={NATIVE}")
+          f"bf16 flags={sorted(flags & device_mod.NATIVE_BF16_FLAGS)} native={NATIVE}")
 
 
 def _resnet18_script(input_size: int) -> torch.jit.ScriptModule:
@@ -70,7 +73,7 @@ def _tiles(n: int, size: int = 50) -> np.ndarray:
 @pytest.mark.parametrize("native", [False, True])
 def test_torchscript_is_frozen_with_same_outputs(monkeypatch, fresh_detection, native) -> None:
     """Frozen (+ optimize_for_inference where fp32 is the default): outputs within 1e-5."""
-    monkeypatch.setattr(runner_mod, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(optimize_mod, "cpu_has_native_bf16", lambda: native)
     scripted = _resnet18_script(64)
     prepared = prepare_for_inference(scripted, CPU, compile="off")
     assert isinstance(prepared, torch.jit.ScriptModule) and prepared is not scripted and not prepared.training

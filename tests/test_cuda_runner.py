@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from tests._models import DarknessClassifier
-from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor
+from wsi_cmaf.infer.runner import BatchRunner
+from wsi_cmaf.preprocess import TilePreprocessor
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA device (benchmarks/gpu_check.sh runs it on the GPU machine)")

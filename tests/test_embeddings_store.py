@@ -11,8 +11,8 @@ from tests._models import DarknessClassifier, tiny_config
 from wsi_cmaf.errors import DataError, StoreMismatchError
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.infer.embeddings import EmbeddingsUnavailableError
-from wsi_cmaf.infer.runner import TilePreprocessor
 from wsi_cmaf.output.store import HeatmapStore
+from wsi_cmaf.preprocess import TilePreprocessor
 from wsi_cmaf.slide.grid import GridConfig, TileGrid, read_tile
 from wsi_cmaf.slide.reader import open_slide
 from wsi_cmaf.slide.synthetic import write_synthetic_slide

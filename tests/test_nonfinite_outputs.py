@@ -154,7 +154,8 @@ def test_fp16_overflow_is_refused_and_precision_off_resumes_the_failed_tiles(sli
 
 def test_runner_flags_rows_with_any_nonfinite_logit_on_the_device() -> None:
     """-Inf in one logit gives a finite softmax ([0, 1]); the row must still come back as NaN."""
-    from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor
+    from wsi_cmaf.infer.runner import BatchRunner
+    from wsi_cmaf.preprocess import TilePreprocessor
 
     class MinusInf(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from tests._models import DarknessClassifier
-from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor, resize_matrix
+from wsi_cmaf.infer.runner import BatchRunner
 from wsi_cmaf.infer.stainfit import fit_slide_stain
+from wsi_cmaf.preprocess import TilePreprocessor, resize_matrix
 from wsi_cmaf.slide import TissueConfig, detect_tissue, open_slide
 from wsi_cmaf.slide.grid import GridConfig, TileGrid, read_block
 from wsi_cmaf.slide.synthetic import write_synthetic_slide

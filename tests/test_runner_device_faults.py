@@ -15,9 +15,12 @@ import torch
 
 import wsi_cmaf.models.optimize as optimize
 from tests._models import DarknessClassifier
+from wsi_cmaf.device import autocast_dtype
 from wsi_cmaf.errors import ConfigError
 from wsi_cmaf.infer.buffers import HostBufferRing
-from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor, autocast_dtype, device_lock, prepared_model
+from wsi_cmaf.infer.prepared import device_lock, prepared_model
+from wsi_cmaf.infer.runner import BatchRunner
+from wsi_cmaf.preprocess import TilePreprocessor
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -13,9 +13,10 @@ import torch
 from tests._models import DarknessClassifier
 from wsi_cmaf.errors import OutputError
 from wsi_cmaf.infer.buffers import HostBufferRing, PendingProbs
-from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor
+from wsi_cmaf.infer.runner import BatchRunner
 from wsi_cmaf.infer.stream import stream_blocks
 from wsi_cmaf.infer.tasks import BlockFailure
+from wsi_cmaf.preprocess import TilePreprocessor
 from wsi_cmaf.slide.grid import BlockTiles, GridConfig, TileGrid
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -12,11 +12,12 @@ from torch import nn
 
 from wsi_cmaf.errors import OutputError
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
-from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor
+from wsi_cmaf.infer.runner import BatchRunner
 from wsi_cmaf.models import ModelConfig, create_model, save_model
 from wsi_cmaf.output.heatmap import open_heatmap
 from wsi_cmaf.output.store import HeatmapStore
 from wsi_cmaf.output.tiles import tiles_geojson
+from wsi_cmaf.preprocess import TilePreprocessor
 from wsi_cmaf.slide.grid import GridConfig, TileGrid, read_tile
 from wsi_cmaf.slide.reader import open_slide
 from wsi_cmaf.slide.synthetic import write_synthetic_slide

@@ -14,9 +14,9 @@ from wsi_cmaf.errors import ModelError
 from wsi_cmaf.infer.callargs import UNSET, merge_run_config
 from wsi_cmaf.infer.config import InferenceConfig
 from wsi_cmaf.infer.modelspec import quick_weights_sha256, resolve_model
-from wsi_cmaf.infer.runner import TilePreprocessor
 from wsi_cmaf.models.config import ModelConfig
 from wsi_cmaf.models.wsinfer import UnsupportedTransformError, WSInferConfigError, translate_wsinfer_config
+from wsi_cmaf.preprocess import TilePreprocessor
 from wsi_cmaf.slide.grid import GridConfig, TileGrid, read_block, read_tile
 from wsi_cmaf.slide.reader import open_slide
 from wsi_cmaf.slide.synthetic import write_synthetic_slide
@@ -90,8 +90,10 @@ def test_pil_bilinear_float_fallback_matches_uint8_kernel() -> None:
     assert (a - b).abs().max() <= 1.0 and (a - b).abs().mean() < 0.3
 
 
-def test_pyramid_configs_keep_their_json() -> None:
-    assert "patch_source" not in ModelConfig().to_dict()  # old stores' identities unchanged
+def test_saved_configs_name_every_field() -> None:
+    saved = ModelConfig().to_dict()
+    assert saved["patch_source"] == "pyramid" and saved["translated_from"] is None
+    assert ModelConfig.from_dict(saved) == ModelConfig()
 
 
 @pytest.mark.parametrize("step,match", [

@@ -3,7 +3,7 @@
 :func:`explain_slide` re-reads only the chosen tiles from the slide, through the pixel pipeline
 the store was made with: the same grid (rebuilt from the store's tissue fractions by
 :func:`~wsi_cmaf.infer.inputs.load_inputs`), the same block-read backend, the same stored
-Macenko fit and the same :class:`~wsi_cmaf.infer.runner.TilePreprocessor`. The model must be
+Macenko fit and the same :class:`~wsi_cmaf.preprocess.TilePreprocessor`. The model must be
 the one the store records (weights hash and config); anything else would explain a different
 heatmap, so it is refused with :class:`~wsi_cmaf.errors.StoreMismatchError`.
 """
@@ -214,7 +214,7 @@ def _read_views(pixels, grid, specs: Sequence[Any], choice: TileChoice, prep) ->
     """A multi-view model's views (``ViewSpec``s, as resolved) of the chosen tiles, read and
     preprocessed as the analysis did: (pixels of every view, each (n, s, s, 3); preprocessed
     views; missing mask (n, V))."""
-    from wsi_cmaf.infer.multiview import ViewsPreprocessor, pack_views
+    from wsi_cmaf.preprocess import ViewsPreprocessor, pack_views
     from wsi_cmaf.slide.views import read_block_views
 
     item = read_block_views(pixels, grid, None, specs, rows=choice.rows.astype(np.int64),
@@ -235,11 +235,12 @@ def explain_slide(store_path: str | Path, slide: str | Path | None = None, model
     decision threshold. Raises :class:`UsageError` (bad k / settings),
     :class:`UnfinishedStoreError`, :class:`~wsi_cmaf.errors.StoreMismatchError`.
     """
+    from wsi_cmaf.device import resolve_device
     from wsi_cmaf.infer.modelspec import resolve_model
     from wsi_cmaf.infer.pipeline import _pixel_reader
-    from wsi_cmaf.infer.runner import TilePreprocessor, resolve_device
     from wsi_cmaf.models.cmaf_net import CMAFNet
     from wsi_cmaf.output.geojson import positive_class
+    from wsi_cmaf.preprocess import TilePreprocessor
     from wsi_cmaf.slide.grid import read_tile
     from wsi_cmaf.slide.reader import open_slide
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from wsi_cmaf.device import resolve_device
 from wsi_cmaf.errors import ConfigError, DeviceUnavailableError, OutputNotADirectoryError
-from wsi_cmaf.infer.runner import resolve_device
 
 if TYPE_CHECKING:
     import torch

@@ -1,10 +1,11 @@
 """Tile embeddings computed in the same forward pass as the probabilities.
 
 With ``InferenceConfig(embeddings=True)`` the engine runs a wrapper around the model that returns
-``[logits | pooled features]`` in one tensor: the features are the input of the classifier head
-(``forward_features`` pooled), so the probabilities are computed from exactly the vectors that are
-stored. Everything downstream of the model (padding, the CUDA output ring, the writer thread) sees
-one wider output row per tile and splits it when writing; nothing is read twice.
+``[logits | embedding]`` in one tensor: the embedding is ``forward_head(forward_features(x),
+pre_logits=True)``, the vector the model's final classifier layer reads, and the logits come from
+the same feature map in the same pass. Everything downstream of the model (padding, the CUDA
+output ring, the writer thread) sees one wider output row per tile and splits it when writing;
+nothing is read twice.
 """
 
 from __future__ import annotations
@@ -26,12 +27,9 @@ class EmbeddingsUnavailableError(ModelError):
 
 
 class WithEmbeddings(nn.Module):
-    """``x -> cat([logits, features], dim=1)``, where ``logits = forward_head(features)``.
-
-    ``features`` is what the classifier head receives: CMAF-Net's ``forward_features`` output
-    (already pooled); for timm models, whose ``forward_features`` returns a feature map or
-    tokens, ``forward_head(..., pre_logits=True)`` (their pooling, without the final layer).
-    """
+    """``x -> cat([logits, embedding], dim=1)`` from one ``forward_features`` map, with
+    ``logits = forward_head(map)`` and ``embedding = forward_head(map, pre_logits=True)``
+    (timm's contract, which the registry models and encoders follow)."""
 
     def __init__(self, model: nn.Module, tasks: list[str] | None = None) -> None:
         super().__init__()
@@ -44,8 +42,8 @@ class WithEmbeddings(nn.Module):
         logits = self.model.forward_head(feats)
         if isinstance(logits, dict):  # a multi-task model: every task's logits, in task order
             logits = torch.cat([logits[t] for t in (self.tasks or list(logits))], dim=1)
-        pooled = feats if feats.ndim == 2 else self.model.forward_head(feats, pre_logits=True)
-        return torch.cat([logits, pooled.to(logits.dtype)], dim=1)
+        embedding = self.model.forward_head(feats, pre_logits=True)
+        return torch.cat([logits, embedding.to(logits.dtype)], dim=1)
 
 
 _WRAPPED: "weakref.WeakKeyDictionary[nn.Module, tuple[WithEmbeddings, int]]" = weakref.WeakKeyDictionary()
@@ -73,7 +71,7 @@ def with_embeddings(model: nn.Module, input_size: int, name: str = "model", *,
             f"{name} ({kind}) has no forward_features/forward_head, so its tile embeddings cannot be "
             "taken; embeddings need a registry model (cmaf_net, timm:<name>) or weights saved from one "
             "— run without embeddings, or load the model from its weights directory")
-    from wsi_cmaf.infer.multiview import sample_input
+    from wsi_cmaf.preprocess import sample_input
 
     wrapper = WithEmbeddings(model, list(tasks or [])).eval()
     x = sample_input(views, int(input_size))
@@ -87,7 +85,8 @@ def with_embeddings(model: nn.Module, input_size: int, name: str = "model", *,
                                          f"input: {type(exc).__name__}: {exc}") from exc
     dim = int(out.shape[1] - n_classes)
     if out.ndim != 2 or dim < 1:
-        raise EmbeddingsUnavailableError(f"{name}: forward_features gives no feature vector (output {tuple(out.shape)})")
+        raise EmbeddingsUnavailableError(f"{name}: forward_head(pre_logits=True) gives no embedding vector "
+                                         f"(output {tuple(out.shape)})")
     logger.info("tile embeddings: %d features per tile from %s", dim, name)
     with _LOCK:
         _WRAPPED[model] = (wrapper, dim)

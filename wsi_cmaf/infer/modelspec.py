@@ -85,9 +85,9 @@ def _check_outputs(module: nn.Module, config: ModelConfig, name: str) -> tuple[d
     """Run one tiny batch so a wrong class count fails now, not after an hour of reading.
 
     Returns the model's tasks ({} for a single tensor output; see :func:`task_classes`) and its
-    views (None for a single-view model; :func:`wsi_cmaf.infer.multiview.model_views`).
+    views (None for a single-view model; :func:`wsi_cmaf.preprocess.model_views`).
     """
-    from wsi_cmaf.infer.multiview import model_views, sample_input
+    from wsi_cmaf.preprocess import model_views, sample_input
 
     views = model_views(module, config, name)
     size = config.input_size

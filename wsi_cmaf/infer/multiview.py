@@ -1,4 +1,4 @@
-"""Multi-view models in the slide engine (issue 17, items 1-2): views per tile from block reads.
+"""Multi-view models in the slide engine: views per tile from block reads.
 
 A multi-view model (:class:`~wsi_cmaf.models.multiview.MultiViewNet` with ``num_views > 1``)
 declares its views in its config, ``model_kwargs.views = [{"mpp": 4, "size": 50}, {"mpp": 16,
@@ -6,10 +6,11 @@ declares its views in its config, ``model_kwargs.views = [{"mpp": 4, "size": 50}
 ``patch_size_pixels``), the others are context centred on it. For each block the engine reads
 every view with :func:`~wsi_cmaf.slide.views.read_block_views` (one ``read_region`` per block and
 view, never per tile) on the dask reader threads, and packs the block's views and their missing
-flags into one uint8 row per tile (:func:`pack_views`). Everything downstream (the batch runner's
-pinned buffers, padding, the CUDA stream, the writer) handles those rows like tiles; on the device
-:class:`ViewsPreprocessor` unpacks them, preprocesses every view like a tile (stain, resize to
-``input_size``, channel normalisation) and the model gets ``(views, missing)``.
+flags into one uint8 row per tile (:func:`~wsi_cmaf.preprocess.pack_views`). Everything downstream
+(the batch runner's pinned buffers, padding, the CUDA stream, the writer) handles those rows like
+tiles; on the device :class:`~wsi_cmaf.preprocess.ViewsPreprocessor` unpacks them, preprocesses
+every view like a tile (stain, resize to ``input_size``, channel normalisation) and the model gets
+``(views, missing)``.
 
 Undecodable slide tiles. When a block's view read hits one, every view is read again cell by
 cell (:func:`read_block_views_tolerant`): a tile whose own view touches a bad cell is left out and
@@ -24,10 +25,8 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
-from wsi_cmaf.errors import ModelConfigError, UnreadableSlideError
+from wsi_cmaf.errors import UnreadableSlideError
 from wsi_cmaf.infer.tasks import (
     BlockFailure,
     PartialBlock,
@@ -37,6 +36,7 @@ from wsi_cmaf.infer.tasks import (
     footprints_touching,
     worker_reader,
 )
+from wsi_cmaf.preprocess import pack_views
 from wsi_cmaf.slide.grid import Block, BlockTiles, TileGrid
 from wsi_cmaf.slide.reader import SlideReader
 from wsi_cmaf.slide.views import (
@@ -50,74 +50,6 @@ from wsi_cmaf.slide.views import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def model_views(module: nn.Module, config, name: str = "model") -> tuple[ViewSpec, ...] | None:
-    """The views of a multi-view model, or None for a single-view one.
-
-    Taken from the config's ``model_kwargs.views``, else from the module's own config (a
-    :class:`~wsi_cmaf.models.multiview.MultiViewConfig`). Raises :class:`ModelConfigError` when a
-    model with several views declares none, declares a different number, or when view 0 is not
-    the tile (``spacing_um_px`` µm/px, ``patch_size_pixels`` px).
-    """
-    kwargs = dict(getattr(config, "model_kwargs", None) or {})
-    own = getattr(module, "config", None)
-    declared = kwargs.get("views") or getattr(own, "views", None)
-    n_views = kwargs.get("num_views", getattr(own, "num_views", None))
-    if not declared:
-        if isinstance(n_views, int) and n_views > 1:
-            raise ModelConfigError(
-                f"model {name!r} takes {n_views} views but declares none: add model_kwargs.views, e.g. "
-                f'[{{"mpp": {config.spacing_um_px:g}, "size": {config.patch_size_pixels}}}, '
-                f'{{"mpp": {4 * config.spacing_um_px:g}, "size": {config.patch_size_pixels}}}] (view 0 = the tile)')
-        return None
-    try:
-        views = tuple(ViewSpec(float(v["mpp"]), int(v["size"])) for v in declared)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelConfigError(f"model {name!r}: views must be a list of {{mpp, size}}, got {declared!r}") from exc
-    if isinstance(n_views, int) and len(views) != n_views:
-        raise ModelConfigError(f"model {name!r} takes {n_views} views but declares {len(views)}: {declared}")
-    tile = views[0]
-    if tile.size != config.patch_size_pixels or abs(tile.mpp - config.spacing_um_px) > 1e-9 * config.spacing_um_px:
-        raise ModelConfigError(
-            f"model {name!r}: view 0 must be the tile ({config.spacing_um_px:g} µm/px, {config.patch_size_pixels} px: "
-            f"spacing_um_px and patch_size_pixels), got {tile.mpp:g} µm/px, {tile.size} px")
-    return views
-
-
-def sample_input(views: Sequence[ViewSpec] | None, input_size: int) -> tuple:
-    """A one-sample model input: ``(x,)`` for a tile model, ``(views, missing)`` for a multi-view one."""
-    x = torch.zeros(1, 3, input_size, input_size)
-    if not views:
-        return (x,)
-    return [x] * len(views), torch.zeros(1, len(views), dtype=torch.bool)
-
-
-def pack_views(item: BlockViews) -> np.ndarray:
-    """(N, L) uint8 rows: every view's pixels (row-major, view after view), then V missing flags."""
-    n = item.rows.size
-    parts = [v.reshape(n, -1) for v in item.views] + [item.missing.astype(np.uint8)]
-    return np.ascontiguousarray(np.concatenate(parts, axis=1))
-
-
-class ViewsPreprocessor(nn.Module):
-    """Packed rows (:func:`pack_views`) -> (list of V float (B, 3, S, S), missing bool (B, V)).
-
-    Every view goes through the same :class:`~wsi_cmaf.infer.runner.TilePreprocessor` as a tile.
-    """
-
-    def __init__(self, tile: nn.Module, sizes: Sequence[int]) -> None:
-        super().__init__()
-        self.tile = tile
-        self.sizes = [int(s) for s in sizes]
-
-    def forward(self, packed: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        b, start, views = packed.shape[0], 0, []
-        for s in self.sizes:
-            n = s * s * 3
-            views.append(self.tile(packed[:, start:start + n].reshape(b, s, s, 3)))
-            start += n
-        return views, packed[:, start:start + len(self.sizes)].bool()
 
 
 def read_block_views_task(spec: SlideSpec, grid: TileGrid, views: Sequence[ViewSpec],

@@ -16,23 +16,24 @@ from tqdm.auto import tqdm
 from wsi_cmaf.errors import NoDecodableTissueError, OutputWriteError, WsiCmafError
 from wsi_cmaf.infer.attrs import _attrs, _um_per_tile
 from wsi_cmaf.infer.attrs import edge_tiles_attrs  # noqa: F401  (re-exported)
-from wsi_cmaf.infer.checks import check_device, check_inputs
 from wsi_cmaf.infer.callargs import UNSET, merge_run_config
+from wsi_cmaf.infer.checks import check_device, check_inputs
 from wsi_cmaf.infer.config import InferenceConfig
 from wsi_cmaf.infer.guards import check_nonfinite, check_output_space, output_write_errors, writer_lock
 from wsi_cmaf.infer.inputs import RunInputs, load_inputs, restore_stain, run_identity, save_inputs, save_stain
 from wsi_cmaf.infer.modelspec import ResolvedModel, resolve_model
 from wsi_cmaf.infer.multitask import segments, task_outputs
-from wsi_cmaf.infer.multiview import ViewsPreprocessor, read_block_views_task
+from wsi_cmaf.infer.multiview import read_block_views_task
 from wsi_cmaf.infer.result import SlideResult
-from wsi_cmaf.infer.runner import BatchRunner, TilePreprocessor
+from wsi_cmaf.infer.runner import BatchRunner
 from wsi_cmaf.infer.stainfit import fit_from_blocks, fit_from_tiles, read_sample, sample_is_all_tissue, sample_tiles
 from wsi_cmaf.infer.stream import BlockFeed, stream_blocks
 from wsi_cmaf.infer.summary import failure_records, summarise
-from wsi_cmaf.qc.stage import qc_before_inference, qc_identity, qc_into_store, qc_summary
 from wsi_cmaf.infer.tasks import BlockFailure, SlideSpec, read_block_task
 from wsi_cmaf.output.provenance import api_call, run_provenance
 from wsi_cmaf.output.store import HeatmapStore
+from wsi_cmaf.preprocess import TilePreprocessor, ViewsPreprocessor
+from wsi_cmaf.qc.stage import qc_before_inference, qc_identity, qc_into_store, qc_summary
 from wsi_cmaf.slide.grid import GridConfig, TileGrid, block_read_backend
 from wsi_cmaf.slide.level0 import block_tiles_for_level0
 from wsi_cmaf.slide.reader import open_slide

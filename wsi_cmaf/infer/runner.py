@@ -1,173 +1,20 @@
-"""Batched, on-device preprocessing and model execution for uint8 tiles."""
+"""Batched model execution for uint8 tiles, preprocessed on the device (:mod:`wsi_cmaf.preprocess`)."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from wsi_cmaf.device import autocast_dtype
 from wsi_cmaf.infer.buffers import HostBufferRing, PendingProbs, sync_event
-from wsi_cmaf.infer.prepared import device_key, device_lock, prepared_model  # noqa: F401 (public here too)
+from wsi_cmaf.infer.prepared import device_lock, prepared_model
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when present, else CPU; a name is checked (a valid torch device,
-    and CUDA actually available when asked for), so a wrong device fails before any work."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from wsi_cmaf.errors import ConfigError
-
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise ConfigError(f"device {device!r} is not a torch device name ({exc})") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
-    return resolved
-
-
-def autocast_dtype(device: torch.device, mode: str) -> torch.dtype | None:
-    """The autocast dtype for ``mode`` on ``device`` (None = full precision)."""
-    if mode == "off":
-        return None
-    if mode == "bf16":
-        return torch.bfloat16
-    if mode == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
-    # On CPU bf16 pays only where the hardware computes it (AMX / AVX512-BF16): elsewhere
-    # oneDNN emulates it, which is slower than fp32 and still changes the numbers.
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
-
-
-def cuda_has_native_bf16() -> bool:
-    """Whether the current CUDA device computes bf16 natively (compute capability 8.0 and newer).
-
-    ``torch.cuda.is_bf16_supported()`` also says yes where bf16 is only emulated (V100, T4), which
-    runs slower than fp16 there; training asks the same question (``train.engine.amp``).
-    """
-    try:
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    except TypeError:  # torch releases without the argument counted native support only
-        return bool(torch.cuda.is_bf16_supported())
-
-
-def _cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where there is none, e.g. macOS, Windows)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-#: /proc/cpuinfo flags of x86 CPUs that compute bf16 natively (Sapphire Rapids+, Cooper Lake, Zen 4+)
-NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU runs bf16 matrix kernels natively (checked at run time, once).
-
-    Both must hold: PyTorch dispatches AVX-512 kernels (``get_cpu_capability``; not when
-    ``ATEN_CPU_CAPABILITY`` forces a lower level or on non-x86 CPUs) and the CPU reports AMX-BF16
-    or AVX512-BF16. Unknown means no: fp32 is always correct, bf16 is only faster where native.
-    """
-    capability = torch.backends.cpu.get_cpu_capability()
-    return capability.upper().startswith("AVX512") and bool(NATIVE_BF16_FLAGS & _cpu_flags())
-
-
-def resize_matrix(n_in: int, n_out: int, mode: str = "bicubic") -> torch.Tensor:
-    """(n_out, n_in) matrix that resamples one axis exactly as ``F.interpolate(mode=...)`` does.
-
-    Every ``F.interpolate`` mode is linear and separable, so the matrix is its response to the
-    impulses of an identity image (antialiasing included when it shrinks, the same rule
-    :class:`TilePreprocessor` applies). Why a matrix: on CPU ``F.interpolate(mode="bicubic")``
-    runs ~5x slower than the two small matrix products that give the same numbers (50 -> 64 px,
-    256 tiles: ~30 ms vs ~5 ms), which is a tenth of a cheap model's time per tile.
-    """
-    mode = "bilinear" if mode == "pil_bilinear" else mode  # same filter; the rounding is the caller's
-    eye = torch.eye(n_in, dtype=torch.float64).view(1, 1, n_in, n_in)
-    smooth = mode in {"bilinear", "bicubic"}
-    kwargs = {"align_corners": False, "antialias": n_out < n_in} if smooth else {}
-    # Only axis -2 changes size; axis -1 keeps its size, which every mode maps to itself.
-    return F.interpolate(eye, size=(n_out, n_in), mode=mode, **kwargs)[0, 0].float()
-
-
-class TilePreprocessor(nn.Module):
-    """uint8 NHWC tiles -> normalised float NCHW model input, all on the model's device.
-
-    Order follows the paper: stain normalisation on the native tile, then bicubic resize
-    to the model's input size, then channel normalisation. Doing it batched on the device
-    avoids the per-tile CPU resizing that dominates simpler pipelines; the resize is two
-    matrix products with :func:`resize_matrix` (same result as ``F.interpolate``, faster).
-    """
-
-    def __init__(
-        self,
-        input_size: int,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        interpolation: str = "bicubic",
-        stain: nn.Module | None = None,
-    ) -> None:
-        super().__init__()
-        self.input_size = int(input_size)
-        self.interpolation = interpolation
-        self.stain = stain
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
-        self._matrices: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-    def _matrix(self, n_in: int, device: torch.device) -> torch.Tensor:
-        key = (n_in, device)
-        if key not in self._matrices:
-            self._matrices[key] = resize_matrix(n_in, self.input_size, self.interpolation).to(device)
-        return self._matrices[key]
-
-    def _pil_bilinear(self, tiles: torch.Tensor, uint8_kernel: bool | None = None) -> torch.Tensor:
-        """PIL-style resize: antialiased bilinear on uint8, rounded to uint8 (WSInfer's pixels).
-
-        On CPU torch's uint8 kernel (channels_last) reproduces PIL's result (measured against
-        PIL on slide patches: mean |diff| < 0.01 grey level, max 1) about 10x faster than the
-        float path; elsewhere the float matrices are used and rounded the same way.
-        """
-        x = tiles.permute(0, 3, 1, 2)  # NCHW view of NHWC memory = channels_last, no copy
-        if x.device.type == "cpu" if uint8_kernel is None else uint8_kernel:
-            size = (self.input_size, self.input_size)
-            return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).to(torch.float32)
-        h, w = x.shape[-2:]
-        x = self._matrix(h, x.device) @ x.to(torch.float32) @ self._matrix(w, x.device).T
-        return x.round_().clamp_(0.0, 255.0)
-
-    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
-        """``tiles``: uint8 (B, H, W, 3) -> float32 (B, 3, S, S)."""
-        if self.interpolation == "pil_bilinear" and self.stain is None and tiles.shape[1:3] != (self.input_size,) * 2:
-            return self._pil_bilinear(tiles).sub_(self.mean).div_(self.std)
-        x = tiles.permute(0, 3, 1, 2).to(torch.float32, copy=True)  # own copy: modified in place below
-        if self.stain is not None:
-            x = self.stain(x)
-        h, w = x.shape[-2:]
-        if h != self.input_size or w != self.input_size:
-            x = self._matrix(h, x.device) @ x @ self._matrix(w, x.device).T
-            # Bicubic overshoots; keep the model's input inside the range it was trained on.
-            x = x.clamp_(0.0, 255.0)
-        # in place: x is always this call's own tensor here (a fresh float copy at least)
-        return x.sub_(self.mean).div_(self.std)
 
 
 class BatchRunner:

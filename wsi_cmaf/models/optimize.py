@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from wsi_cmaf.device import cpu_has_native_bf16
+
 logger = logging.getLogger(__name__)
 
 #: Valid values of the ``compile`` setting (inference and training configs validate against it).
@@ -143,8 +145,6 @@ def _autocasts_by_default(device: torch.device) -> bool:
     """Whether ``autocast="auto"`` runs ``device`` in reduced precision (CUDA, CPUs with native bf16)."""
     if device.type == "cuda":
         return True
-    from wsi_cmaf.infer.runner import cpu_has_native_bf16  # imported here: infer imports this module
-
     return device.type == "cpu" and cpu_has_native_bf16()
 
 

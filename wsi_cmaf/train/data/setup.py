@@ -1,6 +1,6 @@
 """Turn a :class:`~wsi_cmaf.train.config.DataConfig` into loaders and a batch preprocessor.
 
-Batch preprocessing mirrors inference exactly (``wsi_cmaf.infer.runner.TilePreprocessor``):
+Batch preprocessing mirrors inference exactly (``wsi_cmaf.preprocess.TilePreprocessor``):
 Macenko normalisation on the native patch (one stain fit per patient, as inference fits one
 per slide), then — in training only — augmentation, then bicubic resize to the model's input
 size and ImageNet channel normalisation. The resize/normalise step *is* ``TilePreprocessor``,
@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from wsi_cmaf.errors import ConfigError, DataError
-from wsi_cmaf.infer.runner import TilePreprocessor
-from wsi_cmaf.train.data.augment import AugmentConfig, BatchAugment, PatientStainNormalizer
-from wsi_cmaf.train.config import DataConfig, ModelSection
 from wsi_cmaf.models.multiview import ViewBatch
+from wsi_cmaf.preprocess import TilePreprocessor
+from wsi_cmaf.train.config import DataConfig, ModelSection
+from wsi_cmaf.train.data.augment import AugmentConfig, BatchAugment, PatientStainNormalizer
 from wsi_cmaf.train.data.datasets import DataBundle, anchor_image, build_dataloaders
 from wsi_cmaf.train.data.manifest import BREAKHIS_SUBTYPE_ORDER, read_manifest, write_manifest
 

@@ -14,6 +14,7 @@ import logging
 import torch
 from torch.optim import Optimizer
 
+from wsi_cmaf.device import cuda_has_native_bf16
 from wsi_cmaf.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -35,11 +36,8 @@ def resolve_precision(mode: str, device_type: str, bf16_supported: bool | None =
     if mode == "auto":
         if device_type != "cuda":
             return "fp32"
-        if bf16_supported is None:
-            try:  # emulated bf16 (pre-Ampere) is slower than fp16: ask for native support only
-                bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
-            except TypeError:
-                bf16_supported = torch.cuda.is_bf16_supported()
+        if bf16_supported is None:  # emulated bf16 (pre-Ampere) is slower than fp16: native support only
+            bf16_supported = cuda_has_native_bf16()
         return "bf16" if bf16_supported else "fp16"
     return {"off": "fp32", "bf16": "bf16", "fp16": "fp16"}[mode]
 

@@ -27,12 +27,13 @@ from typing import Any
 
 from torch import nn
 
+from wsi_cmaf.device import resolve_device
 from wsi_cmaf.errors import ConfigError
 from wsi_cmaf.losses import IBObjective, LossConfig
 from wsi_cmaf.models import ABLATIONS, create_model
-from wsi_cmaf.train.engine.checkpoint import save_checkpoint
 from wsi_cmaf.train.config import StageConfig, TrainConfig
 from wsi_cmaf.train.data.setup import build_data, build_pipeline, split_frame
+from wsi_cmaf.train.engine.checkpoint import save_checkpoint
 from wsi_cmaf.train.engine.logging_utils import RunLogger
 from wsi_cmaf.train.engine.stages import (
     BranchHeads,
@@ -46,9 +47,8 @@ from wsi_cmaf.train.engine.stages import (
     enable_grad_checkpointing,
     ramp_steps,
 )
-from wsi_cmaf.infer.runner import resolve_device
-from wsi_cmaf.train.engine.validate import split_report
 from wsi_cmaf.train.engine.tasks import is_multitask, predict_tasks, primary_view, secondary_metrics
+from wsi_cmaf.train.engine.validate import split_report
 from wsi_cmaf.train.engine.loop import (
     Amp,
     RunContext,

@@ -18,20 +18,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from wsi_cmaf.device import resolve_device
 from wsi_cmaf.errors import ConfigError, DataError, ModelError
-from wsi_cmaf.infer.runner import resolve_device
 from wsi_cmaf.models import ModelConfig, load_model
 from wsi_cmaf.train.config import ModelSection
 from wsi_cmaf.train.data.setup import BatchPipeline, fit_patient_stain
 from wsi_cmaf.train.data.datasets import (
     DataBundle, ManifestDataset, PatchStoreDataset, _is_store, anchor_image, collate_views,
 )
-from wsi_cmaf.train.evaluate.predict import full_report, predict
-from wsi_cmaf.train.data.manifest import SPLITS, Manifest, read_manifest
 from wsi_cmaf.train.data.geometry import decide_geometry
-from wsi_cmaf.train.evaluate.metrics import mcnemar_test
+from wsi_cmaf.train.data.manifest import SPLITS, Manifest, read_manifest
 from wsi_cmaf.train.engine.state import json_safe, write_json
 from wsi_cmaf.train.engine.tasks import primary_view
+from wsi_cmaf.train.evaluate.metrics import mcnemar_test
+from wsi_cmaf.train.evaluate.predict import full_report, predict
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ def _subtype_labels(frame: pd.DataFrame, class_names: Sequence[str], where: str)
 
 def saved_views(module: nn.Module, mc: ModelConfig) -> list[dict] | None:
     """A saved multi-view model's views in a patch store's form (``[{"mpp", "size"}]``), None for
-    one view; checked as the slide engine checks them (:func:`wsi_cmaf.infer.multiview.model_views`)."""
-    from wsi_cmaf.infer.multiview import model_views
+    one view; checked as the slide engine checks them (:func:`wsi_cmaf.preprocess.model_views`)."""
+    from wsi_cmaf.preprocess import model_views
     from wsi_cmaf.slide.views import views_attrs
 
     views = model_views(module, mc, getattr(mc, "architecture", "model"))

@@ -28,8 +28,8 @@ from typing import Any
 import pandas as pd
 import torch
 
+from wsi_cmaf.device import resolve_device
 from wsi_cmaf.errors import ConfigError
-from wsi_cmaf.infer.runner import resolve_device
 from wsi_cmaf.train.paper.efficiency_report import markdown_efficiency, plot_efficiency
 
 logger = logging.getLogger(__name__)

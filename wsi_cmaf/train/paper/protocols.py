@@ -311,7 +311,7 @@ def _jsonable(value: Any) -> Any:
 
 def _write_plan(out: Path, protocol: Protocol, base: dict[str, Any]) -> None:
     """``protocol.json``: what this folder holds and how it was made (runs and their overrides)."""
-    from wsi_cmaf.infer.runner import resolve_device
+    from wsi_cmaf.device import resolve_device
     from wsi_cmaf.train.paper.provenance import provenance
 
     plan = {"protocol": protocol.name, "title": protocol.title, "group_by": protocol.group_by,
