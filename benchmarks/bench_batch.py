@@ -47,7 +47,8 @@ def _noop(x: int) -> int:
 
 def _decode_tiles(path: Path, mpp_tile: float, tile: int) -> tuple[list, int]:
     """(read callables of every tissue block, tissue tiles) of a slide, as the loop reads them."""
-    from wsi_cmaf.slide.grid import GridConfig, TileGrid, block_read_backend, read_block
+    from wsi_cmaf.slide.grid import GridConfig, TileGrid
+    from wsi_cmaf.slide.reads import block_read_backend, read_block
     from wsi_cmaf.slide.reader import open_slide
     from wsi_cmaf.slide.tissue import TissueConfig, detect_tissue
 

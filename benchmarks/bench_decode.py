@@ -59,7 +59,7 @@ def synthetic_slide(width: int, height: int, folder: Path, workers: int) -> Path
 
 def _grid(path: Path, mpp: float | None, tile_mpp: float, tile: int, block_tiles: int):
     from wsi_cmaf.slide import GridConfig, TileGrid, detect_tissue, open_slide
-    from wsi_cmaf.slide.grid import block_read_backend
+    from wsi_cmaf.slide.reads import block_read_backend
 
     with open_slide(path, mpp=mpp) as reader:
         grid = TileGrid.from_slide(reader, GridConfig(mpp=tile_mpp, tile_size=tile, block_tiles=block_tiles),
@@ -183,7 +183,7 @@ def cucim_reads(path: Path, grid, backend: str, threads: int, repeats: int) -> d
     except ImportError as exc:
         return {"available": False, "reason": f"cucim not importable: {exc}"}
     from wsi_cmaf.slide import open_slide
-    from wsi_cmaf.slide.grid import _level0_for_level_px
+    from wsi_cmaf.slide.grid import level0_for_level_px
 
     img = CuImage(str(path))
     t, step, ds = grid.config.tile_size, grid.config.step, grid.level_downsample
@@ -193,7 +193,7 @@ def cucim_reads(path: Path, grid, backend: str, threads: int, repeats: int) -> d
         if rows.size:
             y0, x0 = int(rows.min()) * step, int(cols.min()) * step
             h, w = (int(rows.max()) - int(rows.min())) * step + t, (int(cols.max()) - int(cols.min())) * step + t
-            windows.append(((_level0_for_level_px(x0, ds), _level0_for_level_px(y0, ds)), (w, h)))
+            windows.append(((level0_for_level_px(x0, ds), level0_for_level_px(y0, ds)), (w, h)))
 
     def timed(read) -> tuple[float, list[np.ndarray]]:
         best, out = float("inf"), []

@@ -12,7 +12,7 @@ downsample 16, no resizing):
   to a numpy array (OpenSlide: RGBA PIL image; tiffslide: ``as_array=True``);
 * engine: :func:`wsi_cmaf.slide.read_block` over the blocks with tissue, with the backend
   ``analyze_slide`` reads blocks with for a slide that backend opened
-  (:func:`wsi_cmaf.slide.grid.block_read_backend`: tiffslide for TIFF-family files OpenSlide
+  (:func:`wsi_cmaf.slide.reads.block_read_backend`: tiffslide for TIFF-family files OpenSlide
   opened); ``block_same_backend_tiles_per_s`` is the engine forced onto the naive loop's backend.
 
 Each figure is the best of ``--repeats`` passes, each on a freshly opened slide (so OpenSlide's
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from wsi_cmaf.slide import GridConfig, TileGrid, detect_tissue, open_slide, write_synthetic_slide
-    from wsi_cmaf.slide.grid import block_read_backend
+    from wsi_cmaf.slide.reads import block_read_backend
 
     folder = args.cache_dir or _cache_dir()
     path = folder / f"bench_{args.size}x{args.size}_seed{args.seed}.tiff"

@@ -24,7 +24,8 @@ from wsi_cmaf.output.geojson import regions_geojson
 from wsi_cmaf.output.store import HeatmapStore
 from wsi_cmaf.output.tiles import tiles_geojson
 from wsi_cmaf.slide import detect_tissue, open_slide
-from wsi_cmaf.slide.grid import PAD_VALUE, GridConfig, TileGrid, read_block, read_tile
+from wsi_cmaf.slide.grid import PAD_VALUE, GridConfig, TileGrid
+from wsi_cmaf.slide.reads import read_block, read_tile
 
 W, H, MPP = 230, 170, 4.0
 PINK = (200, 120, 170)

@@ -11,7 +11,8 @@ import pytest
 from wsi_cmaf.cli import main as cli_main
 from wsi_cmaf.errors import ConfigError
 from wsi_cmaf.slide import TissueMask, detect_tissue, open_slide
-from wsi_cmaf.slide.grid import GridConfig, TileGrid, read_block, read_tile, tissue_fractions
+from wsi_cmaf.slide.grid import GridConfig, TileGrid, tissue_fractions
+from wsi_cmaf.slide.reads import read_block, read_tile
 from wsi_cmaf.slide.synthetic import write_synthetic_slide
 
 
@@ -191,7 +192,7 @@ def test_cli_tiles_with_preview(synthetic, tmp_path, capsys):
 
 
 def test_read_planning_trades_calls_against_pixels():
-    from wsi_cmaf.slide.grid import plan_reads
+    from wsi_cmaf.slide.reads import plan_reads
 
     # Two tissue islands in opposite corners of a 32 x 32 block.
     rows = np.array([0, 0, 1, 30, 31, 31])
@@ -228,7 +229,7 @@ def test_strip_reads_give_the_same_tiles_as_one_read():
 
 
 def test_block_backend_choice_reads_the_same_pixels(synthetic, tmp_path):
-    from wsi_cmaf.slide.grid import block_read_backend
+    from wsi_cmaf.slide.reads import block_read_backend
 
     with open_slide(synthetic.path, backend="openslide") as a, open_slide(synthetic.path, backend="tiffslide") as b:
         assert block_read_backend(a) == "tiffslide" and block_read_backend(b) == "tiffslide"

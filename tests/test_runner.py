@@ -12,7 +12,8 @@ from wsi_cmaf.infer.runner import BatchRunner
 from wsi_cmaf.infer.stainfit import fit_slide_stain
 from wsi_cmaf.preprocess import TilePreprocessor, resize_matrix
 from wsi_cmaf.slide import TissueConfig, detect_tissue, open_slide
-from wsi_cmaf.slide.grid import GridConfig, TileGrid, read_block
+from wsi_cmaf.slide.grid import GridConfig, TileGrid
+from wsi_cmaf.slide.reads import read_block
 from wsi_cmaf.slide.synthetic import write_synthetic_slide
 from wsi_cmaf.stain import MacenkoNormalizer, fit_macenko
 from wsi_cmaf.train.data.synthetic_patches import SyntheticPatchConfig, patient_params, render_patches

@@ -169,7 +169,7 @@ def test_on_a_real_pyramidal_tiff(tmp_path):
         out = read_block_views(reader, grid, grid.blocks[0], (ViewSpec(4.0, 16), ViewSpec(16.0, 16)))
         assert len(calls) == 2
         # the tile view of a cropped grid is the tile as read_block cuts it
-        from wsi_cmaf.slide.grid import read_block
+        from wsi_cmaf.slide.reads import read_block
 
         tiles = read_block(reader, grid, grid.blocks[0])
         assert np.array_equal(out.views[0], tiles.tiles)

@@ -17,7 +17,8 @@ from wsi_cmaf.infer.modelspec import quick_weights_sha256, resolve_model
 from wsi_cmaf.models.config import ModelConfig
 from wsi_cmaf.models.wsinfer import UnsupportedTransformError, WSInferConfigError, translate_wsinfer_config
 from wsi_cmaf.preprocess import TilePreprocessor
-from wsi_cmaf.slide.grid import GridConfig, TileGrid, read_block, read_tile
+from wsi_cmaf.slide.grid import GridConfig, TileGrid
+from wsi_cmaf.slide.reads import read_block, read_tile
 from wsi_cmaf.slide.reader import open_slide
 from wsi_cmaf.slide.synthetic import write_synthetic_slide
 

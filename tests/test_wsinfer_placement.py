@@ -16,8 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from wsi_cmaf.errors import ConfigError, StoreMismatchError
-from wsi_cmaf.slide.grid import GridConfig, TileGrid, read_tile
+from wsi_cmaf.errors import ConfigError, StoreFormatError
+from wsi_cmaf.slide.grid import GridConfig, TileGrid
+from wsi_cmaf.slide.reads import read_tile
 from wsi_cmaf.slide.level0 import level0_tile_px, wsinfer_level0_px
 
 from tests.test_wsinfer import TinyNet

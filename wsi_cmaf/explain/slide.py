@@ -241,7 +241,7 @@ def explain_slide(store_path: str | Path, slide: str | Path | None = None, model
     from wsi_cmaf.models.cmaf_net import CMAFNet
     from wsi_cmaf.output.geojson import positive_class
     from wsi_cmaf.preprocess import TilePreprocessor
-    from wsi_cmaf.slide.grid import read_tile
+    from wsi_cmaf.slide.reads import read_tile
     from wsi_cmaf.slide.reader import open_slide
 
     settings = settings or ExplainSettings()

@@ -34,7 +34,8 @@ from wsi_cmaf.output.provenance import api_call, run_provenance
 from wsi_cmaf.output.store import HeatmapStore
 from wsi_cmaf.preprocess import TilePreprocessor, ViewsPreprocessor
 from wsi_cmaf.qc.stage import qc_before_inference, qc_identity, qc_into_store, qc_summary
-from wsi_cmaf.slide.grid import GridConfig, TileGrid, block_read_backend
+from wsi_cmaf.slide.grid import GridConfig, TileGrid
+from wsi_cmaf.slide.reads import block_read_backend
 from wsi_cmaf.slide.level0 import block_tiles_for_level0
 from wsi_cmaf.slide.reader import open_slide
 from wsi_cmaf.slide.tissue import TissueConfig, tissue_mask_from_rgb
@@ -243,7 +244,7 @@ def _pixel_reader(reader, cfg: InferenceConfig, stack: ExitStack):
     """The reader that decodes pixels (thumbnails, stain sample, blocks) for ``reader``'s slide.
 
     Usually ``reader`` itself; for TIFF-family slides OpenSlide opened, a tiffslide reader of the
-    same pyramid (see :func:`~wsi_cmaf.slide.grid.block_read_backend`), given the µm/px the
+    same pyramid (see :func:`~wsi_cmaf.slide.reads.block_read_backend`), given the µm/px the
     opening reader resolved. Metadata always comes from ``reader``.
     """
     backend = _block_backend(reader, cfg)

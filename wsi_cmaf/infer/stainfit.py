@@ -21,7 +21,8 @@ import logging
 import numpy as np
 
 from wsi_cmaf.errors import WsiCmafError
-from wsi_cmaf.slide.grid import BlockTiles, TileGrid, read_tile
+from wsi_cmaf.slide.grid import BlockTiles, TileGrid
+from wsi_cmaf.slide.reads import read_tile
 from wsi_cmaf.stain import MacenkoNormalizer, fit_macenko
 
 logger = logging.getLogger(__name__)

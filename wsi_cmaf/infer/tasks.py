@@ -20,7 +20,8 @@ import numpy as np
 
 from wsi_cmaf.errors import UnreadableSlideError
 from wsi_cmaf.slide.faults import DEFAULT_TILE, read_window_tolerant
-from wsi_cmaf.slide.grid import Block, BlockTiles, TileGrid, _level0_for_level_px, read_block
+from wsi_cmaf.slide.grid import Block, BlockTiles, TileGrid, level0_for_level_px
+from wsi_cmaf.slide.reads import read_block
 from wsi_cmaf.slide.reader import SlideReader, open_slide
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class _TolerantReader:
 
         def read(x: int, y: int, w: int, h: int) -> np.ndarray:
             # the level-0 location read_block would use for this level pixel
-            return self._reader.read_region((_level0_for_level_px(x, ds), _level0_for_level_px(y, ds)), level, (w, h))
+            return self._reader.read_region((level0_for_level_px(x, ds), level0_for_level_px(y, ds)), level, (w, h))
 
         box = (int(location[0] / ds), int(location[1] / ds), int(size[0]), int(size[1]))
         # recover: the backends reset their own handles after a failed read (OpenSlide reopens)

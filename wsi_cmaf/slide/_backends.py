@@ -95,7 +95,7 @@ class Backend(ABC):
     vendor_mpp: tuple[float, float] | None = None
     associated_names: tuple[str, ...] = ()
     #: Fixed cost of one read_region call expressed in pixels' worth of decoding, so block
-    #: reads can trade fewer calls against fewer decoded pixels (see windows.plan_reads).
+    #: reads can trade fewer calls against fewer decoded pixels (see reads.plan_reads).
     #: Measured on the 40,000 px benchmark slide at its 4 µm/px level (2 cores): OpenSlide
     #: ~0.05 ms per call and ~36 ns per pixel; tiffslide ~2 ms per call and ~10 ns per pixel.
     call_overhead_px: int = 50_000

@@ -1,4 +1,4 @@
-"""Tile grids at a target µm/px and block-wise tile reading.
+"""Tile grids at a target µm/px: where each tile and block lies on the slide.
 
 A :class:`TileGrid` lays square tiles of ``tile_size`` px at ``mpp`` µm/px over the slide, with
 ``stride`` px between tile origins (``stride < tile_size`` gives overlap). Tile ``(row, col)``
@@ -16,16 +16,16 @@ inside area, so a tile half off the slide and full of tissue inside counts as ti
 ``min_inside_fraction=1`` restores whole tiles only.
 
 Tiles are grouped in **blocks** of ``block_tiles x block_tiles`` tiles: one block is one unit
-of work and one Zarr chunk of the heatmap. :func:`read_block` reads the bounding box of the
-block's tissue tiles with ONE ``read_region`` call at the grid's level and cuts the tiles in
-memory; blocks without tissue tiles are not in ``grid.blocks`` and are never read.
+of work and one Zarr chunk of the heatmap. :func:`~wsi_cmaf.slide.reads.read_block` reads the
+bounding box of the block's tissue tiles with ONE ``read_region`` call at the grid's level and
+cuts the tiles in memory; blocks without tissue tiles are not in ``grid.blocks`` and are never read.
 
 When the chosen level's µm/px equals the target (relative difference < 0.2 %), tiles are
 plain crops of that level and pixel-identical to per-tile ``read_region`` calls. Otherwise
 the level window is resized (Pillow, antialiased bilinear, with a sub-pixel source box) to
-exactly the target grid; tiles then match per-tile reads (:func:`read_tile`) to within
-interpolation round-off except near block edges (tested: mean absolute difference < 1 grey level).
-The window reads themselves (and :func:`read_tile`) are in :mod:`wsi_cmaf.slide.windows`.
+exactly the target grid; tiles then match per-tile reads (:func:`~wsi_cmaf.slide.reads.read_tile`)
+to within interpolation round-off except near block edges (tested: mean absolute difference < 1
+grey level). All pixel reads are in :mod:`wsi_cmaf.slide.reads`; this module holds geometry only.
 """
 
 from __future__ import annotations
@@ -41,9 +41,6 @@ from wsi_cmaf.errors import ConfigError, RequestTooLargeError
 from wsi_cmaf.slide._pixels import PAD_VALUE  # noqa: F401  (re-exported)
 from wsi_cmaf.slide.level0 import level0_extent, level0_grid_config, record_level0_placement, wsinfer_level0_px
 from wsi_cmaf.slide.tissue import inside_fractions, tissue_fractions  # noqa: F401  (re-exported)
-from wsi_cmaf.slide.windows import _level0_for_level_px, _read_strip, _tile_shape, plan_reads, read_tile
-# re-exported: views.py cuts its windows with it, imported from here
-from wsi_cmaf.slide.windows import _read_target_window  # noqa: F401
 
 if TYPE_CHECKING:
     from wsi_cmaf.slide.reader import SlideReader
@@ -51,7 +48,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GridConfig", "TileGrid", "Block", "BlockTiles", "PAD_VALUE", "read_block", "read_tile",
+__all__ = ["GridConfig", "TileGrid", "Block", "BlockTiles", "PAD_VALUE", "level0_for_level_px",
            "tissue_fractions", "inside_fractions"]
 
 _SAME_MPP_RTOL = 0.002  # level µm/px within 0.2 % of the target: read pixels as they are
@@ -125,6 +122,16 @@ class BlockTiles:
 
     block: Block
     tiles: np.ndarray
+def level0_for_level_px(px: int, downsample: float) -> int:
+    """Smallest level-0 coordinate that backends map to level pixel ``px`` (int(loc / ds))."""
+    loc = int(round(px * downsample))
+    while int(loc / downsample) < px:
+        loc += 1
+    while loc > 0 and int((loc - 1) / downsample) >= px:
+        loc -= 1
+    return loc
+
+
     rows: np.ndarray
     cols: np.ndarray
 
@@ -326,8 +333,8 @@ class TileGrid:
             stride = self.level0_pitch[1]
             return (col * stride, row * stride)
         if self.exact:
-            return (_level0_for_level_px(col * step, self.level_downsample),
-                    _level0_for_level_px(row * step, self.level_downsample))
+            return (level0_for_level_px(col * step, self.level_downsample),
+                    level0_for_level_px(row * step, self.level_downsample))
         return (int(round(col * step * self.config.mpp / self.slide_mpp[0])),
                 int(round(row * step * self.config.mpp / self.slide_mpp[1])))
 
@@ -335,56 +342,3 @@ class TileGrid:
         """Global (rows, cols) of the tissue tiles of ``block``, row-major."""
         r, c = np.nonzero(self.tissue[block.rows, block.cols])
         return r + block.rows.start, c + block.cols.start
-
-
-def read_block(reader: SlideReader, grid: TileGrid, block: Block) -> BlockTiles:
-    """Tissue tiles of ``block``, cut in memory from as few reads as pay off.
-
-    One ``read_region`` of the tissue tiles' bounding box, unless the reader says its calls are
-    cheap relative to decoding (``call_overhead_px``, OpenSlide): then :func:`plan_reads` may
-    split sparse tissue into a few row strips. Readers without that attribute get one read.
-    """
-    rows, cols = grid.tissue_indices(block)
-    t, step = grid.config.tile_size, grid.config.step
-    if rows.size == 0:
-        return BlockTiles(block, np.zeros((0, *_tile_shape(grid), 3), np.uint8), rows, cols)
-    overhead = getattr(reader, "call_overhead_px", None)
-    if overhead is None:
-        strips = [(int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max()))]
-    else:
-        strips = plan_reads(rows, cols, t, step, float(overhead))
-    if len(strips) == 1:  # the common case: no extra copy into a gathered array
-        return BlockTiles(block, _read_strip(reader, grid, strips[0], rows, cols), rows, cols)
-    tiles = np.empty((rows.size, *_tile_shape(grid), 3), np.uint8)
-    for strip in strips:
-        sel = (rows >= strip[0]) & (rows <= strip[1])
-        tiles[sel] = _read_strip(reader, grid, strip, rows[sel], cols[sel])
-    return BlockTiles(block, tiles, rows, cols)
-
-
-def block_read_backend(reader: SlideReader) -> str:
-    """The backend block reads should use for ``reader``'s file.
-
-    OpenSlide pays ~20-25 ns per pixel even for tiles in its cache (measured: a cached 512 px
-    tile takes ~6 ms, libjpeg-turbo decodes it in ~1.4 ms), so for large block reads tiffslide,
-    which decodes TIFF tiles straight into the output array, is 1.5-2x faster. When OpenSlide
-    opened the file and tiffslide reads the same pyramid (same level sizes and downsamples), blocks
-    are read with tiffslide; otherwise with the reader's own backend. Metadata (µm/px, vendor,
-    associated images) always come from the backend that opened the slide.
-    """
-    if reader.backend != "openslide":
-        return reader.backend
-    from wsi_cmaf.errors import WsiCmafError
-    from wsi_cmaf.slide.reader import open_slide
-
-    try:
-        # the reader's own µm/px as the override: a made-up one would be logged as disagreeing with the file
-        mpp = tuple(reader.mpp) if getattr(reader, "has_mpp", False) else 1.0
-        with open_slide(reader.path, backend="tiffslide", mpp=mpp) as other:
-            same = (other.level_dimensions == reader.level_dimensions
-                    and all(abs(a - b) < 1e-6 * max(a, 1.0)
-                            for a, b in zip(other.level_downsamples, reader.level_downsamples)))
-    except WsiCmafError as exc:
-        logger.debug("tiffslide cannot read %s (%s); blocks are read with openslide", reader.path, exc)
-        return reader.backend
-    return "tiffslide" if same else reader.backend

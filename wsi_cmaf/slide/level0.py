@@ -1,4 +1,4 @@
-"""Level-0 tile reads for grids with ``GridConfig.source == "level0"`` (WSInfer's pixels).
+"""Level-0 tile geometry for grids with ``GridConfig.source == "level0"`` (WSInfer's pixels).
 
 **Placement, as WSInfer 0.6.1 places patches** (``wsinfer.patchlib.segment_and_patch_one_slide``
 and ``get_patch_coordinates_within_polygon``): with ``m = (mpp_x + mpp_y) / 2`` the slide's mean
@@ -17,9 +17,10 @@ Which patches exist is not WSInfer's (it keeps patches whose centre lies in its 
 wsi-cmaf thresholds each tile's tissue fraction and pads partial edge tiles), but every patch both
 keep has the same corner, so they can be compared by grid index.
 
-Reads are block-wise: ONE level-0 read per strip of tiles, tiles cut from it in memory at their
-level-0 locations and returned at their native size; the resize to the model input happens
-batched on the device (:class:`~wsi_cmaf.infer.runner.TilePreprocessor`).
+Reads (:func:`~wsi_cmaf.slide.reads.read_strip_level0`) are block-wise: ONE level-0 read per
+strip of tiles, tiles cut from it in memory at their level-0 locations and returned at their
+native size; the resize to the model input happens batched on the device
+(:class:`~wsi_cmaf.preprocess.TilePreprocessor`).
 """
 
 from __future__ import annotations
@@ -28,14 +29,10 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from wsi_cmaf.errors import ConfigError
-from wsi_cmaf.slide._pixels import pad_beyond
 
 if TYPE_CHECKING:
-    from wsi_cmaf.slide.grid import GridConfig, TileGrid
-    from wsi_cmaf.slide.reader import SlideReader
+    from wsi_cmaf.slide.grid import GridConfig
 
 logger = logging.getLogger(__name__)
 
@@ -120,27 +117,3 @@ def block_tiles_for_level0(block_tiles: int, tile_size: int, mpp: float, slide_m
     """``block_tiles`` reduced so a block's level-0 window stays within ``max_window_px`` a side."""
     side = max(level0_tile_px(tile_size, mpp, slide_mpp))
     return max(1, min(block_tiles, max_window_px // side))
-
-
-def read_strip_level0(reader: SlideReader, grid: TileGrid, strip: tuple[int, int, int, int],
-                      rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Tiles (rows, cols) of strip ``(r0, r1, c0, c1)`` as level-0 regions (N, h0, w0, 3), one read."""
-    r0, r1, c0, c1 = strip
-    w0, h0 = level0_tile_px(grid.config.tile_size, grid.config.mpp, grid.slide_mpp)
-    x0, y0 = grid.tile_location(r0, c0)
-    x1, y1 = grid.tile_location(r1, c1)
-    window = reader.read_region((x0, y0), 0, (x1 - x0 + w0, y1 - y0 + h0))
-    out = np.empty((rows.size, h0, w0, 3), np.uint8)
-    xy = np.empty((rows.size, 2), np.int64)
-    for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
-        x, y = grid.tile_location(r, c)
-        xy[i] = (x, y)
-        out[i] = window[y - y0:y - y0 + h0, x - x0:x - x0 + w0, :3]
-    return pad_level0(out, grid, xy[:, 0], xy[:, 1])
-
-
-def pad_level0(tiles: np.ndarray, grid: TileGrid, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Level-0 regions ``tiles`` at level-0 top-lefts (x, y) with their part beyond the slide set
-    to the padding value (partial edge tiles, see :mod:`wsi_cmaf.slide.grid`)."""
-    W0, H0 = grid.level0_size
-    return pad_beyond(tiles, np.clip(W0 - np.asarray(x), 0, None), np.clip(H0 - np.asarray(y), 0, None))

@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from wsi_cmaf.errors import ConfigError
-from wsi_cmaf.slide.grid import GridConfig, TileGrid, _read_target_window
+from wsi_cmaf.slide.grid import GridConfig, TileGrid
+from wsi_cmaf.slide.reads import read_target_window
 
 if TYPE_CHECKING:
     from wsi_cmaf.slide.grid import Block
@@ -172,7 +173,7 @@ def read_block_views(reader: SlideReader, grid: TileGrid, block: Block | None, s
                 ox, oy = origin[inside, 0], origin[inside, 1]
                 x0, y0 = int(ox.min()), int(oy.min())
                 width, height = int(ox.max()) - x0 + s, int(oy.max()) - y0 + s
-                window = _read_target_window(reader, vgrid, y0, x0, height, width)[..., :3]
+                window = read_target_window(reader, vgrid, y0, x0, height, width)[..., :3]
                 # every inside view cut by one gather: (n_in, s, 1) row and (n_in, 1, s) column indices
                 iy = (oy - y0)[:, None, None] + np.arange(s)[None, :, None]
                 ix = (ox - x0)[:, None, None] + np.arange(s)[None, None, :]

@@ -37,9 +37,9 @@ UNIT = "micrometer"
 
 def _level0_location(px: int, downsample: float) -> int:
     """Smallest level-0 coordinate the backends map to level pixel ``px`` (as grid reads do)."""
-    from wsi_cmaf.slide.grid import _level0_for_level_px
+    from wsi_cmaf.slide.grid import level0_for_level_px
 
-    return _level0_for_level_px(px, downsample)
+    return level0_for_level_px(px, downsample)
 
 
 def slide_levels(reader: Any, chunk: int = SLIDE_CHUNK) -> list[Any]:
