@@ -39,7 +39,7 @@ def test_dfa_off_draws_the_same_weights_as_before():
 
 def test_packaged_checkpoint_unchanged_with_explicit_dfa_false():
     model, cfg = load_model("wsi_cmaf/models/weights/default")
-    assert "dfa" not in cfg.model_kwargs
+    assert cfg.model_kwargs["dfa"] is False and cfg.model_kwargs["dfa_class_counts"] is None
     explicit = create_model("cmaf_net", num_classes=cfg.num_classes, **{**cfg.model_kwargs, "dfa": False})
     explicit.load_state_dict(model.state_dict(), strict=True)
     model.eval(), explicit.eval()
@@ -101,7 +101,9 @@ def test_plain_and_aux_paths_agree_with_dfa():
         torch.testing.assert_close(model(x), model.forward_with_aux(x)[0], atol=1e-5, rtol=1e-5)
 
 
-def test_saved_config_omits_dfa_fields_when_off_and_round_trips_when_on():
-    assert "dfa" not in CMAFConfig().to_dict() and "dfa_class_counts" not in CMAFConfig().to_dict()
+def test_saved_config_names_dfa_fields_when_off_and_round_trips_when_on():
+    off = CMAFConfig().to_dict()
+    assert off["dfa"] is False and off["dfa_class_counts"] is None
+    assert CMAFConfig.from_dict(off) == CMAFConfig()
     on = CMAFConfig(dfa=True, dfa_class_counts=(3, 1))
     assert CMAFConfig.from_dict(on.to_dict()) == on

@@ -1,4 +1,4 @@
-"""Issue 15, item 3: retired ``beta_warmup_steps``, McNemar in evaluate, history clipping, stain transfer."""
+"""Recipe options: no ``beta_warmup_steps``, McNemar in evaluate, history clipping, stain transfer."""
 
 from __future__ import annotations
 
@@ -14,29 +14,29 @@ from wsi_cmaf.models.config import CMAFConfig
 
 
 # ----------------------------------------------------------------------------- beta_warmup_steps
-def test_beta_warmup_steps_is_retired_but_old_configs_load(caplog: pytest.LogCaptureFixture) -> None:
-    """The field is gone (the ramp spans stage 2); a saved config naming it still loads, with a note."""
+def test_beta_warmup_steps_is_not_an_option() -> None:
+    """The β ramp spans stage 2, so there is no warm-up length: a config naming one is refused."""
     assert "beta_warmup_steps" not in {f.name for f in dataclasses.fields(CMAFConfig)}
     assert "beta_warmup_steps" not in CMAFConfig().to_dict()
-    old = {**CMAFConfig().to_dict(), "beta_warmup_steps": 1000}
-    with caplog.at_level(logging.INFO, logger="wsi_cmaf.models.config"):
-        cfg = CMAFConfig.from_dict(old)
-    assert cfg == CMAFConfig()
-    assert "beta_warmup_steps" in caplog.text
-    with pytest.raises(ModelConfigError, match="beta_warmup_stepz"):  # typos still fail loudly
+    with pytest.raises(ModelConfigError, match="beta_warmup_steps"):
+        CMAFConfig.from_dict({**CMAFConfig().to_dict(), "beta_warmup_steps": 1000})
+    with pytest.raises(ModelConfigError, match="beta_warmup_stepz"):  # typos fail loudly too
         CMAFConfig.from_dict({"beta_warmup_stepz": 10})
 
 
-def test_shipped_default_config_still_loads() -> None:
-    """The committed default weights' config.json (which names the retired key) still builds."""
+def test_shipped_default_config_loads_without_notes(caplog: pytest.LogCaptureFixture) -> None:
+    """The committed default weights' config.json builds, names every field, and logs nothing."""
     from pathlib import Path
 
     import wsi_cmaf.models as models
 
     path = Path(models.__file__).parent / "weights" / "default" / "config.json"
     kwargs = json.loads(path.read_text())["model_kwargs"]
-    assert "beta_warmup_steps" in kwargs
-    CMAFConfig.from_dict(kwargs)
+    assert "beta_warmup_steps" not in kwargs
+    with caplog.at_level(logging.DEBUG, logger="wsi_cmaf.models"):
+        cfg = CMAFConfig.from_dict(kwargs)
+    assert not caplog.records
+    assert cfg.to_dict() == kwargs  # the file is the config's own serialisation
 
 
 # ----------------------------------------------------------------------------- McNemar + seeds

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zarr
 
-from wsi_cmaf.errors import OutputError, OutputExistsError, StoreMismatchError
+from wsi_cmaf.errors import OutputError, OutputExistsError, StoreFormatError, StoreMismatchError
 from wsi_cmaf.output.store import HeatmapStore
 
 CLASSES = ["benign", "malignant"]
@@ -291,7 +291,7 @@ def test_failed_tiles_mask_per_block_and_cleared_by_a_good_retry(tmp_path):
     assert not again.failed_tiles.any() and again.tile_errors == {}
 
 
-def test_run_inputs_roundtrip_and_old_stores_get_a_tile_mask(tmp_path):
+def test_run_inputs_roundtrip_and_old_stores_are_refused(tmp_path):
     store = make(tmp_path / "s.zarr")
     store.write_inputs({"tissue": {"mpp": 8.0, "complete": True}})
     store.write_inputs({"stain": {"method": "macenko", "fit": None, "warning": "w"}})
@@ -301,9 +301,54 @@ def test_run_inputs_roundtrip_and_old_stores_get_a_tile_mask(tmp_path):
     assert again.inputs() == {"tissue": {"mpp": 8.0, "complete": True},
                               "stain": {"method": "macenko", "fit": None, "warning": "w"}}
     np.testing.assert_array_equal(again.background(), bg)
-    # a store written before the failed-tile mask existed: read-only sees none, a resume adds it
+    # a store of the first format, written before the failed-tile mask existed: refused both ways
     zarr.open_group(str(tmp_path / "s.zarr"), mode="r+")["wsi_cmaf"].__delitem__("failed_tiles")
-    assert not HeatmapStore.open(tmp_path / "s.zarr").failed_tiles.any()
-    resumed = make(tmp_path / "s.zarr")
-    assert "failed_tiles" in zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["wsi_cmaf"]
-    assert resumed.failed_tiles.shape == (50, 45)
+    _set_format_version(tmp_path / "s.zarr", 1)
+    with pytest.raises(StoreFormatError, match="older wsi-cmaf"):
+        HeatmapStore.open(tmp_path / "s.zarr")
+    with pytest.raises(StoreFormatError, match="older wsi-cmaf"):
+        make(tmp_path / "s.zarr")
+    assert make(tmp_path / "s.zarr", overwrite=True).failed_tiles.shape == (50, 45)
+
+
+def _set_format_version(path: Path, version: object) -> None:
+    """Hand-edit a store's root attributes: ``version`` None removes ``format_version``."""
+    root = zarr.open_group(str(path), mode="r+")
+    meta = dict(root.attrs["wsi_cmaf"])
+    if version is None:
+        del meta["format_version"]
+    else:
+        meta["format_version"] = version
+    root.attrs["wsi_cmaf"] = meta
+
+
+@pytest.mark.parametrize("version,origin", [(1, "an older wsi-cmaf (store format 1)"),
+                                            (None, "an older wsi-cmaf (store format unversioned)"),
+                                            ("2", "an older wsi-cmaf (store format '2')"),
+                                            (3, "a newer wsi-cmaf (store format 3)")])
+def test_a_store_of_another_format_version_is_refused_until_overwritten(tmp_path, version, origin):
+    path = tmp_path / "s.zarr"
+    fill(make(path), random_probs((50, 45)), [(0, 0)])
+    assert HeatmapStore.open(path)._root.attrs["wsi_cmaf"]["format_version"] == 2
+    _set_format_version(path, version)
+    expected = f"{path} was written by {origin}; this wsi-cmaf reads store format 2 only"
+    for opening in (lambda: HeatmapStore.open(path), lambda: HeatmapStore.open(path, "r+"), lambda: make(path),
+                    lambda: make(path, resume=False)):
+        with pytest.raises(StoreFormatError) as err:
+            opening()
+        assert str(err.value).startswith(expected) and "overwrite=True (CLI: --overwrite)" in str(err.value)
+        assert isinstance(err.value, StoreMismatchError)  # caught wherever a mismatched store is
+    fresh = make(path, overwrite=True)
+    assert not fresh.done.any() and fresh._root.attrs["wsi_cmaf"]["format_version"] == 2
+
+
+def test_cli_verbs_name_an_old_store(tmp_path, capsys):
+    from wsi_cmaf.cli import main
+
+    path = tmp_path / "s.zarr"
+    fill(make(path), random_probs((50, 45)), [(0, 0)])
+    _set_format_version(path, 1)
+    for argv in (["verify", str(path)], ["export", "tiles", str(path)]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "written by an older wsi-cmaf" in err and "--overwrite" in err, argv

@@ -112,9 +112,10 @@ def test_cmaf_net_with_vssm_context_branch(tmp_path):
 
 def test_default_stays_mobilevit_and_packaged_weights_unchanged():
     assert CMAFConfig().context_branch == "mobilevit"
-    assert not {"context_branch", "vssm_d_state", "vssm_expand"} & set(CMAFConfig().to_dict())
+    saved = CMAFConfig().to_dict()
+    assert (saved["context_branch"], saved["vssm_d_state"], saved["vssm_expand"]) == ("mobilevit", 4, 1.0)
     model, cfg = load_model(PACKAGED)  # strict: no tensor added or renamed
-    assert "context_branch" not in cfg.model_kwargs
+    assert cfg.model_kwargs["context_branch"] == "mobilevit"
     explicit = create_model("cmaf_net", num_classes=cfg.num_classes,
                             **{**cfg.model_kwargs, "context_branch": "mobilevit"})
     assert set(explicit.state_dict()) == set(model.state_dict())

@@ -26,8 +26,7 @@ from tests.test_wsinfer import TinyNet
 CMU = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "cmu_small_region.svs"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 PROB_TOL = 0.005  # the bound on probabilities
-#: the fields GridConfig had before level-0 placement was recorded: a pyramid config (and so every
-#: pyramid store's identity) must still list exactly these
+#: GridConfig's fields, the same for both sources: a store's identity lists exactly these
 PYRAMID_CONFIG_KEYS = ["mpp", "tile_size", "stride", "tissue_threshold", "block_tiles", "mpp_tolerance",
                        "source", "min_inside_fraction"]
 
@@ -96,12 +95,12 @@ def test_explicit_stride_must_be_whole_level0_px() -> None:
         _grid(50, 4.0, (0.499, 0.499), (2000, 2000), "level0", stride=25)
 
 
-def test_placement_is_part_of_level0_identity_only() -> None:
+def test_level0_and_pyramid_configs_have_the_same_fields() -> None:
     pyramid, level0 = GridConfig(), GridConfig(source="level0")
     assert list(vars(pyramid)) == PYRAMID_CONFIG_KEYS
-    assert list(vars(level0)) == [*PYRAMID_CONFIG_KEYS, "level0_placement"]
+    assert list(vars(level0)) == PYRAMID_CONFIG_KEYS
     assert GridConfig(**vars(level0)) == level0 and vars(GridConfig(**vars(level0))) == vars(level0)
-    with pytest.raises(ConfigError, match="level0_placement"):
+    with pytest.raises(TypeError, match="level0_placement"):
         GridConfig(source="level0", level0_placement="round(k * pitch)")
 
 
@@ -161,14 +160,14 @@ def test_store_geometry_is_the_lattice_and_old_stores_are_refused(tmp_path) -> N
     assert ring[0] == [c * 401, r * 401]
     cx, cy = store.geometry.tile_to_level0(np.array([3]), np.array([4]))
     assert (cx[0], cy[0]) == pytest.approx((4 * 401 + 200.5, 3 * 401 + 200.5))
-    # a store made before the WSInfer lattice: no placement in its identity, a 200 µm tile
+    # a store of the first format, made before the WSInfer lattice: a 200 µm tile
     meta_path = store_path / "zarr.json"
     doc = json.loads(meta_path.read_text())
     meta = doc["attributes"]["wsi_cmaf"]
-    del meta["identity"]["grid"]["config"]["level0_placement"]
+    meta["format_version"] = 1
     meta["layout"]["um_per_tile"] = [200.0, 200.0]
     meta_path.write_text(json.dumps(doc))
-    with pytest.raises(StoreMismatchError, match="level0_placement"):
+    with pytest.raises(StoreFormatError, match="older wsi-cmaf"):
         analyze_slide(slide, model=folder, out=tmp_path / "out", config=run, resume=True)
 
 

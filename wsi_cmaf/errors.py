@@ -70,6 +70,10 @@ class StoreMismatchError(OutputError):
     """An existing store was made by another model, config or slide; refusing to mix."""
 
 
+class StoreFormatError(StoreMismatchError):
+    """An existing store was written in another store format version than this wsi-cmaf reads."""
+
+
 # --- data / training ----------------------------------------------------------
 class DataError(WsiCmafError):
     """Training or evaluation data is invalid. ``problems`` lists every offending row."""

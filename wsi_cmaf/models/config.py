@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -25,7 +24,6 @@ from typing import Any
 from wsi_cmaf.errors import ModelConfigError
 from wsi_cmaf.models.bounds import check_plausible
 
-logger = logging.getLogger(__name__)
 
 SPEC_VERSION = "1.0"
 #: "pil_bilinear": antialiased bilinear rounded to uint8, as PIL's resize (WSInfer's Resize on a PIL image).
@@ -35,9 +33,6 @@ _STAIN_METHODS = (None, "macenko")
 #: µm/px (fast); "level0" reads each tile's region at full resolution and leaves the resize to
 #: the model's preprocessing, as WSInfer does (slower, same pixels as WSInfer).
 PATCH_SOURCES = ("pyramid", "level0")
-#: Fields added after stores were first written: omitted from ``to_dict`` at their defaults so the
-#: identity of existing stores (which includes the config) does not change and they still resume.
-_OMIT_AT_DEFAULT = {"patch_source": "pyramid", "translated_from": None}
 
 
 @dataclass
@@ -107,9 +102,6 @@ class ModelConfig:
         """A JSON-ready dict (tuples become lists)."""
         d = dataclasses.asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
-        for name, default in _OMIT_AT_DEFAULT.items():
-            if d[name] == default:
-                del d[name]
         return d
 
     @classmethod
@@ -165,13 +157,7 @@ _TAU_RE = re.compile(r"^\s*(fixed|uniform|normal|lognormal)\s*\(([^)]*)\)\s*$", 
 _TAU_NARGS = {"fixed": 1, "uniform": 2, "normal": 2, "lognormal": 2}
 _ATTENTION_MODES = ("nystrom", "exact", "auto")  # = models.nystrom.ATTENTION_MODES
 _NYSTROM_KEYS = frozenset({"nystrom_landmarks", "nystrom_pinv_iters"})
-# Options that were once CMAFConfig fields and are dropped on load. beta_warmup_steps was never
-# read: the β ramp length is stage 2's length (issue 15; MODEL.md "Training recipe").
-_RETIRED_KEYS = frozenset({"beta_warmup_steps"})
 _CONTEXT_BRANCHES = ("mobilevit", "vssm")
-#: Fields added after weights were first saved (issue 17): left out of ``to_dict`` at their
-#: defaults so a MobileViT model's config.json, and the store identity built from it, stay the same.
-_CONTEXT_DEFAULTS = {"context_branch": "mobilevit", "vssm_d_state": 4, "vssm_expand": 1.0}
 
 #: Table 7 of the paper: the temperature initialisations that were compared.
 TAU_INITS_TABLE7 = (
@@ -263,7 +249,7 @@ class CMAFConfig:
     attn_dropout: float = 0.0
     # Dynamic Focal Attention: a class-attention readout inside the CMAF block with a learnable
     # per-class, per-head logit bias initialised from log class frequencies (MODEL.md). Off by
-    # default, and when off no parameter is created, so existing weights compute as before.
+    # default, and when off no parameter is created, so weights trained without it load strictly.
     dfa: bool = False
     dfa_class_counts: tuple[float, ...] | None = None  # prior counts; None = uniform prior
     # --- information bottleneck (Sec. 3.1-3.3) ---
@@ -363,35 +349,18 @@ class CMAFConfig:
             raise ModelConfigError("invalid CMAF-Net config: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of every field (DFA fields only when DFA is on).
-
-        The DFA fields are left out at their defaults so a DFA-off model saves the same
-        ``config.json`` (and hence the same store identity) as before the fields existed.
-        """
-        out = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-        if not self.dfa and self.dfa_class_counts is None:
-            out.pop("dfa"), out.pop("dfa_class_counts")
-        if self.context_branch == "mobilevit":
-            for key, default in _CONTEXT_DEFAULTS.items():
-                if out[key] == default:
-                    del out[key]
-        return out
+        """JSON-ready dict of every field (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CMAFConfig:
-        """Build from a dict, rejecting unknown keys (retired ones, e.g. ``beta_warmup_steps``, are
-        dropped with a logged note so old ``config.json`` files still load).
+        """Build from a dict, rejecting unknown keys (they are usually typos).
 
         A dict that sets Nyström options but has no ``attention`` key was written before the
         field existed (every saved ``config.json`` names ``nystrom_landmarks``): its weights were
         trained with Nyström attention, so it keeps ``attention="nystrom"`` and computes exactly
         what it computed before.
         """
-        if _RETIRED_KEYS & set(data):
-            # configs saved before the field was removed still load; the value never did anything
-            logger.info("CMAFConfig: ignoring retired option(s) %s (the β ramp spans stage 2)",
-                        sorted(_RETIRED_KEYS & set(data)))
-            data = {k: v for k, v in data.items() if k not in _RETIRED_KEYS}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -42,7 +42,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from wsi_cmaf.errors import OutputError, OutputExistsError, StoreMismatchError
+from wsi_cmaf.errors import OutputError, OutputExistsError, StoreFormatError, StoreMismatchError
 from wsi_cmaf.output._json import json_diff, jsonable
 from wsi_cmaf.output.geometry import TileGeometry
 from wsi_cmaf.output.ngff import AXES, image_metadata, label_image_metadata, labels_group_metadata
@@ -57,7 +57,7 @@ from wsi_cmaf.output.store_verify import BlockManifestMixin
 logger = logging.getLogger(__name__)
 
 FORMAT = "wsi-cmaf-heatmap"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META = "wsi_cmaf"  # root attribute key and name of the bookkeeping group
 #: sub-folder of a store holding encoders' embedding stores (wsi_cmaf.encoders.embed)
 ENCODERS_GROUP = "encoders"
@@ -76,6 +76,20 @@ def read_store_meta(path: Path) -> dict[str, Any] | None:
         return None
     meta = (doc.get("attributes") or {}).get(META) if isinstance(doc, dict) else None
     return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+
+def check_format_version(path: Path, meta: dict[str, Any]) -> None:
+    """Raise :class:`StoreFormatError` unless ``meta`` (a store's ``wsi_cmaf`` attributes) is of
+    the current :data:`FORMAT_VERSION`; only an overwrite can reuse such a store's location."""
+    version = meta.get("format_version")
+    if version == FORMAT_VERSION:
+        return
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        origin = f"a newer wsi-cmaf (store format {version})"
+    else:
+        origin = f"an older wsi-cmaf (store format {'unversioned' if version is None else repr(version)})"
+    raise StoreFormatError(f"{path} was written by {origin}; this wsi-cmaf reads store format {FORMAT_VERSION} "
+                           "only. Re-run the analysis with overwrite=True (CLI: --overwrite) to replace it")
 
 
 class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin, BlockManifestMixin):
@@ -105,11 +119,8 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin, BlockManife
         # Cached flags: the pipeline asks done[b] for every block; one read at open is enough.
         self._done = np.asarray(self._done_arr[...], dtype=bool)
         self._failed = np.asarray(self._failed_arr[...], dtype=bool)
-        if "failed_tiles" not in self._meta_group and writable:  # a store from before the tile mask
-            self._create_failed_tiles(self._meta_group, self.grid_shape, self.chunk)
-        self._failed_tiles_arr = self._meta_group.get("failed_tiles")
-        self._failed_tiles = (np.zeros(self.grid_shape, bool) if self._failed_tiles_arr is None
-                              else np.asarray(self._failed_tiles_arr[...], dtype=bool))
+        self._failed_tiles_arr = self._meta_group["failed_tiles"]
+        self._failed_tiles = np.asarray(self._failed_tiles_arr[...], dtype=bool)
         self._lock = threading.Lock()  # guards the caches and the "errors" attributes only
         self._open_manifest(writable)  # what each block wrote, for resume and ``verify`` (store_verify.py)
 
@@ -124,7 +135,8 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin, BlockManife
         """Open the store at ``path`` for writing, creating it if needed.
 
         An existing store is resumed only if ``identity`` (slide fingerprint, model, weights,
-        configs) and the layout match (else :class:`StoreMismatchError` naming what differs)
+        configs) and the layout match (else :class:`StoreMismatchError` naming what differs; a store
+        of another format version raises :class:`StoreFormatError`)
         and ``resume`` is true (else :class:`OutputExistsError`). ``overwrite`` replaces an
         existing *wsi-cmaf store* only; any other existing file or non-empty folder raises
         :class:`OutputError` and is left untouched. ``embedding_dim`` adds the ``embeddings`` array;
@@ -162,6 +174,7 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin, BlockManife
                     logger.warning("%s: incomplete store from an interrupted creation; recreating", path)
                 _remove_store(path)
                 return cls._create(path, layout, identity, attrs)
+            check_format_version(path, meta)
             problems = (json_diff(meta.get("layout"), layout, "layout")
                         + json_diff(meta.get("identity"), identity, "identity"))
             if problems:
@@ -180,13 +193,15 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin, BlockManife
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> "HeatmapStore":
-        """Open an existing store (``mode`` "r" or "r+"); :class:`OutputError` if it is not one."""
+        """Open an existing store (``mode`` "r" or "r+"); :class:`OutputError` if it is not one,
+        :class:`StoreFormatError` if it was written in another format version."""
         path = Path(path)
         meta = read_store_meta(path) if path.is_dir() else None
         if meta is None:
             raise OutputError(f"{path} is not a wsi-cmaf heatmap store")
         if not meta.get("layout_complete"):
             raise OutputError(f"{path} is an incomplete store (its creation was interrupted)")
+        check_format_version(path, meta)
         return cls(path, zarr.open_group(str(path), mode=mode, zarr_format=3), writable=mode != "r")
 
     @classmethod

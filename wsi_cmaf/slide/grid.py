@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from wsi_cmaf.errors import ConfigError, RequestTooLargeError
 from wsi_cmaf.slide._pixels import PAD_VALUE  # noqa: F401  (re-exported)
-from wsi_cmaf.slide.level0 import level0_extent, level0_grid_config, record_level0_placement, wsinfer_level0_px
+from wsi_cmaf.slide.level0 import level0_extent, level0_grid_config, wsinfer_level0_px
 from wsi_cmaf.slide.tissue import inside_fractions, tissue_fractions  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
@@ -76,13 +76,10 @@ class GridConfig:
     #: sliver under a quarter tile (< 50 µm at 50 px x 4 µm/px), which would show the model over
     #: 75 % white padding, is not (whole tiles already carry up to ``1 - tissue_threshold`` glass).
     #: It also keeps float round-off from adding an empty row. The bottom-right corner tile, partial
-    #: both ways, may be as little as 1/16 inside. 1.0 = whole tiles only (the old grid).
+    #: both ways, may be as little as 1/16 inside. 1.0 = whole tiles only.
     min_inside_fraction: float = 0.25
-    #: Set by level-0 configs themselves (an attribute, not a field, see ``__post_init__``);
-    #: accepted back from a stored identity when it names this version's placement.
-    level0_placement: InitVar[str | None] = None
 
-    def __post_init__(self, level0_placement: str | None) -> None:
+    def __post_init__(self) -> None:
         if self.source not in ("pyramid", "level0"):
             raise ConfigError(f"GridConfig.source must be 'pyramid' or 'level0', got {self.source!r}")
         if not (self.mpp > 0 and math.isfinite(self.mpp)):
@@ -99,7 +96,6 @@ class GridConfig:
             raise ConfigError(f"GridConfig.mpp_tolerance must be >= 0, got {self.mpp_tolerance}")
         if not 0.0 < self.min_inside_fraction <= 1.0:
             raise ConfigError(f"GridConfig.min_inside_fraction must be in (0, 1], got {self.min_inside_fraction}")
-        record_level0_placement(self, level0_placement)
 
     @property
     def step(self) -> int:

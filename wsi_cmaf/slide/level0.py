@@ -39,9 +39,6 @@ logger = logging.getLogger(__name__)
 #: Largest side (level-0 px) of one block's window in level-0 mode; a 32-tile block of 800 px
 #: regions (50 px at 4 µm/px on a 0.25 µm/px slide) would otherwise be a 2 GB read.
 MAX_LEVEL0_WINDOW_PX = 4096
-#: Recorded in level-0 grid configs (see :class:`~wsi_cmaf.slide.grid.GridConfig`): which lattice
-#: places the tiles, so a store made with another placement is not resumed.
-LEVEL0_PLACEMENT = "wsinfer-0.6.1: k * round(tile_size * mpp / mean slide mpp)"
 
 
 def wsinfer_level0_px(tile_size: int, mpp: float, slide_mpp: tuple[float, float],
@@ -85,22 +82,6 @@ def level0_grid_config(config: GridConfig, slide_mpp: tuple[float, float]) -> Gr
             "or no stride")
     mean = (float(slide_mpp[0]) + float(slide_mpp[1])) / 2
     return dataclasses.replace(config, mpp=patch * mean / config.tile_size)
-
-
-def record_level0_placement(config: GridConfig, given: str | None) -> None:
-    """Mark a level-0 ``config`` with :data:`LEVEL0_PLACEMENT` (called by ``GridConfig.__post_init__``).
-
-    An attribute, not a dataclass field: pyramid configs, and so their stores' identities (which
-    list ``vars(config)``), stay as they were, while a level-0 store made before WSInfer's lattice
-    (corners at ``round(k * pitch)``) lacks it and is refused on resume by name. ``given`` is the
-    value read back from a stored identity; another placement is a ConfigError.
-    """
-    if given is not None and (config.source != "level0" or given != LEVEL0_PLACEMENT):
-        raise ConfigError(f"GridConfig.level0_placement {given!r} is not this version's level-0 placement "
-                          f"({LEVEL0_PLACEMENT!r}) for source {config.source!r}; a store made with it cannot "
-                          "be reproduced: analyse the slide again")
-    if config.source == "level0":
-        object.__setattr__(config, "level0_placement", LEVEL0_PLACEMENT)
 
 
 def level0_extent(level0_size: tuple[int, int], config: GridConfig,
