@@ -53,6 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings", action="store_true",
                    help="also store each tissue tile's embedding (input of the classifier head) in the store, "
                         "for slide-level models (wsi-cmaf train-slide); needs a registry model")
+    p.add_argument("--mpp-check", choices=["on", "off"], default="on",
+                   help="estimate each slide's µm/px from its nuclei and warn (status.csv mpp_ratio) when the "
+                        "metadata disagree by more than 1.6x (default on); a CSV row's mpp may be 'estimate'")
+    p.add_argument("--exclude-blurred", action="store_true",
+                   help="leave tiles the QC flags as out of focus out of each analysis")
+    p.add_argument("--no-qc", dest="qc", action="store_false",
+                   help="skip the slide QC (µm/px check, out-of-focus tiles); its status.csv columns stay blank")
     add_inference_options(p, reader_threads_default=None)
 
 
@@ -84,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         threads = max(1, (os.cpu_count() or 2) // (2 * args.slides_per_gpu)) if gpu else 1
     cfg = InferenceConfig(device=args.device, batch_size=args.batch_size, progress=False, reader_threads=threads,
                           autocast=args.precision, compile=args.compile, overlay=args.overlay, geojson=args.geojson,
-                          embeddings=args.embeddings)
+                          embeddings=args.embeddings, qc=args.qc, mpp_check=args.mpp_check == "on",
+                          exclude_blurred=args.exclude_blurred)
     previous = signal.signal(signal.SIGTERM, _terminate)  # so SIGTERM unwinds: cluster closed, table marked
     try:
         result = analyze_slides(

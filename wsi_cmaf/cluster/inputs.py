@@ -25,27 +25,30 @@ class SlideJob:
     that input's key: such an input is analysed once, under the earlier key."""
 
     path: Path
-    mpp: float | None
+    mpp: float | str | None  # µm/px, "estimate" or None (the file's metadata)
     key: str  # unique output folder name inside the batch output directory
     same_as: str | None = None
 
 
-def _from_csv(csv_path: Path) -> list[tuple[Path, float | None]]:
-    rows: list[tuple[Path, float | None]] = []
+def _from_csv(csv_path: Path) -> list[tuple[Path, float | str | None]]:
+    rows: list[tuple[Path, float | str | None]] = []
     problems: list[str] = []
     with open(csv_path, newline="") as fh:
         reader = csv.DictReader(fh)
         if reader.fieldnames is None or "path" not in reader.fieldnames:
-            raise ConfigError(f"{csv_path}: a batch CSV needs a 'path' column (optional 'mpp')")
+            raise ConfigError(f"{csv_path}: a batch CSV needs a 'path' column (optional 'mpp': µm/px or 'estimate')")
         for i, row in enumerate(reader, start=2):
             p = Path(row["path"]).expanduser()
             if not p.is_absolute():
                 p = csv_path.parent / p
             mpp_text = (row.get("mpp") or "").strip()
+            if mpp_text.lower() == "estimate":  # measured from the nuclei (wsi_cmaf.qc.mpp_estimate)
+                rows.append((p, "estimate"))
+                continue
             try:
                 mpp = float(mpp_text) if mpp_text else None
             except ValueError:
-                problems.append(f"line {i}: mpp {mpp_text!r} is not a number")
+                problems.append(f"line {i}: mpp {mpp_text!r} is neither a number of µm/px nor 'estimate'")
                 continue
             if mpp is not None and mpp <= 0:
                 problems.append(f"line {i}: mpp must be > 0, got {mpp}")

@@ -31,16 +31,18 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
-from skimage.color import rgb2hed
 from skimage.filters import threshold_otsu
 from skimage.measure import label
 from skimage.segmentation import clear_border
 
 from wsi_cmaf.errors import MppEstimateError
+from wsi_cmaf.qc.blur import haematoxylin
 from wsi_cmaf.qc.ink import ink_mask
 from wsi_cmaf.slide.reader import SlideReader
 from wsi_cmaf.slide.tissue import TissueMask
@@ -118,24 +120,27 @@ def nucleus_sizes(tiles: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]
     One Otsu threshold over all tiles' tissue: a per-tile threshold would split a tile
     without nuclei inside its stroma.
     """
-    hema, tissue = [], []
-    for rgb in tiles:
-        hema.append(rgb2hed(rgb)[..., 0].astype(np.float32))
-        tissue.append(_tissue_pixels(rgb, without_ink=True))
-    values = np.concatenate([h[t] for h, t in zip(hema, tissue)])
-    if values.size < 100:
-        return []
-    lo, hi = np.percentile(values, [1.0, 99.5])
-    if not hi > lo:
-        return []
-    threshold = lo + float(threshold_otsu(np.clip(values, lo, hi) - lo))
-    out = []
-    for h, t in zip(hema, tissue):
-        objects = clear_border(label((h > threshold) & t, connectivity=1))
-        area, ellipse_fill, eccentricity = _shape_stats(objects)
-        keep = (area >= MIN_AREA_PX) & (ellipse_fill >= MIN_ELLIPSE_FILL) & (eccentricity <= MAX_ECCENTRICITY)
-        out.append((np.sqrt(4.0 * area[keep] / math.pi), area[keep]))
-    return out
+    def unmix(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return haematoxylin(rgb), _tissue_pixels(rgb, without_ink=True)
+
+    # the per-tile filters, labelling and bincounts release the GIL: one thread per core
+    with ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 8))) as pool:
+        hema, tissue = zip(*pool.map(unmix, tiles)) if tiles else ((), ())
+        values = np.concatenate([h[t] for h, t in zip(hema, tissue)]) if tiles else np.zeros(0)
+        if values.size < 100:
+            return []
+        lo, hi = np.percentile(values, [1.0, 99.5])
+        if not hi > lo:
+            return []
+        threshold = lo + float(threshold_otsu(np.clip(values, lo, hi) - lo))
+
+        def objects(pair: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+            h, t = pair
+            area, ellipse_fill, eccentricity = _shape_stats(clear_border(label((h > threshold) & t, connectivity=1)))
+            keep = (area >= MIN_AREA_PX) & (ellipse_fill >= MIN_ELLIPSE_FILL) & (eccentricity <= MAX_ECCENTRICITY)
+            return np.sqrt(4.0 * area[keep] / math.pi), area[keep]
+
+        return list(pool.map(objects, zip(hema, tissue)))
 
 
 def _shape_stats(objects: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -148,9 +153,10 @@ def _shape_stats(objects: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     n = int(objects.max())
     if n == 0:
         return np.zeros(0), np.zeros(0), np.zeros(0)
-    flat = objects.ravel()
-    ys, xs = np.indices(objects.shape)
-    ys, xs = ys.ravel().astype(np.float64), xs.ravel().astype(np.float64)
+    # sums over the labelled pixels only (a minority of the tile)
+    ys, xs = np.nonzero(objects)
+    flat = objects[ys, xs]
+    ys, xs = ys.astype(np.float64), xs.astype(np.float64)
     area = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
     count = np.maximum(area, 1.0)  # labels cleared from the border have no pixels
 

@@ -112,13 +112,14 @@ def run_qc(reader: SlideReader, grid: TileGrid, mask: TissueMask, *, mpp_check: 
            pixels: SlideReader | None = None) -> SlideQC:
     """QC of one slide on ``grid`` with ``mask`` (ink already excluded by the tissue stage).
 
-    ``pixels``: the reader that decodes tiles (default ``reader``); sharpness is measured on every
-    tissue tile of ``grid``.
+    ``pixels``: the reader that decodes tiles (default ``reader``); sharpness is measured on a
+    lattice of ``grid``'s tissue tiles and around every tile found out of focus there
+    (:data:`~wsi_cmaf.qc.blur.FOCUS_SPACING_UM`).
     """
     est, warnings = check_mpp(reader, check=mpp_check, tissue=mask)
     for message in warnings:
         logger.warning("%s: %s", reader.path.name, message)
-    sharp = blur.tile_sharpness(pixels or reader, grid)
+    sharp = blur.tile_sharpness(pixels or reader, grid, spacing_um=blur.FOCUS_SPACING_UM)
     ink_px = int(np.count_nonzero(mask.ink)) if mask.ink is not None else 0
     qc = SlideQC(mpp_metadata=metadata_mpp(reader), mpp_used=tuple(reader.mpp), mpp_source=reader.mpp_source,
                  estimate=est, ink_fraction=mask.ink_fraction(), ink_area_mm2=ink_px * mask.mpp ** 2 / 1e6,
