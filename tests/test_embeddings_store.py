@@ -49,8 +49,10 @@ def _hand_features(slide_path, store: HeatmapStore, encoder, rows, cols) -> np.n
                                    TissueMask(mask, mpp))
         tiles = np.stack([read_tile(reader, grid, int(r), int(c)) for r, c in zip(rows, cols)])
     pre = TilePreprocessor(mc.input_size, tuple(mc.mean), tuple(mc.std), mc.resize_interpolation)
+    encoder.eval()
     with torch.inference_mode():
-        return encoder.eval().forward_features(pre(torch.from_numpy(tiles))).numpy()
+        fmap = encoder.forward_features(pre(torch.from_numpy(tiles)))
+        return encoder.forward_head(fmap, pre_logits=True).numpy()
 
 
 def test_embeddings_equal_model_features_and_probs_unchanged(slide, encoder, tmp_path):

@@ -54,7 +54,7 @@ def _direct(slide_path, store: HeatmapStore, enc: LoadedEncoder, rows, cols) -> 
         tiles = np.stack([read_tile(reader, grid, int(r), int(c)) for r, c in zip(rows, cols)])
     pre = TilePreprocessor(TILE, enc.spec.mean, enc.spec.std, enc.spec.resize)
     with torch.inference_mode():
-        return enc.module.forward_features(pre(torch.from_numpy(tiles))).numpy()
+        return enc.module.embed(pre(torch.from_numpy(tiles))).numpy()
 
 
 def test_store_embeddings_match_a_direct_forward_and_resume(slide, virchow, tmp_path):

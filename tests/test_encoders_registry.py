@@ -82,7 +82,9 @@ def test_virchow2_embedding_is_class_token_and_mean_of_patch_tokens_without_regi
     x = torch.rand(2, 3, 224, 224)
     with torch.inference_mode():
         tokens = enc.trunk.forward_features(x)
-        emb = enc.forward_features(x)
+        emb = enc.embed(x)
+        assert torch.equal(enc.forward_features(x), tokens)
+        assert torch.equal(enc.forward_head(tokens, pre_logits=True), emb)
     assert tokens.shape[1] == 1 + 4 + 256
     want = torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], dim=1)
     assert emb.shape == (2, 2560) and torch.equal(emb, want)
@@ -92,7 +94,7 @@ def test_virchow2_embedding_is_class_token_and_mean_of_patch_tokens_without_regi
 def _same_outputs(a, b, size=224):
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        return torch.equal(a.forward_features(x), b.forward_features(x))
+        return torch.equal(a.embed(x), b.embed(x))
 
 
 def test_uni_timm_checkpoint_reloads_to_identical_outputs(tmp_path):
@@ -122,7 +124,7 @@ def test_vit_l_hf_dinov2_checkpoints_reload_to_identical_outputs(tmp_path, name,
     loaded = load_encoder(name, weights=tmp_path)
     x = torch.rand(1, 3, 224, 224)
     with torch.inference_mode():  # folding the class position into cls_token re-associates one sum
-        torch.testing.assert_close(loaded.module.forward_features(x), enc.forward_features(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(loaded.module.embed(x), enc.embed(x), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,layout,patch,img,n_reg", [
@@ -134,7 +136,7 @@ def test_hf_checkpoints_give_the_class_token_hf_computes(tmp_path, name, layout,
     x = torch.rand(3, 3, img, img, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         want = hf_reference_cls(st, x, layout, heads=4, depth=2, patch=patch)
-        torch.testing.assert_close(loaded.module.forward_features(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded.module.embed(x), want, rtol=1e-5, atol=1e-5)
 
 
 def _small_timm_checkpoint(tmp_path):
@@ -200,7 +202,8 @@ def test_any_timm_model_with_a_local_file_and_its_head_left_out(tmp_path):
     x = torch.rand(2, 3, 224, 224)
     with torch.inference_mode():
         want = ref.forward_head(ref.forward_features(x), pre_logits=True)
-        assert torch.equal(loaded.module.forward_features(x), want)
+        assert torch.equal(loaded.module.embed(x), want)
+    assert loaded.module.num_features == 192
     small = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32)
     torch.save(small.state_dict(), tmp_path / "w32.pth")
     with pytest.raises(CheckpointShapeError, match="pos_embed"):  # made for 32 px, run at 224 px
@@ -235,10 +238,11 @@ def test_a_file_backed_encoder_pickles_as_its_path_and_hash(tmp_path):
 def test_a_non_finite_embedding_is_a_nan_coverage_logit():
     spec = small_spec("phikon", 32)
     enc = random_encoder(spec)
-    feats = torch.randn(3, 64)
-    feats[1, 5] = float("nan")
-    feats[2, 0] = float("inf")
-    logit = enc.forward_head(feats)
+    tokens = torch.randn(3, 5, 64)  # phikon pools the class token: token 0
+    tokens[1, 0, 5] = float("nan")
+    tokens[2, 0, 0] = float("inf")
+    tokens[0, 3, 0] = float("nan")  # a patch token, which the class-token embedding never reads
+    logit = enc.forward_head(tokens)
     assert logit.shape == (3, 1) and logit[0, 0] == 0
     assert torch.isnan(logit[1:]).all()
     assert torch.softmax(logit, dim=1)[0, 0] == 1.0 and torch.isnan(torch.softmax(logit, dim=1)[1:]).all()

@@ -47,8 +47,11 @@ def test_shapes_small_inputs(small_model, size):
         feats = small_model.forward_features(x)
         logits2, aux = small_model.forward_with_aux(x)
     assert logits.shape == (2, 2)
-    assert feats.shape == (2, small_model.num_features)
-    torch.testing.assert_close(small_model.forward_head(feats), logits)
+    side = -(-size // 32)  # stride 32, rounded up
+    assert feats.shape == (2, 480 + 512 + 480, side, side)  # [fused | F_s | F_t] of the defaults
+    assert small_model.forward_head(feats, pre_logits=True).shape == (2, small_model.num_features)
+    assert small_model.num_features == 128  # the default head_hidden
+    assert torch.equal(small_model.forward_head(feats), logits)
     # plain forward (fused SDPA) and aux forward (materialised attention) are the same function
     torch.testing.assert_close(logits2, logits, atol=1e-5, rtol=1e-4)
     n = aux["attn"].shape[-1]

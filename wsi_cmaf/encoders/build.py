@@ -1,7 +1,8 @@
 """Building an encoder from its registry entry: the timm trunk and the embedding it forms.
 
-:class:`EncoderModule` is what the inference engine runs. Its ``forward_features`` is the tile
-embedding (B, D) and its ``forward_head`` a single constant logit per tile, so the engine's
+:class:`EncoderModule` is what the inference engine runs. Its ``forward_features`` is the trunk's
+token map, ``forward_head(..., pre_logits=True)`` the tile embedding (B, D) and ``forward_head``
+a single constant logit per tile, so the engine's
 embedding path (``InferenceConfig(embeddings=True)``) stores the embeddings and its heatmap is a
 coverage map (1 where a tile was embedded, NaN elsewhere) rather than a class probability.
 """
@@ -37,26 +38,37 @@ class EncoderModule(nn.Module):
         self.pooling = pooling
         self.encoder_name = name
         self.num_prefix_tokens = int(getattr(trunk, "num_prefix_tokens", 1))
+        width = int(getattr(trunk, "num_features", 0) or getattr(trunk, "embed_dim", 0))
+        if pooling == "timm":
+            width = int(getattr(trunk, "head_hidden_size", 0) or width)
+        #: the embedding width D (0 when the trunk does not say; the loader then probes it)
+        self.num_features = 2 * width if pooling == "cls+mean_patch" else width
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The (B, D) tile embedding."""
-        tokens = self.trunk.forward_features(x)
-        if self.pooling == "timm" or tokens.ndim != 3:
-            return self.trunk.forward_head(tokens, pre_logits=True)
-        cls = tokens[:, 0]
-        if self.pooling == "cls":
-            return cls
-        return torch.cat([cls, tokens[:, self.num_prefix_tokens:].mean(dim=1)], dim=-1)
+        """The trunk's feature map: final normalised tokens (B, N, C) for a ViT."""
+        return self.trunk.forward_features(x)
 
-    def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """``feats`` itself with ``pre_logits``; else one logit per tile that is 0 (softmax: 1.0)
-        when its embedding is finite and NaN when it is not, so a NaN/Inf embedding shows as a hole
-        in the coverage map and in the engine's non-finite checks instead of passing as covered."""
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The (B, D) tile embedding with ``pre_logits``; else one logit per tile that is 0
+        (softmax: 1.0) when its embedding is finite and NaN when it is not, so a NaN/Inf embedding
+        shows as a hole in the coverage map and in the engine's non-finite checks instead of
+        passing as covered."""
+        if self.pooling == "timm" or x.ndim != 3:
+            emb = self.trunk.forward_head(x, pre_logits=True)
+        elif self.pooling == "cls":
+            emb = x[:, 0]
+        else:
+            emb = torch.cat([x[:, 0], x[:, self.num_prefix_tokens:].mean(dim=1)], dim=-1)
         if pre_logits:
-            return feats
-        return (feats.float() * 0).sum(dim=1, keepdim=True)
+            return emb
+        return (emb.float() * 0).sum(dim=1, keepdim=True)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Tiles (B, 3, H, W) -> embeddings (B, D)."""
+        return self.forward_head(self.forward_features(x), pre_logits=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tiles -> the coverage logit (B, 1)."""
         return self.forward_head(self.forward_features(x))
 
     #: (spec, checkpoint path, sha256) when the weights came from a file (set by the loader)
@@ -100,8 +112,7 @@ def embedding_dim(module: EncoderModule, spec: EncoderSpec) -> int:
 
     Raises :class:`EncoderDimensionError` when a registered entry declares another width.
     """
-    width = int(getattr(module.trunk, "num_features", 0) or getattr(module.trunk, "embed_dim", 0))
-    dim = 2 * width if module.pooling == "cls+mean_patch" else width
+    dim = module.num_features
     if spec.dim and dim != spec.dim:
         raise EncoderDimensionError(f"encoder {spec.name}: the {spec.timm_arch} trunk gives {dim}-wide embeddings "
                                     f"but the registry declares {spec.dim}; the entry or its timm_kwargs are wrong")

@@ -229,7 +229,7 @@ def _probe_dim(module: EncoderModule, spec: EncoderSpec) -> int:
     try:
         with torch.inference_mode():
             x = torch.zeros(1, 3, spec.input_size, spec.input_size)
-            return int(module.forward_features(x).shape[-1])
+            return int(module.embed(x).shape[-1])
     except Exception as exc:  # noqa: BLE001  (a user's architecture: report it as an encoder problem)
         raise EncoderError(f"encoder {spec.name}: a 1x3x{spec.input_size}x{spec.input_size} forward failed: {exc}") from exc
 

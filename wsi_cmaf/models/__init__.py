@@ -1,5 +1,8 @@
 """Models: CMAF-Net, a timm-like registry, patch-classifier configs and safetensors IO.
 
+Each model module registers its own factories (``@register_model``); importing this package
+imports every model module, so any ``wsi_cmaf.models`` import sees the full registry.
+
 >>> from wsi_cmaf.models import create_model
 >>> model = create_model("cmaf_net", num_classes=2)            # the paper's full model
 >>> cnn = create_model("cmaf_net", ablation="cnn_only")         # a Table 6 ablation
@@ -8,21 +11,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from wsi_cmaf.models.config import ABLATIONS, TAU_INITS_TABLE7, CMAFConfig, ModelConfig, parse_tau_init
-from wsi_cmaf.models.cmaf_net import CMAFNet, build_cmaf_net
+from wsi_cmaf.models.cmaf_net import CMAFNet
 from wsi_cmaf.models.io import load_model, read_config, save_model
-from wsi_cmaf.models.registry import create_model, is_model, list_models, register_model
-# Registers "multiview" and "multitask" (issue 17); must follow the registry import.
 from wsi_cmaf.models.heads import TaskHeads, multitask_loss
 from wsi_cmaf.models.multiview import MultiViewConfig, MultiViewNet
-
-
-@register_model("cmaf_net")
-def cmaf_net(num_classes: int = 2, **overrides: Any) -> CMAFNet:
-    """CMAF-Net as in the paper; ``ablation="cnn_only"`` etc. selects a Table 6 row."""
-    return build_cmaf_net(num_classes=num_classes, **overrides)
+from wsi_cmaf.models.registry import create_model, is_model, list_models, register_model
 
 
 __all__ = [

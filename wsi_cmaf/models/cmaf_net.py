@@ -8,10 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from wsi_cmaf.errors import ModelError
 from wsi_cmaf.models.bottleneck import VariationalBottleneck, gaussian_kl, normalized_hsic
 from wsi_cmaf.models.cmaf_block import CMAFBlock
 from wsi_cmaf.models.config import CMAFConfig
 from wsi_cmaf.models.contextual import ContextualBranch
+from wsi_cmaf.models.registry import register_model
 from wsi_cmaf.models.spatial import SpatialBranch, resample_to
 
 logger = logging.getLogger(__name__)
@@ -58,15 +60,19 @@ class CMAFNet(nn.Module):
         self.vib_s = VariationalBottleneck(d_s, cfg.bottleneck_dim, cfg.logvar_clamp) if d_s else None
         self.vib_t = VariationalBottleneck(d_t, cfg.bottleneck_dim, cfg.logvar_clamp) if d_t else None
         fused_dim = cfg.context_dim if self.cmaf is not None else d_s + d_t
+        # forward_features stacks [fused map | F_s | F_t] on channels: the head pools the fused map
+        # and reads the VIBs' inputs from the branch maps, so the map alone determines the logits.
+        self.map_channels = (fused_dim if self.cmaf is not None else 0, d_s, d_t)
         n_z = int(self.vib_s is not None) + int(self.vib_t is not None)
-        # With DFA the head input ends with the C per-class logit offsets of the class readout.
+        # With DFA the logits get C per-class offsets from the class readout after the MLP.
         self.dfa_dims = num_classes if cfg.dfa and self.cmaf is not None else 0
-        self.num_features = fused_dim + n_z * cfg.bottleneck_dim + self.dfa_dims
         layers: list[nn.Module] = []
-        width = self.num_features - self.dfa_dims
+        width = fused_dim + n_z * cfg.bottleneck_dim
         for hidden in cfg.head_hidden:
             layers += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(cfg.dropout)]
             width = hidden
+        self.num_features = width
+        self.head_hidden_size = width
         self.head_hidden = nn.Sequential(*layers)
         self.head_drop = nn.Dropout(cfg.dropout)
         self.fc = nn.Linear(width, num_classes)
@@ -76,18 +82,32 @@ class CMAFNet(nn.Module):
             self.cmaf.attach_dfa(num_classes, cfg.dfa_class_counts)
 
     # ------------------------------------------------------------------ features
-    def _features(self, x: torch.Tensor, aux: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, aux: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, 3, H, W) -> feature map (B, sum(map_channels), H/32, W/32): [fused | F_s | F_t].
+
+        Without the CMAF block the fused part is absent (the map is [F_s | F_t], or one branch).
+        ``aux``, when given, receives the CMAF block's monitoring and regulariser terms.
+        """
         f_s = self.spatial(x) if self.spatial is not None else None
         f_t = self.contextual(x) if self.contextual is not None else None
         if f_s is not None and f_t is not None:
             # Both branches reach stride 32, but rounding can differ for odd sizes: align F_t to F_s.
             f_t = resample_to(f_t, (int(f_s.shape[-2]), int(f_s.shape[-1])))
-        parts: list[torch.Tensor] = []
+        maps = [self.cmaf(f_s, f_t, aux)] if self.cmaf is not None else []
+        maps.extend(f for f in (f_s, f_t) if f is not None)
+        return maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
+
+    def _head_input(self, fmap: torch.Tensor, aux: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feature map -> (MLP input (B, fused + z's), DFA logit offsets or None)."""
+        if fmap.ndim != 4 or fmap.shape[1] != sum(self.map_channels):
+            raise ModelError(f"CMAF-Net's head takes the (B, {sum(self.map_channels)}, h, w) map of "
+                             f"forward_features, got shape {tuple(fmap.shape)}")
+        fused, f_s, f_t = (part if part.shape[1] else None for part in torch.split(fmap, self.map_channels, dim=1))
         pooled_s = f_s.mean(dim=(2, 3)) if f_s is not None else None
         pooled_t = f_t.mean(dim=(2, 3)) if f_t is not None else None
+        parts: list[torch.Tensor] = []
         dfa_offsets = None
-        if self.cmaf is not None:
-            fused = self.cmaf(f_s, f_t, aux)
+        if fused is not None:
             parts.append(fused.mean(dim=(2, 3)))
             if self.cmaf.dfa is not None:
                 dfa_offsets = self.cmaf.dfa(fused.flatten(2).transpose(1, 2), self.cmaf.tau, aux)
@@ -105,21 +125,20 @@ class CMAFNet(nn.Module):
                 aux[f"kl_{tag}"] = gaussian_kl(mu, logvar)
         if aux is not None and len(zs) == 2:
             aux["mi_st"] = normalized_hsic(zs["s"], zs["t"])
-        if dfa_offsets is not None:
-            parts.append(dfa_offsets)
-        return torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=1), dfa_offsets
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> head input (B, num_features): pooled fused map and the z's."""
-        return self._features(x, None)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False,
+                     aux: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Feature map -> logits (B, C), or the pooled embedding (B, num_features) when ``pre_logits``.
 
-    def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Head input -> logits (B, C), or the last hidden layer when ``pre_logits``."""
-        if not self.dfa_dims:
-            h = self.head_hidden(feats)
-            return h if pre_logits else self.fc(self.head_drop(h))
-        h = self.head_hidden(feats[:, : -self.dfa_dims])
-        return h if pre_logits else self.fc(self.head_drop(h)) + feats[:, -self.dfa_dims:]
+        ``aux``, when given, receives the bottlenecks' and the DFA readout's terms.
+        """
+        feats, dfa_offsets = self._head_input(x, aux)
+        h = self.head_hidden(feats)
+        if pre_logits:
+            return h
+        logits = self.fc(self.head_drop(h))
+        return logits if dfa_offsets is None else logits + dfa_offsets
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised RGB -> logits (B, num_classes)."""
@@ -128,7 +147,7 @@ class CMAFNet(nn.Module):
     def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits plus the aux dict for training (KL, regularisers, dependence) and monitoring."""
         aux: dict[str, torch.Tensor] = {}
-        logits = self.forward_head(self._features(x, aux))
+        logits = self.forward_head(self.forward_features(x, aux), aux=aux)
         return logits, aux
 
     def extra_repr(self) -> str:
@@ -139,3 +158,9 @@ def build_cmaf_net(num_classes: int = 2, ablation: str | None = None, **override
     """Build CMAF-Net from :class:`CMAFConfig` overrides, optionally starting from an ablation row."""
     cfg = CMAFConfig.for_ablation(ablation, **overrides) if ablation else CMAFConfig.from_dict(overrides)
     return CMAFNet(cfg, num_classes=num_classes)
+
+
+@register_model("cmaf_net")
+def cmaf_net(num_classes: int = 2, **overrides: Any) -> CMAFNet:
+    """CMAF-Net as in the paper; ``ablation="cnn_only"`` etc. selects a Table 6 row."""
+    return build_cmaf_net(num_classes=num_classes, **overrides)

@@ -1,4 +1,4 @@
-"""Gated multi-view fusion over magnifications of one tile (issue 17, item 2).
+"""Gated multi-view fusion over magnifications of one tile.
 
 A shared backbone (CMAF-Net or any registry / timm model) embeds each view of a tile — e.g. the
 tile at 4 µm/px and its context at 16 µm/px (:mod:`wsi_cmaf.slide.views`) — and gated attention
@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from wsi_cmaf.errors import ModelConfigError, ModelError
+from wsi_cmaf.models.cmaf_net import CMAFNet
 from wsi_cmaf.models.heads import TaskHeads, check_tasks
 from wsi_cmaf.models.registry import create_model, register_model
 
@@ -189,10 +190,7 @@ class GatedViewAttention(nn.Module):
 
 
 def _embedding_dim(backbone: nn.Module) -> int:
-    """Width of ``forward_head(..., pre_logits=True)`` for CMAF-Net and timm models."""
-    cfg = getattr(backbone, "config", None)
-    if hasattr(cfg, "head_hidden") and hasattr(backbone, "dfa_dims"):  # CMAF-Net
-        return int(cfg.head_hidden[-1]) if cfg.head_hidden else int(backbone.num_features - backbone.dfa_dims)
+    """Width of ``forward_head(..., pre_logits=True)`` (timm's ``head_hidden_size`` or ``num_features``)."""
     for attr in ("head_hidden_size", "num_features"):
         value = getattr(backbone, attr, None)
         if isinstance(value, int) and value > 0:
@@ -218,7 +216,7 @@ class MultiViewNet(nn.Module):
         if not (hasattr(backbone, "forward_features") and hasattr(backbone, "forward_head")):
             raise ModelConfigError(f"backbone {config.backbone!r} has no forward_features/forward_head split")
         # The backbone's own classifier is replaced by the task heads on the fused embedding.
-        if hasattr(backbone, "fc") and hasattr(backbone, "dfa_dims"):
+        if isinstance(backbone, CMAFNet):
             backbone.fc = nn.Identity()
         elif hasattr(backbone, "reset_classifier"):
             backbone.reset_classifier(0)
@@ -230,6 +228,7 @@ class MultiViewNet(nn.Module):
         self.tasks = dict(tasks)
         self.backbone = backbone
         self.embed_dim = _embedding_dim(backbone)
+        self.num_features = self.embed_dim
         self.view_embed = (nn.Parameter(torch.zeros(config.num_views, self.embed_dim))
                            if config.view_embedding else None)
         self.attention = GatedViewAttention(self.embed_dim, config.attn_dim)
@@ -269,11 +268,9 @@ class MultiViewNet(nn.Module):
 
     # ------------------------------------------------------------------ forward passes
     def _embed(self, x: torch.Tensor, aux: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        if aux is not None and hasattr(self.backbone, "dfa_dims"):  # CMAF-Net: keep its KL/regulariser terms
-            feats = self.backbone._features(x, aux)
-        else:
-            feats = self.backbone.forward_features(x)
-        return self.backbone.forward_head(feats, pre_logits=True)
+        if aux is not None and isinstance(self.backbone, CMAFNet):  # keep its KL/regulariser terms
+            return self.backbone.forward_head(self.backbone.forward_features(x, aux), pre_logits=True, aux=aux)
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
 
     def _embed_views(self, views: list[torch.Tensor], present: torch.Tensor,
                      aux: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -300,12 +297,9 @@ class MultiViewNet(nn.Module):
             out = out + self.view_embed.to(out.dtype)
         return out
 
-    def fuse(self, views: ViewsInput, missing: torch.Tensor | None = None,
-             aux: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fused embedding (B, D) and attention weights over views (B, V).
-
-        A :class:`ViewBatch` carries its own mask; ``missing``, when also given, must be None.
-        """
+    def _present_and_embeddings(self, views: ViewsInput, missing: torch.Tensor | None,
+                                aux: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Present-view mask (B, V) and per-view embeddings (B, V, D)."""
         if isinstance(views, ViewBatch):
             if missing is not None:
                 raise ModelError("a ViewBatch carries its missing mask; do not pass `missing` as well")
@@ -316,18 +310,37 @@ class MultiViewNet(nn.Module):
             bad = (~present.any(dim=1)).nonzero().flatten().tolist()
             raise ModelError(f"every view is missing for sample(s) {bad[:10]} of the batch; drop those "
                              "tiles or build the model with all_missing='zeros' (head bias as output)")
-        emb = self._embed_views(views, present, aux)
+        return present, self._embed_views(views, present, aux)
+
+    def fuse(self, views: ViewsInput, missing: torch.Tensor | None = None,
+             aux: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused embedding (B, D) and attention weights over views (B, V).
+
+        A :class:`ViewBatch` carries its own mask; ``missing``, when also given, must be None.
+        """
+        present, emb = self._present_and_embeddings(views, missing, aux)
         return self.attention(emb, present)
 
     def forward_features(self, views: ViewsInput, missing: torch.Tensor | None = None) -> torch.Tensor:
-        """Views (+ missing mask (B, V), True = missing) -> fused embedding (B, D)."""
-        return self.fuse(views, missing)[0]
+        """Views (+ missing mask (B, V), True = missing) -> view tokens (B, V, D + 1).
 
-    def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Fused embedding -> logits (B, C) for one task, ``{task: logits}`` for several."""
-        if pre_logits:
-            return feats
-        out = self.heads(feats)
+        Token v is view v's embedding followed by a presence flag (1.0 present, 0.0 missing or
+        dropped), so :meth:`forward_head` can pool the tokens without a separate mask.
+        """
+        present, emb = self._present_and_embeddings(views, missing, None)
+        return torch.cat([emb, present.unsqueeze(-1).to(emb.dtype)], dim=-1)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+        """View tokens -> logits (B, C) for one task, ``{task: logits}`` for several, or the fused
+        embedding (B, num_features) when ``pre_logits``."""
+        if x.ndim != 3 or x.shape[-1] != self.embed_dim + 1:
+            raise ModelError(f"the multi-view head takes the (B, V, {self.embed_dim + 1}) view tokens of "
+                             f"forward_features, got shape {tuple(x.shape)}")
+        fused, _ = self.attention(x[..., :-1], x[..., -1] > 0.5)
+        return fused if pre_logits else self._heads(fused)
+
+    def _heads(self, fused: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        out = self.heads(fused)
         return out if len(out) > 1 else next(iter(out.values()))
 
     def forward(self, views: ViewsInput, missing: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -342,7 +355,7 @@ class MultiViewNet(nn.Module):
         aux: dict[str, torch.Tensor] = {}
         fused, weights = self.fuse(views, missing, aux)
         aux.update(view_attn=weights, view_present=weights > 0)
-        return self.forward_head(fused), aux
+        return self._heads(fused), aux
 
     def extra_repr(self) -> str:
         return f"backbone={self.config.backbone}, num_views={self.config.num_views}, tasks={self.tasks}"

@@ -1,4 +1,4 @@
-"""Synthetic patients for the slide-level and clinical-fusion evidence (issue 17 item 6).
+"""Synthetic patients for the slide-level and clinical-fusion evidence.
 
 Two sources of tile embeddings, both from the real inference engine:
 
@@ -29,8 +29,9 @@ logger = logging.getLogger(__name__)
 
 
 class TinyTileEncoder(nn.Module):
-    """A fixed, seeded, untrained 3-layer CNN: ``forward_features`` gives mean+std pooled maps
-    (D = 2 * width), ``forward_head`` a linear layer. Cheap enough to embed slides on 2 CPU cores;
+    """A fixed, seeded, untrained 3-layer CNN: ``forward_features`` gives its last map,
+    ``forward_head(..., pre_logits=True)`` that map's per-channel mean and std (D = 2 * width) and
+    ``forward_head`` a linear layer on them. Cheap enough to embed slides on 2 CPU cores;
     random conv features still separate the denser, darker synthetic tumour texture."""
 
     def __init__(self, width: int = 16, num_classes: int = 2, seed: int = 0) -> None:
@@ -39,20 +40,22 @@ class TinyTileEncoder(nn.Module):
         self.convs = nn.ModuleList([nn.Conv2d(3, width, 3, stride=2, padding=1),
                                     nn.Conv2d(width, width, 3, stride=2, padding=1),
                                     nn.Conv2d(width, width, 3, stride=1, padding=1)])
+        self.num_features = 2 * width
         self.fc = nn.Linear(2 * width, num_classes)
         with torch.no_grad():
             for p in self.parameters():  # own generator: the weights do not depend on global RNG state
                 p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.ndim > 1 else 0.05))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, 2 * width): per-channel mean and std of the last map."""
+        """(B, 3, H, W) -> the last map (B, width, H/4, W/4)."""
         for conv in self.convs:
             x = torch.relu(conv(x))
-        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+        return x
 
-    def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Features -> logits (or the features themselves with ``pre_logits``)."""
-        return feats if pre_logits else self.fc(feats)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Map -> logits, or the pooled (B, 2 * width) embedding with ``pre_logits``."""
+        pooled = torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+        return pooled if pre_logits else self.fc(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
