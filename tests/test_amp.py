@@ -23,14 +23,8 @@ from wsi_cmaf.train.config import OptimConfig, StageConfig, TrainConfig
 from wsi_cmaf.train.engine.schedules import build_scheduler
 from wsi_cmaf.train.engine.stages import AdaptiveGradClip, build_optimizer
 from wsi_cmaf.train.engine.trainer import train
-from wsi_cmaf.train.engine.loop import (
-    DIVERGENCE_STREAK,
-    Amp,
-    SkipMonitor,
-    StageRuntime,
-    optimizer_update,
-    resolve_precision,
-)
+from wsi_cmaf.train.engine.amp import DIVERGENCE_STREAK, Amp, SkipMonitor, resolve_precision
+from wsi_cmaf.train.engine.loop import StageRuntime, optimizer_update
 from tests.test_trainer import tiny_config
 
 CPU = torch.device("cpu")
@@ -195,7 +189,7 @@ def test_train_fp16_on_cpu_survives_calibration(tmp_path, monkeypatch) -> None:
     (GradScaler's own 2^16 already overflows the first epoch of this tiny run; 2^40 makes sure.
     fp16 backward passes are slow on CPU, hence one short epoch without SAM.)
     """
-    monkeypatch.setattr("wsi_cmaf.train.engine.amp.FP16_INIT_SCALE", 2.0**40)  # Amp's home since the split
+    monkeypatch.setattr("wsi_cmaf.train.engine.amp.FP16_INIT_SCALE", 2.0**40)
     cfg = tiny_config(tmp_path / "run", tmp_path / "syn", amp="fp16", stages={"epochs": [1, 0, 0]},
                       optim={"sam": False})
     result = train(TrainConfig.from_dict(cfg))

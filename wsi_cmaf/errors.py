@@ -99,7 +99,7 @@ class StainFitError(DataError):
     """A Macenko stain matrix could not be fitted (too few tissue pixels, degenerate colours)."""
 
 
-# --- fault tolerance / implausible numbers (issue 13) -------------------------------------
+# --- fault tolerance / implausible numbers ---------------------------------------------
 class ImplausibleValueError(ConfigError, ValueError):
     """A user number is outside the range wsi-cmaf can use (or would allocate memory in
     proportion to it). The message says what was given and what is expected."""
@@ -117,7 +117,7 @@ class NoDecodableTissueError(UnreadableSlideError):
     """Every tile of the level the tissue stage reads failed to decode: nothing to analyse."""
 
 
-# --- command-line usage (issue 14: exit code 2 = usage, 1 = runtime) ---------------------
+# --- command-line usage (exit code 2 = usage, 1 = runtime) --------------------------------
 class UsageError(WsiCmafError):
     """An argument cannot be used as given (checked before any model load or output)."""
 

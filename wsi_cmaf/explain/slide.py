@@ -146,6 +146,7 @@ def _rebuild_inputs(store, reader, resolved):
     """The run's grid and stored stain facts, exactly as a resumed analysis would reuse them."""
     from wsi_cmaf.infer.inputs import load_inputs, run_identity
     from wsi_cmaf.output._json import json_diff, jsonable
+    from wsi_cmaf.qc.stage import qc_identity
     from wsi_cmaf.slide.grid import GridConfig
     from wsi_cmaf.slide.tissue import TissueConfig
 
@@ -155,6 +156,7 @@ def _rebuild_inputs(store, reader, resolved):
     if tissue.get("pen_hue_range") is not None:
         tissue["pen_hue_range"] = tuple(tissue["pen_hue_range"])
     identity = run_identity(reader, resolved, gcfg, TissueConfig(**tissue), ident["stain"])
+    identity.update(qc_identity(None))  # the rebuild leaves no blurred tile out
     inputs = load_inputs(store.path, identity, reader, gcfg)
     if inputs is None:
         problems = json_diff(ident, jsonable(identity))

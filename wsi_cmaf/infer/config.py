@@ -7,10 +7,9 @@ from typing import Any
 
 
 def _compile_modes() -> tuple[str, ...]:
-    try:
-        from wsi_cmaf.models.optimize import COMPILE_MODES
-    except ImportError:  # models package without the optimiser: only eager execution exists
-        return ("auto", "off")
+    # imported here: the optimiser pulls in torch, which reading a config does not need
+    from wsi_cmaf.models.optimize import COMPILE_MODES
+
     return tuple(COMPILE_MODES)
 
 

@@ -1,4 +1,4 @@
-"""Multi-task models in the slide engine (issue 17, item 3): one output row per tile for all tasks.
+"""Multi-task models in the slide engine: one output row per tile for all tasks.
 
 A multi-task model returns ``{task: logits (B, C_task)}``. The engine runs it through
 :class:`TaskOutputs`, which concatenates the logits in the model's task order into one

@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 
 from wsi_cmaf.errors import NoDecodableTissueError, OutputWriteError, WsiCmafError
 from wsi_cmaf.infer.attrs import _attrs, _um_per_tile
-from wsi_cmaf.infer.attrs import edge_tiles_attrs  # noqa: F401  (re-exported)
 from wsi_cmaf.infer.callargs import UNSET, merge_run_config
 from wsi_cmaf.infer.checks import check_device, check_inputs
 from wsi_cmaf.infer.config import InferenceConfig

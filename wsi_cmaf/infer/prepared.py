@@ -3,14 +3,11 @@ copy of each model (folded, moved and compiled once, however many slides start t
 
 from __future__ import annotations
 
-import logging
 import threading
 import weakref
 
 import torch
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 
 _DEVICE_LOCKS: dict[str, threading.Lock] = {}
@@ -88,15 +85,11 @@ def prepared_model(model: nn.Module, device: torch.device, compile: str = "auto"
             hit = _PREPARED.get(key)
             if hit is not None and hit[0]() is model:
                 return hit[1], hit[2]
-        try:
-            from wsi_cmaf.models.optimize import prepare_for_inference, resolve_compile_mode
-        except ImportError:  # an older models package: plain eager execution, same numbers as before
-            logger.debug("wsi_cmaf.models.optimize not available; running %s eagerly", type(model).__name__)
-            prepared, compiled = model.to(device).eval(), False
-        else:
-            prepared = prepare_for_inference(model, device, compile=compile, cuda_graph_batch=cuda_graph_batch)
-            compiled = (resolve_compile_mode(compile, device, cuda_graph_batch) is not None
-                        and not isinstance(model, torch.jit.ScriptModule))
+        from wsi_cmaf.models import optimize  # looked up per call: the models package loads on first use
+
+        prepared = optimize.prepare_for_inference(model, device, compile=compile, cuda_graph_batch=cuda_graph_batch)
+        compiled = (optimize.resolve_compile_mode(compile, device, cuda_graph_batch) is not None
+                    and not isinstance(model, torch.jit.ScriptModule))
         with _GLOBAL_LOCK:
             if len(_PREPARED) >= _PREPARED_MAX:
                 evicted = next(iter(_PREPARED))

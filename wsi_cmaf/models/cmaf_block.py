@@ -161,8 +161,8 @@ class CMAFBlock(nn.Module):
         else:
             self.entropy_logits = None
         self.gate = nn.Conv2d(2 * dim, dim, 1) if gating else None
-        # Created last and only when asked, so DFA-off models draw the same initial weights
-        # and have the same state_dict as before DFA existed.
+        # Created last and only when asked, so a DFA-off block draws the same initial weights
+        # and holds the same tensors as a block without the readout.
         self.dfa = DFAReadout(dim, num_heads, dfa_classes, dfa_class_counts) if dfa_classes else None
 
     def attach_dfa(self, num_classes: int, class_counts: tuple[float, ...] | None = None) -> DFAReadout:

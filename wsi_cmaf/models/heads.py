@@ -1,4 +1,4 @@
-"""Multi-task classification heads and a loss that tolerates missing labels (issue 17, item 3).
+"""Multi-task classification heads and a loss that tolerates missing labels.
 
 A model with several tasks (e.g. ``{"malignancy": 2, "subtype": 8}`` for BreakHis) shares one
 embedding and puts one linear head per task on it. :func:`multitask_loss` sums the per-head

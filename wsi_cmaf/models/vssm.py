@@ -1,4 +1,4 @@
-"""A 2-D selective state-space block (VMamba-style SS2D) in plain PyTorch (issue 17, item 2).
+"""A 2-D selective state-space block (VMamba-style SS2D) in plain PyTorch.
 
 Why our own code: the reference implementations (``mamba-ssm``, VMamba's ``selective_scan``)
 compile CUDA kernels at install time, which this project cannot require. The pure-PyTorch

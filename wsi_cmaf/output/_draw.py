@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 #: Why these hues: H&E is pink (eosin, hue ~330-350°) and purple/blue (haematoxylin,
 #: ~260-280°). Hues 55-150° (yellow, green) sit opposite them on the colour wheel, so a
 #: semi-transparent blend over tissue turns olive, never the magenta/salmon that inferno or
-#: jet give over eosin (issue 14); blue/cyan is avoided too, since over pink it blends to the
+#: jet give over eosin; blue/cyan is avoided too, since over pink it blends to the
 #: lavender of haematoxylin. Luminance rises monotonically with p, so the ramp also reads in
 #: greyscale and for red-green colour-blind viewers (yellow stays the brightest).
 RAMP_STOPS = ((0.0, (0, 80, 60)), (0.4, (20, 150, 70)), (0.7, (140, 210, 40)), (1.0, (255, 240, 0)))

@@ -46,6 +46,6 @@ def qc_summary(qc: SlideQC | None) -> dict[str, Any]:
 
 
 def qc_identity(cfg: Any) -> dict[str, Any]:
-    """What the QC adds to a store's resume identity: ``{"exclude_blurred": True}`` when blurred tiles
-    are left out (another set of analysed tiles), nothing otherwise (older stores still resume)."""
-    return {"exclude_blurred": True} if getattr(cfg, "exclude_blurred", False) else {}
+    """What the QC adds to a store's resume identity: whether blurred tiles are left out (another set
+    of analysed tiles). ``cfg`` None or without the option: none are."""
+    return {"exclude_blurred": bool(getattr(cfg, "exclude_blurred", False))}

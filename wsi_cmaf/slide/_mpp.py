@@ -1,6 +1,6 @@
 """µm/px resolution chain and TIFF-level facts read directly with tifffile.
 
-Order (issue §2, issue 13 §2): explicit override > vendor property (as the opening backend
+Order: explicit override > vendor property (as the opening backend
 reports it) > vendor ImageDescription parsed here whatever backend opened the file (Aperio
 ``MPP``/``AppMag``, OME-XML ``PhysicalSizeX``, Philips ``DICOM_PIXEL_SPACING``) > TIFF
 X/YResolution with a centimetre/inch ResolutionUnit > objective power (logged warning) >

@@ -1,4 +1,4 @@
-"""Tile-level fault isolation for whole-level reads (issue 13 §1, thumbnail and tissue stage).
+"""Tile-level fault isolation for whole-level reads (thumbnail and tissue stage).
 
 Scanner files can hold a few undecodable tiles (a flipped byte in a JPEG marker, a cut
 transfer). A whole-level read must not give up because of one of them: the bad tile is

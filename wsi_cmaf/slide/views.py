@@ -1,4 +1,4 @@
-"""Multi-magnification views per tile, cut from one read per block and view (issue 17, item 1).
+"""Multi-magnification views per tile, cut from one read per block and view.
 
 For each tile of a :class:`~wsi_cmaf.slide.grid.TileGrid` a *view* is a square of ``size`` px at
 ``mpp`` µm/px centred on the tile: e.g. the tile itself (50 px at 4 µm/px) plus 50 px at 16 µm/px

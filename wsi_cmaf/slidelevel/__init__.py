@@ -1,4 +1,4 @@
-"""Slide- and patient-level prediction from stored tile embeddings (issue 17 items 4-6).
+"""Slide- and patient-level prediction from stored tile embeddings.
 
 * :func:`read_embeddings`: a store's tile embeddings (written by ``analyze_slide(..., embeddings=True)``).
 * :class:`GatedAttentionMIL`: gated attention-MIL pooling (Ilse et al. 2018).

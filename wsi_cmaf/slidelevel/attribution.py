@@ -1,4 +1,4 @@
-"""Per-variable SHAP values of the clinical inputs of a fused prediction (issue 16 item 5).
+"""Per-variable SHAP values of the clinical inputs of a fused prediction.
 
 captum's :class:`~captum.attr.KernelShap` (captum is already a dependency; the ``shap`` package
 would add numba and llvmlite for the same estimate). Each clinical *variable* is one feature: its

@@ -25,7 +25,7 @@ eager elsewhere; "off" never compiles; "on" compiles on any device (default mode
 CUDA graphs ("reduce-overhead") are not offered for training: SAM perturbs the weights in place
 between two passes and the last batch of an epoch changes shape.
 
-Multi-task heads (issue 17, item 3): ``model.tasks: {malignancy: 2, subtype: 8}`` on the
+Multi-task heads: ``model.tasks: {malignancy: 2, subtype: 8}`` on the
 ``multitask`` wrapper (``model.kwargs.backbone``: ``cmaf_net`` by default, or a timm model) trains
 one head per task on a shared embedding. The first task is the primary one: its labels are the
 manifest's ``label`` column, its loss is the configured objective (A-CBFL + IB terms ...), and
@@ -52,8 +52,6 @@ from typing import Any
 from wsi_cmaf.errors import ConfigError
 from wsi_cmaf.losses import LossConfig
 from wsi_cmaf.train.model_section import ModelSection
-# re-exported: code written before the split imports it from this module
-from wsi_cmaf.train.model_section import TASK_MODELS  # noqa: F401
 
 STAGE_KINDS = ("branches", "fusion", "all")
 STAGE_LOSSES = ("cross_entropy", "objective")
@@ -231,7 +229,7 @@ class TrainLossConfig(LossConfig):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """LossConfig's dict; ``task_weights`` only when set (single-task configs read as before)."""
+        """LossConfig's dict; ``task_weights`` only when set (a single-task config names no task fields)."""
         out = super().to_dict()
         if not out.get("task_weights"):
             out.pop("task_weights", None)
@@ -365,7 +363,7 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["loss"] = self.loss.to_dict()
         out["loss"].pop("ramp_steps", None)  # the trainer sets it per stage; from_dict refuses it
-        for key in ("tasks", "task_class_names"):  # single-task configs read exactly as before
+        for key in ("tasks", "task_class_names"):  # a single-task config names no task fields
             if out["model"].get(key) is None:
                 out["model"].pop(key, None)
         return json.loads(json.dumps(out))

@@ -10,7 +10,7 @@ position of the *centre* of element 0. So the slide's level 0 gets ``scale = µm
 ``translate = µm/px / 2``, and the heatmap gets the ``scale`` and ``translation`` of its NGFF
 dataset ``0`` (tile stride in µm, centre of tile (0, 0)): a heatmap pixel then covers exactly its
 tile's footprint on the slide. napari-ome-zarr keeps only the scale, which shifted the heatmap
-half a tile up and left (issue 14); reading the transforms here avoids that.
+half a tile up and left; reading the transforms here avoids that.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ cross-entropy (:mod:`wsi_cmaf.train.engine.tasks`). In the ``branches`` stage on
 labels train the extractors' temporary heads.
 
 Mixed precision (:class:`Amp`, :class:`SkipMonitor`, :func:`resolve_precision`) lives in
-:mod:`wsi_cmaf.train.engine.amp`; its names are re-exported here, where they used to be defined.
+:mod:`wsi_cmaf.train.engine.amp`.
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ from wsi_cmaf.train.data.setup import BatchPipeline, batch_patient_ids
 from wsi_cmaf.train.data.datasets import DataBundle
 from wsi_cmaf.train.evaluate.predict import predict, quick_metrics
 from wsi_cmaf.train.engine.amp import Amp, SkipMonitor
-# re-exported: code and tests written before the split import these from this module
-from wsi_cmaf.train.engine.amp import DIVERGENCE_STREAK, FP16_INIT_SCALE, resolve_precision  # noqa: F401
 from wsi_cmaf.train.engine.logging_utils import RunLogger, aux_statistics, per_class_grad_norms
 from wsi_cmaf.train.engine.sam import SAM, nonfinite_flag, step_unless_nonfinite
 from wsi_cmaf.train.engine.stages import AdaptiveGradClip, HistoryGradClip, frozen_bn_stats, set_train_mode

@@ -1,4 +1,4 @@
-"""Multi-task training pieces (issue 17, item 3): secondary-task losses, predictions and metrics.
+"""Multi-task training pieces: secondary-task losses, predictions and metrics.
 
 A multi-task model (:class:`~wsi_cmaf.models.multiview.MultiViewNet` with several ``tasks``)
 returns ``{task: logits}``; the first task is the primary one. The training loop sends the

@@ -1,4 +1,4 @@
-"""Controlled imbalance experiment: ``wsi-cmaf protocol imbalance-controlled`` (issue 15 item 4).
+"""Controlled imbalance experiment: ``wsi-cmaf protocol imbalance-controlled``.
 
 The earlier sweep (``protocol imbalance``) could not separate the losses: the minority count
 shrank with the ratio (imbalance confounded with few-shot learning), stage 1 was cross-entropy for

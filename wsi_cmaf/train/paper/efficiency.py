@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-#: (name, measured model, reference model, precision, compile, batch, minimum) of the issue's floors.
+#: (name, measured model, reference model, precision, compile, batch, minimum) of the efficiency floors.
 FLOORS = (
     ("cpu_fp32_eager_ratio", "cmaf_net", "timm:resnet50", "cpu", "fp32", "off", 32, 1.5),
     ("gpu_bf16_compiled_b256_ratio", "cmaf_net", "timm:resnet50", "cuda", "bf16", "on", 256, 1.2),
@@ -256,7 +256,7 @@ def wide_table(measured: list[dict[str, Any]], cfg: EfficiencyConfig) -> pd.Data
 
 
 def floor_checks(long: pd.DataFrame) -> list[dict[str, Any]]:
-    """The issue's floors that this run measured: value, minimum, pass/fail and the setting."""
+    """The efficiency floors that this run measured: value, minimum, pass/fail and the setting."""
     out = []
     for name, model, ref, dev, precision, comp, batch, minimum in FLOORS:
         rows = long[(long["model"] == model) & long["device"].str.startswith(dev) & (long["batch"] == batch)]

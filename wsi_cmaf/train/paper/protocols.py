@@ -228,7 +228,7 @@ def build_protocol(name: str, base: dict[str, Any], *, seeds: Sequence[int] = DE
         for loss in LOSS_ABLATIONS:
             runs += _seeded(f"loss-{loss}", {"ablation": loss}, seeds, {"loss": {"loss": loss}},
                             {"model.ablation": None})
-        # An addition, not an ablation: the full model plus the DFA class-attention readout (issue 16).
+        # An addition, not an ablation: the full model plus the DFA class-attention readout.
         runs += _seeded("model-with_dfa", {"ablation": "with_dfa"}, seeds, {"model": {"kwargs": {"dfa": True}}},
                         {"model.ablation": None})
         return Protocol(name, runs, ["ablation"], "Table 6: ablations")
