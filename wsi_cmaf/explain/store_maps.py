@@ -36,8 +36,8 @@ from wsi_cmaf.errors import OutputError
 from wsi_cmaf.explain.select import TOP_K
 from wsi_cmaf.explain.slide import SlideExplanation
 from wsi_cmaf.output._json import jsonable
+from wsi_cmaf.output.codecs import heatmap_compressors
 from wsi_cmaf.output.ngff import NGFF_VERSION
-from wsi_cmaf.output.store import _compressor
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ _DESCRIPTIONS = {
 
 
 def _write_group(root: zarr.Group, expl: SlideExplanation, name: str, attrs: dict[str, Any]) -> None:
-    comp = _compressor()  # the heatmap store's own codec settings
+    comp = heatmap_compressors()  # the heatmap store's own codec settings
     n = len(expl.choice)
     reason = np.array([0 if r == TOP_K else 1 for r in expl.choice.reason], np.int64)
     table = np.column_stack([expl.choice.rows, expl.choice.cols, expl.location, reason]).astype(np.int64)

@@ -18,7 +18,8 @@ import numpy as np
 
 from wsi_cmaf.infer.modelspec import ResolvedModel, config_identity
 from wsi_cmaf.output._json import jsonable
-from wsi_cmaf.output.store import HeatmapStore, read_store_meta
+from wsi_cmaf.output.store import HeatmapStore
+from wsi_cmaf.output.store_layout import read_store_meta
 from wsi_cmaf.slide.faults import TileFailure
 from wsi_cmaf.slide.grid import GridConfig, TileGrid, level0_grid_config, mask_tile_fractions
 from wsi_cmaf.slide.tissue import TissueConfig, TissueMask

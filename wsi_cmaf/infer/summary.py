@@ -91,7 +91,7 @@ def summarise(slide_path, reader, grid, mask, store, resolved, cfg, dev, timer, 
 def task_summary(store: HeatmapStore, tissue: np.ndarray) -> dict[str, Any]:
     """Per task of a multi-task store (primary first): classes, store group and the mean
     probability of each class over the tissue tiles with a value; {} for a single-task store."""
-    from wsi_cmaf.output.store_tasks import task_group_path
+    from wsi_cmaf.output.task_groups import task_group_path
 
     out: dict[str, Any] = {}
     for i, (task, classes) in enumerate(store.tasks.items()):

@@ -1,38 +1,16 @@
-"""One Zarr v3 store per slide: an OME-Zarr (NGFF 0.5) pyramid of class probabilities.
+"""The heatmap store of one slide: :class:`HeatmapStore` writes and reads it.
 
-Layout (``<slide>.zarr``)::
-
-    zarr.json            attributes: "ome" (multiscales, omero) and "wsi_cmaf" (identity, provenance)
-    0, 1, 2 ...          float32 (C, rows, cols) probabilities; level 0 = one pixel per tile,
-                         chunk (C, K, K) = one inference block; NaN = no tissue tile / not computed
-    labels/tissue/0 ...  uint8 (1, rows, cols) tissue mask as an NGFF label image
-    wsi_cmaf/done        bool (block rows, block cols), chunk (1, 1): block written
-    wsi_cmaf/failed      bool, same: block failed (messages in the group's "errors" attribute)
-    wsi_cmaf/failed_tiles  bool (rows, cols), chunk (K, K): tissue tiles that could not be decoded
-                         (NaN in ``0``; one message per block in the "tile_errors" attribute)
-    tasks/<task>/0, 1 .. a multi-task model's other tasks, one NGFF image group each, laid out as
-                         ``0, 1, 2 ...`` (see store_tasks.py); the main image is the first task
-    embeddings           optional float16 (rows, cols, D) tile embeddings (InferenceConfig.embeddings),
-                         chunk (K, K, D) = one inference block; NaN where no value
-    wsi_cmaf/manifest    int64 (block rows, block cols, F), chunk (1, 1, F): what each written block
-                         holds (tile count, CRC-32 and stored size of its data chunks), checked on
-                         resume and by ``wsi-cmaf verify`` (store_verify.py)
-    wsi_cmaf/inside_fraction  float32 (rows, cols): share of each tile inside the slide; < 1 marks a
-                         partial edge tile, padded with white (the "edge_tiles" attribute says how)
-    wsi_cmaf/tissue_mask, tissue_fraction, overlay_background   the tissue stage's outputs, and
-                         the group's "inputs" attribute (tissue facts, stain fit): a resumed run
-                         reuses them instead of recomputing them (see store_inputs.py)
-
-Every block owns exactly one chunk of ``0``, ``done``, ``failed`` and ``failed_tiles``, so blocks
-written by different threads never share a chunk: no locks, no read-modify-write of stored data.
-The per-block flags, failed tiles and their messages are kept by store_blocks.py.
+Its on-disk layout (an OME-Zarr (NGFF 0.5) pyramid of class probabilities in one Zarr v3 store,
+plus bookkeeping arrays) is described and created in :mod:`wsi_cmaf.output.store_layout`; the
+per-block manifest and its checks are in :mod:`wsi_cmaf.output.store_verify`, the extra tasks of
+multi-task models in :mod:`wsi_cmaf.output.task_groups`. Blocks written by different threads
+never share a chunk; the in-memory copies of the flags (read once at open) and the message
+attributes (one JSON document, keyed ``"by,bx"``) are updated under the store's lock.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -40,59 +18,29 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
 
-from wsi_cmaf.errors import OutputError, OutputExistsError, StoreFormatError, StoreMismatchError
-from wsi_cmaf.output._json import json_diff, jsonable
+from wsi_cmaf.errors import OutputError, OutputExistsError
+from wsi_cmaf.output._json import jsonable
 from wsi_cmaf.output.geometry import TileGeometry
-from wsi_cmaf.output.ngff import AXES, image_metadata, label_image_metadata, labels_group_metadata
-from wsi_cmaf.output.pyramid import (  # noqa: F401  (nan_mean_pool2 re-exported)
-    drop_levels, max_pool2, nan_mean_pool2, write_nan_mean_levels,
+from wsi_cmaf.output.store_layout import (
+    META, RESERVED, block_messages, check_attrs, create_store, existing_meta, make_layout, prepare_location,
+    put_meta_array, set_block_message, write_pyramid,
 )
-from wsi_cmaf.output.store_blocks import BlockStateMixin
-from wsi_cmaf.output.store_inputs import RunInputsMixin
-from wsi_cmaf.output.store_tasks import TaskGroupsMixin, check_task_layout, task_group_path
-from wsi_cmaf.output.store_verify import BlockManifestMixin
+from wsi_cmaf.output.store_verify import MANIFEST, BlockProblem, check_blocks, chunk_key, create_manifest, manifest_row
+from wsi_cmaf.output.store_verify import nonfinite_tiles as _nonfinite_tiles
+from wsi_cmaf.output.task_groups import check_task, task_array, task_group_path, write_task_chunks
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "wsi-cmaf-heatmap"
-FORMAT_VERSION = 2
-META = "wsi_cmaf"  # root attribute key and name of the bookkeeping group
-#: sub-folder of a store holding encoders' embedding stores (wsi_cmaf.encoders.embed)
-ENCODERS_GROUP = "encoders"
-_RESERVED = {"format", "format_version", "layout", "identity", "geometry", "layout_complete", "finalized"}
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """A view of ``a`` that callers cannot write through (the store owns the block state)."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
 
 
-def _compressor() -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)
-
-
-def read_store_meta(path: Path) -> dict[str, Any] | None:
-    """The ``wsi_cmaf`` root attributes if ``path`` is a wsi-cmaf store, else None (never raises)."""
-    try:
-        doc = json.loads((path / "zarr.json").read_text())
-    except (OSError, ValueError):
-        return None
-    meta = (doc.get("attributes") or {}).get(META) if isinstance(doc, dict) else None
-    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
-
-
-def check_format_version(path: Path, meta: dict[str, Any]) -> None:
-    """Raise :class:`StoreFormatError` unless ``meta`` (a store's ``wsi_cmaf`` attributes) is of
-    the current :data:`FORMAT_VERSION`; only an overwrite can reuse such a store's location."""
-    version = meta.get("format_version")
-    if version == FORMAT_VERSION:
-        return
-    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
-        origin = f"a newer wsi-cmaf (store format {version})"
-    else:
-        origin = f"an older wsi-cmaf (store format {'unversioned' if version is None else repr(version)})"
-    raise StoreFormatError(f"{path} was written by {origin}; this wsi-cmaf reads store format {FORMAT_VERSION} "
-                           "only. Re-run the analysis with overwrite=True (CLI: --overwrite) to replace it")
-
-
-class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin, BlockManifestMixin):
+class HeatmapStore:
     """Writer/reader of one slide's heatmap store (see module docstring for the layout)."""
 
     def __init__(self, path: Path, root: zarr.Group, *, writable: bool) -> None:
@@ -122,7 +70,11 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin, BlockManife
         self._failed_tiles_arr = self._meta_group["failed_tiles"]
         self._failed_tiles = np.asarray(self._failed_tiles_arr[...], dtype=bool)
         self._lock = threading.Lock()  # guards the caches and the "errors" attributes only
-        self._open_manifest(writable)  # what each block wrote, for resume and ``verify`` (store_verify.py)
+        # what each block wrote, for resume and ``verify`` (store_verify.py); a store from before
+        # manifests gets one on writing (its done blocks can only be checked for presence)
+        self._manifest = self._meta_group.get(MANIFEST)
+        if self._manifest is None and writable:
+            self._manifest = create_manifest(self._meta_group, self._done.shape, [n for n, _ in self._data_arrays()])
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -142,46 +94,14 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin, BlockManife
         :class:`OutputError` and is left untouched. ``embedding_dim`` adds the ``embeddings`` array;
         it is part of the layout, so a store is never resumed with and without embeddings.
         ``tasks`` ({task: class names}, primary first; its first entry must be ``class_names``)
-        adds one ``tasks/<task>`` image group per task after the first (store_tasks.py).
+        adds one ``tasks/<task>`` image group per task after the first (task_groups.py).
         """
         path = Path(path)
-        layout = jsonable({"grid_shape": [int(v) for v in grid_shape], "chunk": [int(v) for v in chunk],
-                           "class_names": list(class_names), "um_per_tile": [float(v) for v in um_per_tile]})
-        if embedding_dim:  # absent otherwise: stores without embeddings keep their old layout
-            layout["embedding_dim"] = int(embedding_dim)
-        task_layout = check_task_layout(tasks)
-        if task_layout:  # absent for single-task models: their layout stays the old one
-            if next(iter(task_layout.values())) != list(class_names):
-                raise ValueError(f"the first task's classes {next(iter(task_layout.values()))} must be "
-                                 f"the store's class_names {list(class_names)}")
-            layout["tasks"] = task_layout
-        clash = _RESERVED & set(attrs)
-        if clash:
-            raise ValueError(f"attrs may not use the reserved keys {sorted(clash)}")
-        if min(layout["chunk"]) < 1 or min(layout["grid_shape"]) < 0 or not class_names:
-            raise ValueError(f"bad store layout {layout}")
+        layout = make_layout(grid_shape, chunk, class_names, um_per_tile, embedding_dim, tasks)
+        check_attrs(attrs)
         identity = jsonable(identity)
-        if path.exists() or path.is_symlink():
-            meta = read_store_meta(path) if path.is_dir() else None
-            if meta is None:
-                # a folder holding only encoders' embedding stores (wsi-cmaf embed) takes the heatmap too
-                if path.is_dir() and not path.is_symlink() and all(p.name == ENCODERS_GROUP for p in path.iterdir()):
-                    return cls._create(path, layout, identity, attrs)
-                raise OutputError(f"{path} exists and is not a wsi-cmaf heatmap store; "
-                                  "refusing to write there (choose another output location)")
-            if overwrite or not meta.get("layout_complete"):
-                if not meta.get("layout_complete"):
-                    logger.warning("%s: incomplete store from an interrupted creation; recreating", path)
-                _remove_store(path)
-                return cls._create(path, layout, identity, attrs)
-            check_format_version(path, meta)
-            problems = (json_diff(meta.get("layout"), layout, "layout")
-                        + json_diff(meta.get("identity"), identity, "identity"))
-            if problems:
-                raise StoreMismatchError(
-                    f"{path} holds a result made with different inputs; refusing to mix them "
-                    f"(use overwrite or another output folder): " + "; ".join(problems[:8])
-                    + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else ""))
+        meta = prepare_location(path, layout, identity, overwrite=overwrite)
+        if meta is not None:
             if not resume:
                 raise OutputExistsError(f"{path} already exists (pass resume to continue it or overwrite to replace it)")
             store = cls(path, zarr.open_group(str(path), mode="r+", zarr_format=3), writable=True)
@@ -196,50 +116,18 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin, BlockManife
         """Open an existing store (``mode`` "r" or "r+"); :class:`OutputError` if it is not one,
         :class:`StoreFormatError` if it was written in another format version."""
         path = Path(path)
-        meta = read_store_meta(path) if path.is_dir() else None
-        if meta is None:
-            raise OutputError(f"{path} is not a wsi-cmaf heatmap store")
-        if not meta.get("layout_complete"):
-            raise OutputError(f"{path} is an incomplete store (its creation was interrupted)")
-        check_format_version(path, meta)
+        existing_meta(path)
         return cls(path, zarr.open_group(str(path), mode=mode, zarr_format=3), writable=mode != "r")
 
     @classmethod
     def _create(cls, path: Path, layout: dict, identity: dict, attrs: dict) -> "HeatmapStore":
-        attrs = jsonable(attrs)
-        c, (rows, cols), (k0, k1) = len(layout["class_names"]), layout["grid_shape"], layout["chunk"]
-        geometry = TileGeometry.from_attrs(attrs, tuple(layout["um_per_tile"]))
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "layout": layout, "identity": identity,
-                "geometry": geometry.to_dict(), "layout_complete": False, "finalized": False, **attrs}
-        # The marker goes in first: an interrupted creation leaves a folder we recognise as ours.
-        root = zarr.create_group(str(path), zarr_format=3, attributes={META: meta})
-        root.create_array("0", shape=(c, rows, cols), chunks=(c, k0, k1), dtype="float32",
-                          fill_value=np.nan, compressors=_compressor(), dimension_names=AXES)
-        labels = root.create_group("labels", attributes={"ome": labels_group_metadata(["tissue"])})
-        tissue = labels.create_group("tissue", attributes={"ome": label_image_metadata("tissue", 1, geometry.pyramid())})
-        tissue.create_array("0", shape=(1, rows, cols), chunks=(1, k0, k1), dtype="uint8", fill_value=0,
-                            compressors=_compressor(), dimension_names=AXES)
-        group = root.create_group(META, attributes={"errors": {}})
-        nb = (-(-rows // k0), -(-cols // k1))
-        for name in ("done", "failed"):
-            group.create_array(name, shape=nb, chunks=(1, 1), dtype="bool", fill_value=False,
-                               dimension_names=("block_y", "block_x"))
-        cls._create_failed_tiles(group, (rows, cols), (k0, k1))
-        if layout.get("embedding_dim"):
-            cls._create_embeddings(root, (rows, cols), (k0, k1), int(layout["embedding_dim"]))
-        if layout.get("tasks"):
-            cls._create_task_groups(root, layout["tasks"], (rows, cols), (k0, k1), geometry.pyramid())
-        meta["layout_complete"] = True
-        root.attrs.update({"ome": image_metadata(layout["class_names"], 1, geometry.pyramid()), META: meta})
-        logger.info("%s: created heatmap store %s, %d×%d blocks", path, (c, rows, cols), *nb)
-        return cls(path, root, writable=True)
+        return cls(path, create_store(path, layout, identity, jsonable(attrs)), writable=True)
 
     # ------------------------------------------------------------------ state
-    # (done / failed flags, failed tiles and their messages: store_blocks.py)
     @property
     def attrs(self) -> dict[str, Any]:
         """Provenance attributes given by the pipeline (slide, model, timings ...)."""
-        return {k: v for k, v in self._root.attrs[META].items() if k not in _RESERVED}
+        return {k: v for k, v in self._root.attrs[META].items() if k not in RESERVED}
 
     @property
     def n_levels(self) -> int:
@@ -258,6 +146,53 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin, BlockManife
             raise IndexError(f"block {block_index} outside the {self._done.shape} block grid")
         (k0, k1), (rows, cols) = self.chunk, self.grid_shape
         return slice(by * k0, min(rows, (by + 1) * k0)), slice(bx * k1, min(cols, (bx + 1) * k1))
+
+    @property
+    def done(self) -> np.ndarray:
+        """bool (block rows, block cols): blocks whose probabilities are stored (read-only view)."""
+        return _read_only(self._done)
+
+    @property
+    def failed(self) -> np.ndarray:
+        """bool (block rows, block cols): blocks whose last attempt failed (read-only view)."""
+        return _read_only(self._failed)
+
+    @property
+    def failed_tiles(self) -> np.ndarray:
+        """bool (rows, cols): tissue tiles of written blocks that could not be decoded (read-only)."""
+        return _read_only(self._failed_tiles)
+
+    @property
+    def errors(self) -> dict[tuple[int, int], str]:
+        """Error message of every failed block."""
+        return block_messages(self._meta_group, "errors")
+
+    @property
+    def tile_errors(self) -> dict[tuple[int, int], str]:
+        """Error message (the first bad tile's) of every block with failed tiles."""
+        return block_messages(self._meta_group, "tile_errors")
+
+    def block_has_failed_tiles(self, block_index: tuple[int, int]) -> bool:
+        """Whether block ``block_index`` was written with undecodable tiles (a rerun retries it)."""
+        rs, cs = self.block_slices(block_index)
+        return bool(self._failed_tiles[rs, cs].any())
+
+    @property
+    def primary_task(self) -> str | None:
+        """Name of the task in the main image (None for a single-task store, whose task is unnamed)."""
+        return next(iter(self.tasks), None)
+
+    @property
+    def extra_tasks(self) -> list[str]:
+        """Tasks stored in ``tasks/<task>`` groups, in the model's order (empty for single-task stores)."""
+        return list(self.tasks)[1:]
+
+    def task_class_names(self, task: str | None = None) -> list[str]:
+        """Class names of ``task`` (None or the primary task: the main image's)."""
+        return list(self.class_names) if self._is_primary(task) else list(self.tasks[check_task(self.tasks, task, self.path)])
+
+    def _is_primary(self, task: str | None) -> bool:
+        return task is None or task == self.primary_task
 
     # ------------------------------------------------------------------ writing
     def _check_writable(self) -> None:
@@ -286,15 +221,20 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin, BlockManife
             raise ValueError(f"block {tuple(block_index)} needs probabilities of shape {expected}, got {probs.shape}")
         by, bx = (int(v) for v in block_index)
         if embeddings is not None:
-            self._write_embeddings(block_index, rs, cs, embeddings)
+            want = (*probs.shape[1:], int(self.embedding_dim or 0))
+            if self._emb is None or embeddings.shape != want:
+                raise ValueError(f"block {tuple(block_index)} needs embeddings of shape {want}, got {embeddings.shape}"
+                                 if self._emb is not None else f"{self.path} has no embeddings array "
+                                 "(create it with embedding_dim)")
+            self._emb[rs, cs] = np.asarray(embeddings, dtype=np.float16)
         if self.tasks or tasks:
-            self._write_task_chunks(block_index, rs, cs, tasks)
+            write_task_chunks(self._root, self.tasks, block_index, rs, cs, tasks)
         self._probs[:, rs, cs] = probs
         self._write_failed_tiles(block_index, rs, cs, failed_tiles, tile_error)
         values = {"0": probs, **{f"{task_group_path(t)}/0": v for t, v in (tasks or {}).items()}}
         if self._emb is not None:
             values["embeddings"] = embeddings if embeddings is not None else self._emb[rs, cs]
-        self._record_manifest(block_index, values, nonfinite)  # after the chunks, before the flag
+        self._manifest[by, bx] = manifest_row(self.path, self._data_arrays(), values, by, bx, nonfinite)
         self._done_arr[by, bx] = True
         with self._lock:
             self._done[by, bx] = True
@@ -303,6 +243,36 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin, BlockManife
         if was_failed:  # a retry succeeded: the block is no longer failed
             self._failed_arr[by, bx] = False
             self._record_error(by, bx, None)
+
+    def _write_failed_tiles(self, block_index: tuple[int, int], rs: slice, cs: slice,
+                            failed_tiles: np.ndarray | None, tile_error: str | None) -> None:
+        """Store a block's failed-tile mask (bool, the block's shape; None: none failed) and its
+        ``tile_error``; a clean rewrite clears what an earlier attempt recorded."""
+        by, bx = (int(v) for v in block_index)
+        shape = (rs.stop - rs.start, cs.stop - cs.start)
+        bad = np.zeros(shape, bool) if failed_tiles is None else np.asarray(failed_tiles, dtype=bool)
+        if bad.shape != shape:
+            raise ValueError(f"block {tuple(block_index)} needs a failed-tile mask of shape {shape}, got {bad.shape}")
+        if bad.any() or self._failed_tiles[rs, cs].any():  # untouched chunks stay absent (fill value)
+            self._failed_tiles_arr[rs, cs] = bad
+            with self._lock:
+                self._failed_tiles[rs, cs] = bad
+            self._record_error(by, bx, (tile_error or "undecodable tile") if bad.any() else None, "tile_errors")
+
+    def mark_failed(self, block_index: tuple[int, int], error: str) -> None:
+        """Flag block ``block_index`` as failed and record ``error`` (rerunning retries it)."""
+        self._check_writable()
+        self.block_slices(block_index)  # bounds check
+        by, bx = (int(v) for v in block_index)
+        self._failed_arr[by, bx] = True
+        with self._lock:
+            self._failed[by, bx] = True
+        self._record_error(by, bx, str(error))
+        logger.warning("%s: block (%d, %d) failed: %s", self.path.name, by, bx, error)
+
+    def _record_error(self, by: int, bx: int, error: str | None, key: str = "errors") -> None:
+        with self._lock:  # attributes are one JSON document: serialise its updates
+            set_block_message(self._meta_group, by, bx, error, key)
 
     def write_tissue(self, tissue: np.ndarray, fraction: np.ndarray | None = None) -> None:
         """Store the tile tissue mask (bool (rows, cols)) as the ``labels/tissue`` label image,
@@ -322,15 +292,26 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin, BlockManife
         self._put_meta_array("tissue_mask", np.asarray(mask, dtype=bool), None, {"mpp": float(mpp)},
                              dims=("mask_y", "mask_x"))  # its own dims: sizes differ from the grid's
 
+    def write_inside_fraction(self, inside: np.ndarray) -> None:
+        """Store each tile's share of area inside the slide (float32, grid shape; < 1 marks a
+        partial edge tile, padded with white beyond the slide: see the "edge_tiles" attribute)."""
+        self._check_writable()
+        self._put_meta_array("inside_fraction", np.asarray(inside, dtype=np.float32), tuple(self.grid_shape))
+
+    def write_background(self, rgb: np.ndarray) -> None:
+        """Store the overlay's background picture (RGB uint8 of the whole slide) for resumed runs."""
+        self._check_writable()
+        self._put_meta_array("overlay_background", np.asarray(rgb, dtype=np.uint8), None, dims=("bg_y", "bg_x", "rgb"))
+
+    def write_inputs(self, facts: dict[str, Any]) -> None:
+        """Merge ``facts`` (JSON-able) into the run's stored inputs (see :meth:`inputs`)."""
+        self._check_writable()
+        with self._lock:  # one JSON document with the "errors" attributes: serialise updates
+            self._meta_group.attrs["inputs"] = {**self._meta_group.attrs.get("inputs", {}), **jsonable(facts)}
+
     def _put_meta_array(self, name: str, data: np.ndarray, shape: tuple | None, attrs: dict | None = None,
                         dims: tuple[str, ...] = ("y", "x")) -> None:
-        if shape is not None and data.shape != tuple(shape):
-            raise ValueError(f"{name} has shape {data.shape}, grid is {tuple(shape)}")
-        chunks = tuple(max(1, min(n, 2048)) for n in data.shape)  # whole small arrays; large masks in tiles
-        arr = self._meta_group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype,
-                                            compressors=_compressor(), overwrite=True,
-                                            dimension_names=dims, attributes=attrs or {})
-        arr[...] = data
+        put_meta_array(self._meta_group, name, data, shape, attrs, dims)
 
     def _set_meta(self, updates: dict[str, Any]) -> None:
         meta = dict(self._root.attrs[META])
@@ -349,31 +330,8 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin, BlockManife
         if levels < 3:
             raise ValueError(f"levels must be >= 3 (level 0 and two downsampled levels), got {levels}")
         t0 = time.perf_counter()
-        # One pixel per tile: even a 10 cm slide at 50 µm tiles is 2000², a few MB per class.
-        probs = np.asarray(self._probs[...])
-        tissue = np.asarray(self._tissue[...])
-        tissue_group = self._root["labels/tissue"]
-        (k0, k1) = self.chunk
-        write_nan_mean_levels(self._root, probs, levels, self.chunk, compressors=_compressor(),
-                              dimension_names=AXES, first=1)
-        for level in range(1, levels):
-            tissue = max_pool2(tissue)
-            h, w = tissue.shape[-2:]
-            tarr = tissue_group.create_array(str(level), shape=tissue.shape,
-                                             chunks=(1, max(1, min(k0, h)), max(1, min(k1, w))),
-                                             dtype="uint8", fill_value=0, compressors=_compressor(),
-                                             dimension_names=AXES, overwrite=True)
-            tarr[...] = tissue
-        for group in (self._root, tissue_group):  # levels left over from an earlier, deeper finalize
-            drop_levels(group, levels)
-        pyramid = self.geometry.pyramid()
-        self._finalize_task_groups(levels, pyramid)
-        tissue_group.attrs["ome"] = label_image_metadata("tissue", levels, pyramid)
-        self._root.attrs["ome"] = image_metadata(self.class_names, levels, pyramid)
-        updates = jsonable(extra_attrs or {})
-        clash = _RESERVED & set(updates)
-        if clash:
-            raise ValueError(f"extra_attrs may not use the reserved keys {sorted(clash)}")
+        write_pyramid(self._root, levels, self.chunk, self.geometry.pyramid(), self.class_names, self.tasks)
+        updates = check_attrs(extra_attrs or {}, "extra_attrs")
         updates.update(finalized=True, finalized_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        blocks={"done": int(self._done.sum()), "failed": int((self._failed & ~self._done).sum()),
                                "total": int(self._done.size)}, failed_tiles=int(self._failed_tiles.sum()))
@@ -385,7 +343,7 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin, BlockManife
         """float32 (C, rows, cols) probabilities of pyramid ``level`` (NaN = no value); ``task``
         names another task of a multi-task store (None or the primary task: the main image)."""
         if not self._is_primary(task):
-            return np.asarray(self._task_array(task, level)[...])
+            return np.asarray(task_array(self._root, self.tasks, task, level, self.path)[...])
         if str(level) not in self._root:
             raise OutputError(f"{self.path} has no pyramid level {level} (finalize builds levels >= 1)")
         return np.asarray(self._root[str(level)][...])
@@ -405,19 +363,63 @@ class HeatmapStore(RunInputsMixin, TaskGroupsMixin, BlockStateMixin, BlockManife
         arr = self._meta_group["tissue_mask"]
         return np.asarray(arr[...], dtype=bool), float(arr.attrs["mpp"])
 
+    def embeddings(self) -> np.ndarray | None:
+        """float16 (rows, cols, D) tile embeddings (NaN where none), or None when not stored."""
+        return None if self._emb is None else np.asarray(self._emb[...])
+
+    def inside_fraction(self) -> np.ndarray | None:
+        """float32 (rows, cols) share of each tile inside the slide, or None (stores from before
+        partial edge tiles were analysed: they hold whole tiles only)."""
+        arr = self._meta_group.get("inside_fraction")
+        return None if arr is None else np.asarray(arr[...])
+
+    def background(self) -> np.ndarray | None:
+        """The overlay background stored by :meth:`write_background`, or None."""
+        arr = self._meta_group.get("overlay_background")
+        return None if arr is None else np.asarray(arr[...])
+
+    def inputs(self) -> dict[str, Any]:
+        """What the pipeline stored to resume without recomputing (tissue stage facts, stain fit);
+        the store's identity check guarantees they belong to the same slide, model and settings."""
+        return dict(self._meta_group.attrs.get("inputs", {}))
+
+    # ------------------------------------------------------------------ manifest (store_verify.py)
+    def _data_arrays(self) -> list[tuple[str, Any]]:
+        """(path in the store, zarr array) of every data array a block owns one chunk of."""
+        arrays = [("0", self._root["0"])]
+        arrays += [(f"{task_group_path(t)}/0", self._root[task_group_path(t)]["0"]) for t in self.extra_tasks]
+        return arrays + ([("embeddings", self._emb)] if self._emb is not None else [])
+
+    def chunk_keys(self, block_index: tuple[int, int]) -> list[str]:
+        """The store keys of the data chunks block ``block_index`` owns (e.g. ``0/c/0/1/2``)."""
+        by, bx = (int(v) for v in block_index)
+        return [chunk_key(name, arr, by, bx) for name, arr in self._data_arrays()]
+
+    def nonfinite_tiles(self) -> int:
+        """Tiles of done blocks whose model output was NaN or Inf (recorded per block)."""
+        return _nonfinite_tiles(self._meta_group.get(MANIFEST), self._done)
+
+    def check_blocks(self, deep: bool = False) -> list[BlockProblem]:
+        """Every done block whose chunks do not match its manifest row (missing, other size, and
+        with ``deep`` another CRC, tile count or an unreadable chunk); a block written before
+        manifests only needs its level-0 chunk where it has tissue tiles that did not fail."""
+        return check_blocks(self.path, self._meta_group.get(MANIFEST), self._done, self._data_arrays(),
+                            self.block_slices, lambda: self.tissue() & ~self._failed_tiles, deep)
+
+    def recheck_done(self) -> list[BlockProblem]:
+        """On resume: clear the done flag of every done block that fails the cheap check, so the
+        run computes it again; returns the problems found (logged)."""
+        problems = self.check_blocks(deep=False)
+        for p in problems:
+            self._done_arr[p.index] = False
+            with self._lock:
+                self._done[p.index] = False
+        if problems:
+            shown = "; ".join(str(p) for p in problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
+            logger.warning("%s: %d done block(s) do not match what was written and are computed again: %s",
+                           self.path, len(problems), shown)
+        return problems
+
     def __repr__(self) -> str:
         return (f"HeatmapStore({str(self.path)!r}, grid={self.grid_shape}, classes={self.class_names}, "
                 f"done={int(self._done.sum())}/{self._done.size})")
-
-
-def _remove_store(path: Path) -> None:
-    """Delete a directory that :func:`read_store_meta` recognised as a wsi-cmaf store."""
-    if path.is_symlink() or read_store_meta(path) is None:
-        raise OutputError(f"{path} is not a wsi-cmaf store folder; refusing to delete it")
-    logger.info("%s: removing the existing store (overwrite)", path)
-    if (path / ENCODERS_GROUP).is_dir():  # other runs' embeddings (wsi-cmaf embed) are not this store's to delete
-        for child in path.iterdir():
-            if child.name != ENCODERS_GROUP:
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-        return
-    shutil.rmtree(path)

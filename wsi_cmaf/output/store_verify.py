@@ -13,7 +13,7 @@ of the values written and the size of the stored chunk file (0: no file, all fil
 The chunk keys of a block follow from the layout (``0/c/0/<by>/<bx>`` for level 0 in zarr v3),
 so the cheap check lists them and compares their sizes with the manifest: one ``stat`` per chunk,
 no data read. A deep check (:func:`verify_store` with ``deep``) rereads each block and compares
-its CRC and tile count.
+its CRC and tile count. These are functions of the store's arrays; the store calls them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,156 +83,100 @@ class VerifyReport:
                 *(f"  {p}" for p in self.problems), *busy]
 
 
-class BlockManifestMixin:
-    """Per-block manifest rows; mixed into HeatmapStore (uses its arrays, caches and helpers)."""
+def chunk_key(name: str, arr: Any, by: int, bx: int) -> str:
+    """Store key of block ``(by, bx)``'s chunk of data array ``name`` (e.g. ``0/c/0/1/2``)."""
+    coords = (by, bx, 0) if name == "embeddings" else (0, by, bx)
+    return f"{name}/{arr.metadata.encode_chunk_key(coords)}"
 
-    _root: Any
-    _meta_group: Any
-    _done: np.ndarray
-    _done_arr: Any
-    _failed_tiles: np.ndarray
-    _lock: Any
-    tissue: Any
-    _emb: Any
-    path: Path
-    tasks: dict[str, list[str]]
-    block_slices: Any
 
-    # ---------------------------------------------------------------- layout
-    def _data_arrays(self) -> list[tuple[str, Any]]:
-        """(path in the store, zarr array) of every data array a block owns one chunk of."""
-        from wsi_cmaf.output.store_tasks import task_group_path
+def chunk_nbytes(store_path: Path, name: str, arr: Any, by: int, bx: int) -> int:
+    """Size of the stored chunk file of block ``(by, bx)`` in array ``name`` (0: no file)."""
+    try:
+        return os.stat(Path(store_path) / chunk_key(name, arr, by, bx)).st_size
+    except FileNotFoundError:
+        return 0  # the chunk holds only the fill value, so zarr wrote no file
 
-        arrays = [("0", self._root["0"])]
-        arrays += [(f"{task_group_path(t)}/0", self._root[task_group_path(t)]["0"]) for t in list(self.tasks)[1:]]
-        if self._emb is not None:
-            arrays.append(("embeddings", self._emb))
-        return arrays
 
-    @staticmethod
-    def _chunk_coords(name: str, by: int, bx: int) -> tuple[int, ...]:
-        return (by, bx, 0) if name == "embeddings" else (0, by, bx)
+def create_manifest(group: Any, block_grid: tuple[int, int], arrays: list[str]) -> Any:
+    """The ``manifest`` array in ``group``: one row per block for the data ``arrays`` (their paths)."""
+    width = len(_HEAD) + 2 * len(arrays)
+    arr = group.create_array(MANIFEST, shape=(*block_grid, width), chunks=(1, 1, width), dtype="int64",
+                             fill_value=0, dimension_names=("block_y", "block_x", "field"),
+                             attributes={"fields": [*_HEAD, "crc32/nbytes per data array"]})
+    arr.attrs["arrays"] = list(arrays)
+    return arr
 
-    def chunk_keys(self, block_index: tuple[int, int]) -> list[str]:
-        """The store keys of the data chunks block ``block_index`` owns (e.g. ``0/c/0/1/2``)."""
-        by, bx = (int(v) for v in block_index)
-        return [f"{name}/{arr.metadata.encode_chunk_key(self._chunk_coords(name, by, bx))}"
-                for name, arr in self._data_arrays()]
 
-    @staticmethod
-    def _create_manifest(group: Any, block_grid: tuple[int, int], n_arrays: int) -> Any:
-        width = len(_HEAD) + 2 * n_arrays
-        return group.create_array(MANIFEST, shape=(*block_grid, width), chunks=(1, 1, width), dtype="int64",
-                                  fill_value=0, dimension_names=("block_y", "block_x", "field"),
-                                  attributes={"fields": [*_HEAD, "crc32/nbytes per data array"]})
+def manifest_row(store_path: Path, arrays: list[tuple[str, Any]], values: dict[str, np.ndarray],
+                 by: int, bx: int, n_nonfinite: int) -> np.ndarray:
+    """Block ``(by, bx)``'s manifest row from the ``values`` just stored ({array path: data}) and
+    the sizes of their chunk files; written after the chunks, before the block's done flag."""
+    row = [MANIFEST_VERSION, int(np.isfinite(values["0"][0]).sum()), int(n_nonfinite)]
+    for name, arr in arrays:
+        row += [crc32(np.asarray(values[name], dtype=arr.dtype)), chunk_nbytes(store_path, name, arr, by, bx)]
+    return np.asarray(row, dtype=np.int64)
 
-    def _manifest_array(self) -> Any | None:
-        return self._meta_group.get(MANIFEST)
 
-    def _open_manifest(self, writable: bool) -> None:
-        arrays = self._data_arrays()
-        arr = self._manifest_array()
-        if arr is None and writable:  # new, or from before manifests (its done blocks cannot be checked)
-            arr = self._create_manifest(self._meta_group, self._done.shape, len(arrays))
-            arr.attrs["arrays"] = [name for name, _ in arrays]
-        self._manifest = arr
+def nonfinite_tiles(manifest: Any | None, done: np.ndarray) -> int:
+    """Tiles of ``done`` blocks whose model output was NaN or Inf (recorded per block)."""
+    if manifest is None or not done.any():
+        return 0
+    rows = np.asarray(manifest[...])
+    return int(rows[..., 2][done & (rows[..., 0] > 0)].sum())
 
-    # ---------------------------------------------------------------- writing
-    def _record_manifest(self, block_index: tuple[int, int], values: dict[str, np.ndarray], n_nonfinite: int) -> None:
-        """Write block ``block_index``'s manifest row from the ``values`` just stored ({array path:
-        data in the array's dtype}); called after its chunks, before its done flag."""
-        by, bx = (int(v) for v in block_index)
-        row = [MANIFEST_VERSION, int(np.isfinite(values["0"][0]).sum()), int(n_nonfinite)]
-        for name, arr in self._data_arrays():
-            data = np.asarray(values[name], dtype=arr.dtype)
-            row += [crc32(data), self._chunk_nbytes(name, arr, by, bx)]
-        self._manifest[by, bx] = np.asarray(row, dtype=np.int64)
 
-    def _chunk_nbytes(self, name: str, arr: Any, by: int, bx: int) -> int:
-        key = arr.metadata.encode_chunk_key(self._chunk_coords(name, by, bx))
-        try:
-            return os.stat(self.path / name / key).st_size
-        except FileNotFoundError:
-            return 0  # the chunk holds only the fill value, so zarr wrote no file
+def check_blocks(store_path: Path, manifest: Any | None, done: np.ndarray, arrays: list[tuple[str, Any]],
+                 block_slices: Callable[[tuple[int, int]], tuple[slice, slice]],
+                 expected: Callable[[], np.ndarray], deep: bool = False) -> list[BlockProblem]:
+    """Every ``done`` block whose chunks do not match its manifest row (missing, other size, and
+    with ``deep`` another CRC, tile count or an unreadable chunk).
 
-    def nonfinite_tiles(self) -> int:
-        """Tiles of done blocks whose model output was NaN or Inf (recorded per block)."""
-        arr = self._manifest_array()
-        if arr is None or not self._done.any():
-            return 0
-        rows = np.asarray(arr[...])
-        return int(rows[..., 2][self._done & (rows[..., 0] > 0)].sum())
+    A block without a manifest row is checked for what can still be known: where ``expected()``
+    (bool, grid shape: tiles that must have a value) holds, its level-0 chunk must exist.
+    """
+    blocks = np.argwhere(done)
+    if not len(blocks):
+        return []
+    rows = np.asarray(manifest[...]) if manifest is not None else None
+    must = None
+    problems = []
+    for by, bx in blocks.tolist():
+        rs, cs = block_slices((by, bx))
+        if rows is None or rows[by, bx, 0] == 0:
+            must = expected() if must is None else must
+            name, arr = arrays[0]
+            why = None
+            if must[rs, cs].any() and not chunk_nbytes(store_path, name, arr, by, bx):
+                why = (f"chunk {chunk_key(name, arr, by, bx)} is missing (a block written before manifests: "
+                       "only its presence is checked)")
+        else:
+            why = _block_problem(store_path, by, bx, rows[by, bx], arrays, (rs, cs), deep)
+        if why:
+            problems.append(BlockProblem((by, bx), why))
+    return problems
 
-    # ---------------------------------------------------------------- checking
-    def check_blocks(self, deep: bool = False) -> list[BlockProblem]:
-        """Every done block whose chunks do not match its manifest row (missing, other size, and
-        with ``deep`` another CRC, tile count or an unreadable chunk).
 
-        A block written before manifests existed is checked for what can still be known: a block
-        with tissue tiles that did not fail must have its level-0 chunk.
-        """
-        arr = self._manifest_array()
-        done = np.argwhere(self._done)
-        if not len(done):
-            return []
-        rows = np.asarray(arr[...]) if arr is not None else None
-        arrays = self._data_arrays()
-        expected = None
-        problems = []
-        for by, bx in done.tolist():
-            if rows is None or rows[by, bx, 0] == 0:
-                if expected is None:  # tiles that must have a value in a store without manifest rows
-                    expected = self.tissue() & ~self._failed_tiles
-                why = self._presence_problem(by, bx, expected, arrays[0])
-            else:
-                why = self._block_problem(by, bx, rows[by, bx], arrays, deep)
-            if why:
-                problems.append(BlockProblem((by, bx), why))
-        return problems
-
-    def _presence_problem(self, by: int, bx: int, expected: np.ndarray, level0: tuple[str, Any]) -> str | None:
-        rs, cs = self.block_slices((by, bx))
-        name, arr = level0
-        if expected[rs, cs].any() and not self._chunk_nbytes(name, arr, by, bx):
-            key = f"{name}/{arr.metadata.encode_chunk_key(self._chunk_coords(name, by, bx))}"
-            return f"chunk {key} is missing (a block written before manifests: only its presence is checked)"
-        return None
-
-    def _block_problem(self, by: int, bx: int, row: np.ndarray, arrays: list, deep: bool) -> str | None:
-        for i, (name, arr) in enumerate(arrays):
-            want_crc, want_size = int(row[3 + 2 * i]), int(row[4 + 2 * i])
-            key = f"{name}/{arr.metadata.encode_chunk_key(self._chunk_coords(name, by, bx))}"
-            size = self._chunk_nbytes(name, arr, by, bx)
-            if size != want_size:
-                if size == 0:
-                    return f"chunk {key} is missing (written with {want_size} bytes)"
-                return f"chunk {key} has {size} bytes, {want_size} were written (truncated or replaced)"
-            if deep:
-                rs, cs = self.block_slices((by, bx))
-                try:
-                    data = np.asarray(arr[rs, cs] if name == "embeddings" else arr[:, rs, cs])
-                except Exception as exc:  # any decoding failure of a damaged chunk is the finding
-                    return f"chunk {key} cannot be read: {type(exc).__name__}: {exc}"
-                if crc32(data) != want_crc:
-                    return f"chunk {key} holds other values than were written (CRC-32 differs)"
-                if i == 0 and int(np.isfinite(data[0]).sum()) != int(row[1]):
-                    return f"chunk {key} has {int(np.isfinite(data[0]).sum())} tiles with a value, {int(row[1])} were written"
-        return None
-
-    def recheck_done(self) -> list[BlockProblem]:
-        """On resume: clear the done flag of every done block that fails the cheap check, so the
-        run computes it again; returns the problems found (each logged)."""
-        problems = self.check_blocks(deep=False)
-        if not problems:
-            return []
-        for p in problems:
-            self._done_arr[p.index] = False
-            with self._lock:
-                self._done[p.index] = False
-        shown = "; ".join(str(p) for p in problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
-        logger.warning("%s: %d done block(s) do not match what was written and are computed again: %s",
-                       self.path, len(problems), shown)
-        return problems
+def _block_problem(store_path: Path, by: int, bx: int, row: np.ndarray, arrays: list[tuple[str, Any]],
+                   slices: tuple[slice, slice], deep: bool) -> str | None:
+    for i, (name, arr) in enumerate(arrays):
+        want_crc, want_size = int(row[3 + 2 * i]), int(row[4 + 2 * i])
+        key = chunk_key(name, arr, by, bx)
+        size = chunk_nbytes(store_path, name, arr, by, bx)
+        if size != want_size:
+            if size == 0:
+                return f"chunk {key} is missing (written with {want_size} bytes)"
+            return f"chunk {key} has {size} bytes, {want_size} were written (truncated or replaced)"
+        if deep:
+            rs, cs = slices
+            try:
+                data = np.asarray(arr[rs, cs] if name == "embeddings" else arr[:, rs, cs])
+            except Exception as exc:  # any decoding failure of a damaged chunk is the finding
+                return f"chunk {key} cannot be read: {type(exc).__name__}: {exc}"
+            if crc32(data) != want_crc:
+                return f"chunk {key} holds other values than were written (CRC-32 differs)"
+            if i == 0 and int(np.isfinite(data[0]).sum()) != int(row[1]):
+                return f"chunk {key} has {int(np.isfinite(data[0]).sum())} tiles with a value, {int(row[1])} were written"
+    return None
 
 
 def verify_store(path: str | Path, deep: bool = False) -> VerifyReport:

@@ -17,9 +17,10 @@ import pandas as pd
 import zarr
 
 from wsi_cmaf.errors import DataError
+from wsi_cmaf.output.codecs import heatmap_compressors
 from wsi_cmaf.output.ngff import AXES, NGFF_VERSION, multiscales_metadata
 from wsi_cmaf.output.pyramid import write_nan_mean_levels
-from wsi_cmaf.output.store import HeatmapStore, _compressor
+from wsi_cmaf.output.store import HeatmapStore
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def write_attention_map(store: HeatmapStore | str | Path, rows: np.ndarray, cols
     if ATTENTION_GROUP in root:
         del root[ATTENTION_GROUP]
     group = root.create_group(ATTENTION_GROUP)
-    write_nan_mean_levels(group, img, levels, st.chunk, compressors=_compressor(), dimension_names=AXES)
+    write_nan_mean_levels(group, img, levels, st.chunk, compressors=heatmap_compressors(), dimension_names=AXES)
     channels = [{"label": name, "active": name == "attention_relative", "color": "FF00FF", "coefficient": 1,
                  "family": "linear", "inverted": False,
                  "window": {"min": 0.0, "max": hi, "start": 0.0, "end": hi}}

@@ -25,7 +25,7 @@ SLIDE_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".mrxs", ".scn", ".bif", ".v
 
 def _kind(path: str | Path) -> str | None:
     """"store", "slide" or None (not ours) for one path."""
-    from wsi_cmaf.output.store import read_store_meta
+    from wsi_cmaf.output.store_layout import read_store_meta
 
     p = Path(str(path).rstrip("/\\"))
     if p.is_dir():
