@@ -179,7 +179,7 @@ def test_loss_config_roundtrip_and_validation() -> None:
     obj = IBObjective(again, [10, 90])
     assert obj.task_loss.margins.max().item() == pytest.approx(0.3)
     assert obj.task_loss.reduction == "none"
-    with pytest.raises(ConfigError, match="unknown LossConfig"):
+    with pytest.raises(ConfigError, match=r"LossConfig: unknown field\(s\) \[.betaa1.\]"):
         LossConfig.from_dict({"betaa1": 0.1})
     for bad in ({"beta1": -1.0}, {"beta2": float("inf")}, {"ramp_steps": -3}, {"loss": "hinge"},
                 {"ramp_shape": "exp"}):

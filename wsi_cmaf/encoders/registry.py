@@ -18,13 +18,17 @@ from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
-from wsi_cmaf.errors import UnknownEncoderError
+from wsi_cmaf.config_dict import check_keys
+from wsi_cmaf.errors import ConfigError, UnknownEncoderError
 
 REGISTRY_FILE = Path(__file__).with_name("registry.json")
 #: how an embedding is made from the trunk's normalised tokens (B, N, D)
 POOLINGS = ("cls", "cls+mean_patch", "timm")
 #: checkpoint layouts the loader reads (see keymap.py)
 FORMATS = ("timm", "hf_vit", "hf_dinov2")
+#: the keys an entry of registry.json may have (``embedding`` and ``checkpoint`` are sub-mappings)
+_ENTRY_KEYS = ("name", "title", "timm_arch", "timm_kwargs", "input_size", "mpp", "mean", "std", "embedding",
+               "checkpoint", "params", "licence", "gated", "gating", "resize", "notes", "sources")
 TIMM_PREFIX = "timm:"
 
 
@@ -55,8 +59,12 @@ class EncoderSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EncoderSpec":
-        """An entry of ``registry.json`` as a spec (ValueError naming a bad field)."""
+        """An entry of ``registry.json`` as a spec; a :class:`ConfigError` names a bad or unknown field."""
+        where = f"encoder registry entry {d.get('name')!r}"
+        check_keys(d, _ENTRY_KEYS, where=where)
         emb, ckpt = d["embedding"], d["checkpoint"]
+        check_keys(emb, ("dim", "pooling"), where=f"{where}: embedding")
+        check_keys(ckpt, ("format", "files", "hf_repo"), where=f"{where}: checkpoint")
         spec = cls(name=d["name"], title=d.get("title", d["name"]), timm_arch=d["timm_arch"],
                    timm_kwargs=dict(d.get("timm_kwargs") or {}), input_size=int(d["input_size"]),
                    mpp=float(d["mpp"]), mean=tuple(float(v) for v in d["mean"]),
@@ -66,9 +74,9 @@ class EncoderSpec:
                    gated=bool(d.get("gated", False)), gating=d.get("gating", ""), resize=d.get("resize", "bilinear"),
                    notes=d.get("notes", ""), sources=tuple(d.get("sources") or ()))
         if spec.pooling not in POOLINGS:
-            raise ValueError(f"encoder {spec.name}: pooling {spec.pooling!r} is not one of {POOLINGS}")
+            raise ConfigError(f"encoder {spec.name}: pooling {spec.pooling!r} is not one of {POOLINGS}")
         if spec.checkpoint_format not in FORMATS:
-            raise ValueError(f"encoder {spec.name}: checkpoint format {spec.checkpoint_format!r} is not one of {FORMATS}")
+            raise ConfigError(f"encoder {spec.name}: checkpoint format {spec.checkpoint_format!r} is not one of {FORMATS}")
         return spec
 
     def to_dict(self) -> dict[str, Any]:

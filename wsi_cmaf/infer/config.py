@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from wsi_cmaf.config_dict import from_dict
 
 
 def _compile_modes() -> tuple[str, ...]:
@@ -51,8 +54,8 @@ class InferenceConfig:
     overlay: bool = True
     geojson: bool = True
     progress: bool = True
-    #: also store each tissue tile's embedding (the classifier head's input) in the store's
-    #: ``embeddings`` array, computed in the same pass; needs a model with forward_features.
+    #: also store each tissue tile's embedding (``forward_head(..., pre_logits=True)``) in the store's
+    #: ``embeddings`` array, computed in the same pass; needs a model with forward_features/forward_head.
     embeddings: bool = False
     #: slide QC (wsi_cmaf.qc): out-of-focus tiles measured, ink and the µm/px check reported in the
     #: store's ``qc`` group and the summary
@@ -90,3 +93,9 @@ class InferenceConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able view."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> InferenceConfig:
+        """Build from a mapping, e.g. the ``inference`` attributes a store records; unknown keys
+        raise :class:`~wsi_cmaf.errors.ConfigError` naming them and the valid ones."""
+        return from_dict(cls, data, where="inference config")

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from wsi_cmaf.config_dict import from_dict
 from wsi_cmaf.errors import ConfigError
 from wsi_cmaf.losses.base import class_priors
 from wsi_cmaf.losses.registry import canonical_loss_name, create_loss
@@ -177,11 +178,7 @@ class LossConfig:
         if "preset" in data:  # {"preset": "paper_literal", ...}: the preset, then the other keys
             name = data.pop("preset")
             return cls.preset(str(name), **data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown LossConfig field(s): {', '.join(unknown)}")
-        return cls(**data).validate()
+        return from_dict(cls, data, where=cls.__name__).validate()
 
 
 @dataclass

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wsi_cmaf.config_dict import from_dict
 from wsi_cmaf.errors import ModelConfigError
 from wsi_cmaf.models.bounds import check_plausible
 
@@ -117,14 +118,7 @@ class ModelConfig:
             from wsi_cmaf.models.wsinfer import translate_wsinfer_config
 
             return translate_wsinfer_config(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ModelConfigError(f"model config has unknown field(s) {unknown}; known: {sorted(known)}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ModelConfigError(f"model config has wrongly typed values: {exc}") from exc
+        return from_dict(cls, data, where="model config", error=ModelConfigError)
 
     def to_json(self, path: str | Path | None = None) -> str:
         """Serialise to JSON text, and write it to ``path`` when given."""
@@ -361,13 +355,9 @@ class CMAFConfig:
         trained with Nyström attention, so it keeps ``attention="nystrom"`` and computes exactly
         what it computed before.
         """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ModelConfigError(f"unknown CMAF-Net option(s) {unknown}")
         if "attention" not in data and _NYSTROM_KEYS & set(data):
             data = {**data, "attention": "nystrom"}
-        return cls(**data)
+        return from_dict(cls, data, where="CMAF-Net options", error=ModelConfigError)
 
     @classmethod
     def for_ablation(cls, name: str, **overrides: Any) -> CMAFConfig:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wsi_cmaf.config_dict import from_dict
 from wsi_cmaf.errors import ModelConfigError, ModelError
 from wsi_cmaf.models.cmaf_net import CMAFNet
 from wsi_cmaf.models.heads import TaskHeads, check_tasks
@@ -362,12 +363,9 @@ class MultiViewNet(nn.Module):
 
 
 def _build(num_classes: int, **kwargs: Any) -> MultiViewNet:
-    known = {f.name for f in dataclasses.fields(MultiViewConfig)}
-    unknown = sorted(set(kwargs) - known - {"input_size"})
-    if unknown:
-        raise ModelConfigError(f"unknown multi-view option(s) {unknown}; known: {sorted(known)}")
-    kwargs.pop("input_size", None)
-    return MultiViewNet(MultiViewConfig(**kwargs), num_classes=num_classes)
+    kwargs.pop("input_size", None)  # accepted by every registry model; the views set the sizes here
+    config = from_dict(MultiViewConfig, kwargs, where="multi-view options", error=ModelConfigError)
+    return MultiViewNet(config, num_classes=num_classes)
 
 
 @register_model("multiview")

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wsi_cmaf.config_dict import check_keys, field_names, from_dict
 from wsi_cmaf.errors import ConfigError
 from wsi_cmaf.losses import LossConfig
 from wsi_cmaf.train.model_section import ModelSection
@@ -58,19 +59,6 @@ STAGE_LOSSES = ("cross_entropy", "objective")
 IB_MODES = ("off", "ramp", "full")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 COMPILE_MODES = ("auto", "off", "on", "default", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def _from_dict(cls: type, data: dict[str, Any] | None, where: str) -> Any:
-    """Build dataclass ``cls`` from ``data``, naming unknown keys (typos) in the error."""
-    data = dict(data or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
 
 
 @dataclass
@@ -311,24 +299,21 @@ class TrainConfig:
             from wsi_cmaf.train.presets import preset_dict
 
             data = merge_dicts(preset_dict(str(data["preset"])), data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"training config: unknown key(s) {unknown}; known: {sorted(known)}")
+        check_keys(data, field_names(cls), where="training config")
         if "ramp_steps" in (data.get("loss") or {}):
             raise ConfigError("loss.ramp_steps does nothing in a training run: the β ramp spans each stage with "
                               "ib: ramp (stages[].ib, stages[].epochs); remove the key")
         sections = {
-            "data": _from_dict(DataConfig, data.pop("data"), "data"),
-            "model": _from_dict(ModelSection, data.pop("model", None), "model"),
+            "data": from_dict(DataConfig, data.pop("data"), where="training config: data"),
+            "model": from_dict(ModelSection, data.pop("model", None), where="training config: model"),
             "loss": TrainLossConfig.from_dict(data.pop("loss", None) or {}),
-            "optim": _from_dict(OptimConfig, data.pop("optim", None), "optim"),
+            "optim": from_dict(OptimConfig, data.pop("optim", None), where="training config: optim"),
         }
         stages = data.pop("stages", None)
         if isinstance(stages, dict) and set(stages) == {"epochs"}:  # shorthand: stages: {epochs: [3, 4, 3]}
             stages = [dataclasses.asdict(s) for s in paper_stages(tuple(stages["epochs"]))]
         if stages is not None:
-            stages = [_from_dict(StageConfig, s, f"stages[{i}]") for i, s in enumerate(stages)]
+            stages = [from_dict(StageConfig, s, where=f"training config: stages[{i}]") for i, s in enumerate(stages)]
         cfg = cls(**sections, stages=stages, **data)
         if base_dir is not None:
             cfg.resolve_paths(Path(base_dir))
