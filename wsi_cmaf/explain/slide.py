@@ -1,18 +1,15 @@
 """Slide-level explanations: pick tiles from a finished heatmap store and explain them.
 
 :func:`explain_slide` re-reads only the chosen tiles from the slide, through the pixel pipeline
-the store was made with: the same grid (rebuilt from the store's tissue fractions by
-:func:`~wsi_cmaf.infer.inputs.load_inputs`), the same block-read backend, the same stored
-Macenko fit and the same :class:`~wsi_cmaf.preprocess.TilePreprocessor`. The model must be
+the store was made with (:func:`~wsi_cmaf.infer.replay.reopen_pixels`: the same grid, block-read
+backend, stored Macenko fit and :class:`~wsi_cmaf.preprocess.TilePreprocessor`). The model must be
 the one the store records (weights hash and config); anything else would explain a different
 heatmap, so it is refused with :class:`~wsi_cmaf.errors.StoreMismatchError`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,54 +139,6 @@ def _check_model(store, resolved) -> None:
             f"{str(ident.get('weights_sha256'))[:12]}...); pass the same model with --model: " + "; ".join(problems[:4]))
 
 
-def _rebuild_inputs(store, reader, resolved):
-    """The run's grid and stored stain facts, exactly as a resumed analysis would reuse them."""
-    from wsi_cmaf.infer.inputs import load_inputs, run_identity
-    from wsi_cmaf.output._json import json_diff, jsonable
-    from wsi_cmaf.qc.stage import qc_identity
-    from wsi_cmaf.slide.grid import GridConfig
-    from wsi_cmaf.slide.tissue import TissueConfig
-
-    ident = store.identity
-    gcfg = GridConfig(**ident["grid"]["config"])
-    tissue = dict(ident["tissue"])
-    if tissue.get("pen_hue_range") is not None:
-        tissue["pen_hue_range"] = tuple(tissue["pen_hue_range"])
-    identity = run_identity(reader, resolved, gcfg, TissueConfig(**tissue), ident["stain"])
-    identity.update(qc_identity(None))  # the rebuild leaves no blurred tile out
-    inputs = load_inputs(store.path, identity, reader, gcfg)
-    if inputs is None:
-        problems = json_diff(ident, jsonable(identity))
-        raise StoreMismatchError(f"{store.path}: cannot rebuild the analysis's tile grid from it ("
-                                 + ("; ".join(problems[:4]) or "the store keeps no tissue grid: an older store; "
-                                    "analyse the slide again") + ")")
-    return inputs, ident["stain"]
-
-
-def _stain_module(store, reader, grid, method: str, facts, warnings: list[str]):
-    from wsi_cmaf.infer.inputs import restore_stain
-    from wsi_cmaf.infer.stainfit import fit_from_tiles, read_sample, sample_tiles
-
-    if method != "macenko":
-        return None
-    if facts is not None:
-        module, warning = restore_stain(facts)
-    else:  # a store from before stain fits were kept: fit again the way the analysis did
-        warnings.append("the store keeps no stain fit; fitted again from a tile sample (may differ slightly)")
-        rng, rows, cols = sample_tiles(grid)
-        module, warning = fit_from_tiles(read_sample(reader, grid, rows, cols), rng)
-    if warning:
-        warnings.append(f"stain: {warning}")
-    return module
-
-
-def _inference_config(store):
-    from wsi_cmaf.infer.config import InferenceConfig
-
-    known = {f.name for f in dataclasses.fields(InferenceConfig)}
-    return InferenceConfig(**{k: v for k, v in (store.attrs.get("inference") or {}).items() if k in known})
-
-
 def _cmaf_maps(module, x: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, str | None]:
     """(attention mean over heads, gate, tau, note) of one batch; None with a note when absent."""
     try:
@@ -212,19 +161,6 @@ def _saliency(method: str, module, x: torch.Tensor, target: int, s: ExplainSetti
     return gradcam_spatial(module, x, target)
 
 
-def _read_views(pixels, grid, specs: Sequence[Any], choice: TileChoice, prep) -> tuple[list[np.ndarray], list, torch.Tensor]:
-    """A multi-view model's views (``ViewSpec``s, as resolved) of the chosen tiles, read and
-    preprocessed as the analysis did: (pixels of every view, each (n, s, s, 3); preprocessed
-    views; missing mask (n, V))."""
-    from wsi_cmaf.preprocess import ViewsPreprocessor, pack_views
-    from wsi_cmaf.slide.views import read_block_views
-
-    item = read_block_views(pixels, grid, None, specs, rows=choice.rows.astype(np.int64),
-                            cols=choice.cols.astype(np.int64))
-    views, missing = ViewsPreprocessor(prep, [s.size for s in specs])(torch.from_numpy(pack_views(item)))
-    return item.views, views, missing
-
-
 def explain_slide(store_path: str | Path, slide: str | Path | None = None, model: Any = None, *,
                   model_config: Any = None, top_k: int = 32, threshold: float | None = None,
                   settings: ExplainSettings | None = None) -> SlideExplanation:
@@ -239,12 +175,9 @@ def explain_slide(store_path: str | Path, slide: str | Path | None = None, model
     """
     from wsi_cmaf.device import resolve_device
     from wsi_cmaf.infer.modelspec import resolve_model
-    from wsi_cmaf.infer.pipeline import _pixel_reader
+    from wsi_cmaf.infer.replay import reopen_pixels
     from wsi_cmaf.models.cmaf_net import CMAFNet
     from wsi_cmaf.output.geojson import positive_class
-    from wsi_cmaf.preprocess import TilePreprocessor
-    from wsi_cmaf.slide.reads import read_tile
-    from wsi_cmaf.slide.reader import open_slide
 
     settings = settings or ExplainSettings()
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k <= 0:
@@ -272,23 +205,13 @@ def explain_slide(store_path: str | Path, slide: str | Path | None = None, model
     slide_path = Path(slide if slide is not None else src.get("path") or "")
     if slide is None and not slide_path.is_file():
         raise UsageError(f"the slide the store records ({slide_path}) is not there; pass --slide")
-    warnings: list[str] = []
     with ExitStack() as stack:
-        mpp = (tuple(src["mpp"]) if src.get("mpp_source") in ("override", "estimated from nuclei") and src.get("mpp")
-               else None)
-        reader = stack.enter_context(open_slide(slide_path, mpp=mpp))
-        if reader.fingerprint() != store.identity.get("slide_fingerprint"):
-            raise StoreMismatchError(f"{slide_path} is not the slide {store.path.name} was made from "
-                                     f"(that was {src.get('path')}); pass the same file with --slide")
-        inputs, stain = _rebuild_inputs(store, reader, resolved)
-        pixels = _pixel_reader(reader, _inference_config(store), stack)
-        grid, mc = inputs.grid, resolved.config
-        stain_module = _stain_module(store, reader, grid, stain, inputs.stain, warnings)
-        prep = TilePreprocessor(mc.input_size, tuple(mc.mean), tuple(mc.std), mc.resize_interpolation, stain_module)
+        replay = reopen_pixels(store, resolved, slide_path, stack)
+        grid, mc, stain, prep, warnings = replay.grid, resolved.config, replay.stain, replay.preprocess, replay.warnings
         fargs: tuple[torch.Tensor, ...] = ()
         weights, context = None, None
         if multi_view:
-            view_pixels, views, missing = _read_views(pixels, grid, resolved.views, choice, prep)
+            view_pixels, views, missing = replay.read_views(resolved.views, choice.rows, choice.cols)
             tiles, context = view_pixels[0], view_pixels[1:]
             views = [v.to(device) for v in views]
             x_all, fargs = views[0], (*views[1:], missing.to(device))
@@ -296,7 +219,7 @@ def explain_slide(store_path: str | Path, slide: str | Path | None = None, model
 
             weights = view_weights(unwrap(module).model.to(device), views, fargs[-1]).cpu().numpy()
         else:
-            tiles = np.stack([read_tile(pixels, grid, int(r), int(c)) for r, c in zip(choice.rows, choice.cols)])
+            tiles = replay.read_tiles(choice.rows, choice.cols)
     module = module.to(device)
     if not multi_view:
         x_all = prep.to(device)(torch.from_numpy(tiles).to(device))

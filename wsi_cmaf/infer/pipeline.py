@@ -25,6 +25,7 @@ from wsi_cmaf.infer.multitask import segments, task_outputs
 from wsi_cmaf.infer.multiview import read_block_views_task
 from wsi_cmaf.infer.result import SlideResult
 from wsi_cmaf.infer.runner import BatchRunner
+from wsi_cmaf.infer.replay import pixel_reader
 from wsi_cmaf.infer.stainfit import fit_from_blocks, fit_from_tiles, read_sample, sample_is_all_tissue, sample_tiles
 from wsi_cmaf.infer.stream import BlockFeed, stream_blocks
 from wsi_cmaf.infer.summary import failure_records, summarise
@@ -34,7 +35,6 @@ from wsi_cmaf.output.store import HeatmapStore
 from wsi_cmaf.preprocess import TilePreprocessor, ViewsPreprocessor
 from wsi_cmaf.qc.stage import qc_before_inference, qc_identity, qc_into_store, qc_summary
 from wsi_cmaf.slide.grid import GridConfig, TileGrid
-from wsi_cmaf.slide.reads import block_read_backend
 from wsi_cmaf.slide.level0 import block_tiles_for_level0
 from wsi_cmaf.slide.reader import open_slide
 from wsi_cmaf.slide.tissue import TissueConfig, tissue_mask_from_rgb
@@ -145,7 +145,7 @@ def analyze_slide(
         with timer("open"):
             reader = stack.enter_context(open_slide(slide_path, backend=backend, mpp=mpp))
             slide_mpp = reader.mpp  # raises MissingResolutionError before we create outputs
-            pixels = _pixel_reader(reader, cfg, stack)
+            pixels = pixel_reader(reader, cfg, stack)
         mc = resolved.config
         tcfg = tissue or TissueConfig()
         gcfg = GridConfig(mpp=mc.spacing_um_px, tile_size=mc.patch_size_pixels,
@@ -239,20 +239,6 @@ def _tissue_and_grid(reader, pixels, tcfg: TissueConfig, gcfg: GridConfig, cfg: 
     return RunInputs(mask, grid, background)
 
 
-def _pixel_reader(reader, cfg: InferenceConfig, stack: ExitStack):
-    """The reader that decodes pixels (thumbnails, stain sample, blocks) for ``reader``'s slide.
-
-    Usually ``reader`` itself; for TIFF-family slides OpenSlide opened, a tiffslide reader of the
-    same pyramid (see :func:`~wsi_cmaf.slide.reads.block_read_backend`), given the µm/px the
-    opening reader resolved. Metadata always comes from ``reader``.
-    """
-    backend = _block_backend(reader, cfg)
-    if backend == reader.backend:
-        return reader
-    logger.info("pixels of %s are read with %s (metadata from %s)", reader.path.name, backend, reader.backend)
-    return stack.enter_context(open_slide(reader.path, backend=backend, mpp=tuple(reader.mpp)))
-
-
 def _stain_method(resolved, cfg: InferenceConfig) -> str:
     return cfg.stain if cfg.stain is not None else (resolved.config.stain_normalization or "none")
 
@@ -344,12 +330,6 @@ def _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer,
     if n_failed:
         warn.append(f"{n_failed} block(s) could not be read and are marked failed in the store")
     return n_failed
-
-
-def _block_backend(reader, cfg: InferenceConfig) -> str:
-    if cfg.block_backend == "auto":
-        return block_read_backend(reader)
-    return reader.backend if cfg.block_backend == "same" else cfg.block_backend
 
 
 def _mpp_override(reader) -> tuple[float, float] | None:
