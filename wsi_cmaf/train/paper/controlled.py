@@ -243,7 +243,7 @@ def train_stage1(data: Data, idx: np.ndarray, cfg: ControlledConfig, seed: int) 
 @torch.inference_mode()
 def cache_features(net: nn.Module, data: Data, idx: np.ndarray, cfg: ControlledConfig,
                    batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """F_s and F_t (aligned to F_s's grid, as in ``CMAFNet._features``) of the patches ``idx``."""
+    """F_s and F_t (aligned to F_s's grid, as in ``CMAFNet.forward_features``) of the patches ``idx``."""
     from wsi_cmaf.models.spatial import resample_to
 
     fs, ft = [], []
