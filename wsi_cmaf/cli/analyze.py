@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stain normalisation (auto: as the model config says)")
     p.add_argument("--bf16", action="store_true", help="same as --precision bf16 (faster on CPU, less exact)")
     add_inference_options(p, reader_threads_default=2)
+    p.add_argument("--decode", default="cpu", choices=["cpu", "device"],
+                   help="who decodes block pixels: cpu (the slide reader, default) or device (JPEG tiles of "
+                        "TIFF/SVS slides decoded by torchvision on the model's device; other slides use cpu)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", dest="resume", action="store_true", default=True,
                    help="compute only blocks not done in an existing store (default)")
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         stain=None if args.stain == "auto" else args.stain, autocast="bf16" if args.bf16 else args.precision,
         compile=args.compile, reader_threads=args.reader_threads, overlay=args.overlay, geojson=args.geojson,
         embeddings=args.embeddings, qc=args.qc, mpp_check=args.mpp_check == "on",
-        exclude_blurred=args.exclude_blurred,
+        exclude_blurred=args.exclude_blurred, decode=args.decode,
         extra={"progress": "always"} if args.progress else {},
     )
     encoder = load_encoder_option(args)  # a missing checkpoint fails before the analysis

@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-qc", dest="qc", action="store_false",
                    help="skip the slide QC (µm/px check, out-of-focus tiles); its status.csv columns stay blank")
     add_inference_options(p, reader_threads_default=None)
+    p.add_argument("--decode", default="cpu", choices=["cpu", "device"],
+                   help="who decodes block pixels: cpu (the slide reader, default) or device (JPEG tiles of "
+                        "TIFF/SVS slides decoded by torchvision on the model's device; other slides use cpu)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = InferenceConfig(device=args.device, batch_size=args.batch_size, progress=False, reader_threads=threads,
                           autocast=args.precision, compile=args.compile, overlay=args.overlay, geojson=args.geojson,
                           embeddings=args.embeddings, qc=args.qc, mpp_check=args.mpp_check == "on",
-                          exclude_blurred=args.exclude_blurred)
+                          exclude_blurred=args.exclude_blurred, decode=args.decode)
     previous = signal.signal(signal.SIGTERM, _terminate)  # so SIGTERM unwinds: cluster closed, table marked
     try:
         result = analyze_slides(

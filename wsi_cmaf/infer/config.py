@@ -64,6 +64,10 @@ class InferenceConfig:
     mpp_check: bool = True
     #: leave tiles the QC flags as out of focus out of the analysis (they stay flagged in ``qc/blur``)
     exclude_blurred: bool = False
+    #: who decodes block pixels: "cpu" (the slide backend on the reader threads) or "device"
+    #: (JPEG tiles of TIFF/SVS levels decoded by torchvision on the model's device, nvJPEG on CUDA;
+    #: other slides fall back to "cpu"; see wsi_cmaf.infer.device_decode)
+    decode: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -87,6 +91,8 @@ class InferenceConfig:
 
         if self.block_backend not in {"auto", "same", *BACKENDS}:
             raise ConfigError(f"block_backend must be auto, same or one of {BACKENDS}, got {self.block_backend!r}")
+        if self.decode not in {"cpu", "device"}:
+            raise ConfigError(f"decode must be 'cpu' or 'device', got {self.decode!r}")
         if not 0.0 <= self.decision_threshold <= 1.0:
             raise ConfigError(f"decision_threshold must be in [0, 1], got {self.decision_threshold}")
 

@@ -18,14 +18,16 @@ from wsi_cmaf.infer.attrs import _attrs, _um_per_tile
 from wsi_cmaf.infer.callargs import UNSET, merge_run_config
 from wsi_cmaf.infer.checks import check_device, check_inputs
 from wsi_cmaf.infer.config import InferenceConfig
+from wsi_cmaf.infer.device_decode import (DecodedFeed, DeviceTilesRunner, decode_identity, plan_decode,
+                                          read_jpeg_block_task)
 from wsi_cmaf.infer.guards import check_nonfinite, check_output_space, output_write_errors, writer_lock
 from wsi_cmaf.infer.inputs import RunInputs, load_inputs, restore_stain, run_identity, save_inputs, save_stain
 from wsi_cmaf.infer.modelspec import ResolvedModel, resolve_model
 from wsi_cmaf.infer.multitask import segments, task_outputs
 from wsi_cmaf.infer.multiview import read_block_views_task
+from wsi_cmaf.infer.replay import pixel_reader
 from wsi_cmaf.infer.result import SlideResult
 from wsi_cmaf.infer.runner import BatchRunner
-from wsi_cmaf.infer.replay import pixel_reader
 from wsi_cmaf.infer.stainfit import fit_from_blocks, fit_from_tiles, read_sample, sample_is_all_tissue, sample_tiles
 from wsi_cmaf.infer.stream import BlockFeed, stream_blocks
 from wsi_cmaf.infer.summary import failure_records, summarise
@@ -185,7 +187,7 @@ def analyze_slide(
             logger.warning("%s: no tissue tiles found; writing an empty result", slide_path)
         try:
             failed = _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer, warn, inputs.stain,
-                            embed[0] if embed is not None else None)
+                            embed[0] if embed is not None else None, decoding)
         except KeyboardInterrupt:
             logger.warning("%s: interrupted; %d of %d blocks are stored: rerun the same call to resume",
                            store.path, int(store.done.sum()), len(grid.blocks))
@@ -253,7 +255,7 @@ def _embedding_model(resolved: ResolvedModel):
 
 
 def _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer, warn, stored_stain=None,
-           embed_module=None) -> int:
+           embed_module=None, decoding=None) -> int:
     """Fit the stain matrix and stream the ``todo`` blocks through the model; return #failed.
 
     Reads run on dask reader threads (``pixels``' file reopened with its backend). The first
@@ -278,7 +280,11 @@ def _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer,
         grid_ref = dc.scatter(grid, broadcast=True, hash=False) if client is not None else grid
         read, read_args = ((read_block_views_task, (spec, grid_ref, resolved.views)) if resolved.views
                            else (read_block_task, (spec, grid_ref)))
+        if decoding is not None:  # device decoding (infer.device_decode): raw JPEG tiles are read instead
+            read, read_args = read_jpeg_block_task, (decoding.source, grid_ref)
         feed = BlockFeed(dc, read, read_args, grid.blocks if from_blocks else todo, cfg.prefetch_blocks)
+        if decoding is not None:
+            feed = DecodedFeed(feed, decoding, grid, host=from_blocks)
         try:
             source, stain_module = feed, None
             if use_stain and stored_stain is not None:
@@ -309,7 +315,7 @@ def _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer,
                 preprocess = ViewsPreprocessor(preprocess, [v.size for v in resolved.views])
             module = embed_module if embed_module is not None else (
                 task_outputs(resolved.module, list(resolved.tasks)) if resolved.tasks else resolved.module)
-            runner = BatchRunner(
+            runner = (BatchRunner if decoding is None else DeviceTilesRunner)(
                 module, preprocess, dev, cfg.batch_size, cfg.autocast, compile=cfg.compile,
                 inflight=cfg.inflight_batches, outputs_in_flight=cfg.write_queue + 2,
                 segments=(segments(resolved.tasks, mc.num_classes)
