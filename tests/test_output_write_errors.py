@@ -19,7 +19,7 @@ from wsi_cmaf.errors import InsufficientSpaceError, OutputWriteError
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.output.store import HeatmapStore
 from wsi_cmaf.output.store_io import atomic_write_bytes, estimate_store_bytes
-from wsi_cmaf.output.store_verify import verify_store
+from wsi_cmaf.output.verify import verify_store
 from wsi_cmaf.slide import write_synthetic_slide
 
 CFG = InferenceConfig(block_tiles=4, progress=False, batch_size=64, overlay=False, geojson=False, stain=None,

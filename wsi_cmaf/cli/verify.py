@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the report; 0 when every done block matches, 1 when some are damaged."""
     from wsi_cmaf.cli import require_path
-    from wsi_cmaf.output.store_verify import verify_store
+    from wsi_cmaf.output.verify import verify_store
 
     require_path(args.store, "heatmap store")
     report = verify_store(args.store, deep=args.deep)

@@ -12,23 +12,21 @@ of the values written and the size of the stored chunk file (0: no file, all fil
 
 The chunk keys of a block follow from the layout (``0/c/0/<by>/<bx>`` for level 0 in zarr v3),
 so the cheap check lists them and compares their sizes with the manifest: one ``stat`` per chunk,
-no data read. A deep check (:func:`verify_store` with ``deep``) rereads each block and compares
+no data read. A deep check (:func:`wsi_cmaf.output.verify.verify_store` with ``deep``) rereads each block and compares
 its CRC and tile count. These are functions of the store's arrays; the store calls them.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-logger = logging.getLogger("wsi_cmaf.output.store")
 
 MANIFEST = "manifest"
 MANIFEST_VERSION = 1
@@ -49,38 +47,6 @@ class BlockProblem:
 
     def __str__(self) -> str:
         return f"block {self.index}: {self.reason}"
-
-
-@dataclass
-class VerifyReport:
-    """The outcome of checking a store's done blocks against their manifest rows."""
-
-    path: Path
-    deep: bool
-    blocks_total: int
-    blocks_done: int
-    blocks_failed: int
-    finalized: bool
-    problems: list[BlockProblem] = field(default_factory=list)
-    #: the lock record of a run writing the store right now ({} when none): its blocks may change
-    writer: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        """True when every done block matches its manifest."""
-        return not self.problems
-
-    def lines(self) -> list[str]:
-        """Human-readable report: a headline, then one line per damaged block."""
-        how = "data reread" if self.deep else "chunk keys and sizes"
-        head = (f"{self.path}: {self.blocks_done}/{self.blocks_total} blocks done, {self.blocks_failed} failed, "
-                f"{'finalized' if self.finalized else 'not finalized'}; checked {how}: ")
-        busy = ([f"  note: pid {self.writer.get('pid')} on {self.writer.get('host')} is writing this store now; "
-                 "a block it is rewriting can look damaged until it is done"] if self.writer else [])
-        if self.ok:
-            return [head + "whole", *busy]
-        return [head + f"{len(self.problems)} damaged block(s) (rerun the same analysis to recompute them)",
-                *(f"  {p}" for p in self.problems), *busy]
 
 
 def chunk_key(name: str, arr: Any, by: int, bx: int) -> str:
@@ -177,18 +143,3 @@ def _block_problem(store_path: Path, by: int, bx: int, row: np.ndarray, arrays: 
             if i == 0 and int(np.isfinite(data[0]).sum()) != int(row[1]):
                 return f"chunk {key} has {int(np.isfinite(data[0]).sum())} tiles with a value, {int(row[1])} were written"
     return None
-
-
-def verify_store(path: str | Path, deep: bool = False) -> VerifyReport:
-    """Check the done blocks of the store at ``path`` against their manifest rows (read-only).
-
-    The default lists chunk files and compares sizes; ``deep`` rereads every done block.
-    """
-    from wsi_cmaf.output.store import HeatmapStore
-    from wsi_cmaf.output.store_lock import read_lock_record
-
-    store = HeatmapStore.open(path, "r")
-    return VerifyReport(path=store.path, deep=deep, blocks_total=int(store.done.size),
-                        blocks_done=int(store.done.sum()), blocks_failed=int((store.failed & ~store.done).sum()),
-                        finalized=store.finalized, problems=store.check_blocks(deep=deep),
-                        writer=read_lock_record(store.path))
