@@ -234,6 +234,13 @@ else
     want decode_real && event decode_real skipped "no real slides in .gpudata or ../shared/data/slides"
 fi
 
+# device-side JPEG decoding (decode="device") against the CPU block reads: not a floor; it decides the default
+DD_SIZE="16000 12000"; [ "$CUDA" = 1 ] || DD_SIZE="6000 4000"  # a CPU rehearsal writes a smaller slide
+DD_SLIDES=""; [ -n "$REAL" ] && DD_SLIDES="--slide $REAL/cmu_small_region.svs --slide $REAL/cmu_small_region_pyramid_3level.tiff"
+# shellcheck disable=SC2086
+run_stage device_decode 90 1 "wsi_cmaf tifffile torchvision zarr" 0 -- $PY benchmarks/gpu_decode.py $DD_SLIDES \
+    --synthetic-size $DD_SIZE --device $DEV --workdir "$WORK" --threads 8 --repeats 2
+
 # last: not one of the six floors; the encoder throughput table (a second call can run it alone)
 ENC_Q=""; [ "${QUICK:-0}" = 1 ] && ENC_Q="--quick"
 run_stage encoders 90 1 "wsi_cmaf.encoders timm zarr" 0 -- $PY benchmarks/gpu_encoders.py --out "$RES" \
