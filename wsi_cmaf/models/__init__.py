@@ -11,13 +11,12 @@ imports every model module, so any ``wsi_cmaf.models`` import sees the full regi
 
 from __future__ import annotations
 
-from wsi_cmaf.models.config import ABLATIONS, TAU_INITS_TABLE7, CMAFConfig, ModelConfig, parse_tau_init
 from wsi_cmaf.models.cmaf_net import CMAFNet
-from wsi_cmaf.models.io import load_model, read_config, save_model
+from wsi_cmaf.models.config import ABLATIONS, TAU_INITS_TABLE7, CMAFConfig, ModelConfig, parse_tau_init
 from wsi_cmaf.models.heads import TaskHeads, multitask_loss
+from wsi_cmaf.models.io import load_model, read_config, save_model
 from wsi_cmaf.models.multiview import MultiViewConfig, MultiViewNet
 from wsi_cmaf.models.registry import create_model, is_model, list_models, register_model
-
 
 __all__ = [
     "ABLATIONS",

@@ -76,7 +76,7 @@ class CMAFNet(nn.Module):
         self.head_hidden = nn.Sequential(*layers)
         self.head_drop = nn.Dropout(cfg.dropout)
         self.fc = nn.Linear(width, num_classes)
-        if self.dfa_dims:
+        if self.dfa_dims and self.cmaf is not None:
             # Built after everything else so a DFA model and a DFA-off model with the same seed
             # start from identical weights everywhere else (paired ablations).
             self.cmaf.attach_dfa(num_classes, cfg.dfa_class_counts)
@@ -102,14 +102,15 @@ class CMAFNet(nn.Module):
         if fmap.ndim != 4 or fmap.shape[1] != sum(self.map_channels):
             raise ModelError(f"CMAF-Net's head takes the (B, {sum(self.map_channels)}, h, w) map of "
                              f"forward_features, got shape {tuple(fmap.shape)}")
-        fused, f_s, f_t = (part if part.shape[1] else None for part in torch.split(fmap, self.map_channels, dim=1))
+        fused, f_s, f_t = (part if part.shape[1] else None
+                           for part in torch.split(fmap, list(self.map_channels), dim=1))
         pooled_s = f_s.mean(dim=(2, 3)) if f_s is not None else None
         pooled_t = f_t.mean(dim=(2, 3)) if f_t is not None else None
         parts: list[torch.Tensor] = []
         dfa_offsets = None
         if fused is not None:
             parts.append(fused.mean(dim=(2, 3)))
-            if self.cmaf.dfa is not None:
+            if self.cmaf is not None and self.cmaf.dfa is not None:
                 dfa_offsets = self.cmaf.dfa(fused.flatten(2).transpose(1, 2), self.cmaf.tau, aux)
         else:  # "simple concatenation" ablation and the single-branch ablations
             parts.extend(p for p in (pooled_s, pooled_t) if p is not None)
