@@ -90,7 +90,7 @@ def bench_gpu(slides: list[Path], model, args) -> None:
 
     device = torch.device(args.device)
     cfg = InferenceConfig(progress=False, reader_threads=args.reader_threads, batch_size=args.batch_size,
-                          autocast=args.precision, compile=args.compile, device=args.device,
+                          precision=args.precision, compile=args.compile, device=args.device,
                           overlay=not args.no_exports, geojson=not args.no_exports)
     model_tps = model_only_tiles_per_s(model, args.batch_size, device, 3.0, args.precision, args.compile)
     with tempfile.TemporaryDirectory() as out:

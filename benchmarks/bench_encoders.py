@@ -113,7 +113,7 @@ def bench(name: str, args: argparse.Namespace, slide: Path, work: Path) -> list[
     loaded = load_encoder(name, random_weights=True, device="cpu")
     load_s = time.perf_counter() - t0
     spec = loaded.spec
-    cfg = InferenceConfig(device=args.device, batch_size=args.batch_size, progress=False, autocast=args.precision,
+    cfg = InferenceConfig(device=args.device, batch_size=args.batch_size, progress=False, precision=args.precision,
                           compile=args.compile, reader_threads=args.reader_threads, block_tiles=args.block_tiles)
     resolved = encoder_model(loaded)
     wrapper, _ = with_embeddings(resolved.module, spec.input_size, name)

@@ -60,7 +60,7 @@ MODELS = {
 }
 
 
-def model_only_tiles_per_s(resolved, batch_size: int, device, seconds: float, autocast: str,
+def model_only_tiles_per_s(resolved, batch_size: int, device, seconds: float, precision: str,
                            compile: str = "off") -> float:
     """Throughput of the model alone on preprocessed input tensors already on the device.
 
@@ -69,7 +69,7 @@ def model_only_tiles_per_s(resolved, batch_size: int, device, seconds: float, au
     """
     cfg = resolved.config
     runner = BatchRunner(resolved.module, TilePreprocessor(cfg.input_size, cfg.mean, cfg.std), device,
-                         batch_size, autocast, compile=compile)
+                         batch_size, precision, compile=compile)
     x = torch.randn(batch_size, 3, cfg.input_size, cfg.input_size, device=device)
     with torch.inference_mode():
         with runner._autocast():  # warm-up
@@ -101,12 +101,12 @@ def e2e_batch_schedule(store: Path, batch_size: int) -> list[int]:
     return sizes
 
 
-def model_only_schedule_tiles_per_s(resolved, sizes: list[int], device, autocast: str,
+def model_only_schedule_tiles_per_s(resolved, sizes: list[int], device, precision: str,
                                     compile: str = "off") -> float:
     """Throughput of the model alone over exactly the batch sizes the e2e run used (one pass)."""
     cfg = resolved.config
     runner = BatchRunner(resolved.module, TilePreprocessor(cfg.input_size, cfg.mean, cfg.std), device,
-                         max(sizes), autocast, compile=compile)
+                         max(sizes), precision, compile=compile)
     x = torch.randn(max(sizes), 3, cfg.input_size, cfg.input_size, device=device)
     with torch.inference_mode():
         with runner._autocast():  # warm-up
@@ -128,7 +128,7 @@ def bench_model(name: str, slide: Path, args, mpp=None) -> dict:
     resolved = resolve_model(module, cfg)
     device = resolve_device(args.device)
     icfg = InferenceConfig(device=args.device, batch_size=args.batch_size, progress=False,
-                           autocast=args.autocast, compile=args.compile, reader_threads=args.reader_threads,
+                           precision=args.precision, compile=args.compile, reader_threads=args.reader_threads,
                            prefetch_blocks=args.prefetch)
     runs = []
     with tempfile.TemporaryDirectory() as out:
@@ -138,15 +138,15 @@ def bench_model(name: str, slide: Path, args, mpp=None) -> dict:
             # model-only right before and right after the e2e run: their mean cancels a linear
             # drift of the machine's speed during the pair
             model_tps = [model_only_tiles_per_s(resolved, args.batch_size, device, args.model_only_s,
-                                                args.autocast, args.compile)]
-            sched_tps = [model_only_schedule_tiles_per_s(resolved, sizes, device, args.autocast, args.compile)]
+                                                args.precision, args.compile)]
+            sched_tps = [model_only_schedule_tiles_per_s(resolved, sizes, device, args.precision, args.compile)]
             t0 = time.perf_counter()
             res = analyze_slide(slide, model=resolved, out=out, mpp=mpp, config=icfg, overwrite=True,
                                 resume=False)
             e2e = time.perf_counter() - t0
-            sched_tps.append(model_only_schedule_tiles_per_s(resolved, sizes, device, args.autocast, args.compile))
+            sched_tps.append(model_only_schedule_tiles_per_s(resolved, sizes, device, args.precision, args.compile))
             model_tps.append(model_only_tiles_per_s(resolved, args.batch_size, device, args.model_only_s,
-                                                    args.autocast, args.compile))
+                                                    args.precision, args.compile))
             model_tps, sched_tps = statistics.mean(model_tps), statistics.mean(sched_tps)
             runs.append({"model_only_tiles_per_s": model_tps, "sched_tiles_per_s": sched_tps, "e2e_s": e2e,
                          "e2e_tiles_per_s": res.tiles_tissue / e2e,
@@ -164,7 +164,7 @@ def bench_model(name: str, slide: Path, args, mpp=None) -> dict:
         "bench": "pipeline", "model": name, "slide": str(slide), "device": str(device),
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "reader_threads": args.reader_threads,
-        "batch_size": args.batch_size, "autocast": args.autocast, "compile": args.compile,
+        "batch_size": args.batch_size, "precision": args.precision, "compile": args.compile,
         "e2e_analyze_slide_s_median": round(statistics.median(r["e2e_s"] for r in runs), 3),
         "loop_tiles_per_s_median": round(statistics.median(r["loop_tiles_per_s"] for r in runs), 1),
         "model_only_tiles_per_s_median": round(statistics.median(r["model_only_tiles_per_s"] for r in runs), 1),
@@ -231,7 +231,7 @@ def main() -> None:
     ap.add_argument("--model-only-s", type=float, default=5.0,
                     help="seconds (at least two batches) of each model-only measurement")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--autocast", "--precision", dest="autocast", default="auto",
+    ap.add_argument("--precision", default="auto",
                     choices=["auto", "bf16", "fp16", "off"], help="autocast (auto: bf16/fp16 on CUDA, fp32 on CPU)")
     ap.add_argument("--compile", default="off", help="model compile setting for loop and model-only "
                     "(off|auto|on|default|max-autotune|reduce-overhead; default off: compiling takes minutes)")

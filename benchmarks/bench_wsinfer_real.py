@@ -15,7 +15,7 @@ cold start (first model call, page cache) and neither pays its import time:
   with the defaults except ``batch_size`` (``--batch-size``: 64 for both unless 0, which leaves each
   tool at its own default) and ``progress=False``, in these variants
   (``--variants``, see CMAF_VARIANTS): ``default`` (level-0 reads, chosen automatically for WSInfer
-  folders; overlay PNG and GeoJSON on; ``autocast="auto"``, i.e. bf16 on CPUs with native bf16),
+  folders; overlay PNG and GeoJSON on; ``precision="auto"``, i.e. bf16 on CPUs with native bf16),
   ``noexport`` (the same, overlay and GeoJSON off), ``pyramid`` (the model's config with
   ``patch_source="pyramid"``: tiles cut from the pyramid level, exports off), ``fp32`` (``noexport``
   with autocast off) and ``pyramid_fp32``.
@@ -95,7 +95,7 @@ from wsi_cmaf.models.wsinfer import translate_wsinfer_config
 import_s = time.perf_counter() - t0
 torch.set_num_threads(p["threads"])
 kw = {"batch_size": p["batch_size"]} if p["batch_size"] else {}  # 0: wsi-cmaf's own default
-cfg = InferenceConfig(progress=False, overlay=p["exports"], geojson=p["exports"], autocast=p["autocast"], **kw)
+cfg = InferenceConfig(progress=False, overlay=p["exports"], geojson=p["exports"], precision=p["precision"], **kw)
 model, model_config = p["folder"], None
 if p["source"] == "pyramid":  # the same TorchScript, its config read from the pyramid level
     data = json.load(open(p["folder"] + "/config.json"))
@@ -106,11 +106,11 @@ result = analyze_slide(p["slide"], model=model, model_config=model_config, out=p
 run_s = time.perf_counter() - t1
 result.tiles().to_csv(p["tiles_csv"], index=False)
 json.dump({"import_s": import_s, "run_s": run_s, "timings": result.timings, "batch_size": cfg.batch_size,
-           "autocast_dtype": str(autocast_dtype(torch.device("cpu"), cfg.autocast)),
+           "autocast_dtype": str(autocast_dtype(torch.device("cpu"), cfg.precision)),
            "torch_threads": torch.get_num_threads()}, open(p["json"], "w"))
 """
 
-#: variant -> (read mode, overlay+GeoJSON, autocast); "auto" is bf16 only on CPUs with native bf16
+#: variant -> (read mode, overlay+GeoJSON, precision); "auto" is bf16 only on CPUs with native bf16
 CMAF_VARIANTS = {"default": ("level0", True, "auto"), "noexport": ("level0", False, "auto"),
                  "pyramid": ("pyramid", False, "auto"), "fp32": ("level0", False, "off"),
                  "pyramid_fp32": ("pyramid", False, "off")}
@@ -161,10 +161,10 @@ def run_wsinfer(args: argparse.Namespace, slide: Path, folder: Path, work: Path,
 
 def run_cmaf(args: argparse.Namespace, slide: Path, folder: Path, work: Path, variant: str, tag: str) -> dict:
     """One fresh-process ``analyze_slide`` in ``variant`` (see CMAF_VARIANTS)."""
-    source, exports, autocast = CMAF_VARIANTS[variant]
+    source, exports, precision = CMAF_VARIANTS[variant]
     params = {"slide": str(slide), "folder": str(folder), "out": str(work / f"cmaf_out_{variant}"),
               "threads": args.threads, "batch_size": args.batch_size, "source": source, "exports": exports,
-              "autocast": autocast,
+              "precision": precision,
               "tiles_csv": str(work / f"cmaf_{variant}_{tag}.csv"), "json": str(work / f"cmaf_{variant}_{tag}.json")}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     load0, t0 = loadavg(), time.perf_counter()

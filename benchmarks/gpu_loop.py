@@ -79,7 +79,7 @@ def stream_timer():
 
 
 def _icfg(args, **extra) -> InferenceConfig:
-    return InferenceConfig(device=args.device, batch_size=args.batch_size, progress=False, autocast=args.precision,
+    return InferenceConfig(device=args.device, batch_size=args.batch_size, progress=False, precision=args.precision,
                            compile=args.compile, reader_threads=args.reader_threads,
                            prefetch_blocks=args.prefetch, block_tiles=args.block_tiles, **extra)
 

@@ -1,4 +1,4 @@
-"""Mixed precision in training: what ``amp`` resolves to, and the fp16 + GradScaler path on CPU.
+"""Mixed precision in training: what ``precision`` resolves to, and the fp16 + GradScaler path on CPU.
 
 CPU fp16 autocast with ``torch.amp.GradScaler("cpu")`` runs the same code as CUDA fp16, so CI
 (no GPU) catches regressions of: loss-scale calibration mistaken for divergence (the H200 failure
@@ -190,7 +190,7 @@ def test_train_fp16_on_cpu_survives_calibration(tmp_path, monkeypatch) -> None:
     fp16 backward passes are slow on CPU, hence one short epoch without SAM.)
     """
     monkeypatch.setattr("wsi_cmaf.train.engine.amp.FP16_INIT_SCALE", 2.0**40)
-    cfg = tiny_config(tmp_path / "run", tmp_path / "syn", amp="fp16", stages={"epochs": [1, 0, 0]},
+    cfg = tiny_config(tmp_path / "run", tmp_path / "syn", precision="fp16", stages={"epochs": [1, 0, 0]},
                       optim={"sam": False})
     result = train(TrainConfig.from_dict(cfg))
     row = result.history[0]
@@ -209,7 +209,7 @@ def test_train_stops_on_real_divergence(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(trainer_loop, "batch_loss", nan_loss)
     compiled = []
     monkeypatch.setattr(trainer, "compile_for_training", lambda *a, **k: compiled.append(a))
-    cfg = tiny_config(tmp_path / "run", tmp_path / "syn", amp="off", compile="auto", device="cpu")
+    cfg = tiny_config(tmp_path / "run", tmp_path / "syn", precision="off", compile="auto", device="cpu")
     with pytest.raises(ConfigError, match=r"every step of epoch 1 \(branches\) had non-finite gradients"):
         train(TrainConfig.from_dict(cfg))
     assert not compiled  # compile: auto stays eager on CPU
@@ -246,3 +246,18 @@ def test_cuda_hsic_makes_no_host_sync() -> None:
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert 0.0 <= float(value) <= 1.0
+
+
+def test_training_config_names_precision_not_amp(tmp_path) -> None:
+    """``amp:`` is refused with the key to write instead; the four values match inference's."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data: {{synthetic: {{n_patients: 4}}, synthetic_dir: {tmp_path / 'syn'}}}\namp: fp16\n")
+    with pytest.raises(ConfigError, match=r"write precision: fp16"):
+        TrainConfig.from_file(path)
+    from wsi_cmaf.infer import InferenceConfig
+
+    for value in ("auto", "bf16", "fp16", "off"):
+        assert InferenceConfig(precision=value).precision == value
+        assert TrainConfig.from_dict(tiny_config(tmp_path / "r", tmp_path / "syn", precision=value)).precision == value
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        InferenceConfig(precision="fp8")

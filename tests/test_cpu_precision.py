@@ -1,6 +1,6 @@
 """CPU execution speed-ups that must not change results (issue 18, item 4).
 
-* ``autocast="auto"`` on CPU: bf16 only where the CPU computes bf16 natively (AMX / AVX512-BF16),
+* ``precision="auto"`` on CPU: bf16 only where the CPU computes bf16 natively (AMX / AVX512-BF16),
   fp32 elsewhere; with bf16, probabilities stay within 0.01 of fp32 on the demo (default) model
   and on a TorchScript ResNet.
 * TorchScript models are frozen + ``optimize_for_inference``d: outputs within 1e-5 of the module as loaded.
@@ -110,7 +110,7 @@ def test_demo_model_bf16_within_001_of_fp32(tmp_path) -> None:
     write_synthetic_slide(slide, 16_000, 12_000, 0.25, seed=7, tumour=True)  # 800 px tiles: ~80 on tissue
     probs = {}
     for mode in ("off", "auto"):
-        cfg = InferenceConfig(device="cpu", batch_size=64, progress=False, autocast=mode, overlay=False,
+        cfg = InferenceConfig(device="cpu", batch_size=64, progress=False, precision=mode, overlay=False,
                               geojson=False)
         res = analyze_slide(slide, out=tmp_path / mode, overwrite=True, config=cfg)
         tiles = res.tiles()

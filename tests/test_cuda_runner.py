@@ -39,7 +39,7 @@ def _blocks(n_blocks: int, tiles: int = 40) -> list[np.ndarray]:
 
 def _cpu(blocks: list[np.ndarray]) -> list[np.ndarray]:
     runner = BatchRunner(DarknessClassifier(), TilePreprocessor(32, MEAN, STD), torch.device("cpu"), 16,
-                         autocast="off", compile="off")
+                         precision="off", compile="off")
     return [runner(b) for b in blocks]
 
 
@@ -55,7 +55,7 @@ def _stream_all(runner: BatchRunner, blocks: list[np.ndarray], ahead: int = 2) -
 
 
 def _gpu_runner(model: nn.Module) -> BatchRunner:
-    return BatchRunner(model, TilePreprocessor(32, MEAN, STD), torch.device("cuda"), 16, autocast="off",
+    return BatchRunner(model, TilePreprocessor(32, MEAN, STD), torch.device("cuda"), 16, precision="off",
                        compile="off", inflight=2, outputs_in_flight=3)
 
 

@@ -22,7 +22,7 @@ from wsi_cmaf.slidelevel import read_embeddings
 from wsi_cmaf.slidelevel.synthetic_patients import TinyTileEncoder, encoder_config
 
 CFG = InferenceConfig(block_tiles=4, progress=False, batch_size=32, overlay=False, geojson=False,
-                      compile="off", autocast="off")
+                      compile="off", precision="off")
 EMB = InferenceConfig(**{**CFG.to_dict(), "embeddings": True})
 
 

@@ -25,7 +25,7 @@ from wsi_cmaf.slide.synthetic import write_synthetic_slide
 from wsi_cmaf.slide.tissue import TissueMask
 from wsi_cmaf.slidelevel import read_embeddings
 
-CFG = InferenceConfig(block_tiles=4, progress=False, batch_size=32, compile="off", autocast="off")
+CFG = InferenceConfig(block_tiles=4, progress=False, batch_size=32, compile="off", precision="off")
 TILE, MPP = 28, 4.0  # 112 µm tiles: 224 level-0 px on a 0.5 µm/px slide
 
 

@@ -19,7 +19,7 @@ from wsi_cmaf.slidelevel.data import read_manifest
 from wsi_cmaf.slidelevel.predict import predict_slide, train_slide
 from wsi_cmaf.slidelevel.train import SlideTrainConfig
 
-CFG = InferenceConfig(block_tiles=4, progress=False, batch_size=32, compile="off", autocast="off")
+CFG = InferenceConfig(block_tiles=4, progress=False, batch_size=32, compile="off", precision="off")
 
 
 def _enc(seed: int, name: str) -> LoadedEncoder:

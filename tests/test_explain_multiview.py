@@ -20,7 +20,7 @@ from wsi_cmaf.slide.synthetic import write_synthetic_slide
 
 torch.set_num_threads(1)
 CFG = InferenceConfig(device="cpu", batch_size=64, progress=False, overlay=False, geojson=False, compile="off",
-                      autocast="off")
+                      precision="off")
 
 
 @pytest.fixture(scope="module")

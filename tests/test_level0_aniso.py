@@ -126,7 +126,7 @@ def aniso_store(tmp_path_factory):
     write_synthetic_slide(slide, *SIZE0, 0.25, seed=3, tumour=True)
     torch.manual_seed(0)
     folder = _zoo_folder(tmp, TinyNet(), 50, 4.0, 64)
-    run = InferenceConfig(batch_size=16, overlay=False, geojson=False, progress=False, autocast="off")
+    run = InferenceConfig(batch_size=16, overlay=False, geojson=False, progress=False, precision="off")
     analyze_slide(slide, model=folder, out=tmp / "out", config=run, mpp=ANISO)
     return HeatmapStore.open(tmp / "out" / "s.zarr")
 

@@ -21,7 +21,7 @@ from wsi_cmaf.slide.tissue import TissueMask
 from wsi_cmaf.slide.views import ViewSpec, read_block_views
 
 CFG = InferenceConfig(block_tiles=4, progress=False, batch_size=64, overlay=False, geojson=False,
-                      compile="off", autocast="off", reader_threads=1)
+                      compile="off", precision="off", reader_threads=1)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from wsi_cmaf.slide.synthetic import write_synthetic_slide
 from wsi_cmaf.slide.views import read_block_views
 
 CFG = InferenceConfig(block_tiles=4, progress=False, batch_size=32, overlay=False, geojson=False,
-                      compile="off", autocast="off")
+                      compile="off", precision="off")
 
 
 @pytest.fixture(scope="module")

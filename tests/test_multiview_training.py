@@ -173,7 +173,7 @@ def test_trained_model_records_its_views_and_runs_on_a_slide(mv_run, slides, tmp
     assert isinstance(model, MultiViewNet) and cfg.model_kwargs["views"] == VIEWS
     res = analyze_slide(slides[2].path, model=result.model_dir, out=tmp_path / "run",
                         config=InferenceConfig(progress=False, overlay=False, geojson=False, compile="off",
-                                               autocast="off"))
+                                               precision="off"))
     store = HeatmapStore.open(res.store)
     assert store.attrs["views"] == VIEWS
     assert np.isfinite(store.probabilities(0)).sum() == 2 * res.tiles_tissue > 0
@@ -190,7 +190,7 @@ def test_training_batches_match_what_inference_computes(view_store, slides, tmp_
         train_side = torch.softmax(model(pipe(batch[0], ["x"] * len(ds), train=False)), 1)[:, 1].numpy()
     res = analyze_slide(slides[2].path, model=model_dir, out=tmp_path / "run",
                         config=InferenceConfig(progress=False, overlay=False, geojson=False, compile="off",
-                                               autocast="off", batch_size=64))
+                                               precision="off", batch_size=64))
     heat = HeatmapStore.open(res.store).probabilities(0)[1]
     heat = heat[np.isfinite(heat)]
     assert np.std(train_side) > 0.01  # teeth: outputs differ from tile to tile

@@ -29,7 +29,7 @@ from wsi_cmaf.output.store import HeatmapStore
 from wsi_cmaf.slide.synthetic import write_synthetic_slide
 
 P = 100  # level-0 px per tile: 25 px at 4 µm/px on a 1 µm/px slide
-CFG = InferenceConfig(progress=False, overlay=False, geojson=False, batch_size=64, autocast="off")
+CFG = InferenceConfig(progress=False, overlay=False, geojson=False, batch_size=64, precision="off")
 
 
 class MarkedTiles(nn.Module):

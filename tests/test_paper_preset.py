@@ -39,7 +39,7 @@ PAPER_VALUES = {
     "optim.weight_decay": 1e-4,                     # Sec. 5.3
     "optim.sam": True,                              # Sec. 4.5
     "optim.clip": "history",                        # Sec. 4.5 "based on gradient norm history"
-    "amp": "fp16",                                  # Sec. 4.5 "FP16 ... FP32 master weights"
+    "precision": "fp16",                                  # Sec. 4.5 "FP16 ... FP32 master weights"
     "grad_checkpointing": True,                     # Sec. 4.5
 }
 # Sec. 4.5 / 5.3: (epochs, lr, trainable, loss, ib, dynamic weighting, schedule) per stage
@@ -92,8 +92,8 @@ def test_the_file_overrides_the_preset_and_the_model_gets_nystrom() -> None:
     tiny = dict(spatial_backbone="test_resnet", mvit_stem_channels=8, mvit_channels=[8, 16, 16, 16, 16],
                 mvit_dims=[16, 16, 16], mvit_depths=[1, 1, 1], mvit_heads=2, context_dim=32, num_heads=2,
                 bottleneck_dim=8, head_hidden=[16])
-    cfg = _paper_config(amp="off", model={"kwargs": tiny})
-    assert cfg.amp == "off" and cfg.optim.clip == "history"  # an own key wins, the rest stays
+    cfg = _paper_config(precision="off", model={"kwargs": tiny})
+    assert cfg.precision == "off" and cfg.optim.clip == "history"  # an own key wins, the rest stays
     model = build_model(cfg)
     assert model.config.attention == "nystrom"
 
@@ -107,7 +107,7 @@ def test_loss_preset_paper_equals_the_training_preset_loss() -> None:
 
 def test_example_paper_config_uses_the_preset() -> None:
     cfg = TrainConfig.from_file(ROOT / "examples" / "train_idc_paper.yaml")
-    assert cfg.preset == "paper" and cfg.amp == "fp16" and cfg.model.kwargs["attention"] == "nystrom"
+    assert cfg.preset == "paper" and cfg.precision == "fp16" and cfg.model.kwargs["attention"] == "nystrom"
 
 
 def test_ramp_steps_is_refused_by_name() -> None:

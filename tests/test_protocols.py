@@ -22,7 +22,7 @@ TINY_CMAF = {"spatial_backbone": "test_resnet", "mvit_stem_channels": 8, "mvit_c
 def tiny_base() -> dict:
     """A base config that trains in a few seconds: 160 patches of 32 px, 2 steps per epoch."""
     return {
-        "seed": 0, "amp": "off", "bootstrap": 20, "log_every": 1, "early_stopping_patience": None,
+        "seed": 0, "precision": "off", "bootstrap": 20, "log_every": 1, "early_stopping_patience": None,
         "data": {"synthetic": {"n_patients": 10, "patches_per_patient": 16, "patch_size": 32, "ratio": "70:30",
                                "signal": 1.0, "seed": 3},
                  "batch_size": 8, "eval_batch_size": 64, "max_steps_per_epoch": 2, "augment": False},

@@ -87,7 +87,7 @@ def test_trainer_wires_the_beta_ramp_and_alpha_schedule_across_stages(tmp_path: 
         "model": {"kwargs": TINY, "input_size": 32, "stain_normalization": None},
         "optim": {"sam": False}, "stages": {"epochs": [1, 2, 2]}, "early_stopping_patience": None,
         "output_dir": str(tmp_path / "run"), "bootstrap": 5, "log_every": 100, "progress_bar": False,
-        "compile": "off", "amp": "off"})
+        "compile": "off", "precision": "off"})
     train(cfg)
     objectives = list(dict.fromkeys(o for o, *_ in seen))
     assert len(objectives) == 2  # stage 1 trains with plain cross-entropy: no objective

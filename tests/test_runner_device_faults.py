@@ -55,7 +55,7 @@ def fake_cuda_runner(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     runner = BatchRunner(DarknessClassifier(), TilePreprocessor(32, MEAN, STD), torch.device("cpu"), 8,
-                         autocast="off")
+                         precision="off")
     runner._cuda = True
     runner._lock = threading.Lock()  # its own: a hang in one test must not hold the CPU's lock for the rest
     runner.stream = _FakeStream()
@@ -91,7 +91,7 @@ def test_error_between_acquire_and_release_frees_the_slot(fake_cuda_runner, monk
     assert failures == [0] and runner.batch_size == 4  # the error happened and the block was retried
     monkeypatch.setattr(torch.Tensor, "to", real_to)
     expected = BatchRunner(DarknessClassifier(), TilePreprocessor(32, MEAN, STD), torch.device("cpu"), 8,
-                           autocast="off")(tiles)
+                           precision="off")(tiles)
     np.testing.assert_allclose(out[0], expected, rtol=0, atol=1e-6)
 
 

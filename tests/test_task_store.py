@@ -25,7 +25,7 @@ from wsi_cmaf.slide.synthetic import write_synthetic_slide
 from wsi_cmaf.slide.tissue import TissueMask
 
 CFG = InferenceConfig(block_tiles=4, progress=False, batch_size=32, overlay=False, geojson=False,
-                      compile="off", autocast="off")
+                      compile="off", precision="off")
 SUBTYPES = ["adenosis", "fibroadenoma", "phyllodes", "tubular", "ductal", "lobular", "mucinous", "papillary"]
 MODEL_CFG = ModelConfig(architecture="multitask", num_classes=2, class_names=["benign", "malignant"], input_size=32,
                         stain_normalization=None, weights_note="test model (random weights, seed 0)")

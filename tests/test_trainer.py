@@ -216,7 +216,7 @@ def test_bad_configs_are_named(tmp_path, syn_dir):
                       (merge_dicts(good, {"optimiser": {}}), "optimiser"),
                       (merge_dicts(good, {"stages": [{"name": "a", "epochs": 1, "lr": 1e-3, "lr_min": 0}]}),
                        "lr_min"),
-                      (merge_dicts(good, {"amp": "fp8"}), "amp")):
+                      (merge_dicts(good, {"precision": "fp8"}), "precision")):
         with pytest.raises(ConfigError, match=word):
             TrainConfig.from_dict(bad)
     # bad manifest rows: every problem listed in one error, before anything is written
@@ -284,7 +284,7 @@ def test_early_stopping_bf16_and_grad_checkpointing(tmp_path, syn_dir):
     """With a vanishing learning rate validation cannot improve: patience 1 ends the stage after 2 epochs."""
     stage = {"name": "fusion", "epochs": 4, "lr": 1e-12, "trainable": "fusion", "loss": "objective", "ib": "ramp",
              "schedule": "cosine"}
-    cfg = tiny_config(tmp_path / "early", syn_dir, stages=[stage], amp="bf16", grad_checkpointing=True,
+    cfg = tiny_config(tmp_path / "early", syn_dir, stages=[stage], precision="bf16", grad_checkpointing=True,
                       early_stopping_patience=1, optim={"sam": False})
     result = train(TrainConfig.from_dict(cfg))
     assert [(r["stage_epoch"], r["early_stop"]) for r in result.history] == [(1, False), (2, True)]

@@ -130,7 +130,7 @@ def _analyze_on_lattice(tmp_path: Path, width: int, height: int) -> tuple[Path, 
     write_synthetic_slide(slide, width, height, 0.499, seed=3, tumour=True)
     torch.manual_seed(0)
     folder = _zoo_folder(tmp_path, TinyNet(), 50, 4.0, 64)
-    run = InferenceConfig(batch_size=16, overlay=False, geojson=False, progress=False, autocast="off")
+    run = InferenceConfig(batch_size=16, overlay=False, geojson=False, progress=False, precision="off")
     analyze_slide(slide, model=folder, out=tmp_path / "out", config=run)
     return slide, folder, run, tmp_path / "out" / "s.zarr"
 
@@ -198,7 +198,7 @@ def test_real_slide_matches_wsinfer_at_its_corners(tmp_path) -> None:
     folder = _zoo_folder(tmp_path, net, 224, 0.5, 224)
     traced = torch.jit.load(str(folder / "torchscript_model.pt")).eval()
     result = analyze_slide(CMU, model=folder, out=tmp_path / "out", progress=False,
-                           config=InferenceConfig(batch_size=32, overlay=False, geojson=False, autocast="off"))
+                           config=InferenceConfig(batch_size=32, overlay=False, geojson=False, precision="off"))
     table = tile_table(result.outputs["store"])
     # 0.499 µm/px: P = round(224 * 0.5 / 0.499) = round(224.4489) = 224, so patch (r, c) is at (224 c, 224 r)
     assert (table["x"] == table["col"] * 224).all() and (table["y"] == table["row"] * 224).all()

@@ -15,7 +15,12 @@ from wsi_cmaf.errors import ConfigError
 
 T = TypeVar("T")
 
-__all__ = ["check_keys", "field_names", "from_dict"]
+__all__ = ["PRECISIONS", "check_keys", "field_names", "from_dict"]
+
+#: the precision settings that inference, training and the CLI all accept (one spelling everywhere);
+#: what "auto" resolves to depends on the run (see wsi_cmaf.device.autocast_dtype and
+#: wsi_cmaf.train.engine.amp.resolve_precision)
+PRECISIONS = ("auto", "bf16", "fp16", "off")
 
 
 def field_names(cls: type) -> frozenset[str]:

@@ -31,7 +31,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "wsidicom"])
     p.add_argument("--stain", default="auto", choices=["auto", "macenko", "none"],
                    help="stain normalisation (auto: as the model config says)")
-    p.add_argument("--bf16", action="store_true", help="same as --precision bf16 (faster on CPU, less exact)")
     add_inference_options(p, reader_threads_default=2)
     p.add_argument("--decode", default="cpu", choices=["cpu", "device"],
                    help="who decodes block pixels: cpu (the slide reader, default) or device (JPEG tiles of "
@@ -67,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = InferenceConfig(
         device=args.device, batch_size=args.batch_size, progress=show_progress(args),
-        stain=None if args.stain == "auto" else args.stain, autocast="bf16" if args.bf16 else args.precision,
+        stain=None if args.stain == "auto" else args.stain, precision=args.precision,
         compile=args.compile, reader_threads=args.reader_threads, overlay=args.overlay, geojson=args.geojson,
         embeddings=args.embeddings, qc=args.qc, mpp_check=args.mpp_check == "on",
         exclude_blurred=args.exclude_blurred, decode=args.decode,

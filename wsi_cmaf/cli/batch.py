@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     if threads is None:  # CPU workers: one decoder each (the model takes the cores); GPU: share the cores
         threads = max(1, (os.cpu_count() or 2) // (2 * args.slides_per_gpu)) if gpu else 1
     cfg = InferenceConfig(device=args.device, batch_size=args.batch_size, progress=False, reader_threads=threads,
-                          autocast=args.precision, compile=args.compile, overlay=args.overlay, geojson=args.geojson,
+                          precision=args.precision, compile=args.compile, overlay=args.overlay, geojson=args.geojson,
                           embeddings=args.embeddings, qc=args.qc, mpp_check=args.mpp_check == "on",
                           exclude_blurred=args.exclude_blurred, decode=args.decode)
     previous = signal.signal(signal.SIGTERM, _terminate)  # so SIGTERM unwinds: cluster closed, table marked

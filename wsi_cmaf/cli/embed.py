@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
                              random_weights=args.random_weights, input_size=args.input_size, mpp=args.encoder_mpp)
     cfg = InferenceConfig(device=args.device, batch_size=args.batch_size, progress=not args.quiet and _single(args),
                           reader_threads=args.reader_threads or (2 if _single(args) else 1),
-                          autocast=args.precision, compile=args.compile)
+                          precision=args.precision, compile=args.compile)
     say = (lambda *a: None) if args.quiet else print  # noqa: E731  (-q: errors only)
     say(f"encoder {loaded.spec.name}: {loaded.dim}-dim, {loaded.spec.input_size} px at {loaded.spec.mpp} µm/px; "
           f"{loaded.note}; licence {loaded.spec.licence}")

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from wsi_cmaf.config_dict import from_dict
+from wsi_cmaf.config_dict import PRECISIONS, from_dict
 
 
 def _compile_modes() -> tuple[str, ...]:
@@ -26,10 +26,10 @@ class InferenceConfig:
 
     device: str = "auto"
     batch_size: int = 256
-    #: "auto": bf16 (fp16 without native bf16) autocast on CUDA; on CPU bf16 only where the CPU has
-    #: native bf16 (AMX / AVX512-BF16, checked at run time), else fp32; "bf16"/"fp16" force one;
-    #: "off" disables.
-    autocast: str = "auto"
+    #: autocast precision, one of PRECISIONS. "auto": bf16 (fp16 without native bf16) on CUDA; on CPU
+    #: bf16 only where the CPU has native bf16 (AMX / AVX512-BF16, checked at run time), else fp32;
+    #: "bf16"/"fp16" force one; "off" is fp32 everywhere.
+    precision: str = "auto"
     #: model preparation (wsi_cmaf.models.optimize): "auto" = torch.compile on CUDA, eager on CPU;
     #: "off" = eager everywhere; "on"/"default"/"max-autotune"/"reduce-overhead" = that compile mode.
     compile: str = "auto"
@@ -83,8 +83,8 @@ class InferenceConfig:
         compile_modes = _compile_modes()
         if self.compile not in compile_modes:
             raise ConfigError(f"compile must be one of {compile_modes}, got {self.compile!r}")
-        if self.autocast not in {"auto", "bf16", "fp16", "off"}:
-            raise ConfigError(f"autocast must be auto|bf16|fp16|off, got {self.autocast!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.stain not in {None, "macenko", "none"}:
             raise ConfigError(f"stain must be 'macenko', 'none' or None, got {self.stain!r}")
         from wsi_cmaf.slide.reader import BACKENDS

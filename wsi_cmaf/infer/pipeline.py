@@ -202,7 +202,7 @@ def analyze_slide(
             prov["slide"].update(mpp=list(reader.mpp), mpp_source=reader.mpp_source)  # e.g. "estimated from nuclei"
             store.finalize(extra_attrs={"timings": dict(timer), "provenance": prov})
         label = f"{resolved.name} ({model})" if isinstance(model, (str, Path)) else resolved.name
-        check_nonfinite(store, grid, label, cfg.autocast, warn)  # before "undecodable": not the file's fault
+        check_nonfinite(store, grid, label, cfg.precision, warn)  # before "undecodable": not the file's fault
         if grid.n_tissue and n_failed_tiles >= grid.n_tissue:  # the store keeps what is known
             first = next(f["reason"] for f in failures if f["stage"] == "inference")
             raise NoDecodableTissueError(
@@ -316,7 +316,7 @@ def _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer,
             module = embed_module if embed_module is not None else (
                 task_outputs(resolved.module, list(resolved.tasks)) if resolved.tasks else resolved.module)
             runner = (BatchRunner if decoding is None else DeviceTilesRunner)(
-                module, preprocess, dev, cfg.batch_size, cfg.autocast, compile=cfg.compile,
+                module, preprocess, dev, cfg.batch_size, cfg.precision, compile=cfg.compile,
                 inflight=cfg.inflight_batches, outputs_in_flight=cfg.write_queue + 2,
                 segments=(segments(resolved.tasks, mc.num_classes)
                           if embed_module is not None or resolved.tasks else None),

@@ -49,7 +49,7 @@ class BatchRunner:
         preprocess: nn.Module,
         device: torch.device,
         batch_size: int,
-        autocast: str = "auto",
+        precision: str = "auto",
         *,
         compile: str = "auto",
         inflight: int = 3,
@@ -68,7 +68,7 @@ class BatchRunner:
         # the model returns [logits | embedding] (infer.embeddings): softmax on the first n_probs only
         self.n_probs = n_probs
         self.segments = tuple(segments) if segments else ((n_probs,) if n_probs is not None else None)
-        self.dtype = autocast_dtype(self.device, autocast)
+        self.dtype = autocast_dtype(self.device, precision)
         self._lock = device_lock(self.device)
         self._cuda = self.device.type == "cuda"
         if self._cuda:

@@ -142,7 +142,7 @@ class _CudaGraphModule(nn.Module):
 
 
 def _autocasts_by_default(device: torch.device) -> bool:
-    """Whether ``autocast="auto"`` runs ``device`` in reduced precision (CUDA, CPUs with native bf16)."""
+    """Whether ``precision="auto"`` runs ``device`` in reduced precision (CUDA, CPUs with native bf16)."""
     if device.type == "cuda":
         return True
     return device.type == "cpu" and cpu_has_native_bf16()

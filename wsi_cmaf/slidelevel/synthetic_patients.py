@@ -72,7 +72,7 @@ def _embed_slide(slide_path: Path, out: Path, encoder: nn.Module, batch_size: in
     from wsi_cmaf.infer import InferenceConfig, analyze_slide
 
     cfg = InferenceConfig(block_tiles=8, progress=False, batch_size=batch_size, overlay=False, geojson=False,
-                          embeddings=True, compile="off", autocast="off")
+                          embeddings=True, compile="off", precision="off")
     return analyze_slide(slide_path, model=encoder, model_config=encoder_config(), out=out, config=cfg)
 
 

@@ -9,9 +9,9 @@ Sections (all optional except ``data``)::
     loss:     :class:`wsi_cmaf.losses.LossConfig` (task loss + IB weights), plus ``task_weights``
     optim:    AdamW weight decay, SAM, adaptive gradient clipping
     stages:   the paper's three stages (Sec. 4.5): epochs 30/40/30 by default
-    seed, amp, compile, grad_checkpointing, early_stopping_patience, output_dir, device ...
+    seed, precision, compile, grad_checkpointing, early_stopping_patience, output_dir, device ...
 
-``amp`` (precision): "auto" = bf16 autocast on CUDA GPUs with native bf16 (no loss scaling),
+``precision``: "auto" = bf16 autocast on CUDA GPUs with native bf16 (no loss scaling),
 fp16 + GradScaler on older CUDA GPUs, fp32 elsewhere; "bf16", "fp16" (with a GradScaler, on
 CUDA or CPU) and "off" (fp32) force one. Updates whose gradients are not finite are skipped on
 the device; while a GradScaler calibrates (its scale halving from 2^16) such skips are expected.
@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsi_cmaf.config_dict import check_keys, field_names, from_dict
+from wsi_cmaf.config_dict import PRECISIONS, check_keys, field_names, from_dict
 from wsi_cmaf.errors import ConfigError
 from wsi_cmaf.losses import LossConfig
 from wsi_cmaf.train.model_section import ModelSection
@@ -57,7 +57,6 @@ from wsi_cmaf.train.model_section import ModelSection
 STAGE_KINDS = ("branches", "fusion", "all")
 STAGE_LOSSES = ("cross_entropy", "objective")
 IB_MODES = ("off", "ramp", "full")
-AMP_MODES = ("auto", "off", "bf16", "fp16")
 COMPILE_MODES = ("auto", "off", "on", "default", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -235,7 +234,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     stages: list[StageConfig] | None = None  # None: paper_stages() for CMAF-Net, single_stage() for timm
     seed: int = 0
-    amp: str = "auto"  # auto: bf16 on CUDA (fp16 + GradScaler without native bf16), fp32 on CPU
+    precision: str = "auto"  # auto: bf16 on CUDA (fp16 + GradScaler without native bf16), fp32 on CPU
     compile: str = "auto"  # auto: torch.compile on CUDA, eager elsewhere (see the module docstring)
     grad_checkpointing: bool = False
     early_stopping_patience: int | None = 10  # epochs without val balanced-accuracy gain (per stage)
@@ -258,8 +257,8 @@ class TrainConfig:
         """Check every section; returns ``self``."""
         self.data.validate()
         self.loss.validate()
-        if self.amp not in AMP_MODES:
-            raise ConfigError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.compile not in COMPILE_MODES:
             raise ConfigError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         if not self.stages:
@@ -299,6 +298,9 @@ class TrainConfig:
             from wsi_cmaf.train.presets import preset_dict
 
             data = merge_dicts(preset_dict(str(data["preset"])), data)
+        if "amp" in data:  # the same setting is called precision in inference and on the command line
+            raise ConfigError(f"training config: 'amp' is not an option; write precision: {data['amp']} "
+                              f"(one of {PRECISIONS})")
         check_keys(data, field_names(cls), where="training config")
         if "ramp_steps" in (data.get("loss") or {}):
             raise ConfigError("loss.ramp_steps does nothing in a training run: the β ramp spans each stage with "

@@ -72,7 +72,7 @@ PAPER_PRESET: tuple[PresetValue, ...] = (
     PresetValue("optim.clip", "history", "paper", "Sec. 4.5: clipping based on gradient norm history"),
     PresetValue("optim.clip_history_window", 50, "project", "the paper gives no formula (AutoClip-style)"),
     PresetValue("optim.clip_history_multiplier", 2.0, "project", "the paper gives no formula (AutoClip-style)"),
-    PresetValue("amp", "fp16", "paper", "Sec. 4.5: FP16 forward passes, FP32 master weights (AMP + loss scaling)"),
+    PresetValue("precision", "fp16", "paper", "Sec. 4.5: FP16 forward passes, FP32 master weights (AMP + loss scaling)"),
     PresetValue("grad_checkpointing", True, "paper", "Sec. 4.5: gradient checkpointing (memory only)"),
     # --- schedule
     PresetValue("stages", {"epochs": [30, 40, 30]}, "paper",

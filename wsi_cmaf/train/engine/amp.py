@@ -1,6 +1,6 @@
-"""Mixed precision of a training run: the ``amp`` setting, autocast + GradScaler, skipped updates.
+"""Mixed precision of a training run: the ``precision`` setting, autocast + GradScaler, skipped updates.
 
-:func:`resolve_precision` turns ``amp`` into fp32/bf16/fp16 for a device; :class:`Amp` holds the
+:func:`resolve_precision` turns ``precision`` into fp32/bf16/fp16 for a device; :class:`Amp` holds the
 autocast dtype and (fp16 only) the GradScaler; :class:`SkipMonitor` counts updates skipped for
 non-finite gradients and tells loss-scale calibration from divergence.
 :mod:`wsi_cmaf.train.engine.loop` uses them (and re-exports them, so older imports keep working).
@@ -27,7 +27,7 @@ DIVERGENCE_STREAK = 24
 
 
 def resolve_precision(mode: str, device_type: str, bf16_supported: bool | None = None) -> str:
-    """The precision ("fp32", "bf16" or "fp16") an ``amp`` setting gives on a device type.
+    """The precision ("fp32", "bf16" or "fp16") a ``precision`` setting gives on a device type.
 
     ``auto``: bf16 on CUDA GPUs with native bf16 (no loss scaling needed: bf16 has fp32's exponent
     range), fp16 + GradScaler on older CUDA GPUs, fp32 elsewhere. ``bf16``/``fp16`` are honoured
@@ -61,8 +61,8 @@ class Amp:
             except RuntimeError:
                 enabled = False
             if not enabled:
-                raise ConfigError(f"amp {mode!r}: torch {torch.__version__} has no {self.precision} autocast on "
-                                  f"{device.type}; use amp: off")
+                raise ConfigError(f"precision {mode!r}: torch {torch.__version__} has no {self.precision} autocast on "
+                                  f"{device.type}; use precision: off")
         if self.precision == "fp16":
             self.scaler = torch.amp.GradScaler(device.type, init_scale=init_scale or FP16_INIT_SCALE)
         logger.info("precision: %s%s on %s", self.precision, " + GradScaler" if self.scaler else "", device.type)
@@ -144,5 +144,5 @@ class SkipMonitor:
             what = f"every step of {where}" if whole_epoch else f"{streak} consecutive updates up to {where}"
             scaled = " at a loss scale below 1" if amp.scaler is not None else ""
             raise ConfigError(f"training diverged: {what} had non-finite gradients{scaled}; lower the learning "
-                              "rate or set amp: off")
+                              "rate or set precision: off")
         return skipped, streak

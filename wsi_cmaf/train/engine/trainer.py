@@ -274,7 +274,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = 
     show = config.progress_bar if progress is None else progress
     seed_everything(config.seed)
     device = resolve_device(config.device)
-    amp = Amp(config.amp, device)
+    amp = Amp(config.precision, device)
     bundle = build_data(config.data, config.model, out, config.seed, pin_memory=device.type == "cuda")
     pipeline = build_pipeline(config.data, config.model, bundle, config.seed, device)
     seed_everything(config.seed)  # model initialisation independent of how much data setup drew
