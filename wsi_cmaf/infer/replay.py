@@ -117,6 +117,9 @@ def _rebuild_inputs(store: Any, reader: SlideReader, resolved: Any,
         tissue["pen_hue_range"] = tuple(tissue["pen_hue_range"])
     identity = run_identity(reader, resolved, gcfg, TissueConfig(**tissue), ident["stain"])
     identity.update(qc_identity(cfg))  # as the analysis extends it (tiles left out by the QC)
+    # A device-decoded store names its decoder; the replay decodes the same tiles on the CPU, and a
+    # tile whose pixels differ shows up as a recomputed probability off the stored one.
+    identity.update({k: ident[k] for k in ("decoder",) if k in ident})
     inputs = load_inputs(store.path, identity, reader, gcfg)
     if inputs is None:
         problems = json_diff(ident, jsonable(identity))
