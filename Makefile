@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.wsi-cmaf-installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test lint install bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/wsi-cmaf demo
 
-test: $(STAMP)
+# ruff and mypy read their settings from pyproject.toml ([tool.ruff], [tool.mypy])
+lint: $(STAMP)
+	$(BIN)/ruff check wsi_cmaf tests benchmarks examples
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

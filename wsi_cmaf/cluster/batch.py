@@ -21,7 +21,8 @@ from wsi_cmaf.cluster.engine import connect
 from wsi_cmaf.cluster.inputs import SlideJob
 from wsi_cmaf.cluster.plan import BatchPlan, BatchResult, current_fingerprint, plan_batch
 from wsi_cmaf.cluster.worker_model import ModelRef, load_model_ref, make_model_ref
-from wsi_cmaf.errors import WsiCmafError
+from wsi_cmaf.errors import ConfigError, WsiCmafError
+from wsi_cmaf.infer.callargs import merge_run_config
 from wsi_cmaf.infer.config import InferenceConfig
 from wsi_cmaf.infer.modelspec import quick_weights_sha256, resolve_model
 
@@ -34,8 +35,11 @@ def slide_task(job: SlideJob, out_dir: str, model: ModelRef, cfg: InferenceConfi
     """Analyse one slide on a worker. Bad slides return a 'failed' row; transient errors raise (retried).
 
     The worker loads the model from ``model`` itself (once per process), so a slide never waits
-    on data held by another worker.
+    on data held by another worker. Its blocks are read by the process's shared reader pool
+    (:func:`~wsi_cmaf.cluster.worker_pool.shared_reader_pool`), so slides in flight on one worker
+    interleave their reads and no slide starts or stops a pool of its own.
     """
+    from wsi_cmaf.cluster.worker_pool import shared_reader_pool
     from wsi_cmaf.infer import analyze_slide
     from wsi_cmaf.qc.report import status_fields
 
@@ -44,8 +48,9 @@ def slide_task(job: SlideJob, out_dir: str, model: ModelRef, cfg: InferenceConfi
     try:
         row["fingerprint"] = current_fingerprint(job.path)
         resolved = load_model_ref(model)
-        result = analyze_slide(job.path, model=resolved, out=Path(out_dir) / job.key, mpp=job.mpp,
-                               resume=True, config=cfg)
+        with shared_reader_pool():
+            result = analyze_slide(job.path, model=resolved, out=Path(out_dir) / job.key, mpp=job.mpp,
+                                   resume=True, config=cfg)
     except WsiCmafError as exc:  # a property of the slide or the run: recorded, the batch goes on
         row.update(status="failed", error=str(exc), error_type=type(exc).__name__,
                    seconds=round(time.perf_counter() - t0, 3))
@@ -57,10 +62,11 @@ def slide_task(job: SlideJob, out_dir: str, model: ModelRef, cfg: InferenceConfi
 
 
 def analyze_slides(
-    slides: str | Path | list[str | Path],
-    out_dir: str | Path,
-    *,
+    inputs: str | Path | list[str | Path],
+    out: str | Path,
     model: Any = None,
+    *,
+    config: InferenceConfig | None = None,
     model_config: Any = None,
     client: Client | None = None,
     scheduler: str | None = None,
@@ -68,8 +74,8 @@ def analyze_slides(
     workers: int | None = None,
     gpus_per_worker: int = 0,
     slides_per_gpu: int = 2,
+    slides_per_worker: int = 2,
     cluster_kwargs: dict[str, Any] | None = None,
-    config: InferenceConfig | None = None,
     retries: int = 2,
     retry_failed: bool = False,
     adapt: tuple[int, int] | None = None,
@@ -79,8 +85,14 @@ def analyze_slides(
     progress: bool = True,
     plan: BatchPlan | None = None,
     status_name: str = "status.csv",
+    **overrides: Any,
 ) -> BatchResult:
-    """Analyse every slide in ``slides`` into ``out_dir/<key>/``, tracking them in ``out_dir/status.csv``.
+    """Analyse every slide of ``inputs`` into ``out/<key>/``, tracking them in ``out/status.csv``.
+
+    ``inputs``: a list of slides, a glob, a folder or a CSV (``path[,mpp]``). ``model``, ``config``
+    and the keyword ``overrides`` of :class:`InferenceConfig` fields mean what they mean for
+    :func:`~wsi_cmaf.infer.analyze_slide`; without ``config`` a slide runs with one reader thread
+    and no progress bar of its own (``progress`` here is the batch's bar over slides).
 
     Completed slides (same file fingerprint, same model) are skipped; partial ones resume chunk by
     chunk. A slide that cannot be read fails alone with its error recorded, and is not tried again
@@ -92,25 +104,32 @@ def analyze_slides(
     retried as often. Each worker loads the model itself, so losing one loses nothing else.
 
     GPU workers (``gpus_per_worker`` > 0, or ``cluster="local-cuda"``) run ``slides_per_gpu``
-    slides at once per GPU; a local cluster then gets one worker process per visible GPU.
+    slides at once per GPU; a local cluster then gets one worker process per visible GPU. CPU
+    workers of a local cluster run ``slides_per_worker`` slides at once (their worker threads),
+    sharing one reader pool: one slide's tissue mask, stain fit, store set-up and exports overlap
+    the other's decoding, and memory stays bounded by that many slides per process.
     ``adapt`` = (min, max) jobs scales a SLURM/PBS cluster with the work left; ``lifetime`` and
     ``lifetime_stagger`` retire its workers before their walltime ("auto": derived from it).
     ``dashboard`` starts dask's dashboard, on 127.0.0.1 only.
-    ``plan``: :func:`~wsi_cmaf.cluster.plan.plan_batch` of these slides and ``out_dir`` made by the
+    ``plan``: :func:`~wsi_cmaf.cluster.plan.plan_batch` of these inputs and ``out`` made by the
     caller (the CLI's rerun check); reused when planned for the same weights, so the slides are not
     fingerprinted twice.
     """
     t0 = time.perf_counter()
-    out = Path(out_dir)
+    if slides_per_worker < 1:
+        raise ConfigError(f"slides_per_worker must be >= 1, got {slides_per_worker}; give how many slides "
+                          "each CPU worker process analyses at once")
+    cfg = merge_run_config(config, overrides, base=InferenceConfig(progress=False, reader_threads=1),
+                           caller="analyze_slides")
+    out = Path(out)
     # The status table alone decides what is left: hashing the weights file is enough for that.
     weights_sha = quick_weights_sha256(model)
     resolved = None
     if weights_sha is None:
         resolved = resolve_model(model, model_config)
         weights_sha = resolved.weights_sha256
-    cfg = config or InferenceConfig(progress=False, reader_threads=1)
     if plan is None or plan.weights_sha256 != weights_sha:
-        plan = plan_batch(slides, out, weights_sha, retry_failed=retry_failed, status_name=status_name)
+        plan = plan_batch(inputs, out, weights_sha, retry_failed=retry_failed, status_name=status_name)
     if not plan.todo:
         return plan.result(t0)
     if resolved is None:
@@ -132,7 +151,8 @@ def analyze_slides(
             kwargs.setdefault("log_directory", str(out / ".wsi-cmaf-logs"))
     link = None
     with connect(client=client, scheduler=scheduler, cluster=cluster, workers=workers,
-                 gpus_per_worker=gpus_per_worker, slides_per_gpu=slides_per_gpu, cluster_kwargs=kwargs,
+                 threads_per_worker=slides_per_worker, gpus_per_worker=gpus_per_worker,
+                 slides_per_gpu=slides_per_gpu, cluster_kwargs=kwargs,
                  retries=retries, adapt=adapt, dashboard=dashboard, lifetime=lifetime,
                  lifetime_stagger=lifetime_stagger) as c:
         link = c.dashboard_link if dashboard else None

@@ -63,6 +63,12 @@ def _dask_client(client: Client | None, threads: int) -> Iterator[Client]:
     if client is not None:
         yield client
         return
+    from wsi_cmaf.cluster.worker_pool import thread_reader_pool
+
+    shared = thread_reader_pool(threads)  # a batch worker's pool, kept across its slides
+    if shared is not None:
+        yield shared
+        return
     # No dashboard: this pool is internal, and on a GPU node running several slides at once the
     # dashboard's lazy imports raced between threads ("module 'distributed.dashboard' has no
     # attribute 'scheduler'", seen on an H200 node). Creation is serialised for the same reason.
