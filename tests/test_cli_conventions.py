@@ -94,7 +94,7 @@ def test_quiet_analyze_prints_nothing(slide, tmp_path, monkeypatch, capsys):
     # pytest's captured stderr is not a terminal: no bar unless asked
     assert capsys.readouterr().out == "summary\n" and calls["config"].progress is False
     assert main(["analyze", str(slide.path), "--progress"]) == 0
-    assert calls["config"].progress is True and calls["config"].extra == {"progress": "always"}
+    assert calls["config"].progress == "always" and calls["config"].extra == {}
 
 
 def run(slide_path, out, **kw):
@@ -105,8 +105,8 @@ def test_progress_bar_only_when_asked_off_a_terminal(slide, tmp_path, capsys):
     run(slide.path, tmp_path / "a", config=InferenceConfig(block_tiles=4, progress=True, overlay=False,
                                                            geojson=False))
     assert "tile/s" not in capsys.readouterr().err  # stderr is not a terminal: no bar
-    run(slide.path, tmp_path / "b", config=InferenceConfig(block_tiles=4, progress=True, overlay=False, geojson=False,
-                                                           extra={"progress": "always"}))
+    run(slide.path, tmp_path / "b", config=InferenceConfig(block_tiles=4, progress="always", overlay=False,
+                                                           geojson=False))
     assert "tile" in capsys.readouterr().err
 
 

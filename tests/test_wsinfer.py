@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from wsi_cmaf.errors import ModelError
-from wsi_cmaf.infer.callargs import UNSET, merge_run_config
+from wsi_cmaf.errors import ConfigError, ModelError
+from wsi_cmaf.infer.callargs import merge_run_config
 from wsi_cmaf.infer.config import InferenceConfig
 from wsi_cmaf.infer.modelspec import quick_weights_sha256, resolve_model
 from wsi_cmaf.models.config import ModelConfig
@@ -209,11 +209,27 @@ def test_analyze_slide_runs_a_zoo_folder(slide, tmp_path) -> None:
 
 def test_explicit_arguments_override_config() -> None:
     base = InferenceConfig(batch_size=8, device="cpu", stain="macenko", progress=False)
-    merged = merge_run_config(base, device=UNSET, batch_size=4, stain=None, progress=UNSET)
+    merged = merge_run_config(base, {"batch_size": 4, "stain": "none"})
     assert (merged.batch_size, merged.stain, merged.device, merged.progress) == (4, "none", "cpu", False)
-    assert merge_run_config(base, device=UNSET, batch_size=UNSET, stain=UNSET, progress=UNSET) is base
-    plain = merge_run_config(None, device=UNSET, batch_size=UNSET, stain="auto", progress=UNSET)
+    assert merge_run_config(base, {}) is base
+    plain = merge_run_config(None, {"stain": None})
     assert (plain.batch_size, plain.stain) == (256, None)
+    # any field can be overridden, not only a chosen few
+    assert merge_run_config(base, {"block_tiles": 8, "precision": "off"}).block_tiles == 8
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['batchsize'\]; valid fields: .*'batch_size'"):
+        merge_run_config(base, {"batchsize": 4})
+
+
+def test_both_entry_points_check_overrides_before_any_work(tmp_path) -> None:
+    from wsi_cmaf import InferenceConfig as TopLevel
+    from wsi_cmaf import analyze_slide, analyze_slides
+
+    assert TopLevel is InferenceConfig
+    for call in (lambda: analyze_slide(tmp_path / "missing.svs", None, tmp_path / "o", batchsize=4),
+                 lambda: analyze_slides([tmp_path / "missing.svs"], tmp_path / "b", None, batchsize=4)):
+        with pytest.raises(ConfigError, match=r"keyword argument\(s\): unknown field\(s\) \['batchsize'\]"):
+            call()
+    assert not (tmp_path / "o").exists() and not (tmp_path / "b").exists()
 
 
 def test_torchscript_batches_are_padded_to_few_shapes() -> None:

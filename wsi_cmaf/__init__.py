@@ -17,6 +17,7 @@ _LAZY = {
     "create_model": "wsi_cmaf.models",
     "load_model": "wsi_cmaf.models",
     "analyze_slide": "wsi_cmaf.infer",
+    "InferenceConfig": "wsi_cmaf.infer.config",
     "SlideResult": "wsi_cmaf.infer",
     "analyze_slides": "wsi_cmaf.cluster",
     "open_heatmap": "wsi_cmaf.output.heatmap",

@@ -53,10 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="show the progress bar even when stderr is not a terminal (default: only on a terminal)")
 
 
-def show_progress(args: argparse.Namespace) -> bool:
-    """A bar only on a terminal, never with -q/--no-progress, always with --progress."""
+def show_progress(args: argparse.Namespace) -> bool | str:
+    """``InferenceConfig.progress``: "always" with --progress, else a bar only on a terminal and
+    never with -q/--no-progress."""
     if getattr(args, "progress", False):
-        return True
+        return "always"
     return not (args.quiet or args.no_progress) and sys.stderr.isatty()
 
 
@@ -70,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
         compile=args.compile, reader_threads=args.reader_threads, overlay=args.overlay, geojson=args.geojson,
         embeddings=args.embeddings, qc=args.qc, mpp_check=args.mpp_check == "on",
         exclude_blurred=args.exclude_blurred, decode=args.decode,
-        extra={"progress": "always"} if args.progress else {},
     )
     encoder = load_encoder_option(args)  # a missing checkpoint fails before the analysis
     result = analyze_slide(

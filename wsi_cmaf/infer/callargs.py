@@ -1,62 +1,40 @@
-"""Merge ``analyze_slide``'s keyword arguments with an :class:`InferenceConfig` given as ``config=``.
+"""Merge the keyword overrides of ``analyze_slide`` / ``analyze_slides`` into an :class:`InferenceConfig`.
 
-Rule: an argument the caller passed explicitly overrides the config's field; an argument left at
-its default takes the config's value. Nothing is ignored silently: every override is logged.
+Rule: every override names an :class:`InferenceConfig` field and wins over the ``config=`` it is
+merged into; a field not overridden keeps the config's value. A name that is not a field is an
+error (it would otherwise do nothing), and every override that changes the config is logged.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from typing import Any
 
+from wsi_cmaf.config_dict import check_keys, field_names
 from wsi_cmaf.errors import ConfigError
 from wsi_cmaf.infer.config import InferenceConfig
 
 logger = logging.getLogger(__name__)
 
 
-class _Unset:
-    """Marks a keyword argument the caller did not pass (its default is then used)."""
+def merge_run_config(config: InferenceConfig | None, overrides: Mapping[str, Any], *,
+                     base: InferenceConfig | None = None, caller: str = "analyze_slide") -> InferenceConfig:
+    """The run's config: ``config`` (or ``base``, or the defaults) with ``overrides`` applied.
 
-    def __repr__(self) -> str:
-        return "<unset>"
-
-
-UNSET: Any = _Unset()
-#: analyze_slide's defaults for the arguments that are also InferenceConfig fields.
-DEFAULTS = {"device": "auto", "batch_size": 256, "stain": "auto", "progress": True, "embeddings": False}
-
-
-def _stain_field(stain: str | None) -> str | None:
-    """analyze_slide's ``stain`` ("auto" | "macenko" | None) -> InferenceConfig.stain."""
-    if stain == "auto":
-        return None
-    if stain is None or stain == "none":
-        return "none"
-    if stain == "macenko":
-        return "macenko"
-    raise ConfigError(f"stain must be 'auto', 'macenko', 'none' or None, got {stain!r}")
-
-
-def merge_run_config(config: InferenceConfig | None, **given: Any) -> InferenceConfig:
-    """The run's config: ``config`` (or the defaults) with every explicitly given argument applied.
-
-    ``given`` holds ``device``, ``batch_size``, ``stain``, ``progress``, ``embeddings`` as passed to
-    ``analyze_slide`` (:data:`UNSET` when not passed).
+    Unknown override names raise :class:`~wsi_cmaf.errors.ConfigError` listing the valid ones;
+    bad values raise the config's own named error. ``caller`` names the function in messages.
     """
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"merge_run_config got unknown argument(s) {unknown}")
-    explicit = {k: v for k, v in given.items() if v is not UNSET}
     if config is not None and not isinstance(config, InferenceConfig):
-        raise ConfigError(f"config must be an InferenceConfig, got {type(config).__name__}")
-    base = config if config is not None else InferenceConfig()
-    if config is None:  # no config: the function's own defaults apply to what was not passed
-        explicit = {**DEFAULTS, **explicit}
-    fields = {k: (_stain_field(v) if k == "stain" else v) for k, v in explicit.items()}
-    changed = {k: v for k, v in fields.items() if getattr(base, k) != v}
-    if config is not None and changed:
-        logger.info("analyze_slide arguments override config=: %s",
+        raise ConfigError(f"{caller}: config must be an InferenceConfig, got {type(config).__name__}; "
+                          "build one with wsi_cmaf.InferenceConfig(...) or pass its fields as keywords")
+    check_keys(overrides, field_names(InferenceConfig), where=f"{caller}: keyword argument(s)")
+    start = config if config is not None else (base if base is not None else InferenceConfig())
+    changed = {k: v for k, v in overrides.items() if getattr(start, k) != v}
+    if not changed:
+        return start
+    if config is not None:
+        logger.info("%s keyword arguments override config=: %s", caller,
                     ", ".join(f"{k}={v!r} (config had {getattr(config, k)!r})" for k, v in changed.items()))
-    return dataclasses.replace(base, **changed) if changed else base
+    return dataclasses.replace(start, **changed)

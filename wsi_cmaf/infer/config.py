@@ -49,11 +49,13 @@ class InferenceConfig:
     tissue_threshold: float = 0.5
     #: probability above which a tile counts as positive in the summary, GeoJSON and overlay outline.
     decision_threshold: float = 0.5
-    #: None: take the model config's choice; "macenko" or "none" overrides it.
+    #: stain normalisation. None: as the model config says; "macenko" forces it; "none" turns it off.
     stain: str | None = None
     overlay: bool = True
     geojson: bool = True
-    progress: bool = True
+    #: per-slide tile progress bar: True = when stderr is a terminal, False = never,
+    #: "always" = also when stderr is not a terminal (a log file, a CI job).
+    progress: bool | str = True
     #: also store each tissue tile's embedding (``forward_head(..., pre_logits=True)``) in the store's
     #: ``embeddings`` array, computed in the same pass; needs a model with forward_features/forward_head.
     embeddings: bool = False
@@ -86,7 +88,10 @@ class InferenceConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.stain not in {None, "macenko", "none"}:
-            raise ConfigError(f"stain must be 'macenko', 'none' or None, got {self.stain!r}")
+            raise ConfigError(f"stain must be None (as the model config says), 'macenko' or 'none' (off), "
+                              f"got {self.stain!r}")
+        if self.progress not in (True, False, "always"):
+            raise ConfigError(f"progress must be True, False or 'always', got {self.progress!r}")
         from wsi_cmaf.slide.reader import BACKENDS
 
         if self.block_backend not in {"auto", "same", *BACKENDS}:

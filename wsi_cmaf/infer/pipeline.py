@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from wsi_cmaf.errors import NoDecodableTissueError, OutputWriteError, WsiCmafError
 from wsi_cmaf.infer.attrs import _attrs, _um_per_tile
-from wsi_cmaf.infer.callargs import UNSET, merge_run_config
+from wsi_cmaf.infer.callargs import merge_run_config
 from wsi_cmaf.infer.checks import check_device, check_inputs
 from wsi_cmaf.infer.config import InferenceConfig
 from wsi_cmaf.infer.device_decode import (DecodedFeed, DeviceTilesRunner, decode_identity, plan_decode,
@@ -93,33 +93,35 @@ def analyze_slide(
     model: Any = None,
     out: str | Path | None = None,
     *,
+    config: InferenceConfig | None = None,
     model_config: Any = None,
-    mpp: float | tuple[float, float] | None = None,
+    mpp: float | tuple[float, float] | str | None = None,
     backend: str = "auto",
-    device: str = UNSET,
-    batch_size: int = UNSET,
-    stain: str | None = UNSET,
     tissue: TissueConfig | None = None,
     resume: bool = True,
     overwrite: bool = False,
     client: Client | None = None,
-    progress: bool = UNSET,
-    embeddings: bool = UNSET,
-    config: InferenceConfig | None = None,
     wait_lock: bool = False,
+    **overrides: Any,
 ) -> SlideResult:
     """Analyse one slide and write its heatmap store, overlay PNG, GeoJSON and summary JSON.
 
     ``model``: registry name, weights directory/.safetensors, TorchScript file, or ``nn.Module``
-    (with ``model_config``); None takes the project's default model. ``stain``: "auto" follows the
-    model config, "macenko" forces Macenko normalisation, None disables it. ``device`` ("auto"),
-    ``batch_size`` (256), ``stain`` ("auto") and ``progress`` (True) override the same fields of
-    ``config`` when passed explicitly (logged); left out, the config's values apply. ``embeddings``
-    (False) also stores every tissue tile's feature vector (the classifier head's input) in the
-    store's ``embeddings`` array, from the same forward pass (read it with
-    :func:`wsi_cmaf.slidelevel.read_embeddings`). With ``resume`` a rerun
-    computes only the blocks not marked done (and retries blocks with undecodable tiles), reusing
-    the stored tissue mask, grid and stain fit; ``overwrite`` replaces an existing store.
+    (with ``model_config``); None takes the project's default model. ``out``: the output folder
+    (default :func:`default_output_dir`). ``mpp`` overrides the slide's level-0 µm/px (a number,
+    an (x, y) pair, or "estimate").
+
+    How the run goes is an :class:`InferenceConfig`: ``config``, with any of its fields given as
+    keyword ``overrides`` on top (``device="cpu"``, ``batch_size=64``, ``stain="none"``,
+    ``precision="off"``, ``embeddings=True`` ...; they win over ``config`` and are logged). A name
+    that is not a field raises :class:`~wsi_cmaf.errors.ConfigError` listing the valid ones.
+    ``stain=None`` (the default) follows the model config, "macenko" forces Macenko
+    normalisation, "none" turns it off. ``embeddings=True`` also stores every tissue tile's
+    feature vector (the classifier head's input) in the store's ``embeddings`` array, from the
+    same forward pass (read it with :func:`wsi_cmaf.slidelevel.read_embeddings`). With
+    ``resume`` a rerun computes only the blocks not marked done (and retries blocks with
+    undecodable tiles), reusing the stored tissue mask, grid and stain fit; ``overwrite``
+    replaces an existing store.
 
     Undecodable slide tiles are isolated: the tissue stage paints them as background, block reads
     drop only the grid tiles they touch (NaN in the heatmap, flagged in the store's ``failed_tiles``)
@@ -133,8 +135,7 @@ def analyze_slide(
     free space is refused before inference; a write error (full disk, read-only, no permission)
     is an :class:`~wsi_cmaf.errors.OutputWriteError` that leaves the store resumable.
     """
-    cfg = merge_run_config(config, device=device, batch_size=batch_size, stain=stain, progress=progress,
-                           embeddings=embeddings)
+    cfg = merge_run_config(config, overrides)
     timer = _Timer()
     warn: list[str] = []
     slide_path = Path(path)
@@ -327,8 +328,8 @@ def _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer,
                 segments=(segments(resolved.tasks, mc.num_classes)
                           if embed_module is not None or resolved.tasks else None),
             )
-            # disable=None: a bar only when stderr is a terminal; extra["progress"] == "always" forces it
-            forced = cfg.extra.get("progress") == "always"
+            # disable=None: a bar only when stderr is a terminal; progress="always" forces it
+            forced = cfg.progress == "always"
             bar = tqdm(total=n_tiles, unit="tile", disable=False if forced else (None if cfg.progress else True),
                        desc=pixels.path.name)
             n_failed = stream_blocks(source, runner, store, grid, mc.num_classes,
