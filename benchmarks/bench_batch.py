@@ -48,8 +48,8 @@ def _noop(x: int) -> int:
 def _decode_tiles(path: Path, mpp_tile: float, tile: int) -> tuple[list, int]:
     """(read callables of every tissue block, tissue tiles) of a slide, as the loop reads them."""
     from wsi_cmaf.slide.grid import GridConfig, TileGrid
-    from wsi_cmaf.slide.reads import block_read_backend, read_block
     from wsi_cmaf.slide.reader import open_slide
+    from wsi_cmaf.slide.reads import block_read_backend, read_block
     from wsi_cmaf.slide.tissue import TissueConfig, detect_tissue
 
     with open_slide(path) as r:
@@ -161,7 +161,8 @@ def main() -> None:
     for workers in (1, 2):
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                           dashboard_address=None) as cl, Client(cl) as c:
-            c.run(lambda: __import__("torch").set_num_threads(max(1, (os.cpu_count() or 2) // workers)))
+            threads = max(1, (os.cpu_count() or 2) // workers)
+            c.run(lambda n=threads: __import__("torch").set_num_threads(n))
             with tempfile.TemporaryDirectory() as out:
                 t0 = time.perf_counter()
                 res = analyze_slides(slides, out, model=model, client=c, config=cfg, progress=False)

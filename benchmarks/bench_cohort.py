@@ -191,6 +191,7 @@ def model_bound(model: Path | None, tiles: int, n_slides: int) -> dict | None:
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_pipeline import model_only_tiles_per_s
+
     from wsi_cmaf.infer.modelspec import resolve_model
 
     torch.set_num_threads(os.cpu_count() or 1)

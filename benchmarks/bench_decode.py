@@ -9,8 +9,9 @@ Three measurements, one JSON line each:
 * ``decode_bound``: the project's own block reads (``read_block_task``, as ``analyze_slide`` runs
   them: per-thread readers, the block backend ``analyze_slide`` picks) over every tissue block of
   a 50 px @ 4 µm/px grid, at each ``--threads`` count, with as many blocks in flight as threads.
-  Best of ``--repeats`` passes after a first, cold one (reported too: it opens the readers). Nothing else happens to the tiles, so this is the most tiles/s the
-  streaming loop can reach on this machine with that many reader threads.
+  Best of ``--repeats`` passes after a first, cold one (reported too: it opens the readers).
+  Nothing else happens to the tiles, so this is the most tiles/s the streaming loop can reach on
+  this machine with that many reader threads.
 * ``jpeg_decode`` (``--nvjpeg``): the raw JPEG tiles of the pyramid level the grid reads (bytes
   straight from tifffile, JPEG tables merged in), decoded (a) on the CPU by tifffile's own codec
   (imagecodecs/libjpeg-turbo) on ``max(--threads)`` threads and (b) on the GPU by

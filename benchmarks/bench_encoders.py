@@ -137,7 +137,8 @@ def bench(name: str, args: argparse.Namespace, slide: Path, work: Path) -> list[
         after = model_only(runner, sizes, spec.input_size)
         mo = (before + after) / 2
         row = {"encoder": name, "repeat": rep, "device": str(dev), "cpu": platform.processor() or platform.machine(),
-               "torch_threads": torch.get_num_threads(), "precision": str(dtype).replace("torch.", "") if dtype else "fp32",
+               "torch_threads": torch.get_num_threads(),
+               "precision": str(dtype).replace("torch.", "") if dtype else "fp32",
                "compile": args.compile, "batch_size": args.batch_size, "input": spec.input_size, "dim": loaded.dim,
                "tissue_tiles": res.tiles_tissue, "batches": len(sizes), "e2e_s": round(e2e_s, 2),
                "e2e_tiles_s": round(res.tiles_tissue / e2e_s, 2), "model_only_tiles_s": round(mo, 2),
@@ -152,7 +153,8 @@ def bench(name: str, args: argparse.Namespace, slide: Path, work: Path) -> list[
     print(json.dumps({"encoder": name, "summary": True, "ratio_median": statistics.median(ratios),
                       "ratio_range": [min(ratios), max(ratios)],
                       "e2e_tiles_s_median": statistics.median(r["e2e_tiles_s"] for r in rows),
-                      "model_only_tiles_s_median": statistics.median(r["model_only_tiles_s"] for r in rows)}), flush=True)
+                      "model_only_tiles_s_median": statistics.median(r["model_only_tiles_s"] for r in rows)}),
+              flush=True)
     return rows
 
 

@@ -28,7 +28,6 @@ from wsi_cmaf.models.contextual import ContextualBlock
 from wsi_cmaf.models.optimize import prepare_for_inference
 from wsi_cmaf.models.profile import count_flops
 
-
 BRANCHES = ("mobilevit", "vssm")
 
 

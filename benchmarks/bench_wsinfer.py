@@ -69,7 +69,8 @@ def run_wsi_cmaf(slide: Path, folder: Path, out: Path, batch_size: int, threads:
     return time.perf_counter() - t0, result
 
 
-def run_reference(slide: Path, folder: Path, coords: np.ndarray, size0: int, batch_size: int) -> tuple[float, np.ndarray]:
+def run_reference(slide: Path, folder: Path, coords: np.ndarray, size0: int,
+                  batch_size: int) -> tuple[float, np.ndarray]:
     """WSInfer 0.6's per-patch loop (see the module docstring); returns (seconds, probabilities)."""
     import tiffslide
     from torchvision import transforms

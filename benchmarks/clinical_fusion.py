@@ -64,7 +64,8 @@ def paired_bootstrap(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, n_boot: in
             continue
         diffs.append(_auroc(y[i], p_a[i]) - _auroc(y[i], p_b[i]))
     d = np.asarray(diffs)
-    return {"diff": _auroc(y, p_a) - _auroc(y, p_b), "ci95": [float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))],
+    return {"diff": _auroc(y, p_a) - _auroc(y, p_b),
+            "ci95": [float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))],
             "p_le_0": float((d <= 0).mean())}
 
 

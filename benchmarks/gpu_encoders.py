@@ -69,7 +69,8 @@ def main() -> int:
     print(f"{'encoder':<13} {'compile':<7} {'e2e t/s':>9} {'model t/s':>10} {'ratio':>6} {'GPU util %':>10}  status")
     for r in rows:
         util = (r.get("gpu_util") or {}).get("mean", "")
-        print(f"{r['encoder']:<13} {r['compile']:<7} {r.get('e2e_tiles_s', ''):>9} {r.get('model_only_tiles_s', ''):>10} "
+        print(f"{r['encoder']:<13} {r['compile']:<7} {r.get('e2e_tiles_s', ''):>9} "
+              f"{r.get('model_only_tiles_s', ''):>10} "
               f"{r.get('ratio', ''):>6} {util:>10}  {r['status']}")
     shutil_rm(out / "encoders_work")
     return 0

@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -33,9 +32,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
+from bench_pipeline import MODELS, model_only_tiles_per_s  # noqa: E402
 
 import wsi_cmaf.infer.pipeline as pipeline_mod  # noqa: E402
-from bench_pipeline import MODELS, model_only_tiles_per_s  # noqa: E402
 from wsi_cmaf.device import resolve_device  # noqa: E402
 from wsi_cmaf.infer import InferenceConfig, analyze_slide  # noqa: E402
 from wsi_cmaf.infer.modelspec import resolve_model  # noqa: E402

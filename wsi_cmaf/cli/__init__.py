@@ -17,8 +17,14 @@ from types import ModuleType
 
 from wsi_cmaf import __version__
 from wsi_cmaf.config_dict import PRECISIONS
-from wsi_cmaf.errors import (BackendUnavailableError, ConfigError, NotASlideFileError, SlideNotFoundError,
-                             UsageError, WsiCmafError)
+from wsi_cmaf.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    NotASlideFileError,
+    SlideNotFoundError,
+    UsageError,
+    WsiCmafError,
+)
 from wsi_cmaf.output.provenance import set_command_line
 
 logger = logging.getLogger("wsi_cmaf")
@@ -27,8 +33,8 @@ logger = logging.getLogger("wsi_cmaf")
 def add_inference_options(p: argparse.ArgumentParser, *, reader_threads_default: int | None) -> None:
     """Options shared by ``analyze`` and ``batch``: precision, compile, reader threads, exports."""
     p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
-                   help="autocast precision: auto = bf16/fp16 on CUDA, bf16 on CPUs with native bf16 (AMX, AVX512-BF16) "
-                        "else fp32; off = fp32 everywhere")
+                   help="autocast precision: auto = bf16/fp16 on CUDA, bf16 on CPUs with native bf16 "
+                        "(AMX, AVX512-BF16) else fp32; off = fp32 everywhere")
     p.add_argument("--compile", default="auto",
                    choices=["auto", "off", "on", "default", "max-autotune", "reduce-overhead"],
                    help="torch.compile the model (auto: on CUDA only; the first batches compile)")

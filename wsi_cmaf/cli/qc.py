@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     tmp = json_path.with_name(json_path.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     tmp.replace(json_path)  # never half a report
-    png = write_picture(thumb, (width, height), grid, tissue, qc, f"{slide.name}: slide QC", out / f"{slide.stem}_qc.png")
+    png = write_picture(thumb, (width, height), grid, tissue, qc, f"{slide.name}: slide QC",
+                        out / f"{slide.stem}_qc.png")
     if not args.quiet:
         est = report["mpp_estimate"]
         print(f"slide: {slide} (µm/px {report['mpp_used'][0]:.4g}, {report['mpp_source']})")

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wsi_cmaf import errors
 from wsi_cmaf.cluster.inputs import SlideJob, collect_slides
 from wsi_cmaf.cluster.status import QC_COLUMNS, StatusTable
-from wsi_cmaf import errors
 from wsi_cmaf.errors import SlideNotFoundError, WsiCmafError
 from wsi_cmaf.slide.reader import file_fingerprint
 

@@ -145,7 +145,8 @@ def read_state_dict(path: Path, spec: EncoderSpec) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001  (corrupt files raise many kinds of errors)
-        raise EncoderError(f"encoder {spec.name}: {path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise EncoderError(f"encoder {spec.name}: {path} is not a readable checkpoint "
+                           f"({type(exc).__name__}: {exc})") from exc
     # training checkpoints wrap the weights; only an unambiguous single wrapper is unwrapped
     if isinstance(state, dict) and len(state) == 1 and next(iter(state)) in ("state_dict", "model", "teacher"):
         state = next(iter(state.values()))
@@ -183,7 +184,8 @@ def check_and_load(module: EncoderModule, state: dict[str, torch.Tensor], spec: 
             + ("; " if missing and unexpected else "")
             + (f"{len(unexpected)} unexpected key(s) (first: {unexpected[:5]})" if unexpected else "")
             + "; check that these are this encoder's weights", missing=missing, unexpected=unexpected)
-    wrong = {k: (tuple(state[k].shape), tuple(v.shape)) for k, v in own.items() if tuple(state[k].shape) != tuple(v.shape)}
+    wrong = {k: (tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
+             if tuple(state[k].shape) != tuple(v.shape)}
     if wrong:
         first = next(iter(wrong.items()))
         raise CheckpointShapeError(f"encoder {spec.name}: checkpoint {path} has {len(wrong)} tensor(s) of another "
@@ -231,7 +233,8 @@ def _probe_dim(module: EncoderModule, spec: EncoderSpec) -> int:
             x = torch.zeros(1, 3, spec.input_size, spec.input_size)
             return int(module.embed(x).shape[-1])
     except Exception as exc:  # noqa: BLE001  (a user's architecture: report it as an encoder problem)
-        raise EncoderError(f"encoder {spec.name}: a 1x3x{spec.input_size}x{spec.input_size} forward failed: {exc}") from exc
+        raise EncoderError(f"encoder {spec.name}: a 1x3x{spec.input_size}x{spec.input_size} forward "
+                           f"failed: {exc}") from exc
 
 
 def rebuild_encoder(spec: EncoderSpec, path: str, sha256: str) -> EncoderModule:

@@ -58,7 +58,7 @@ class EncoderSpec:
     sources: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EncoderSpec":
+    def from_dict(cls, d: dict[str, Any]) -> EncoderSpec:
         """An entry of ``registry.json`` as a spec; a :class:`ConfigError` names a bad or unknown field."""
         where = f"encoder registry entry {d.get('name')!r}"
         check_keys(d, _ENTRY_KEYS, where=where)
@@ -76,7 +76,8 @@ class EncoderSpec:
         if spec.pooling not in POOLINGS:
             raise ConfigError(f"encoder {spec.name}: pooling {spec.pooling!r} is not one of {POOLINGS}")
         if spec.checkpoint_format not in FORMATS:
-            raise ConfigError(f"encoder {spec.name}: checkpoint format {spec.checkpoint_format!r} is not one of {FORMATS}")
+            raise ConfigError(f"encoder {spec.name}: checkpoint format {spec.checkpoint_format!r} "
+                              f"is not one of {FORMATS}")
         return spec
 
     def to_dict(self) -> dict[str, Any]:

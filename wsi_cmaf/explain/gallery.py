@@ -1,8 +1,9 @@
 """The gallery PNG of a slide explanation: one row per tile, one column per map.
 
 Columns: the tile, (multi-view models) each context view with its attention weight, one saliency
-overlay per method, then (CMAF-Net only) the cross-attention and the gate. Every row is labelled with why the tile was chosen, its probability and its grid
-row/column. The picture has a fixed pixel size (:func:`gallery_size`) so it can be checked.
+overlay per method, then (CMAF-Net only) the cross-attention and the gate. Every row is labelled
+with why the tile was chosen, its probability and its grid row/column. The picture has a fixed
+pixel size (:func:`gallery_size`) so it can be checked.
 """
 
 from __future__ import annotations

@@ -75,8 +75,9 @@ def report_dict(expl: SlideExplanation, outputs: dict[str, Any], provenance: dic
     }
 
 
-def explain_store(store: str | Path, slide: str | Path | None = None, model: Any = None, *, out: str | Path | None = None,
-                  model_config: Any = None, top_k: int = 32, threshold: float | None = None,
+def explain_store(store: str | Path, slide: str | Path | None = None, model: Any = None, *,
+                  out: str | Path | None = None, model_config: Any = None, top_k: int = 32,
+                  threshold: float | None = None,
                   settings: ExplainSettings | None = None, write_store: bool = True,
                   call: str | None = None) -> tuple[SlideExplanation, dict[str, Path]]:
     """Explain a finished store (:func:`explain_slide`) and write its files.

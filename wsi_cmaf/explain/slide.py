@@ -136,7 +136,8 @@ def _check_model(store, resolved) -> None:
     if problems:
         raise StoreMismatchError(
             f"{store.path} was made with another model ({ident.get('model')}, weights "
-            f"{str(ident.get('weights_sha256'))[:12]}...); pass the same model with --model: " + "; ".join(problems[:4]))
+            f"{str(ident.get('weights_sha256'))[:12]}...); pass the same model with --model: "
+            + "; ".join(problems[:4]))
 
 
 def _cmaf_maps(module, x: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, str | None]:

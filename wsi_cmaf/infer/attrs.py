@@ -14,8 +14,8 @@ from typing import Any
 from wsi_cmaf import __version__
 from wsi_cmaf.infer.config import InferenceConfig
 from wsi_cmaf.infer.modelspec import ResolvedModel, config_identity
-from wsi_cmaf.slide.views import views_attrs
 from wsi_cmaf.slide.grid import PAD_VALUE, TileGrid
+from wsi_cmaf.slide.views import views_attrs
 
 
 def _stride_level0(grid: TileGrid, slide_mpp: tuple[float, float]) -> tuple[float, float]:

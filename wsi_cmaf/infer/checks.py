@@ -28,7 +28,7 @@ def check_inputs(slide_path: Path, out_dir: Path) -> None:
             break
 
 
-def check_device(device: str) -> "torch.device":
+def check_device(device: str) -> torch.device:
     """The torch device for ``device``; :class:`DeviceUnavailableError` when this machine lacks it."""
     try:
         return resolve_device(device)

@@ -1,6 +1,7 @@
 """Block windows of device-side decoding, and the tiles cut from them on the device.
 
-The CPU block path (:func:`~wsi_cmaf.slide.reads.read_block`, :mod:`wsi_cmaf.slide.reads`) reads each strip of a block's tissue tiles as one level window,
+The CPU block path (:func:`~wsi_cmaf.slide.reads.read_block`, :mod:`wsi_cmaf.slide.reads`) reads
+each strip of a block's tissue tiles as one level window,
 resizes it to the target grid with Pillow (antialiased bilinear with a sub-pixel box) when the
 level's µm/px is not the target's, cuts the tiles and pads what lies beyond the slide. Here the
 same strips and windows are planned (:func:`block_windows`), but only the storage tiles whose

@@ -46,7 +46,7 @@ class WithEmbeddings(nn.Module):
         return torch.cat([logits, embedding.to(logits.dtype)], dim=1)
 
 
-_WRAPPED: "weakref.WeakKeyDictionary[nn.Module, tuple[WithEmbeddings, int]]" = weakref.WeakKeyDictionary()
+_WRAPPED: weakref.WeakKeyDictionary[nn.Module, tuple[WithEmbeddings, int]] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 

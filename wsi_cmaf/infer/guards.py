@@ -12,8 +12,8 @@ from typing import Any
 from wsi_cmaf.errors import NonFiniteOutputError, WsiCmafError
 from wsi_cmaf.infer.stream import RESUMABLE
 from wsi_cmaf.output.store import HeatmapStore
-from wsi_cmaf.output.store_layout import read_store_meta
 from wsi_cmaf.output.store_io import check_free_space, estimate_store_bytes, free_bytes, is_write_error, write_error
+from wsi_cmaf.output.store_layout import read_store_meta
 from wsi_cmaf.output.store_lock import StoreLock, acquire_store_lock
 
 logger = logging.getLogger("wsi_cmaf.infer.pipeline")

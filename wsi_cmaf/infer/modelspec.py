@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from wsi_cmaf.errors import ImplausibleModelConfigError, ModelConfigError, ModelError
-from wsi_cmaf.models import ModelConfig, create_model, load_model
 from wsi_cmaf.model_files import (
     CONFIG_NAME,
     DEFAULT_MODEL_DIR,
@@ -32,6 +31,7 @@ from wsi_cmaf.model_files import (
     weights_file_sha256,
 )
 from wsi_cmaf.model_files import sha256_file as _sha256_file
+from wsi_cmaf.models import ModelConfig, create_model, load_model
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ def flatten_tasks(out: torch.Tensor | dict[str, torch.Tensor], tasks: Sequence[s
     return torch.cat([out[t] for t in tasks], dim=1)
 
 
-_WRAPPED: "weakref.WeakKeyDictionary[nn.Module, TaskOutputs]" = weakref.WeakKeyDictionary()
+_WRAPPED: weakref.WeakKeyDictionary[nn.Module, TaskOutputs] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 

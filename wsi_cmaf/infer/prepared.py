@@ -9,7 +9,6 @@ import weakref
 import torch
 from torch import nn
 
-
 _DEVICE_LOCKS: dict[str, threading.Lock] = {}
 _PREPARED: dict[tuple, tuple[weakref.ref, nn.Module, bool]] = {}
 _PREPARING: dict[tuple, threading.Lock] = {}

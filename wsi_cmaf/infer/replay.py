@@ -92,7 +92,8 @@ def reopen_pixels(store: Any, resolved: Any, slide: str | Path, stack: ExitStack
     (fingerprint) or the store's tile grid cannot be rebuilt.
     """
     src = store.attrs.get("slide") or {}
-    mpp = tuple(src["mpp"]) if src.get("mpp_source") in ("override", "estimated from nuclei") and src.get("mpp") else None
+    overridden = src.get("mpp_source") in ("override", "estimated from nuclei")
+    mpp = tuple(src["mpp"]) if overridden and src.get("mpp") else None
     reader = stack.enter_context(open_slide(Path(slide), mpp=mpp))
     if reader.fingerprint() != store.identity.get("slide_fingerprint"):
         raise StoreMismatchError(f"{slide} is not the slide {store.path.name} was made from "

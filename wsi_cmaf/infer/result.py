@@ -55,7 +55,7 @@ class SlideResult:
         """Path of the Zarr store."""
         return self.outputs["store"]
 
-    def tiles(self, *, tissue_only: bool = True) -> "pandas.DataFrame":
+    def tiles(self, *, tissue_only: bool = True) -> pandas.DataFrame:
         """The tile table of this result's store as a pandas DataFrame (one row per tile).
 
         Columns: ``row, col`` (grid index), ``x, y, w, h`` (level-0 pixels of the tile's
@@ -108,7 +108,7 @@ class SlideResult:
         if self.qc:
             q = self.qc
             est = q.get("mpp_estimate")
-            lines.append(f"slide QC        µm/px from nuclei "
+            lines.append("slide QC        µm/px from nuclei "
                          + ("not checked" if est is None else f"{est:.3g} ({q['mpp_estimate_interval'][0]:.3g}-"
                             f"{q['mpp_estimate_interval'][1]:.3g})")
                          + f"; ink {100 * q.get('ink_fraction', 0.0):.1f} % ({q.get('ink_tiles', 0)} tiles left out); "

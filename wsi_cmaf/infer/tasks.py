@@ -21,8 +21,8 @@ import numpy as np
 from wsi_cmaf.errors import UnreadableSlideError
 from wsi_cmaf.slide.faults import DEFAULT_TILE, read_window_tolerant
 from wsi_cmaf.slide.grid import Block, BlockTiles, TileGrid, level0_for_level_px
-from wsi_cmaf.slide.reads import read_block
 from wsi_cmaf.slide.reader import SlideReader, open_slide
+from wsi_cmaf.slide.reads import read_block
 
 logger = logging.getLogger(__name__)
 

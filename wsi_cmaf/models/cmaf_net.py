@@ -97,7 +97,8 @@ class CMAFNet(nn.Module):
         maps.extend(f for f in (f_s, f_t) if f is not None)
         return maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
 
-    def _head_input(self, fmap: torch.Tensor, aux: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _head_input(self, fmap: torch.Tensor,
+                    aux: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feature map -> (MLP input (B, fused + z's), DFA logit offsets or None)."""
         if fmap.ndim != 4 or fmap.shape[1] != sum(self.map_channels):
             raise ModelError(f"CMAF-Net's head takes the (B, {sum(self.map_channels)}, h, w) map of "

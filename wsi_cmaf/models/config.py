@@ -25,7 +25,6 @@ from wsi_cmaf.config_dict import from_dict
 from wsi_cmaf.errors import ModelConfigError
 from wsi_cmaf.models.bounds import check_plausible
 
-
 SPEC_VERSION = "1.0"
 #: "pil_bilinear": antialiased bilinear rounded to uint8, as PIL's resize (WSInfer's Resize on a PIL image).
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area", "pil_bilinear")

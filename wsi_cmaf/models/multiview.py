@@ -11,8 +11,8 @@ tile at 4 µm/px and its context at 16 µm/px (:mod:`wsi_cmaf.slide.views`) — 
 * **View dropout** (training mode only): each view other than view 0 is dropped with
   probability ``view_dropout``. View 0 is the tile itself at the model's magnification: it is
   always present at inference (:mod:`wsi_cmaf.slide.views` never marks the tile's own view
-  missing), so training without it would teach a case that never occurs; ``drop_anchor=True`` allows it anyway. At least one present
-  view always survives.
+  missing), so training without it would teach a case that never occurs; ``drop_anchor=True``
+  allows it anyway. At least one present view always survives.
 * **All views missing**: ``all_missing="error"`` raises :class:`ModelError`; ``"zeros"`` fuses
   to a zero embedding, so the head outputs its bias (a named, documented fallback).
 * **Tasks**: ``tasks={"malignancy": 2, "subtype": 8}`` adds heads (:mod:`.heads`); with more than

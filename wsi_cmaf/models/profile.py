@@ -14,7 +14,6 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
-
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Parameters per top-level child plus ``"total"`` (buffers excluded)."""
     out = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}

@@ -163,7 +163,8 @@ def read_store(store: Any) -> dict[str, Any] | None:
 
 
 def status_fields(result: Any) -> dict[str, Any]:
-    """The QC columns of a batch's status.csv (``wsi_cmaf.cluster.status.QC_COLUMNS``) for one analysis result (blank where the QC did not run).
+    """The QC columns of a batch's status.csv (``wsi_cmaf.cluster.status.QC_COLUMNS``) for one
+    analysis result (blank where the QC did not run).
 
     ``mpp_ratio`` is the µm/px used over the estimate: near 1 when they agree, about 2 or 0.5 for
     a slide labelled with the other objective's value.

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from wsi_cmaf.slide._mpp import positive_float
-from wsi_cmaf.slide._pixels import composite_straight_rgba, level_origin, paste_clipped
+from wsi_cmaf.slide._pixels import composite_straight_rgba, level_origin
 from wsi_cmaf.slide.faults import DEFAULT_TILE, decode_segments_tolerant, read_window_tolerant
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class Backend(ABC):
                 return int(w), int(h)
         return DEFAULT_TILE, DEFAULT_TILE
 
-    def recover(self) -> None:
+    def recover(self) -> None:  # noqa: B027  (an optional hook: the no-op is the right default)
         """Make the handle usable again after a failed read (most libraries need nothing)."""
 
     @abstractmethod

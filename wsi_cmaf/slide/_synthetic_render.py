@@ -109,7 +109,8 @@ def make_fields(width: int, height: int, seed: int, tumour: bool, blank: bool) -
         for _ in range(int(rng.integers(1, 4))):
             iy, ix = inside[rng.integers(len(inside))]
             a = rng.uniform(0.07, 0.13) * short
-            tum = np.maximum(tum, _blob(yy, xx, yy[iy, ix], xx[iy, ix], a, a * rng.uniform(0.6, 1), rng.uniform(0, np.pi)))
+            tum = np.maximum(tum, _blob(yy, xx, yy[iy, ix], xx[iy, ix], a, a * rng.uniform(0.6, 1),
+                                        rng.uniform(0, np.pi)))
         tum += 0.3 * _smooth_noise(rng, (gh, gw), 0.02 * node_scale)
     edge_gain = 2.0 / float(min(radii))  # d(1 - r^2)/dr at r = 1, per level-0 px
     return Fields(tissue.astype(np.float32), tum.astype(np.float32), orient.astype(np.float32), edge_gain)

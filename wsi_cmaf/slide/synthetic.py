@@ -97,7 +97,8 @@ def _description(width: int, height: int, level_w: int, level_h: int, tile: int,
     elif kind == "thumbnail":
         geometry = f"{width}x{height} -> {level_w}x{level_h} - "
     else:
-        geometry = f"{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) -> {level_w}x{level_h} JPEG/RGB Q={quality}"
+        geometry = (f"{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) -> {level_w}x{level_h} "
+                    f"JPEG/RGB Q={quality}")
     fields = [
         geometry,
         f"AppMag = {10.0 / mpp:g}",

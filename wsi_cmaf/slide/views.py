@@ -67,8 +67,8 @@ class ViewSpec:
 
 def as_view_specs(views: Sequence[ViewSpec | dict]) -> list[ViewSpec]:
     """Views given as :class:`ViewSpec` or ``{"mpp", "size"}`` dicts, as ViewSpecs (float mpp, int size)."""
-    return [ViewSpec(float(v.mpp), int(v.size)) if isinstance(v, ViewSpec) else ViewSpec(float(v["mpp"]), int(v["size"]))
-            for v in views]
+    return [ViewSpec(float(v.mpp), int(v.size)) if isinstance(v, ViewSpec)
+            else ViewSpec(float(v["mpp"]), int(v["size"])) for v in views]
 
 
 def views_attrs(views: Sequence[ViewSpec]) -> list[dict[str, float | int]]:

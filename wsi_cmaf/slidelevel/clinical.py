@@ -53,7 +53,7 @@ class ClinicalSchema:
     variables: tuple[Variable, ...]
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ClinicalSchema":
+    def from_dict(cls, d: dict[str, Any]) -> ClinicalSchema:
         """Validate and build (errors name the variable and what to fix)."""
         raw = d.get("variables") if isinstance(d, dict) else None
         if not isinstance(raw, list) or not raw:
@@ -76,7 +76,7 @@ class ClinicalSchema:
         return cls(tuple(out))
 
     @classmethod
-    def load(cls, path: str | Path) -> "ClinicalSchema":
+    def load(cls, path: str | Path) -> ClinicalSchema:
         """Read a JSON (``.json``) or YAML (other suffixes) schema file."""
         path = Path(path)
         try:
@@ -147,7 +147,7 @@ class ClinicalEncoder:
         """Total number of encoded columns."""
         return sum(v.width for v in self.schema.variables)
 
-    def fit(self, table: pd.DataFrame) -> "ClinicalEncoder":
+    def fit(self, table: pd.DataFrame) -> ClinicalEncoder:
         """Mean and std (population) of each continuous variable over ``table``'s observed values."""
         for v in self.schema.variables:
             if v.type != "continuous":
@@ -183,7 +183,8 @@ class ClinicalEncoder:
         """
         missing_stats = [v.name for v in self.schema.variables if v.type == "continuous" and v.name not in self.means]
         if missing_stats:
-            raise DataError(f"the clinical encoder was not fitted for {missing_stats}; call fit() on the training table")
+            raise DataError(f"the clinical encoder was not fitted for {missing_stats}; "
+                            "call fit() on the training table")
         n = len(table)
         x = np.zeros((n, self.width), np.float32)
         observed = np.zeros(n, bool)
@@ -218,6 +219,6 @@ class ClinicalEncoder:
         return {"schema": self.schema.to_dict(), "means": dict(self.means), "stds": dict(self.stds)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ClinicalEncoder":
+    def from_dict(cls, d: dict[str, Any]) -> ClinicalEncoder:
         """Inverse of :meth:`to_dict`."""
         return cls(ClinicalSchema.from_dict(d["schema"]), dict(d.get("means", {})), dict(d.get("stds", {})))

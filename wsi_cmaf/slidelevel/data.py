@@ -48,7 +48,7 @@ class PatientData:
     present: np.ndarray | None = None
     refs: list[list[TileRef]] = field(default_factory=list)
 
-    def subset(self, idx: np.ndarray) -> "PatientData":
+    def subset(self, idx: np.ndarray) -> PatientData:
         """The patients at ``idx``."""
         idx = np.asarray(idx)
         return PatientData([self.patients[i] for i in idx], [self.bags[i] for i in idx], self.labels[idx],

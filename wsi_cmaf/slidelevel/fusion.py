@@ -117,7 +117,7 @@ class SlideModel(nn.Module):
                 "dropout": float(self.head[2].p), "modality_dropout": self.modality_dropout}
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "SlideModel":
+    def from_config(cls, cfg: dict) -> SlideModel:
         """Inverse of :meth:`config`."""
         cfg = dict(cfg)
         return cls(cfg.pop("kind"), cfg.pop("in_dim"), [tuple(g) for g in cfg.pop("clin_groups")], **cfg)

@@ -19,10 +19,21 @@ import pandas as pd
 from wsi_cmaf.errors import DataError
 from wsi_cmaf.slidelevel.bags import write_attention_map
 from wsi_cmaf.slidelevel.clinical import ClinicalEncoder, ClinicalSchema
-from wsi_cmaf.slidelevel.data import (PatientData, attach_clinical, embedding_sources, load_patients, read_clinical,
-                                      read_manifest)
-from wsi_cmaf.slidelevel.train import (SlideTrainConfig, fit_slide_model, load_slide_model, predict_patients,
-                                       save_slide_model)
+from wsi_cmaf.slidelevel.data import (
+    PatientData,
+    attach_clinical,
+    embedding_sources,
+    load_patients,
+    read_clinical,
+    read_manifest,
+)
+from wsi_cmaf.slidelevel.train import (
+    SlideTrainConfig,
+    fit_slide_model,
+    load_slide_model,
+    predict_patients,
+    save_slide_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +56,8 @@ def modality_names(kind: str, used: np.ndarray) -> list[str]:
 
 def prediction_table(kind: str, data: PatientData, out: dict[str, Any], threshold: float = 0.5) -> pd.DataFrame:
     """The per-patient prediction table."""
-    return pd.DataFrame({"patient": data.patients, "prob": out["prob"], "prediction": (out["prob"] >= threshold).astype(int),
+    return pd.DataFrame({"patient": data.patients, "prob": out["prob"],
+                         "prediction": (out["prob"] >= threshold).astype(int),
                          "modality": modality_names(kind, out["modality"] > 0),
                          "n_tiles": [len(b) for b in data.bags], "label": data.labels, "split": data.split})
 

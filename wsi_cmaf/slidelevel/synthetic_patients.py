@@ -76,7 +76,8 @@ def _embed_slide(slide_path: Path, out: Path, encoder: nn.Module, batch_size: in
     return analyze_slide(slide_path, model=encoder, model_config=encoder_config(), out=out, config=cfg)
 
 
-def _tumour_per_tile(store_path: Path, tumour_mask: np.ndarray, mask_mpp: float) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+def _tumour_per_tile(store_path: Path, tumour_mask: np.ndarray,
+                     mask_mpp: float) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """Tiles, embeddings and, per tile, whether its centre lies on the ground-truth tumour mask."""
     from wsi_cmaf.slidelevel.bags import read_embeddings
 
@@ -118,7 +119,8 @@ class TileBank:
     tumour: np.ndarray
 
 
-def tile_bank(root: str | Path, *, n_slides: int = 3, size: tuple[int, int] = (9600, 7200), seed: int = 100) -> TileBank:
+def tile_bank(root: str | Path, *, n_slides: int = 3, size: tuple[int, int] = (9600, 7200),
+              seed: int = 100) -> TileBank:
     """Embed ``n_slides`` synthetic slides with tumour (engine + :class:`TinyTileEncoder`) once and
     split their tissue tiles into tumour / normal by the ground-truth mask (cached on disk)."""
     from wsi_cmaf.slide.synthetic import write_synthetic_slide

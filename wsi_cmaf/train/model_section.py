@@ -124,7 +124,7 @@ class ModelSection:
             if len(names) != tasks[name] or len(set(map(str, names))) != len(names):
                 raise ConfigError(f"model.task_class_names[{name!r}] needs {tasks[name]} distinct names, "
                                   f"got {list(names)}")
-        for name, w in task_weights.items():
+        for name in task_weights:
             if name not in tasks or name == primary:
                 raise ConfigError(f"loss.task_weights: {name!r} is not a secondary task of {list(tasks)} (the "
                                   "primary task's loss is the configured objective, unweighted)")

@@ -72,13 +72,15 @@ PAPER_PRESET: tuple[PresetValue, ...] = (
     PresetValue("optim.clip", "history", "paper", "Sec. 4.5: clipping based on gradient norm history"),
     PresetValue("optim.clip_history_window", 50, "project", "the paper gives no formula (AutoClip-style)"),
     PresetValue("optim.clip_history_multiplier", 2.0, "project", "the paper gives no formula (AutoClip-style)"),
-    PresetValue("precision", "fp16", "paper", "Sec. 4.5: FP16 forward passes, FP32 master weights (AMP + loss scaling)"),
+    PresetValue("precision", "fp16", "paper",
+                "Sec. 4.5: FP16 forward passes, FP32 master weights (AMP + loss scaling)"),
     PresetValue("grad_checkpointing", True, "paper", "Sec. 4.5: gradient checkpointing (memory only)"),
     # --- schedule
     PresetValue("stages", {"epochs": [30, 40, 30]}, "paper",
                 "Sec. 4.5, 5.3: 30/40/30 epochs at 1e-3 cosine / 1e-4 warm-up + IB ramp / 1e-5 cyclic + dynamic α "
                 "(warm-up 10 % of stage 2 and the cycle length stage-3 epochs / 6 are the project's)"),
-    PresetValue("early_stopping_patience", 10, "project", "Sec. 5.3 stops on validation balanced accuracy; no patience"),
+    PresetValue("early_stopping_patience", 10, "project",
+                "Sec. 5.3 stops on validation balanced accuracy; no patience"),
 )
 
 PRESETS: dict[str, tuple[PresetValue, ...]] = {"paper": PAPER_PRESET}

@@ -235,8 +235,8 @@ def check_pairing(reader: Any, store: Any) -> None:
             logger.warning("%s was not made from %s (different file fingerprint): the overlay may not match",
                            store.path, reader.path)
     recorded = store.geometry.slide_mpp
-    if recorded and getattr(reader, "has_mpp", True):
-        if not all(math.isclose(a, b, rel_tol=1e-3) for a, b in zip(reader.mpp, recorded)):
+    if (recorded and getattr(reader, "has_mpp", True)
+            and not all(math.isclose(a, b, rel_tol=1e-3) for a, b in zip(reader.mpp, recorded))):
             logger.warning("%s: slide µm/px %s differs from the %s the heatmap was made with",
                            reader.path, tuple(reader.mpp), tuple(recorded))
 

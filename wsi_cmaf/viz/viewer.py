@@ -27,9 +27,9 @@ def import_napari() -> Any:
     return napari
 
 
-def show(slide: Any = None, store: str | Path | Any = None, *, viewer: "napari.Viewer | None" = None,
+def show(slide: Any = None, store: str | Path | Any = None, *, viewer: napari.Viewer | None = None,
          classes: list[str | int] | None = None, mpp: tuple[float, float] | float | None = None,
-         show: bool = True) -> "napari.Viewer":
+         show: bool = True) -> napari.Viewer:
     """Show ``slide`` in µm with ``store``'s heatmap overlaid in a napari viewer, and return it.
 
     Either may be omitted: a store alone shows the slide it recorded (when that file still

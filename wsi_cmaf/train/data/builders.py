@@ -90,7 +90,8 @@ def _collect(
     if strict and bad:
         raise ManifestError(f"unexpected files under {kind} root {root}", bad)
     if bad:
-        logger.warning("%s: %d file(s) under %s left out (see the rejects CSV); first: %s", kind, len(bad), root, bad[0])
+        logger.warning("%s: %d file(s) under %s left out (see the rejects CSV); first: %s",
+                       kind, len(bad), root, bad[0])
     if duplicates:
         logger.warning("%s: %d exact duplicate image(s) under %s (e.g. a nested copy of the tree) counted once",
                        kind, duplicates, root)

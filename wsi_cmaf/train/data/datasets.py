@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from wsi_cmaf.errors import DataError
 from wsi_cmaf.models.multiview import ViewBatch
+from wsi_cmaf.train.data.geometry import decide_geometry, load_image
 from wsi_cmaf.train.data.imbalance import ResampleReport, resample_to_ratio
 from wsi_cmaf.train.data.manifest import SPLITS, Manifest, read_manifest, task_label_array
-from wsi_cmaf.train.data.geometry import decide_geometry, load_image
 from wsi_cmaf.train.data.patchstore import PatchStore
 
 logger = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ should draw batches from a few chunks at a time (see ``datasets.ChunkShuffleSamp
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 

@@ -32,9 +32,8 @@ from tqdm.auto import tqdm
 
 from wsi_cmaf.losses import IBObjective
 from wsi_cmaf.train.config import StageConfig, TrainConfig
-from wsi_cmaf.train.data.setup import BatchPipeline, batch_patient_ids
 from wsi_cmaf.train.data.datasets import DataBundle
-from wsi_cmaf.train.evaluate.predict import predict, quick_metrics
+from wsi_cmaf.train.data.setup import BatchPipeline, batch_patient_ids
 from wsi_cmaf.train.engine.amp import Amp, SkipMonitor
 from wsi_cmaf.train.engine.logging_utils import RunLogger, aux_statistics, per_class_grad_norms
 from wsi_cmaf.train.engine.sam import SAM, nonfinite_flag, step_unless_nonfinite
@@ -46,6 +45,7 @@ from wsi_cmaf.train.engine.tasks import (
     secondary_metrics,
     split_task_logits,
 )
+from wsi_cmaf.train.evaluate.predict import predict, quick_metrics
 
 
 # ----------------------------------------------------------------------------- run state

@@ -31,8 +31,8 @@ from torch import nn
 from wsi_cmaf import __version__
 from wsi_cmaf.errors import ConfigError, OutputExistsError
 from wsi_cmaf.models import ModelConfig, save_model
-from wsi_cmaf.train.engine.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, replace_dir
 from wsi_cmaf.train.config import TrainConfig
+from wsi_cmaf.train.engine.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, replace_dir
 from wsi_cmaf.train.engine.loop import RunContext
 
 logger = logging.getLogger(__name__)

@@ -35,6 +35,15 @@ from wsi_cmaf.train.config import StageConfig, TrainConfig
 from wsi_cmaf.train.data.setup import build_data, build_pipeline, split_frame
 from wsi_cmaf.train.engine.checkpoint import save_checkpoint
 from wsi_cmaf.train.engine.logging_utils import RunLogger
+from wsi_cmaf.train.engine.loop import (
+    Amp,
+    RunContext,
+    StageRuntime,
+    finite_or,
+    steps_per_epoch,
+    train_epoch,
+    validate,
+)
 from wsi_cmaf.train.engine.stages import (
     BranchHeads,
     build_clipper,
@@ -46,17 +55,6 @@ from wsi_cmaf.train.engine.stages import (
     configure_trainable,
     enable_grad_checkpointing,
     ramp_steps,
-)
-from wsi_cmaf.train.engine.tasks import is_multitask, predict_tasks, primary_view, secondary_metrics
-from wsi_cmaf.train.engine.validate import split_report
-from wsi_cmaf.train.engine.loop import (
-    Amp,
-    RunContext,
-    StageRuntime,
-    finite_or,
-    steps_per_epoch,
-    train_epoch,
-    validate,
 )
 from wsi_cmaf.train.engine.state import (
     CONFIG_COPY,
@@ -74,6 +72,8 @@ from wsi_cmaf.train.engine.state import (
     seed_everything,
     write_json,
 )
+from wsi_cmaf.train.engine.tasks import is_multitask, predict_tasks, primary_view, secondary_metrics
+from wsi_cmaf.train.engine.validate import split_report
 
 logger = logging.getLogger(__name__)
 

@@ -22,12 +22,17 @@ from wsi_cmaf.device import resolve_device
 from wsi_cmaf.errors import ConfigError, DataError, ModelError
 from wsi_cmaf.models import ModelConfig, load_model
 from wsi_cmaf.train.config import ModelSection
-from wsi_cmaf.train.data.setup import BatchPipeline, fit_patient_stain
 from wsi_cmaf.train.data.datasets import (
-    DataBundle, ManifestDataset, PatchStoreDataset, _is_store, anchor_image, collate_views,
+    DataBundle,
+    ManifestDataset,
+    PatchStoreDataset,
+    _is_store,
+    anchor_image,
+    collate_views,
 )
 from wsi_cmaf.train.data.geometry import decide_geometry
 from wsi_cmaf.train.data.manifest import SPLITS, Manifest, read_manifest
+from wsi_cmaf.train.data.setup import BatchPipeline, fit_patient_stain
 from wsi_cmaf.train.engine.state import json_safe, write_json
 from wsi_cmaf.train.engine.tasks import primary_view
 from wsi_cmaf.train.evaluate.metrics import mcnemar_test

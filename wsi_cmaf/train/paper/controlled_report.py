@@ -25,8 +25,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from wsi_cmaf.train.evaluate.metrics import (bootstrap_indices, expected_calibration_error, rank_auroc,
-                                             threshold_at_specificity)
+from wsi_cmaf.train.evaluate.metrics import (
+    bootstrap_indices,
+    expected_calibration_error,
+    rank_auroc,
+    threshold_at_specificity,
+)
 from wsi_cmaf.train.paper.controlled import REFERENCE_ARM, ControlledConfig, Data
 
 #: extra paired comparisons beside "every arm vs the reference"

@@ -16,9 +16,9 @@ up to the end of the first setting's warm-up (weights + one forward's activation
 from __future__ import annotations
 
 import contextlib
-import threading
 import json
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
