@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.realdata import REAL_SLIDES, real_data_dir
 
 try:  # hypothesis is a dev dependency; without it only the fuzz test is skipped
     from hypothesis import HealthCheck, settings
@@ -29,25 +28,10 @@ def pytest_configure(config: pytest.Config) -> None:
         settings.load_profile("ci")
 
 
-def _real_data_dir() -> Path:
-    env = os.environ.get("WSI_CMAF_TEST_DATA")
-    if env:
-        return Path(env)
-    return REPO_ROOT.parent / "shared" / "data" / "slides"
-
-
-REAL_SLIDES = {
-    "svs": "cmu_small_region.svs",
-    "tiff": "cmu_small_region_pyramid_3level.tiff",
-    "jp2k_svs": "tcga-cr-7395-01a-01-ts1.svs",
-    "dicom": "small_dicom.dcm",
-}
-
-
 @pytest.fixture(scope="session")
 def real_slides_dir() -> Path:
     """The folder of real scanner files; skips the test (with the reason) when it is absent."""
-    d = _real_data_dir()
+    d = real_data_dir()
     if not d.is_dir():
         pytest.skip(f"real slide folder not found at {d} (set WSI_CMAF_TEST_DATA to point at it)")
     return d
@@ -69,7 +53,7 @@ def real_slide(real_slides_dir: Path):
 @pytest.fixture(scope="session")
 def real_slides_dir_optional() -> list[dict]:
     """Rows (path, mpp) of the real slides for batch tests; empty (with a printed reason) when absent."""
-    d = _real_data_dir()
+    d = real_data_dir()
     if not d.is_dir():
         print(f"[wsi-cmaf tests] real slides not found at {d}: batch test runs on synthetic slides only")
         return []

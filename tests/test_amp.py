@@ -25,7 +25,7 @@ from wsi_cmaf.train.engine.stages import AdaptiveGradClip, build_optimizer
 from wsi_cmaf.train.engine.trainer import train
 from wsi_cmaf.train.engine.amp import DIVERGENCE_STREAK, Amp, SkipMonitor, resolve_precision
 from wsi_cmaf.train.engine.loop import StageRuntime, optimizer_update
-from tests.test_trainer import tiny_config
+from tests.helpers.train import tiny_config
 
 CPU = torch.device("cpu")
 

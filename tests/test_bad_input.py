@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from tests.test_reader import make_image
+from tests.helpers.slides import make_image
 from wsi_cmaf.cli import main
 from wsi_cmaf.errors import (
     MissingResolutionError,
@@ -167,7 +167,7 @@ def test_cli_info_subprocess_no_traceback_unless_debug(tmp_path: Path) -> None:
 
 
 def test_cli_info_reports_slide(tmp_path: Path, capsys) -> None:
-    from tests.test_reader import write_tiff_slide
+    from tests.helpers.slides import write_tiff_slide
 
     img = np.full((1024, 1024, 3), 245, np.uint8)
     img[200:800, 300:700] = (220, 140, 190)

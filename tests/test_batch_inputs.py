@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tests._models import DarknessClassifier, tiny_config
+from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.cluster import analyze_slides, collect_slides
 from wsi_cmaf.infer import InferenceConfig
 from wsi_cmaf.infer.modelspec import resolve_model

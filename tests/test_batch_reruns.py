@@ -8,7 +8,7 @@ import time
 import pytest
 
 import wsi_cmaf.cluster.batch as batch_mod
-from tests._models import DarknessClassifier, tiny_config
+from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.cluster import analyze_slides
 from wsi_cmaf.cluster.plan import failed_for_good, is_permanent_error
 from wsi_cmaf.cluster.status import StatusTable

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._models import DarknessClassifier, tiny_config
+from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.cli import build_parser, exit_code, main
 from wsi_cmaf.errors import (DeviceUnavailableError, OutputNotADirectoryError, SlideNotFoundError,
                              UnreadableSlideError)

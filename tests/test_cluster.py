@@ -14,7 +14,7 @@ import pytest
 import zarr
 from distributed import Client, LocalCluster
 
-from tests._models import DarknessClassifier, tiny_config
+from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.cluster import analyze_slides, collect_slides
 from wsi_cmaf.cluster.engine import make_jobqueue_cluster
 from wsi_cmaf.cluster.status import StatusTable

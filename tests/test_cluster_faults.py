@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tests._models import DarknessClassifier, tiny_config
+from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.cluster import analyze_slides
 from wsi_cmaf.cluster.engine import connect
 from wsi_cmaf.cluster.worker_model import ModelRef, load_model_ref, make_model_ref

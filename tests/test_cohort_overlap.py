@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tests._models import DarknessClassifier, tiny_config
+from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.cluster import batch
 from wsi_cmaf.cluster.batch import analyze_slides, slide_task
 from wsi_cmaf.cluster.engine import connect

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests._models import DarknessClassifier
+from tests.helpers.models import DarknessClassifier
 from wsi_cmaf.infer.runner import BatchRunner
 from wsi_cmaf.preprocess import TilePreprocessor
 

@@ -25,8 +25,8 @@ import torch
 import zarr
 from PIL import Image
 
-from tests._models import DarknessClassifier, tiny_config
-from tests.test_tile_faults import corrupt
+from tests.helpers.models import DarknessClassifier, tiny_config
+from tests.helpers.slides import corrupt
 from wsi_cmaf.errors import ConfigError, StoreMismatchError
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.infer.device_decode import JpegSource, decode_identity, plan_decode, read_jpeg_block_task

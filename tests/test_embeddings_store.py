@@ -7,7 +7,7 @@ import pytest
 import torch
 import zarr
 
-from tests._models import DarknessClassifier, tiny_config
+from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.errors import DataError, StoreMismatchError
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.infer.embeddings import EmbeddingsUnavailableError

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests._encoders import random_encoder, small_spec
-from tests._models import DarknessClassifier, tiny_config
+from tests.helpers.encoders import random_encoder, small_spec
+from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.encoders.embed import embed_slide, embed_slides, encoder_store_path, find_encoder_store, status_name
 from wsi_cmaf.encoders.loader import LoadedEncoder
 from wsi_cmaf.errors import OutputError

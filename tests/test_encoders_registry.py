@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests._encoders import hf_reference_cls, random_encoder, random_hf_state, small_spec, timm_to_hf
+from tests.helpers.encoders import hf_reference_cls, random_encoder, random_hf_state, small_spec, timm_to_hf
 from wsi_cmaf.encoders import get_encoder, list_encoders
 from wsi_cmaf.encoders.build import build_encoder, embedding_dim, parameter_count
 from wsi_cmaf.encoders.loader import find_weights, load_encoder

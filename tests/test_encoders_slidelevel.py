@@ -7,7 +7,7 @@ import dataclasses
 import pandas as pd
 import pytest
 
-from tests._encoders import random_encoder, small_spec
+from tests.helpers.encoders import random_encoder, small_spec
 from wsi_cmaf.cli import main
 from wsi_cmaf.encoders.embed import embed_slide
 from wsi_cmaf.encoders.loader import LoadedEncoder

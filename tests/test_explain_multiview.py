@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests._multiview import VIEWS, saved_multiview_model, views_by_hand
+from tests.helpers.multiview import VIEWS, saved_multiview_model, views_by_hand
 from wsi_cmaf.explain.report import explain_store
 from wsi_cmaf.explain.slide import ExplainSettings, explain_slide
 from wsi_cmaf.explain.views import TileViewForward

@@ -13,7 +13,7 @@ import torch
 import zarr
 from PIL import Image
 
-from tests._models import DarknessClassifier, tiny_config
+from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.cli import main
 from wsi_cmaf.errors import StoreMismatchError, UsageError
 from wsi_cmaf.explain import ExplainError, choose_tiles, integrated_gradients, occlusion

@@ -39,7 +39,7 @@ hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not install
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from tests.conftest import REAL_SLIDES, _real_data_dir  # noqa: E402
+from tests.helpers.realdata import REAL_SLIDES, real_data_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_fuzz_worker.py")
@@ -103,7 +103,7 @@ def seeds(tmp_path_factory: pytest.TempPathFactory) -> list[Seed]:
     synth = write_synthetic_slide(d / "synthetic.svs", width=1536, height=1024, mpp=0.5, tile=256,
                                   downsamples=(1, 4), seed=3, save_mask=False).path
     paths = [synth]
-    real = _real_data_dir()
+    real = real_data_dir()
     if real.is_dir():
         paths += [real / n for n in REAL_SLIDES.values() if (real / n).is_file()]
     else:
@@ -310,7 +310,7 @@ def test_regressions_found_by_fuzzing(seeds: list[Seed], worker: FuzzWorker, tmp
     by_name = {s.name: s for s in seeds}
     missing = [name for name, _, _ in REGRESSIONS if name not in by_name]
     if missing:
-        print(f"[test_fuzz] regressions on {missing} skipped: real slides not found at {_real_data_dir()}")
+        print(f"[test_fuzz] regressions on {missing} skipped: real slides not found at {real_data_dir()}")
     for name, kind, arg in REGRESSIONS:
         if name not in by_name:
             continue

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tests._models import DarknessClassifier, tiny_config
+from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.errors import (ModelConfigError, OutputExistsError, SlideNotFoundError,
                              StoreMismatchError)
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
@@ -146,7 +146,7 @@ def test_corrupt_tile_fails_only_its_grid_tiles(slide, tmp_path):
 
 KILL_SCRIPT = """
 import sys
-from tests._models import DarknessClassifier, tiny_config
+from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 analyze_slide(sys.argv[1], model=DarknessClassifier(delay=float(sys.argv[3])), model_config=tiny_config(),
               out=sys.argv[2], config=InferenceConfig(block_tiles=4, progress=False, batch_size=64,

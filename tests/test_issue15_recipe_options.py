@@ -232,7 +232,7 @@ def test_training_with_history_clipping_checkpoints_its_history(tmp_path) -> Non
     """A short run with ``optim.clip: history`` trains, and its checkpoint carries the norm history."""
     import torch
 
-    from tests.test_trainer import tiny_config
+    from tests.helpers.train import tiny_config
     from wsi_cmaf.train.config import TrainConfig
     from wsi_cmaf.train.engine.trainer import train
 
@@ -317,7 +317,7 @@ class _Interrupt(RuntimeError):
 def test_resumed_run_continues_the_clip_history(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stopped after epoch 1 and resumed, a history-clipped run gives the uninterrupted numbers
     (a fresh, empty history would leave the first resumed step unclipped)."""
-    from tests.test_trainer import tiny_config
+    from tests.helpers.train import tiny_config
     from wsi_cmaf.train.engine import trainer
     from wsi_cmaf.train.config import TrainConfig
     from wsi_cmaf.train.engine.trainer import train

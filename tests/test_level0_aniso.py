@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers.wsinfer import TinyNet, analyze_on_lattice, zoo_folder
 from wsi_cmaf.infer.attrs import _stride_level0, _um_per_tile
 from wsi_cmaf.infer.summary import failure_records
 from wsi_cmaf.slide.grid import GridConfig, TileGrid
-
-from tests.test_wsinfer_placement import TinyNet, _analyze_on_lattice, _zoo_folder
 
 ANISO = (0.25, 0.5)  # (x, y) µm/px; mean 0.375
 SIZE0 = (2000, 1400)  # level-0 (width, height)
@@ -125,7 +124,7 @@ def aniso_store(tmp_path_factory):
     slide = tmp / "s.tiff"
     write_synthetic_slide(slide, *SIZE0, 0.25, seed=3, tumour=True)
     torch.manual_seed(0)
-    folder = _zoo_folder(tmp, TinyNet(), 50, 4.0, 64)
+    folder = zoo_folder(tmp, TinyNet(), 50, 4.0, 64)
     run = InferenceConfig(batch_size=16, overlay=False, geojson=False, progress=False, precision="off")
     analyze_slide(slide, model=folder, out=tmp / "out", config=run, mpp=ANISO)
     return HeatmapStore.open(tmp / "out" / "s.zarr")
@@ -227,7 +226,7 @@ def test_resume_of_a_square_pixel_store_made_before_the_key(tmp_path) -> None:
     from wsi_cmaf.infer.pipeline import analyze_slide
     from wsi_cmaf.output.store import HeatmapStore
 
-    slide, folder, run, store_path = _analyze_on_lattice(tmp_path, 1200, 900)
+    slide, folder, run, store_path = analyze_on_lattice(tmp_path, 1200, 900)
     made = HeatmapStore.open(store_path)
     assert made.attrs["grid"]["tile_size_level0"] == [401, 401]
     geometry = made.geometry.to_dict()

@@ -11,7 +11,7 @@ import urllib.request
 import psutil
 import pytest
 
-from tests._models import DarknessClassifier, tiny_config
+from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.cluster import analyze_slides
 from wsi_cmaf.cluster.engine import connect
 from wsi_cmaf.infer import InferenceConfig, analyze_slide

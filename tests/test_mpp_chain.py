@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from tests.test_reader import make_image
+from tests.helpers.slides import make_image
 from wsi_cmaf.errors import ConfigError, ImplausibleResolutionError
 from wsi_cmaf.slide import open_slide
 from wsi_cmaf.slide._mpp import parse_description

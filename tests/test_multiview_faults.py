@@ -9,8 +9,8 @@ import pytest
 import tifffile
 import torch
 
-from tests._multiview import VIEWS, saved_multiview_model, views_by_hand
-from tests.test_tile_faults import corrupt
+from tests.helpers.multiview import VIEWS, saved_multiview_model, views_by_hand
+from tests.helpers.slides import corrupt
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.infer.multiview import read_block_views_tolerant
 from wsi_cmaf.output.store import HeatmapStore

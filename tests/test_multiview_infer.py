@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests._multiview import MODEL_CFG, VIEWS, saved_multiview_model, views_by_hand
+from tests.helpers.multiview import MODEL_CFG, VIEWS, saved_multiview_model, views_by_hand
 from wsi_cmaf.errors import ModelConfigError
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.infer import multiview as engine_views

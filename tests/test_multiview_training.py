@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests._multiview import VIEWS, saved_multiview_model
-from tests.test_slide_patches import annotated_slides
+from tests.helpers.multiview import VIEWS, saved_multiview_model
+from tests.helpers.train import annotated_slides
 from wsi_cmaf.errors import ConfigError, DataError
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.models import ModelConfig, create_model, load_model, save_model

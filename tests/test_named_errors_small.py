@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests._models import DarknessClassifier, tiny_config
+from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.errors import ModelConfigError, OutputError, WsiCmafError
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.infer.modelspec import resolve_model

@@ -36,7 +36,7 @@ except ImportError as exc:  # the extra is optional: say why these tests do not 
 
 import zarr
 
-from tests.test_viz_layers import make_store
+from tests.helpers.stores import make_store
 from wsi_cmaf.slide.synthetic import write_synthetic_slide
 from wsi_cmaf.viz._napari import get_reader
 

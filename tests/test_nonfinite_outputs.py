@@ -22,7 +22,7 @@ import tifffile
 import torch
 from torch import nn
 
-from tests.test_reader import write_tiff_slide
+from tests.helpers.slides import write_tiff_slide
 from wsi_cmaf.errors import NonFiniteOutputError
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.output.store import HeatmapStore

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests._models import DarknessClassifier
+from tests.helpers.models import DarknessClassifier
 from wsi_cmaf.infer.runner import BatchRunner
 from wsi_cmaf.infer.stainfit import fit_slide_stain
 from wsi_cmaf.preprocess import TilePreprocessor, resize_matrix

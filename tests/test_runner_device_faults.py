@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import wsi_cmaf.models.optimize as optimize
-from tests._models import DarknessClassifier
+from tests.helpers.models import DarknessClassifier
 from wsi_cmaf.device import autocast_dtype
 from wsi_cmaf.errors import ConfigError
 from wsi_cmaf.infer.buffers import HostBufferRing

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from tests.helpers.train import annotated_slides
 from wsi_cmaf.errors import DataError
-from wsi_cmaf.slide import GridConfig, write_synthetic_slide
+from wsi_cmaf.slide import GridConfig
 from wsi_cmaf.train.data.patchstore import PatchStore
 from wsi_cmaf.train.data.slide_patches import AnnotatedSlide, build_slide_patch_store, slide_patches
-
-
-def annotated_slides(root: Path, first_seed: int) -> list[AnnotatedSlide]:
-    """Three 2 x 2 mm synthetic slides (8000² px at 0.25 µm/px) with their masks, one per split."""
-    out = []
-    for i, split in enumerate(("train", "val", "test")):
-        s = write_synthetic_slide(root / f"slide{i}.tiff", 8000, 8000, 0.25, seed=first_seed + i)
-        out.append(AnnotatedSlide(s.path, s.tumour_mask, s.mask_mpp, split))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import zarr
 
-from tests._models import DarknessClassifier, tiny_config
-from tests.slurm_harness import ensure_slurm, jobs_named, node_gpus, running_jobs_named
+from tests.helpers.models import DarknessClassifier, tiny_config
+from tests.helpers.slurm import ensure_slurm, jobs_named, node_gpus, running_jobs_named
 from wsi_cmaf.cluster import analyze_slides
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.infer.modelspec import resolve_model

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._models import DarknessClassifier, tiny_config
+from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.errors import StoreLockedError
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.output.store_lock import acquire_store_lock, lock_path, read_lock_record

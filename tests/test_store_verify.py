@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests._models import DarknessClassifier, tiny_config
+from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.cli import main
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.output.store import HeatmapStore

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests._models import DarknessClassifier
+from tests.helpers.models import DarknessClassifier
 from wsi_cmaf.errors import OutputError
 from wsi_cmaf.infer.buffers import HostBufferRing, PendingProbs
 from wsi_cmaf.infer.runner import BatchRunner

@@ -13,7 +13,6 @@ stain-fit sample; a rerun retrying blocks written with failed tiles.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,8 @@ import pytest
 import tifffile
 import zarr
 
-from tests._models import DarknessClassifier, tiny_config
+from tests.helpers.models import DarknessClassifier, tiny_config
+from tests.helpers.slides import corrupt
 from wsi_cmaf.errors import NoDecodableTissueError
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.infer.stainfit import read_sample
@@ -45,24 +45,6 @@ def resize_slide(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tilefaults_rs")
     return write_synthetic_slide(d / "resize.svs", width=6144, height=4096, mpp=0.5, tile=TILE,
                                  downsamples=(1, 4, 16), seed=8, save_mask=False).path
-
-
-def corrupt(src: Path, dst: Path, level: int, tiles: list[int] | None = None) -> tuple[Path, list[int]]:
-    """Copy ``src`` to ``dst`` with ``tiles`` of ``level`` undecodable (default: its most textured,
-    i.e. largest, tile, inside tissue); returns the path and the tile indices."""
-    shutil.copy(src, dst)
-    with tifffile.TiffFile(dst) as tf:
-        page = tf.series[0].levels[level].pages[0]
-        if tiles is None:
-            tiles = [int(np.argmax(page.databytecounts))]
-        offsets = [page.dataoffsets[i] for i in tiles]
-    with open(dst, "r+b") as fh:
-        for off in offsets:
-            fh.seek(off + 2)
-            assert fh.read(2) == b"\xff\xe0"  # APP0 right after SOI
-            fh.seek(off + 3)
-            fh.write(b"\x3f")
-    return dst, tiles
 
 
 def run(path: Path, out: Path, backend: str = "auto", **cfg):

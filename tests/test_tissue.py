@@ -10,7 +10,7 @@ from skimage.color import rgb2hsv
 from skimage.draw import disk as draw_disk
 from skimage.draw import line as draw_line
 
-from tests.test_reader import write_tiff_slide
+from tests.helpers.slides import write_tiff_slide
 from wsi_cmaf.errors import ConfigError
 from wsi_cmaf.slide import TissueConfig, detect_tissue, open_slide, tissue_mask_from_rgb
 

@@ -19,7 +19,7 @@ from wsi_cmaf.train.config import TrainConfig
 from wsi_cmaf.train.engine.trainer import train
 from wsi_cmaf.train.engine.sam import nonfinite_flag
 from wsi_cmaf.train.engine.stages import AdaptiveGradClip, BranchHeads, compile_for_training, compile_mode
-from tests.test_trainer import TINY, tiny_config
+from tests.helpers.train import TINY, tiny_config
 
 SHAPES = [(6, 3, 3, 3), (4, 6), (4,), (1,), (), (5, 2, 7)]
 

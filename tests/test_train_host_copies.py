@@ -61,7 +61,7 @@ def test_cuda_runs_get_page_locked_loader_batches(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "build_data", lambda *a, **kw: seen.update(kw) or (_ for _ in ()).throw(
         RuntimeError("stop after the data step")))
-    from tests.test_trainer import tiny_config
+    from tests.helpers.train import tiny_config
     from wsi_cmaf.train.config import TrainConfig
 
     with pytest.raises(RuntimeError, match="stop after the data step"):

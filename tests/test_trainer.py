@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.helpers.train import tiny_config
 from wsi_cmaf.cli import main
 from wsi_cmaf.errors import ConfigError, ManifestError, OutputExistsError
 from wsi_cmaf.infer.modelspec import resolve_model
@@ -28,26 +29,7 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: A CMAF-Net with the paper's structure and a tiny width (~0.4 M parameters).
-TINY = dict(spatial_backbone="test_resnet", mvit_stem_channels=8, mvit_channels=[8, 16, 16, 16, 16],
-            mvit_dims=[16, 16, 16], mvit_depths=[1, 1, 1], mvit_heads=2, context_dim=32, num_heads=2,
-            bottleneck_dim=8, head_hidden=[16], nystrom_landmarks=16)
 EXTRACTORS = ("spatial.", "contextual.")
-
-
-def tiny_config(out: Path, syn_dir: Path, **override) -> dict:
-    base = {
-        "data": {"synthetic": {"n_patients": 8, "patches_per_patient": 12, "ratio": "60:40", "signal": 1.0},
-                 "synthetic_dir": str(syn_dir), "batch_size": 8, "eval_batch_size": 64,
-                 "max_steps_per_epoch": 3},
-        "model": {"kwargs": TINY, "input_size": 32},
-        "stages": {"epochs": [1, 1, 1]},
-        "output_dir": str(out), "bootstrap": 20, "log_every": 1, "progress_bar": False,
-        # Compiling each tiny run would cost minutes on a GPU; compilation has its own tests
-        # (tests/test_train_fast_paths.py).
-        "compile": "off",
-    }
-    return merge_dicts(base, override)
 
 
 @pytest.fixture(scope="module")

@@ -9,22 +9,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
+from tests.helpers.wsinfer import IMAGENET_MEAN, IMAGENET_STD, analyze_on_lattice, zoo_folder
 from wsi_cmaf.errors import ConfigError, StoreFormatError
 from wsi_cmaf.slide.grid import GridConfig, TileGrid
 from wsi_cmaf.slide.reads import read_tile
 from wsi_cmaf.slide.level0 import level0_tile_px, wsinfer_level0_px
 
-from tests.test_wsinfer import TinyNet
-
 CMU = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "cmu_small_region.svs"
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 PROB_TOL = 0.005  # the issue's bound on probabilities
 #: GridConfig's fields, the same for both sources: a store's identity lists exactly these
 PYRAMID_CONFIG_KEYS = ["mpp", "tile_size", "stride", "tissue_threshold", "block_tiles", "mpp_tolerance",
@@ -104,43 +100,12 @@ def test_level0_and_pyramid_configs_have_the_same_fields() -> None:
         GridConfig(source="level0", level0_placement="round(k * pitch)")
 
 
-def _zoo_folder(root: Path, net: nn.Module, patch_px: int, spacing: float, input_size: int) -> Path:
-    folder = root / "zoo"
-    folder.mkdir(parents=True, exist_ok=True)
-    with torch.inference_mode():
-        torch.jit.trace(net.eval(), torch.zeros(1, 3, input_size, input_size)).save(str(folder / "torchscript_model.pt"))
-    config = {"spec_version": "1.0", "architecture": "test", "num_classes": 2, "class_names": ["a", "b"],
-              "patch_size_pixels": patch_px, "spacing_um_px": spacing,
-              "transform": [{"name": "Resize", "arguments": {"size": input_size}}, {"name": "ToTensor"},
-                            {"name": "Normalize", "arguments": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}}]}
-    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    return folder
-
-
-def _analyze_on_lattice(tmp_path: Path, width: int, height: int) -> tuple[Path, Path, Any, Path]:
-    """A 0.499 µm/px synthetic slide analysed in level-0 mode by a 50 px @ 4 µm/px zoo model.
-
-    Returns the slide, the model folder, the run's InferenceConfig and the store's path.
-    """
-    from wsi_cmaf.infer.config import InferenceConfig
-    from wsi_cmaf.infer.pipeline import analyze_slide
-    from wsi_cmaf.slide.synthetic import write_synthetic_slide
-
-    slide = tmp_path / "s.tiff"
-    write_synthetic_slide(slide, width, height, 0.499, seed=3, tumour=True)
-    torch.manual_seed(0)
-    folder = _zoo_folder(tmp_path, TinyNet(), 50, 4.0, 64)
-    run = InferenceConfig(batch_size=16, overlay=False, geojson=False, progress=False, precision="off")
-    analyze_slide(slide, model=folder, out=tmp_path / "out", config=run)
-    return slide, folder, run, tmp_path / "out" / "s.zarr"
-
-
 def test_store_geometry_is_the_lattice_and_old_stores_are_refused(tmp_path) -> None:
     from wsi_cmaf.infer.pipeline import analyze_slide
     from wsi_cmaf.output.store import HeatmapStore
     from wsi_cmaf.output.tiles import tile_table, tiles_geojson
 
-    slide, folder, run, store_path = _analyze_on_lattice(tmp_path, 2000, 1400)
+    slide, folder, run, store_path = analyze_on_lattice(tmp_path, 2000, 1400)
     store = HeatmapStore.open(store_path)
     # P = 401 (see above): 2000 / 401 = 4.99 -> 5 columns; 1400 / 401 = 3.49 -> 3 whole + 1 partial
     assert store.grid_shape == (4, 5)
@@ -195,7 +160,7 @@ def test_real_slide_matches_wsinfer_at_its_corners(tmp_path) -> None:
 
     torch.manual_seed(0)
     net = timm.create_model("test_resnet", pretrained=False, num_classes=2).eval()
-    folder = _zoo_folder(tmp_path, net, 224, 0.5, 224)
+    folder = zoo_folder(tmp_path, net, 224, 0.5, 224)
     traced = torch.jit.load(str(folder / "torchscript_model.pt")).eval()
     result = analyze_slide(CMU, model=folder, out=tmp_path / "out", progress=False,
                            config=InferenceConfig(batch_size=32, overlay=False, geojson=False, precision="off"))

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / ".ci" / "slurm-up"
+SCRIPT = Path(__file__).resolve().parents[2] / ".ci" / "slurm-up"
 
 
 def ensure_slurm(timeout: float = 240.0) -> str | None:
