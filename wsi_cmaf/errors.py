@@ -41,7 +41,17 @@ class UnsupportedSlideError(SlideError):
 
 
 class MissingResolutionError(SlideError):
-    """The slide carries no µm/px and no ``mpp=`` override was given."""
+    """The slide carries no µm/px and no ``mpp=`` override was given.
+
+    ``reason`` says what was looked for; ``advice`` how to give the value (the Python call by
+    default; the command line replaces it with the option of the verb that ran).
+    """
+
+    def __init__(self, path: str | Path | None, reason: str,
+                 advice: str = "pass the scanner's value with the mpp= override (e.g. open_slide(path, mpp=0.25))",
+                 ) -> None:
+        self.reason, self.advice = reason, advice
+        super().__init__(path, f"{reason}; {advice}")
 
 
 class BackendUnavailableError(WsiCmafError):

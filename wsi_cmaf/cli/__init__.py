@@ -20,6 +20,7 @@ from wsi_cmaf.config_dict import PRECISIONS
 from wsi_cmaf.errors import (
     BackendUnavailableError,
     ConfigError,
+    MissingResolutionError,
     NotASlideFileError,
     SlideNotFoundError,
     UsageError,
@@ -111,6 +112,20 @@ def exit_code(exc: WsiCmafError) -> int:
     return 2 if isinstance(exc, USAGE_ERRORS) else 1
 
 
+def error_text(exc: WsiCmafError, args: argparse.Namespace) -> str:
+    """The one-line message for ``exc``: a slide without µm/px gets the advice of the verb that ran.
+
+    A verb that opens slides names its way of giving the µm/px in ``MPP_HINT``; the library's
+    advice (a Python keyword) would be wrong on the command line.
+    """
+    run = getattr(args, "_run", None)
+    hint = getattr(sys.modules.get(getattr(run, "__module__", ""), None), "MPP_HINT", None)
+    if isinstance(exc, MissingResolutionError) and hint:
+        prefix = f"{exc.path}: " if exc.path is not None else ""
+        return f"{prefix}{exc.reason}; {hint}"
+    return str(exc)
+
+
 def _quiet_distributed() -> None:
     """Keep dask.distributed's start-up and connection INFO lines out of the CLI's output.
 
@@ -149,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     except WsiCmafError as exc:
         if args.debug:
             raise
-        print(f"wsi-cmaf {args.verb}: error: {exc}", file=sys.stderr)
+        print(f"wsi-cmaf {args.verb}: error: {error_text(exc, args)}", file=sys.stderr)
         return exit_code(exc)
     except KeyboardInterrupt:
         print(f"wsi-cmaf {args.verb}: interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ import sys
 
 from wsi_cmaf.cli import add_inference_options
 from wsi_cmaf.cli.embed import add_encoder_options, embed_alongside, load_encoder_option
+from wsi_cmaf.cli.qc import MPP_HINT as MPP_HINT  # this verb's advice for a slide without µm/px
 from wsi_cmaf.cli.qc import add_mpp_options
 
 VERB = "analyze"

@@ -11,6 +11,8 @@ from wsi_cmaf.cli import add_inference_options
 
 VERB = "batch"
 HELP = "analyse many slides (paths, glob, directory or CSV) on a dask cluster, skipping finished ones"
+#: how this verb gives a slide's µm/px (see wsi_cmaf.cli.error_text)
+MPP_HINT = "give the scanner's level-0 µm/px (or 'estimate') in the mpp column of an input CSV (path,mpp)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

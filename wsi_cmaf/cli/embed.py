@@ -12,6 +12,8 @@ VERB = "embed"
 HELP = ("embed the tissue tiles of a slide, folder, glob or CSV with a foundation-model encoder "
         "(local weights, resumable, local or SLURM/PBS)")
 EXPORTS = ("h5ad", "h5")
+#: how this verb gives a slide's µm/px (see wsi_cmaf.cli.error_text)
+MPP_HINT = "pass the scanner's level-0 µm/px with --mpp (one slide), or in the input CSV's mpp column"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -9,6 +9,8 @@ from typing import Any
 
 VERB = "info"
 HELP = "describe a slide: levels, µm/px and its source, vendor, backend, associated images, tissue"
+#: how this verb gives a slide's µm/px (see wsi_cmaf.cli.error_text)
+MPP_HINT = "pass the scanner's level-0 µm/px with --mpp (e.g. --mpp 0.25)"
 
 logger = logging.getLogger(__name__)
 

@@ -9,6 +9,8 @@ from pathlib import Path
 VERB = "manifest"
 HELP = ("build (IDC, BreakHis), generate (synthetic), validate or resample a training manifest, or cut "
         "labelled patches (with context views) from annotated slides")
+#: how this verb gives a slide's µm/px (see wsi_cmaf.cli.error_text)
+MPP_HINT = "slide-patches reads the µm/px from the slide files only: use slides whose files record it"
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -59,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("slides", type=Path, help="CSV: slide, split (train/val/test)[, mask, mask_mpp]; without a mask "
                                              "column the ground truth beside a `wsi-cmaf synth` slide is used")
     p.add_argument("--out", type=Path, required=True, help="patch store (.zarr) to write")
-    p.add_argument("--mpp", type=float, default=4.0, help="tile spacing, µm/px (default 4)")
+    p.add_argument("--tile-mpp", type=float, default=4.0, help="tile spacing, µm/px (default 4)")
     p.add_argument("--tile", type=int, default=50, help="tile size, px (default 50)")
     p.add_argument("--view", type=_view, action="append", default=[], metavar="MPP:SIZE",
                    help="a context view stored beside each tile, e.g. 16:50 (repeatable): a multi-view store")
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         from wsi_cmaf.train.data.slide_patches import build_slide_patch_store, read_slide_table
 
         counts = build_slide_patch_store(read_slide_table(args.slides), args.out,
-                                         GridConfig(mpp=args.mpp, tile_size=args.tile), context=args.view,
+                                         GridConfig(mpp=args.tile_mpp, tile_size=args.tile), context=args.view,
                                          positive_min=args.positive_min, negative_max=args.negative_max)
         views = "" if not args.view else " with views " + ", ".join(f"{v['size']} px at {v['mpp']:g} µm/px"
                                                                   for v in args.view)

@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continuous colour ramp, or only tiles with p >= --threshold in one colour")
     p.add_argument("--cmap", default="teal-yellow",
                    help="colour map: teal-yellow (default, contrasts with H&E) or a matplotlib colour map name")
-    p.add_argument("--mpp", type=float, default=None, help="thumbnail µm/px (default: as fine as the map)")
+    p.add_argument("--thumbnail-mpp", type=float, default=None, help="thumbnail µm/px (default: as fine as the map)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     require_path(args.store, "heatmap store")
     path = overlay(args.store, slide=args.slide, out_png=args.out, class_index=args.class_index,
-                   thumbnail_mpp=args.mpp, alpha=args.alpha, threshold=args.threshold, cmap=args.cmap,
+                   thumbnail_mpp=args.thumbnail_mpp, alpha=args.alpha, threshold=args.threshold, cmap=args.cmap,
                    mode=args.mode)
     if not args.quiet:
         print(path)

@@ -11,6 +11,9 @@ HELP = "check a slide: µm/px estimated from its nuclei against the metadata, ma
 
 logger = logging.getLogger(__name__)
 
+#: how the verbs with add_mpp_options give a slide's µm/px (see wsi_cmaf.cli.error_text)
+MPP_HINT = "pass the scanner's level-0 µm/px with --mpp (e.g. --mpp 0.25), or --mpp estimate to measure it"
+
 
 def mpp_value(text: str) -> float | str:
     """``--mpp``: a number of µm/px or the word ``estimate``."""

@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from wsi_cmaf.cli.qc import MPP_HINT as MPP_HINT  # this verb's advice for a slide without µm/px
 from wsi_cmaf.cli.qc import mpp_value
 
 VERB = "tiles"
@@ -17,12 +18,12 @@ logger = logging.getLogger(__name__)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register the verb's options."""
     p.add_argument("slide", help="slide file (SVS, TIFF, NDPI, MRXS, DICOM ...)")
-    p.add_argument("--mpp", type=float, default=4.0, help="tile µm/px (default 4.0)")
-    p.add_argument("--size", type=int, default=50, help="tile size in px at --mpp (default 50)")
+    p.add_argument("--tile-mpp", type=float, default=4.0, help="tile µm/px (default 4.0)")
+    p.add_argument("--size", type=int, default=50, help="tile size in px at --tile-mpp (default 50)")
     p.add_argument("--stride", type=int, default=None, help="px between tile origins (default: --size)")
     p.add_argument("--threshold", type=float, default=0.5, help="min tissue fraction of a tile (default 0.5)")
     p.add_argument("--block-tiles", type=int, default=32, help="tiles per block side (default 32)")
-    p.add_argument("--slide-mpp", type=mpp_value, default=None,
+    p.add_argument("--mpp", type=mpp_value, default=None,
                    help="override the slide's level-0 µm/px, or 'estimate' to measure it from the nuclei")
     p.add_argument("--backend", default="auto", help="auto | openslide | tiffslide | wsidicom")
     p.add_argument("--preview", type=Path, default=None, help="write a PNG: tissue mask and grid over the thumbnail")
@@ -76,9 +77,9 @@ def run(args: argparse.Namespace) -> int:
     """Build the grid and print a summary."""
     from wsi_cmaf.slide import GridConfig, TileGrid, detect_tissue, open_slide
 
-    config = GridConfig(mpp=args.mpp, tile_size=args.size, stride=args.stride,
+    config = GridConfig(mpp=args.tile_mpp, tile_size=args.size, stride=args.stride,
                         tissue_threshold=args.threshold, block_tiles=args.block_tiles)
-    with open_slide(args.slide, backend=args.backend, mpp=args.slide_mpp) as reader:
+    with open_slide(args.slide, backend=args.backend, mpp=args.mpp) as reader:
         tissue = detect_tissue(reader)
         grid = TileGrid.from_slide(reader, config, tissue)
         n_rows, n_cols = grid.shape

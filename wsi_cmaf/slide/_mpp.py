@@ -244,8 +244,7 @@ def resolve_mpp(
         raise MissingResolutionError(
             path,
             "no µm/px resolution found (no vendor property, no vendor ImageDescription, no TIFF "
-            "resolution tags, no objective power); pass the scanner's value with the mpp= override "
-            "(e.g. open_slide(path, mpp=0.25) or `--mpp 0.25`)",
+            "resolution tags, no objective power)",
         )
     _warn_disagreements(path, chosen, measured, estimate, objective_power)
     return chosen[1], chosen[0]
