@@ -148,15 +148,15 @@ for d in .gpudata ../shared/data/slides shared/data/slides; do
 done
 if [ "$QUICK" = 1 ]; then
     BIG="16000 12000"; BSIZE="5000 4000"; BCOPIES=4; BDISTINCT=2; REPEATS=1; MODEL_S=0.5; INFLIGHT=2
-    TESTS="tests/test_cuda_runner.py tests/test_train_host_copies.py tests/test_runner_device_faults.py"
+    TESTS="tests/infer/test_cuda_runner.py tests/train/test_host_copies.py tests/infer/test_runner_device_faults.py"
     T8_BATCH="--batch-size 8"; LOOP_BATCH="--batch-size 16"
 else
     # pipeline slide as issue 12 asks; batch slides with the same tile count at 1 µm/px (16x
     # fewer pixels to write), 4 distinct ones copied to 20 paths (copies, not links: the batch engine analyses one file once)
     BIG="100000 80000"; BSIZE="25000 20000"; BCOPIES=20; BDISTINCT=4; REPEATS=3; MODEL_S=2; INFLIGHT=4
-    TESTS="tests/test_trainer.py tests/test_amp.py tests/test_sam.py tests/test_train_fast_paths.py
-           tests/test_fast_paths.py tests/test_runner.py tests/test_stream.py tests/test_cuda_runner.py
-           tests/test_train_host_copies.py tests/test_runner_device_faults.py"
+    TESTS="tests/train/test_trainer.py tests/train/test_amp.py tests/train/test_sam.py tests/train/test_fast_paths.py
+           tests/models/test_fast_paths.py tests/infer/test_runner.py tests/infer/test_stream.py tests/infer/test_cuda_runner.py
+           tests/train/test_host_copies.py tests/infer/test_runner_device_faults.py"
     T8_BATCH=""; LOOP_BATCH=""
 fi
 WORK=${BENCH_WORK:-/tmp/wsi_cmaf_bench}

@@ -160,7 +160,7 @@ def _optimize_torchscript(model: torch.jit.ScriptModule, device: torch.device) -
     447 / 41, frozen fp32 464 / 45, frozen + optimised fp32 715 / 60, frozen bf16 559 / 75,
     frozen + optimised under bf16 autocast 721 / 62 (at 64 px the bf16 rows swap places from run
     to run; at 224 px, where the model dominates, frozen bf16 leads). Outputs stay within 1e-5 of
-    the module as loaded (``tests/test_cpu_precision.py``). A module that cannot be frozen (e.g.
+    the module as loaded (``tests/infer/test_cpu_precision.py``). A module that cannot be frozen (e.g.
     one already frozen) runs as it is. The caller's module is never modified.
     """
     moved = model.to(device).eval()
