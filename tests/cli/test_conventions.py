@@ -127,3 +127,38 @@ def test_summary_json_has_provenance_and_absolute_paths(slide, tmp_path, monkeyp
     tiles = res.tiles()
     assert len(tiles) == res.tiles_tissue and {"x", "y", "w", "h", "prob_malignant"} <= set(tiles.columns)
     assert tiles["tissue_fraction"].between(0.5, 1.0).all()  # tissue tiles pass the 0.5 threshold
+
+
+def test_mpp_is_the_slide_override_in_every_verb(tmp_path, capsys):
+    """``--mpp`` sets the slide's level-0 µm/px (``--tile-mpp`` the tile spacing), and a slide
+    without a resolution gets the advice of the verb that ran."""
+    import numpy as np
+    import tifffile
+
+    plain = tmp_path / "plain.tiff"  # no resolution tags, no vendor metadata
+    tifffile.imwrite(plain, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), photometric="rgb")
+    assert main(["tiles", str(plain), "--mpp", "0.5", "--tile-mpp", "8", "--size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "level-0 0.5 µm/px, override" in out and "2 x 2 tiles of 16 px at 8 µm/px" in out  # 512*0.5/8/16 = 2
+    assert main(["tiles", str(plain)]) == 1
+    err = capsys.readouterr().err
+    assert "no µm/px resolution found" in err and "--mpp (e.g. --mpp 0.25)" in err and "mpp=" not in err
+
+    from wsi_cmaf.cli import batch, error_text
+    from wsi_cmaf.errors import MissingResolutionError
+
+    exc = MissingResolutionError(plain, "no µm/px resolution found")
+    assert "mpp= override" in str(exc)  # the Python advice, outside the command line
+    args = build_parser().parse_args(["batch", str(plain), "--out", str(tmp_path / "b")])
+    assert args._run is batch.run and error_text(exc, args) == f"{plain}: no µm/px resolution found; {batch.MPP_HINT}"
+    assert "mpp column" in batch.MPP_HINT
+
+
+def test_store_exports_are_sub_verbs_of_export():
+    for old in ("geojson", "overlay"):  # no top-level verbs beside the group
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args([old, "s.zarr"])
+        assert exc.value.code == 2
+    for what in ("regions", "tiles", "overlay"):
+        args = build_parser().parse_args(["export", what, "s.zarr", "-q"])
+        assert args.what == what and args._export.__name__ == f"_{what}" and args.quiet is True

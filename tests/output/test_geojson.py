@@ -133,11 +133,11 @@ def test_write_geojson_and_cli(tmp_path, capsys):
     prov = written["properties"]["provenance"]
     assert prov["store"] == str((tmp_path / "s.zarr").absolute()) and prov["export"]["output"] == str(out.absolute())
     assert prov["model"]["name"] == "m" and prov["export"]["created_utc"].endswith("Z")
-    assert main(["geojson", str(tmp_path / "s.zarr"), "--threshold", "0.95"]) == 0
+    assert main(["export", "regions", str(tmp_path / "s.zarr"), "--threshold", "0.95"]) == 0
     written = json.loads((tmp_path / "s_regions.geojson").read_text())
     assert written["features"] == [] and "0 region" in capsys.readouterr().out
-    assert main(["geojson", str(tmp_path)]) == 1  # exists but not a store: runtime error, one line
-    assert main(["geojson", str(tmp_path / "missing.zarr")]) == 2  # no such path: usage error
+    assert main(["export", "regions", str(tmp_path)]) == 1  # exists but not a store: runtime error, one line
+    assert main(["export", "regions", str(tmp_path / "missing.zarr")]) == 2  # no such path: usage error
 
 
 def _valid_everywhere(fc) -> None:

@@ -189,14 +189,14 @@ def test_missing_slide_draws_heatmap_alone(tmp_path, caplog):
 def test_cli_overlay(tmp_path, capsys):
     make_store(tmp_path / "s.zarr")
     out = tmp_path / "cli.png"
-    assert main(["overlay", str(tmp_path / "s.zarr"), "--out", str(out), "--threshold", "0.9",
+    assert main(["export", "overlay", str(tmp_path / "s.zarr"), "--out", str(out), "--threshold", "0.9",
                  "--mode", "threshold"]) == 0
     assert out.is_file() and str(out) in capsys.readouterr().out
-    assert main(["overlay", str(tmp_path / "nothing.zarr")]) == 2  # usage: no such path
-    assert main(["overlay", str(tmp_path)]) == 1  # runtime: a folder that is not a store
-    assert main(["overlay", str(tmp_path / "s.zarr"), "--cmap", "no-such-map"]) == 1
+    assert main(["export", "overlay", str(tmp_path / "nothing.zarr")]) == 2  # usage: no such path
+    assert main(["export", "overlay", str(tmp_path)]) == 1  # runtime: a folder that is not a store
+    assert main(["export", "overlay", str(tmp_path / "s.zarr"), "--cmap", "no-such-map"]) == 1
     assert "no-such-map" in capsys.readouterr().err
-    assert main(["overlay", str(tmp_path / "s.zarr"), "--cmap", "viridis", "--out", str(out)]) == 0
+    assert main(["export", "overlay", str(tmp_path / "s.zarr"), "--cmap", "viridis", "--out", str(out)]) == 0
 
 
 @pytest.mark.parametrize("span, nice", [(2.3, 2.0), (0.07, 0.05), (7.0, 5.0), (10.0, 10.0), (0.0011, 0.001)])
