@@ -76,7 +76,7 @@ def decode_bound(path: Path, grid, backend: str, mpp, threads: int, repeats: int
     decode rate. On the H200 machine a fresh pool per pass made 8 threads look slower than 2 on
     an 8-block slide, because opening readers cost more than decoding (2026-11-30).
     """
-    from wsi_cmaf.infer.tasks import BlockFailure, SlideSpec, read_block_task
+    from wsi_cmaf.infer.dask_tasks import BlockFailure, SlideSpec, read_block_task
 
     spec = SlideSpec(str(path), backend, mpp)
     times, n_tiles = [], 0

@@ -68,8 +68,8 @@ def decode_speed(path: Path, device, tile_mpp: float, tile: int, threads: int, r
     """CPU block reads vs device decoding of every tissue block (see the module docstring)."""
     import torch
 
+    from wsi_cmaf.infer.dask_tasks import BlockFailure, SlideSpec, read_block_task
     from wsi_cmaf.infer.device_decode import JpegSource, RawBlock, decode_block, read_jpeg_block_task
-    from wsi_cmaf.infer.tasks import BlockFailure, SlideSpec, read_block_task
     from wsi_cmaf.slide import GridConfig, TileGrid, detect_tissue, open_slide
     from wsi_cmaf.slide.jpeg_tiles import jpeg_level
 

@@ -29,9 +29,9 @@ from tests.helpers.models import DarknessClassifier, tiny_config
 from tests.helpers.slides import corrupt
 from wsi_cmaf.errors import ConfigError, StoreMismatchError
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
+from wsi_cmaf.infer.dask_tasks import PartialBlock, SlideSpec, read_block_task
 from wsi_cmaf.infer.device_decode import JpegSource, decode_identity, plan_decode, read_jpeg_block_task
 from wsi_cmaf.infer.device_windows import pil_bilinear
-from wsi_cmaf.infer.tasks import PartialBlock, SlideSpec, read_block_task
 from wsi_cmaf.slide import GridConfig, TileGrid, detect_tissue, open_slide, write_synthetic_slide
 from wsi_cmaf.slide.jpeg_tiles import ADOBE_RGB, JpegTileReader, NotJpegTiledError, complete_stream, jpeg_level
 from wsi_cmaf.slide.reads import read_block

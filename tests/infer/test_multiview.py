@@ -18,8 +18,8 @@ import torch
 from tests.helpers.multiview import MODEL_CFG, VIEWS, saved_multiview_model, views_by_hand
 from wsi_cmaf.errors import ModelConfigError
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
+from wsi_cmaf.infer import dask_tasks as engine_tasks
 from wsi_cmaf.infer import multiview as engine_views
-from wsi_cmaf.infer import tasks as engine_tasks
 from wsi_cmaf.infer.modelspec import resolve_model
 from wsi_cmaf.models import create_model
 from wsi_cmaf.output.store import HeatmapStore

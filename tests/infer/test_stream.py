@@ -13,9 +13,9 @@ import torch
 from tests.helpers.models import DarknessClassifier
 from wsi_cmaf.errors import OutputError
 from wsi_cmaf.infer.buffers import HostBufferRing, PendingProbs
+from wsi_cmaf.infer.dask_tasks import BlockFailure
 from wsi_cmaf.infer.runner import BatchRunner
 from wsi_cmaf.infer.stream import stream_blocks
-from wsi_cmaf.infer.tasks import BlockFailure
 from wsi_cmaf.preprocess import TilePreprocessor
 from wsi_cmaf.slide.grid import BlockTiles, GridConfig, TileGrid
 

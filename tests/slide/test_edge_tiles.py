@@ -19,7 +19,7 @@ import zarr
 from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.errors import StoreMismatchError
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
-from wsi_cmaf.infer.tasks import SlideSpec, read_block_task
+from wsi_cmaf.infer.dask_tasks import SlideSpec, read_block_task
 from wsi_cmaf.output.geojson import regions_geojson
 from wsi_cmaf.output.store import HeatmapStore
 from wsi_cmaf.output.tiles import tiles_geojson

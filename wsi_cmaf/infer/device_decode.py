@@ -18,8 +18,8 @@ Who does what:
   them on the GPU in the thread that feeds the model, which :class:`DeviceTilesRunner` then runs
   without a host round trip.
 * A stream ``decode_jpeg`` refuses fails only its storage tile: the grid tiles whose pixels touch
-  it are left out (:class:`~wsi_cmaf.infer.tasks.PartialBlock`), chosen by the same rule as the
-  CPU path's cell-by-cell re-read (:func:`~wsi_cmaf.infer.tasks.tiles_touching`).
+  it are left out (:class:`~wsi_cmaf.infer.dask_tasks.PartialBlock`), chosen by the same rule as the
+  CPU path's cell-by-cell re-read (:func:`~wsi_cmaf.infer.dask_tasks.tiles_touching`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from wsi_cmaf.infer.buffers import PendingProbs, sync_event
+from wsi_cmaf.infer.dask_tasks import BlockFailure, PartialBlock, tiles_touching
 from wsi_cmaf.infer.device_windows import StripWindow, block_windows, cut_strip
 from wsi_cmaf.infer.runner import BatchRunner
-from wsi_cmaf.infer.tasks import BlockFailure, PartialBlock, tiles_touching
 from wsi_cmaf.slide.grid import Block, BlockTiles, TileGrid
 from wsi_cmaf.slide.jpeg_tiles import JpegLevel, NotJpegTiledError, drop_thread_readers, jpeg_level, thread_reader
 from wsi_cmaf.slide.reads import _tile_shape

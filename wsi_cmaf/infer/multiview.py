@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from wsi_cmaf.errors import UnreadableSlideError
-from wsi_cmaf.infer.tasks import (
+from wsi_cmaf.infer.dask_tasks import (
     BlockFailure,
     PartialBlock,
     SlideSpec,

@@ -18,6 +18,7 @@ from wsi_cmaf.infer.attrs import _attrs, _um_per_tile
 from wsi_cmaf.infer.callargs import merge_run_config
 from wsi_cmaf.infer.checks import check_device, check_inputs
 from wsi_cmaf.infer.config import InferenceConfig
+from wsi_cmaf.infer.dask_tasks import BlockFailure, SlideSpec, read_block_task
 from wsi_cmaf.infer.device_decode import (DecodedFeed, DeviceTilesRunner, decode_identity, plan_decode,
                                           read_jpeg_block_task)
 from wsi_cmaf.infer.guards import check_nonfinite, check_output_space, output_write_errors, writer_lock
@@ -31,7 +32,6 @@ from wsi_cmaf.infer.runner import BatchRunner
 from wsi_cmaf.infer.stainfit import fit_from_blocks, fit_from_tiles, read_sample, sample_is_all_tissue, sample_tiles
 from wsi_cmaf.infer.stream import BlockFeed, stream_blocks
 from wsi_cmaf.infer.summary import failure_records, summarise
-from wsi_cmaf.infer.tasks import BlockFailure, SlideSpec, read_block_task
 from wsi_cmaf.output.provenance import api_call, run_provenance
 from wsi_cmaf.output.store import HeatmapStore
 from wsi_cmaf.preprocess import TilePreprocessor, ViewsPreprocessor

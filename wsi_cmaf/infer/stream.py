@@ -13,7 +13,7 @@ memory does not grow with the slide. On CPU ``submit`` computes before it return
 still overlaps Zarr writes with the next block's compute.
 
 Errors: undecodable tiles of a block are left out of the batch and written as failed tiles with
-the rest of their block (:class:`~wsi_cmaf.infer.tasks.PartialBlock`), and so are tiles whose model
+the rest of their block (:class:`~wsi_cmaf.infer.dask_tasks.PartialBlock`), and so are tiles whose model
 output was NaN/Inf (the runner returns their rows as NaN); a read failure of another
 kind becomes a failed block (recorded by the writer, the slide goes on); an exception of the
 model stops the loop after marking that block failed; a write error stops the loop at the next
@@ -36,7 +36,7 @@ import numpy as np
 
 from wsi_cmaf.errors import OutputError
 from wsi_cmaf.infer.buffers import PendingProbs
-from wsi_cmaf.infer.tasks import BlockFailure, PartialBlock
+from wsi_cmaf.infer.dask_tasks import BlockFailure, PartialBlock
 from wsi_cmaf.output.store_io import is_write_error, write_error
 from wsi_cmaf.slide.grid import BlockTiles, TileGrid
 
