@@ -16,8 +16,8 @@ from wsi_cmaf.infer import InferenceConfig
 from wsi_cmaf.infer.modelspec import state_dict_sha256
 from wsi_cmaf.slide.synthetic import write_synthetic_slide
 from wsi_cmaf.slidelevel.data import read_manifest
-from wsi_cmaf.slidelevel.predict import predict_slide, train_slide
 from wsi_cmaf.slidelevel.train import SlideTrainConfig
+from wsi_cmaf.slidelevel.workflows import predict_slide, train_slide
 
 CFG = InferenceConfig(block_tiles=4, progress=False, batch_size=32, compile="off", precision="off")
 

@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Predict and print (or write) the per-patient table."""
-    from wsi_cmaf.slidelevel.predict import predict_slide
+    from wsi_cmaf.slidelevel.workflows import predict_slide
 
     require_path(args.model, "slide model folder")
     require_path(args.manifest, "manifest")

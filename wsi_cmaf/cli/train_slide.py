@@ -33,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train, save, predict; print the metrics."""
-    from wsi_cmaf.slidelevel.predict import train_slide
     from wsi_cmaf.slidelevel.train import SlideTrainConfig
+    from wsi_cmaf.slidelevel.workflows import train_slide
 
     require_path(args.manifest, "manifest")
     for path, what in ((args.clinical, "clinical table"), (args.schema, "clinical schema")):

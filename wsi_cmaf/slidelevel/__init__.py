@@ -24,8 +24,8 @@ _EXPORTS = {
     "SlideModel": "wsi_cmaf.slidelevel.fusion",
     "SlideTrainConfig": "wsi_cmaf.slidelevel.train",
     "load_slide_model": "wsi_cmaf.slidelevel.train",
-    "train_slide": "wsi_cmaf.slidelevel.predict",
-    "predict_slide": "wsi_cmaf.slidelevel.predict",
+    "train_slide": "wsi_cmaf.slidelevel.workflows",
+    "predict_slide": "wsi_cmaf.slidelevel.workflows",
     "clinical_shap": "wsi_cmaf.slidelevel.attribution",
 }
 
