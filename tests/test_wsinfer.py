@@ -15,7 +15,9 @@ from wsi_cmaf.infer.callargs import merge_run_config
 from wsi_cmaf.infer.config import InferenceConfig
 from wsi_cmaf.infer.modelspec import quick_weights_sha256, resolve_model
 from wsi_cmaf.models.config import ModelConfig
-from wsi_cmaf.models.wsinfer import UnsupportedTransformError, WSInferConfigError, translate_wsinfer_config
+from wsi_cmaf.models.wsinfer import (
+    UnsupportedTransformError, WSInferConfigError, model_config_from_dict, translate_wsinfer_config,
+)
 from wsi_cmaf.preprocess import TilePreprocessor
 from wsi_cmaf.slide.grid import GridConfig, TileGrid
 from wsi_cmaf.slide.reads import read_block, read_tile
@@ -67,7 +69,7 @@ def slide(tmp_path_factory) -> Path:
 
 
 def test_translation_is_faithful_and_recorded() -> None:
-    cfg = ModelConfig.from_dict(wsinfer_config(64))
+    cfg = model_config_from_dict(wsinfer_config(64))
     assert (cfg.input_size, cfg.resize_interpolation, cfg.stain_normalization) == (64, "pil_bilinear", None)
     assert cfg.mean == tuple(MEAN) and cfg.std == tuple(STD)
     assert (cfg.patch_source, cfg.patch_size_pixels, cfg.spacing_um_px) == ("level0", 50, 4.0)
@@ -79,7 +81,7 @@ def test_translation_is_faithful_and_recorded() -> None:
 def test_resize_after_totensor_is_float_bilinear() -> None:
     data = wsinfer_config(64)
     data["transform"] = [data["transform"][1], data["transform"][0], data["transform"][2]]
-    assert ModelConfig.from_dict(data).resize_interpolation == "bilinear"
+    assert model_config_from_dict(data).resize_interpolation == "bilinear"
 
 
 def test_pil_bilinear_float_fallback_matches_uint8_kernel() -> None:
@@ -105,7 +107,7 @@ def test_unknown_transforms_are_refused(step, match) -> None:
     data = wsinfer_config(64)
     data["transform"] = [step] + data["transform"][1:]
     with pytest.raises(UnsupportedTransformError, match=match):
-        ModelConfig.from_dict(data)
+        model_config_from_dict(data)
 
 
 def test_schema_is_validated() -> None:
@@ -154,7 +156,7 @@ def wsinfer_reference(reader, x: int, y: int, size0: int, input_size: int) -> to
 
 
 def check_same_pixels(path: Path, input_size: int, n_max: int = 24) -> None:
-    cfg = ModelConfig.from_dict(wsinfer_config(input_size))
+    cfg = model_config_from_dict(wsinfer_config(input_size))
     with open_slide(path) as reader:
         gcfg = GridConfig(mpp=cfg.spacing_um_px, tile_size=cfg.patch_size_pixels, source="level0", block_tiles=4)
         grid = TileGrid.from_slide(reader, gcfg)

@@ -23,7 +23,7 @@ def test_aux_statistics_logs_dfa_per_class_by_hand() -> None:
 def test_a_dfa_model_forward_feeds_the_log() -> None:
     from wsi_cmaf.models.cmaf_net import CMAFNet
     from wsi_cmaf.models.config import CMAFConfig
-    from wsi_cmaf.train.paper.controlled import TINY_CMAF
+    from wsi_cmaf.train.paper.controlled_config import TINY_CMAF
 
     torch.manual_seed(0)
     net = CMAFNet(CMAFConfig(**TINY_CMAF, dfa=True, dfa_class_counts=(90.0, 10.0)), num_classes=2)

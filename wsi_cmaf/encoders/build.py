@@ -10,6 +10,7 @@ coverage map (1 where a tile was embedded, NaN elsewhere) rather than a class pr
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,17 +72,16 @@ class EncoderModule(nn.Module):
         """Tiles -> the coverage logit (B, 1)."""
         return self.forward_head(self.forward_features(x))
 
-    #: (spec, checkpoint path, sha256) when the weights came from a file (set by the loader)
-    weights_source: tuple | None = None
+    #: (function, arguments) that rebuild this module from its checkpoint file; set by the
+    #: loader when the weights came from a file
+    rebuild_from: tuple[Callable[..., nn.Module], tuple] | None = None
 
     def __reduce_ex__(self, protocol: int):
         # A batch hands its model to every worker as a pickle; an encoder whose weights are a
         # file travels as that file's path and hash (bytes, not gigabytes) and each worker reads
         # the checkpoint itself, checking the hash.
-        if self.weights_source is not None:
-            from wsi_cmaf.encoders.loader import rebuild_encoder
-
-            return rebuild_encoder, self.weights_source
+        if self.rebuild_from is not None:
+            return self.rebuild_from
         return super().__reduce_ex__(protocol)
 
 

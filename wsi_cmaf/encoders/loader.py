@@ -218,7 +218,7 @@ def load_encoder(name: str | EncoderSpec, weights: str | Path | None = None, *, 
         module = module.to(device)
         sha = sha256_file(path)
         note = f"weights from {path} (sha256 {sha[:12]})"
-        module.weights_source = (spec, str(path.resolve()), sha)
+        module.rebuild_from = (rebuild_encoder, (spec, str(path.resolve()), sha))
     else:
         sha, note = state_dict_sha256(module), "untrained (random initialisation)"
     dim = embedding_dim(module, spec) if spec.pooling != "timm" else _probe_dim(module, spec)

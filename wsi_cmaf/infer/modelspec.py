@@ -32,6 +32,7 @@ from wsi_cmaf.model_files import (
 )
 from wsi_cmaf.model_files import sha256_file as _sha256_file
 from wsi_cmaf.models import ModelConfig, create_model, load_model
+from wsi_cmaf.models.wsinfer import model_config_from_dict, model_config_from_json
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +75,11 @@ def _as_config(config: ModelConfig | dict | str | Path | None, default_arch: str
     if isinstance(config, ModelConfig):
         return config
     if isinstance(config, dict):
-        return ModelConfig.from_dict(config)
+        return model_config_from_dict(config)
     path = Path(config)
     if not path.is_file():
         raise ModelConfigError(f"model config {path} does not exist")
-    return ModelConfig.from_json(path)
+    return model_config_from_json(path)
 
 
 def _check_outputs(module: nn.Module, config: ModelConfig, name: str) -> tuple[dict[str, list[str]], tuple | None]:
@@ -225,7 +226,7 @@ def _check_config_beside(path: Path) -> None:
     if cfg is None:
         return
     try:
-        ModelConfig.from_json(cfg)
+        model_config_from_json(cfg)
     except ImplausibleModelConfigError as exc:  # well formed, but not a size any model uses
         raise ImplausibleModelConfigError(f"{cfg}: {str(exc).removeprefix(f'{cfg}: ')}") from exc
     except ModelConfigError as exc:

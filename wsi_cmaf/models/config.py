@@ -108,15 +108,15 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a dict; unknown keys are an error (they are usually typos).
 
-        A WSInfer model-zoo config (it has a ``transform`` list) is translated by
-        :func:`wsi_cmaf.models.wsinfer.translate_wsinfer_config`.
+        A WSInfer model-zoo config is refused by name: read either format with
+        :func:`wsi_cmaf.models.wsinfer.model_config_from_dict`.
         """
         if not isinstance(data, dict):
             raise ModelConfigError(f"model config must be a JSON object, got {type(data).__name__}")
         if "transform" in data:
-            from wsi_cmaf.models.wsinfer import translate_wsinfer_config
-
-            return translate_wsinfer_config(data)
+            raise ModelConfigError("this is a WSInfer model config (it has a 'transform' list), not a wsi-cmaf one; "
+                                   "read it with wsi_cmaf.models.wsinfer.model_config_from_dict / "
+                                   "model_config_from_json, which translate it")
         return from_dict(cls, data, where="model config", error=ModelConfigError)
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -129,18 +129,23 @@ class ModelConfig:
     @classmethod
     def from_json(cls, source: str | Path) -> ModelConfig:
         """Read a config from a JSON file path (or JSON text starting with ``{``)."""
-        if isinstance(source, str) and source.lstrip().startswith("{"):
-            text, where = source, "<text>"
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise ModelConfigError(f"{path}: model config file does not exist")
-            text, where = path.read_text(encoding="utf-8"), str(path)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ModelConfigError(f"{where}: not valid JSON ({exc})") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(read_config_json(source))
+
+
+def read_config_json(source: str | Path) -> Any:
+    """The parsed JSON of a model config file (or of JSON text starting with ``{``);
+    :class:`ModelConfigError` when the file is missing or not JSON."""
+    if isinstance(source, str) and source.lstrip().startswith("{"):
+        text, where = source, "<text>"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ModelConfigError(f"{path}: model config file does not exist")
+        text, where = path.read_text(encoding="utf-8"), str(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelConfigError(f"{where}: not valid JSON ({exc})") from exc
 
 
 # --------------------------------------------------------------------------------------------

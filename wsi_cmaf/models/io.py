@@ -14,6 +14,7 @@ from wsi_cmaf.errors import ModelConfigError, ModelError
 from wsi_cmaf.model_files import CONFIG_NAME, WEIGHTS_NAME
 from wsi_cmaf.models.config import ModelConfig
 from wsi_cmaf.models.registry import create_model
+from wsi_cmaf.models.wsinfer import model_config_from_json
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     wrong shapes, e.g. a different ``num_classes``) — before any slide is read.
     """
     weights, cfg_path = _locate(Path(path))
-    config = ModelConfig.from_json(cfg_path)
+    config = model_config_from_json(cfg_path)
     try:
         state = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -112,7 +113,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
 
 def read_config(path: str | Path) -> ModelConfig:
     """Only the :class:`ModelConfig` of a saved model (cheap; no weights touched)."""
-    return ModelConfig.from_json(_locate(Path(path))[1])
+    return model_config_from_json(_locate(Path(path))[1])
 
 
 __all__ = ["save_model", "load_model", "read_config", "WEIGHTS_NAME", "CONFIG_NAME"]

@@ -28,7 +28,7 @@ from typing import Any
 
 from wsi_cmaf.errors import ImplausibleModelConfigError, ModelConfigError
 from wsi_cmaf.model_files import WSINFER_WEIGHTS_NAME, is_wsinfer_folder
-from wsi_cmaf.models.config import ModelConfig
+from wsi_cmaf.models.config import ModelConfig, read_config_json
 
 logger = logging.getLogger(__name__)
 
@@ -156,5 +156,19 @@ def translate_wsinfer_config(data: dict[str, Any], source: str | Path | None = N
         raise WSInferConfigError(f"{where}: {exc}") from exc
 
 
-__all__ = ["translate_wsinfer_config", "is_wsinfer_config", "is_wsinfer_folder", "WSInferConfigError",
+def model_config_from_dict(data: Any) -> ModelConfig:
+    """The :class:`ModelConfig` of a parsed ``config.json`` in either format: a WSInfer model-zoo
+    config (it has a ``transform`` list) is translated, anything else must be wsi-cmaf's own."""
+    if is_wsinfer_config(data):
+        return translate_wsinfer_config(data)
+    return ModelConfig.from_dict(data)
+
+
+def model_config_from_json(source: str | Path) -> ModelConfig:
+    """:func:`model_config_from_dict` of a JSON file (or of JSON text starting with ``{``)."""
+    return model_config_from_dict(read_config_json(source))
+
+
+__all__ = ["translate_wsinfer_config", "model_config_from_dict", "model_config_from_json", "is_wsinfer_config",
+           "is_wsinfer_folder", "WSInferConfigError",
            "UnsupportedTransformError", "SUPPORTED_TRANSFORMS", "WSINFER_WEIGHTS_NAME"]

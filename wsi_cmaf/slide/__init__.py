@@ -11,7 +11,7 @@ from wsi_cmaf._lazy import lazy_exports
 _EXPORTS = {
     "BACKENDS": "wsi_cmaf.slide.reader",
     "SlideReader": "wsi_cmaf.slide.reader",
-    "open_slide": "wsi_cmaf.slide.reader",
+    "open_slide": "wsi_cmaf.slide.opener",
     "TissueConfig": "wsi_cmaf.slide.tissue",
     "TissueMask": "wsi_cmaf.slide.tissue",
     "detect_tissue": "wsi_cmaf.slide.tissue",

@@ -114,7 +114,7 @@ def _check_pixel_format(path: Path, facts: _mpp.TiffFacts | None) -> None:
 def open_slide(
     path: str | Path,
     backend: str = "auto",
-    mpp: float | tuple[float, float] | str | None = None,
+    mpp: float | tuple[float, float] | None = None,
 ) -> SlideReader:
     """Open a whole-slide image.
 
@@ -122,8 +122,7 @@ def open_slide(
         path: slide file (SVS, pyramidal TIFF, DICOM ...) or a folder of DICOM files.
         backend: ``"auto"`` or one of :data:`BACKENDS`.
         mpp: level-0 µm/px override (one value or ``(x, y)``); always wins over metadata.
-            ``"estimate"`` measures it from the nuclei in the image instead
-            (:mod:`wsi_cmaf.qc.mpp_estimate`; ``mpp_source`` is then "estimated from nuclei").
+            ``mpp="estimate"`` (measured from the nuclei) is :func:`wsi_cmaf.slide.open_slide`'s.
 
     Raises:
         SlideNotFoundError, NotASlideFileError, UnsupportedSlideError, UnreadableSlideError,
@@ -132,8 +131,11 @@ def open_slide(
     path = Path(path)
     if backend != "auto" and backend not in BACKENDS:
         raise ConfigError(f"unknown slide backend {backend!r}; choose auto or one of {BACKENDS}")
-    estimate = isinstance(mpp, str) and mpp.strip().lower() == "estimate"
-    override = None if estimate else _mpp.normalise_override(mpp)
+    if isinstance(mpp, str) and mpp.strip().lower() == "estimate":
+        # the estimator reads tissue through this reader: it sits in the layer above
+        raise ConfigError("mpp='estimate' measures the µm/px from the nuclei: open the slide with "
+                          "wsi_cmaf.slide.open_slide (wsi_cmaf.slide.opener), not wsi_cmaf.slide.reader.open_slide")
+    override = _mpp.normalise_override(mpp)
     _check_path(path)
     facts = _mpp.tiff_facts(path) if path.is_file() else None
     _check_pixel_format(path, facts)
@@ -145,7 +147,7 @@ def open_slide(
             impl = _make_backend(backend, path)
         except library_errors(backend) as exc:
             raise UnreadableSlideError(path, f"backend {backend} cannot open it: {exc}") from exc
-        return SlideReader(path, impl, override, facts, estimate=estimate)
+        return SlideReader(path, impl, override, facts)
 
     failures: list[str] = []
     candidates = ("wsidicom",) if path.is_dir() else BACKENDS
@@ -159,7 +161,7 @@ def open_slide(
             failures.append(f"{name}: {type(exc).__name__}: {exc}")
             logger.debug("%s cannot open %s: %s", name, path, exc)
             continue
-        return SlideReader(path, impl, override, facts, estimate=estimate)
+        return SlideReader(path, impl, override, facts)
     raise UnreadableSlideError(path, "no backend could open it (" + "; ".join(failures) + ")")
 
 
@@ -195,7 +197,6 @@ class SlideReader:
         impl: Backend,
         override: tuple[float, float] | None,
         facts: _mpp.TiffFacts | None,
-        estimate: bool = False,
     ) -> None:
         self.path = path
         self._impl = impl
@@ -227,28 +228,22 @@ class SlideReader:
             self._mpp_error = exc
         self._errors = library_errors(self.backend)
         self._closed = False
-        #: the µm/px measured from nuclei when opened with ``mpp="estimate"`` (else None)
-        self.mpp_estimate = None
-        if estimate:
-            self._use_estimate()
+        #: the µm/px estimate in use (see :meth:`use_mpp_estimate`; else None)
+        self.mpp_estimate: Any = None
         logger.debug("opened %s with %s (%d levels)", path, self.backend, self.level_count)
 
     # -- resolution --------------------------------------------------------------------
-    def _use_estimate(self) -> None:
-        from wsi_cmaf.qc.mpp_estimate import ESTIMATED_SOURCE, estimate_mpp
-
-        try:
-            est = estimate_mpp(self)
-        except BaseException:
-            self._impl.close()
-            raise
+    def use_mpp_estimate(self, estimate: Any, source: str) -> None:
+        """Take ``estimate.mpp`` (an isotropic level-0 µm/px measured from the image, e.g. a
+        :class:`wsi_cmaf.qc.mpp_estimate.MppEstimate`) as the slide's µm/px, with ``mpp_source``
+        ``source``; what the metadata said is kept in ``metadata_mpp``."""
         if self._mpp is not None:
             logger.info("%s: using the estimated %.3g µm/px instead of the %s value %.4g", self.path,
-                        est.mpp, self._mpp_source, self._mpp[0])
-        self.mpp_estimate = est
+                        estimate.mpp, self._mpp_source, self._mpp[0])
+        self.mpp_estimate = estimate
         #: what the file's metadata said before the estimate replaced it (None: nothing, or an override)
         self.metadata_mpp = self._mpp if self._mpp_source not in (None, "override") else None
-        self._mpp, self._mpp_source, self._mpp_error = (est.mpp, est.mpp), ESTIMATED_SOURCE, None
+        self._mpp, self._mpp_source, self._mpp_error = (estimate.mpp, estimate.mpp), source, None
 
     @property
     def mpp(self) -> tuple[float, float]:

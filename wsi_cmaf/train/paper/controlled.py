@@ -26,14 +26,11 @@ patient-bootstrap differences against √-weighted cross-entropy.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,107 +39,17 @@ from torch import nn
 
 from wsi_cmaf.errors import ConfigError
 from wsi_cmaf.train.data.imbalance import parse_ratio
+from wsi_cmaf.train.paper.controlled_config import ARMS, ControlledConfig, Data
+
+if TYPE_CHECKING:  # imported where a net is built: torch models load late
+    from wsi_cmaf.models.cmaf_net import CMAFNet
 
 logger = logging.getLogger(__name__)
 
-_NO_REGULARISERS = {"beta1": 0.0, "beta2": 0.0, "diversity_weight": 0.0, "entropy_weight": 0.0,
-                    "orthogonality_weight": 0.0}
-#: arm name -> (registry loss, loss kwargs, DFA readout on, other LossConfig fields)
-ARMS: dict[str, tuple[str, dict[str, Any], bool, dict[str, Any]]] = {
-    "ce": ("cross_entropy", {}, False, {}),
-    "ce_sqrt": ("sqrt_weighted_cross_entropy", {}, False, {}),
-    "ce_inverse": ("weighted_cross_entropy", {}, False, {}),
-    "balanced_softmax": ("balanced_softmax", {}, False, {}),
-    "focal": ("focal", {}, False, {}),
-    "acbfl": ("acbfl", {}, False, {}),  # A-CBFL alone, λ = 0
-    "acbfl_smooth": ("acbfl", {"lambda_smooth": 0.1}, False, {}),  # the −λH "label smoothing" reading
-    "acbfl_dfa": ("acbfl", {}, True, {}),
-    # the objective as shipped: A-CBFL times the Eq. 6 class weights (√ inverse frequency)
-    "acbfl_shipped": ("acbfl", {}, False, {"class_weighted_ib": True}),
-    # the mechanism: every class at γ_base, or α frozen at inverse frequency
-    "acbfl_no_class_gamma": ("acbfl", {"class_gamma": False}, False, {}),
-    "acbfl_no_dynamic": ("acbfl", {"dynamic_alpha": False}, False, {}),
-    "acbfl_no_reg": ("acbfl", {}, False, dict(_NO_REGULARISERS)),  # the IB and attention terms off
-}
-REFERENCE_ARM = "ce_sqrt"
-#: the tiny CMAF-Net of the synthetic sweeps (benchmarks/configs/sweep_synthetic.yaml)
-TINY_CMAF: dict[str, Any] = {
-    "spatial_backbone": "test_resnet", "mvit_stem_channels": 8, "mvit_channels": [8, 16, 24, 32, 32],
-    "mvit_dims": [32, 32, 32], "mvit_depths": [1, 1, 1], "mvit_heads": 2, "context_dim": 64, "num_heads": 4,
-    "bottleneck_dim": 16, "head_hidden": [32], "nystrom_landmarks": 16,
-}
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-@dataclass
-class ControlledConfig:
-    """Every setting of the experiment (recorded in ``results.json``; a changed one restarts it)."""
-
-    n_patients: int = 120
-    patches_per_patient: int = 160
-    generated_ratio: str = "80:20"
-    signal: float = 0.5
-    data_seed: int = 7
-    split_patients: tuple[int, int, int] = (80, 20, 20)  # train / val / test
-    n_minority: int = 100
-    ratios: tuple[str, ...] = ("70:30", "95:5", "99:1")
-    arms: tuple[str, ...] = tuple(ARMS)
-    seeds: tuple[int, ...] = tuple(range(10))
-    input_size: int = 48
-    model_kwargs: dict[str, Any] = field(default_factory=lambda: dict(TINY_CMAF))
-    stage1_epochs: int = 15
-    stage1_lr: float = 1e-3
-    # Fusion budget in passes over each ratio's training set (steps = ceil(passes × n / batch)), so
-    # every ratio sees each sample equally often; ``steps`` (an int) fixes the step count instead,
-    # as the first version of the experiment did (300 steps: 58 passes at 70:30, 1.9 at 99:1).
-    passes: float = 20.0
-    steps: int | None = None
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    target_specificity: float = 0.95
-    bootstrap: int = 500
-
-    def validate(self) -> ControlledConfig:
-        """Named errors for settings the design cannot honour."""
-        unknown = sorted(set(self.arms) - set(ARMS))
-        if unknown:
-            raise ConfigError(f"unknown arm(s) {unknown}; choose from {sorted(ARMS)}")
-        if REFERENCE_ARM not in self.arms:
-            raise ConfigError(f"the arms must include the reference {REFERENCE_ARM!r} (differences are against it)")
-        if len(self.split_patients) != 3 or sum(self.split_patients) != self.n_patients:
-            raise ConfigError(f"split_patients {self.split_patients} must be 3 counts summing to n_patients")
-        if not self.seeds or not self.ratios:
-            raise ConfigError("at least one seed and one ratio are needed")
-        for r in self.ratios:
-            parse_ratio(r)
-        if self.steps is None and not self.passes > 0:
-            raise ConfigError(f"passes must be > 0 (or set steps), got {self.passes}")
-        return self
-
-    def fusion_steps(self, n_train: int) -> int:
-        """Optimiser steps of one fusion run on ``n_train`` samples (the budget rule above)."""
-        if self.steps is not None:
-            return int(self.steps)
-        return max(1, math.ceil(self.passes * n_train / min(self.batch_size, n_train)))
-
-    def fingerprint(self) -> str:
-        """Short hash of the settings (results of other settings are not reused)."""
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 # ----------------------------------------------------------------------------- data
-@dataclass
-class Data:
-    """All patches of the experiment and their patient split."""
-
-    images: np.ndarray  # (N, P, P, 3) uint8
-    labels: np.ndarray  # (N,) 0 benign, 1 malignant
-    patients: np.ndarray  # (N,) patient id strings
-    split: np.ndarray  # (N,) "train" | "val" | "test"
-
-
 def make_data(cfg: ControlledConfig, cache: Path | None = None) -> Data:
     """Generate (or load from ``cache``) the synthetic patches and split them by patient."""
     from wsi_cmaf.train.data.synthetic_patches import SyntheticPatchConfig, generate_patches
@@ -201,22 +108,24 @@ def to_input(images: np.ndarray, size: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- stage 1 + cache
-def _net(cfg: ControlledConfig, dfa: bool = False, counts: tuple[float, float] | None = None) -> nn.Module:
+def _net(cfg: ControlledConfig, dfa: bool = False, counts: tuple[float, float] | None = None) -> CMAFNet:
     from wsi_cmaf.models.cmaf_net import CMAFNet
     from wsi_cmaf.models.config import CMAFConfig
 
     kwargs = {**cfg.model_kwargs, "input_size": cfg.input_size}
     if dfa:
+        assert counts is not None, "a DFA arm is built with the training class counts"
         kwargs.update(dfa=True, dfa_class_counts=tuple(float(c) for c in counts))
     return CMAFNet(CMAFConfig(**kwargs), num_classes=2)
 
 
-def train_stage1(data: Data, idx: np.ndarray, cfg: ControlledConfig, seed: int) -> nn.Module:
+def train_stage1(data: Data, idx: np.ndarray, cfg: ControlledConfig, seed: int) -> CMAFNet:
     """Train both extractors with their stage-1 heads (cross-entropy, AdamW, flips) on ``idx``."""
     from wsi_cmaf.train.engine.stages import BranchHeads
 
     torch.manual_seed(seed)
     net = _net(cfg)
+    assert net.spatial is not None and net.contextual is not None  # the model_kwargs keep both extractors
     heads = BranchHeads(net, 2)
     params = [*net.spatial.parameters(), *net.contextual.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.stage1_lr, weight_decay=cfg.weight_decay)
@@ -233,7 +142,7 @@ def train_stage1(data: Data, idx: np.ndarray, cfg: ControlledConfig, seed: int) 
                 x = x.flip(-1)
             if rng.random() < 0.5:
                 x = x.flip(-2)
-            loss = sum(F.cross_entropy(lg, y) for lg in heads(net, x).values())
+            loss = torch.stack([F.cross_entropy(lg, y) for lg in heads(net, x).values()]).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -241,11 +150,12 @@ def train_stage1(data: Data, idx: np.ndarray, cfg: ControlledConfig, seed: int) 
 
 
 @torch.inference_mode()
-def cache_features(net: nn.Module, data: Data, idx: np.ndarray, cfg: ControlledConfig,
+def cache_features(net: CMAFNet, data: Data, idx: np.ndarray, cfg: ControlledConfig,
                    batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """F_s and F_t (aligned to F_s's grid, as in ``CMAFNet.forward_features``) of the patches ``idx``."""
     from wsi_cmaf.models.spatial import resample_to
 
+    assert net.spatial is not None and net.contextual is not None  # as train_stage1 built it
     fs, ft = [], []
     for start in range(0, len(idx), batch):
         x = to_input(data.images[idx[start:start + batch]], cfg.input_size)
@@ -267,7 +177,7 @@ class CachedMap(nn.Module):
         return pair[self.index]
 
 
-def fusion_model(cfg: ControlledConfig, seed: int, dfa: bool, counts: tuple[float, float]) -> nn.Module:
+def fusion_model(cfg: ControlledConfig, seed: int, dfa: bool, counts: tuple[float, float]) -> CMAFNet:
     """The fusion part of a fresh CMAF-Net for ``seed``; the extractors become :class:`CachedMap`.
 
     Every arm of a seed gets the same initial weights: the DFA readout is built last, so its
@@ -275,8 +185,10 @@ def fusion_model(cfg: ControlledConfig, seed: int, dfa: bool, counts: tuple[floa
     """
     torch.manual_seed(seed * 7919 + 1)
     net = _net(cfg, dfa=dfa, counts=counts)
-    net.spatial = CachedMap(0, net.spatial.out_channels)
-    net.contextual = CachedMap(1)
+    assert net.spatial is not None
+    # duck-typed stand-ins: CMAFNet only calls its extractors and reads spatial.out_channels
+    net.spatial = CachedMap(0, net.spatial.out_channels)  # type: ignore[assignment]
+    net.contextual = CachedMap(1)  # type: ignore[assignment]
     return net
 
 
@@ -299,7 +211,8 @@ def train_fusion(arm: str, feats: tuple[torch.Tensor, torch.Tensor], y: torch.Te
     for step, b in enumerate(batches):
         bt = torch.from_numpy(b)
         objective.update(step, len(batches))
-        logits, aux = net.forward_with_aux((fs[bt], ft[bt]))
+        # the CachedMap stand-ins take the cached (F_s, F_t) pair where CMAFNet declares an image batch
+        logits, aux = net.forward_with_aux((fs[bt], ft[bt]))  # type: ignore[arg-type]
         out = objective(logits, y[bt], aux)
         opt.zero_grad(set_to_none=True)
         out.total.backward()

@@ -31,7 +31,7 @@ from wsi_cmaf.train.evaluate.metrics import (
     rank_auroc,
     threshold_at_specificity,
 )
-from wsi_cmaf.train.paper.controlled import REFERENCE_ARM, ControlledConfig, Data
+from wsi_cmaf.train.paper.controlled_config import REFERENCE_ARM, ControlledConfig, Data
 
 #: extra paired comparisons beside "every arm vs the reference"
 EXTRA_PAIRS = (("acbfl_dfa", "acbfl"), ("acbfl_smooth", "acbfl"), ("acbfl_shipped", "acbfl"),

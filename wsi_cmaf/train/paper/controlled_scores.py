@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from wsi_cmaf.errors import DataError
-from wsi_cmaf.train.paper.controlled import ControlledConfig, Data
+from wsi_cmaf.train.paper.controlled_config import ControlledConfig, Data
 
 SCORES_DIR = "scores"
 
@@ -30,7 +30,7 @@ def seed_path(out: Path, seed: int) -> Path:
 def save_seed(path: Path, result: dict[str, Any]) -> None:
     """Write one seed's logit margins (float16 npz) and its counts/timings (json), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {f"{key}|{part}": np.asarray(v, np.float32).astype(np.float16)
+    arrays: dict[str, Any] = {f"{key}|{part}": np.asarray(v, np.float32).astype(np.float16)
               for key, d in result["scores"].items() for part, v in d.items()}
     meta = {k: v for k, v in result.items() if k != "scores"}
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
@@ -72,7 +72,8 @@ def stored_config(out: Path) -> ControlledConfig:
     """The :class:`ControlledConfig` an experiment folder's ``config.json`` records."""
     settings = json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))["config"]
     tuples = ("split_patients", "ratios", "arms", "seeds")
-    return ControlledConfig(**{k: tuple(v) if k in tuples else v for k, v in settings.items()})
+    fields: dict[str, Any] = {k: tuple(v) if k in tuples else v for k, v in settings.items()}
+    return ControlledConfig(**fields)
 
 
 def rederive(out: Path, into: Path | None = None) -> dict[str, Any]:
