@@ -38,7 +38,7 @@ from wsi_cmaf.preprocess import TilePreprocessor, ViewsPreprocessor
 from wsi_cmaf.qc.stage import qc_before_inference, qc_identity, qc_into_store, qc_summary
 from wsi_cmaf.slide.grid import GridConfig, TileGrid
 from wsi_cmaf.slide.level0 import block_tiles_for_level0
-from wsi_cmaf.slide.reader import open_slide
+from wsi_cmaf.slide.opener import open_slide
 from wsi_cmaf.slide.tissue import TissueConfig, tissue_mask_from_rgb
 
 logger = logging.getLogger(__name__)
