@@ -305,7 +305,7 @@ class TrainConfig:
         if "ramp_steps" in (data.get("loss") or {}):
             raise ConfigError("loss.ramp_steps does nothing in a training run: the β ramp spans each stage with "
                               "ib: ramp (stages[].ib, stages[].epochs); remove the key")
-        sections = {
+        sections: dict[str, Any] = {
             "data": from_dict(DataConfig, data.pop("data"), where="training config: data"),
             "model": from_dict(ModelSection, data.pop("model", None), where="training config: model"),
             "loss": TrainLossConfig.from_dict(data.pop("loss", None) or {}),

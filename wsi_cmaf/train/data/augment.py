@@ -91,6 +91,8 @@ class AugmentConfig:
 class BatchAugment(nn.Module):
     """Seeded batch augmentation: ``forward(x)`` with x float (B, 3, H, W) in [0, 255]."""
 
+    stain_maps: torch.Tensor
+
     def __init__(self, config: AugmentConfig | None = None, seed: int = 0) -> None:
         super().__init__()
         self.config = config or AugmentConfig()

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -117,11 +118,12 @@ class PatchStoreDataset(Dataset):
         return self.transform(t) if self.transform is not None else t
 
     def _sample(self, img: np.ndarray | tuple[list[np.ndarray], np.ndarray], i: int):
-        if self.views:
-            views, missing = img  # type: ignore[misc]
+        x: torch.Tensor | dict[str, object]
+        if isinstance(img, tuple):
+            views, missing = img
             x = {"views": [self._tensor(v) for v in views], "missing": torch.from_numpy(np.asarray(missing, bool))}
         else:
-            x = self._tensor(img)  # type: ignore[arg-type]
+            x = self._tensor(img)
         label = int(self.labels[i])
         return (x, label, i) if self.return_index else (x, label)
 
@@ -239,6 +241,7 @@ def build_dataloaders(
     if tasks and _is_store(source):
         raise DataError(f"{source}: a patch store carries no labels for the task(s) {sorted(tasks)}; "
                         "train multi-task models on a manifest CSV with a column per task")
+    make: Callable[[np.ndarray, Callable | None], Dataset]
     if _is_store(source):
         store = PatchStore(source, in_memory=in_memory)
         frame = pd.DataFrame({"label": store.labels, "split": store.split_codes, "row": np.arange(len(store))})
@@ -256,7 +259,7 @@ def build_dataloaders(
         manifest = read_manifest(source, classes=classes, check_images=check_images)
         frame = manifest.frame.assign(row=np.arange(len(manifest)))
         geometry = decide_geometry(manifest.paths(), patch_size, image_geometry)
-        shape = {"patch_size": patch_size, "image_size": image_size, "geometry": geometry}
+        shape: dict[str, Any] = {"patch_size": patch_size, "image_size": image_size, "geometry": geometry}
         if tasks:
             task_arrays = {t: task_label_array(manifest.frame, t, names, str(source)) for t, names in tasks.items()}
             make = lambda rows, tf: ManifestDataset(  # noqa: E731
@@ -278,8 +281,8 @@ def build_dataloaders(
             raise DataError(f"{source}: split {split!r} is empty")
         ds = make(rows, train_transform if split == "train" else eval_transform)
         datasets[split] = ds
-        kwargs = {"num_workers": num_workers, "persistent_workers": num_workers > 0, "pin_memory": pin_memory,
-                  "collate_fn": collate_views if views is not None else None}
+        kwargs: dict[str, Any] = {"num_workers": num_workers, "persistent_workers": num_workers > 0,
+                                  "pin_memory": pin_memory, "collate_fn": collate_views if views is not None else None}
         if split == "train":
             if isinstance(ds, PatchStoreDataset):
                 sampler = ChunkShuffleSampler(ds.rows, ds.store.chunk_patches, seed=seed)

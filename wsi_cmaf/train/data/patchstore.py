@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from wsi_cmaf.errors import DataError, ManifestError
+from wsi_cmaf.zarr_nodes import attrs_dict, member_array, read
 
 logger = logging.getLogger(__name__)
 
@@ -246,30 +247,30 @@ class PatchStore:
             self.group = zarr.open_group(str(self.path), mode="r")
         except (FileNotFoundError, ValueError, KeyError) as exc:
             raise DataError(f"not a patch store: {self.path} ({exc})") from exc
-        attrs = dict(self.group.attrs)
+        attrs = attrs_dict(self.group)
         if attrs.get("format") != FORMAT:
             raise DataError(f"{self.path} is not a {FORMAT} (format={attrs.get('format')!r})")
         self.attrs = attrs
-        self._images = self.group["images"]
-        self.labels: np.ndarray = self.group["labels"][:]
-        self.patient_codes: np.ndarray = self.group["patient"][:]
-        self.split_codes: np.ndarray = self.group["split"][:]
+        self._images = member_array(self.group, "images")
+        self.labels: np.ndarray = read(member_array(self.group, "labels"))
+        self.patient_codes: np.ndarray = read(member_array(self.group, "patient"))
+        self.split_codes: np.ndarray = read(member_array(self.group, "split"))
         self.patients: list[str] = list(attrs["patients"])
         self.chunk_patches = int(self._images.chunks[0])
-        self._memory = self._images[:] if in_memory else None
+        self._memory = read(self._images) if in_memory else None
         #: [{"mpp", "size"}] per view of a multi-view store (view 0 = the patches), else None
         self.views: list[dict] | None = attrs.get("views")
-        self._view_arrays = []
+        self._view_arrays: list[Any] = []  # zarr arrays, or numpy arrays when in memory
         self._view_missing: np.ndarray | None = None
         if self.views is not None:
             try:
-                self._view_arrays = [self.group[f"views/{v}"] for v in range(1, len(self.views))]
-                self._view_missing = self.group["view_missing"][:]
+                self._view_arrays = [member_array(self.group, f"views/{v}") for v in range(1, len(self.views))]
+                self._view_missing = read(member_array(self.group, "view_missing"))
             except KeyError as exc:
                 raise DataError(f"{self.path}: attrs declare {len(self.views)} views but an array is "
                                 f"missing ({exc}); rebuild the store") from exc
             if in_memory:
-                self._view_arrays = [a[:] for a in self._view_arrays]
+                self._view_arrays = [read(a) for a in self._view_arrays]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -277,7 +278,7 @@ class PatchStore:
     @property
     def patch_shape(self) -> tuple[int, int]:
         """(H, W) of every patch."""
-        return tuple(self._images.shape[1:3])  # type: ignore[return-value]
+        return int(self._images.shape[1]), int(self._images.shape[2])
 
     @property
     def patient_ids(self) -> np.ndarray:

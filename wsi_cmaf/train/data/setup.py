@@ -157,7 +157,7 @@ class BatchPipeline(nn.Module):
             state = gen.get_state() if gen is not None else None
             out = []
             for view in x.views:
-                if gen is not None:
+                if gen is not None and state is not None:
                     gen.set_state(state)
                 out.append(self._one(view, patient_ids, train))
             return ViewBatch(out, x.missing)

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -152,7 +153,7 @@ def read_slide_table(path: str | Path) -> list[AnnotatedSlide]:
 
 def build_slide_patch_store(slides: Sequence[AnnotatedSlide], out: str | Path,
                             grid_config: GridConfig | None = None, *, context: Sequence[ViewSpec | dict] = (),
-                            **label_kwargs: float) -> dict[str, object]:
+                            **label_kwargs: float) -> dict[str, dict[str, int]]:
     """Cut every slide into labelled tiles and write one patch store; returns counts per split.
 
     ``context``: views to store beside each tile (a multi-view store; see the module docstring).
@@ -182,7 +183,7 @@ def build_slide_patch_store(slides: Sequence[AnnotatedSlide], out: str | Path,
     empty = [s for s, c in counts.items() if c["patches"] == 0]
     if empty:
         raise DataError(f"no tiles in split(s) {empty}: give those splits slides with tissue")
-    view_kwargs = {}
+    view_kwargs: dict[str, Any] = {}
     if context:
         view_kwargs = {"views": view_specs(grid_config, context),
                        "view_images": [np.concatenate(v) for v in zip(*views)],

@@ -134,8 +134,9 @@ def batch_loss(ctx: RunContext, rt: StageRuntime, x: torch.Tensor, y: torch.Tens
         per_sample = torch.stack(list(per_branch.values())).sum(0)
         terms = {f"loss/{n}": v.mean().detach() for n, v in per_branch.items()}
         return per_sample.mean(), per_sample, terms, {}
-    if hasattr(ctx.model, "forward_with_aux"):
-        logits, aux = ctx.model.forward_with_aux(x)
+    forward_with_aux = getattr(ctx.model, "forward_with_aux", None)
+    if forward_with_aux is not None:
+        logits, aux = forward_with_aux(x)
     else:
         logits, aux = ctx.model(x), {}
     secondary = None

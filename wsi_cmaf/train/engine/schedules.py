@@ -11,7 +11,8 @@ and work on :class:`~wsi_cmaf.train.engine.sam.SAM` as well as on plain optimize
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import (
@@ -84,7 +85,7 @@ def cyclic(
     step_size_up: int,
     max_lr: float | None = None,
     base_lr: float | None = None,
-    mode: str = "triangular",
+    mode: Literal["triangular", "triangular2", "exp_range"] = "triangular",
     step_size_down: int | None = None,
     gamma: float = 1.0,
 ) -> LRScheduler:
@@ -122,7 +123,7 @@ SCHEDULES = ("constant", "cosine", "warmup", "warmup_cosine", "cyclic")
 
 def build_scheduler(name: str, optimizer: Optimizer, **kwargs: Any) -> LRScheduler:
     """Build a schedule by name (one of :data:`SCHEDULES`) with that function's keyword arguments."""
-    factories = {
+    factories: dict[str, Callable[..., LRScheduler]] = {
         "constant": constant,
         "cosine": cosine,
         "warmup": warmup,

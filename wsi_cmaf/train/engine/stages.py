@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -64,12 +64,13 @@ class BranchHeads(nn.Module):
 
     def __init__(self, model: nn.Module, num_classes: int) -> None:
         super().__init__()
-        model = core_model(model)
-        dims = {}
-        if getattr(model, "spatial", None) is not None:
-            dims["spatial"] = model.spatial.out_channels
-        if getattr(model, "contextual", None) is not None:
-            dims["contextual"] = model.config.context_dim
+        # duck-typed (any model with CMAF-Net's branches); nn.Module types such attributes Tensor | Module
+        core: Any = core_model(model)
+        dims: dict[str, int] = {}
+        if getattr(core, "spatial", None) is not None:
+            dims["spatial"] = core.spatial.out_channels
+        if getattr(core, "contextual", None) is not None:
+            dims["contextual"] = core.config.context_dim
         if not dims:
             raise ConfigError("stage 'branches' needs a model with spatial and/or contextual branches")
         self.heads = nn.ModuleDict({n: nn.Linear(d, num_classes) for n, d in dims.items()})
@@ -149,7 +150,7 @@ def trainable_parameters(*modules: nn.Module | None) -> list[nn.Parameter]:
     return out
 
 
-def build_optimizer(modules: dict[str, nn.Module], optim: OptimConfig, lr: float) -> Optimizer:
+def build_optimizer(modules: dict[str, nn.Module | None], optim: OptimConfig, lr: float) -> Optimizer:
     """AdamW (wrapped in SAM when ``optim.sam``) over the trainable parameters of ``modules``."""
     holder = nn.ModuleDict({k: v for k, v in modules.items() if v is not None})
     groups = param_groups_weight_decay(holder, weight_decay=optim.weight_decay)
@@ -195,9 +196,10 @@ def agc_parameters(model: nn.Module, heads: nn.Module | None) -> list[nn.Paramet
     """Parameters adaptive gradient clipping applies to: all trainable ones except the final
     classifier layer(s) — Brock et al. (2021) found clipping the last linear layer hurts."""
     skip: set[int] = set()
-    if isinstance(getattr(model, "heads", None), TaskHeads):  # every task's head is a final layer
-        skip |= {id(p) for p in model.heads.parameters()}
-    classifier = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "fc", None)
+    task_heads = getattr(model, "heads", None)
+    if isinstance(task_heads, TaskHeads):  # every task's head is a final layer
+        skip |= {id(p) for p in task_heads.parameters()}
+    classifier = _classifier(model)
     if isinstance(classifier, nn.Module):
         skip |= {id(p) for p in classifier.parameters()}
     if heads is not None:
@@ -211,8 +213,14 @@ def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:
     heads = getattr(model, "heads", None)
     if isinstance(heads, TaskHeads):
         return list(heads.heads[next(iter(heads.tasks))].parameters())
-    classifier = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "fc", None)
+    classifier = _classifier(model)
     return list(classifier.parameters()) if isinstance(classifier, nn.Module) else []
+
+
+def _classifier(model: nn.Module) -> object:
+    """timm's ``get_classifier()``, else a torchvision-style ``fc``, else None."""
+    get_classifier = getattr(model, "get_classifier", None)
+    return get_classifier() if callable(get_classifier) else getattr(model, "fc", None)
 
 
 def enable_grad_checkpointing(model: nn.Module) -> bool:
@@ -222,8 +230,9 @@ def enable_grad_checkpointing(model: nn.Module) -> bool:
     Wrapping replaces the instance's ``forward`` only, so parameter names (and checkpoints)
     are unchanged. Returns whether anything was enabled.
     """
-    if hasattr(model, "set_grad_checkpointing"):
-        model.set_grad_checkpointing(True)
+    set_grad_checkpointing = getattr(model, "set_grad_checkpointing", None)
+    if set_grad_checkpointing is not None:
+        set_grad_checkpointing(True)
         return True
     from torch.utils.checkpoint import checkpoint
 
@@ -236,7 +245,7 @@ def enable_grad_checkpointing(model: nn.Module) -> bool:
                 return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
             return _inner(*args, **kwargs)
 
-        module.forward = wrapped  # type: ignore[method-assign]
+        module.forward = wrapped
         done = True
     return done
 
@@ -260,7 +269,7 @@ class AdaptiveGradClip:
         self.eps = float(eps)
         self._layout: dict[tuple, tuple[torch.Tensor, list[int], int]] = {}
 
-    def _units(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, list[int], int]:
+    def _units(self, params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int], int]:
         """(unit lengths on the device, numel per parameter, total numel), cached per parameter set."""
         key = tuple((id(p), tuple(p.shape)) for p in params)
         if key not in self._layout:
@@ -284,7 +293,7 @@ class AdaptiveGradClip:
         if not params:
             return
         lengths, sizes, total = self._units(params)
-        grads = [p.grad for p in params]
+        grads = [p.grad for p in params if p.grad is not None]  # every one: params were filtered on it
         g = torch.cat([t.reshape(-1) for t in grads])
         w = torch.cat([p.detach().reshape(-1) for p in params])
         max_norm = self._unit_norms(w, lengths).clamp_(min=self.eps).mul_(self.clip_factor)
@@ -391,8 +400,10 @@ def compile_for_training(model: nn.Module, heads: nn.Module | None, mode: str, b
     if backend == "inductor":
         kwargs["mode"] = mode
     model.compile(**kwargs)
-    if callable(getattr(model, "forward_with_aux", None)):
-        model.forward_with_aux = torch.compile(model.forward_with_aux, **kwargs)  # type: ignore[method-assign]
+    forward_with_aux = getattr(model, "forward_with_aux", None)
+    if callable(forward_with_aux):
+        # torch's stubs type a Module's attributes Tensor | Module, so assigning a function is refused
+        model.forward_with_aux = torch.compile(forward_with_aux, **kwargs)  # type: ignore[assignment]
     if heads is not None:
         heads.compile(**kwargs)
     # The per-class gradient norms take several backward passes through one graph

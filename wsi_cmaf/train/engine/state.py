@@ -258,12 +258,13 @@ def default_weights_note(config: TrainConfig, source: str, best_epoch: int, test
 def export_model(model: nn.Module, config: TrainConfig, directory: Path, note: str) -> Path:
     """Write the trained model as ``model.safetensors`` + ``config.json`` (atomically replaced)."""
     m = config.model
-    kwargs = model.config.to_dict() if (m.is_cmaf or m.is_task_model) and hasattr(model, "config") else dict(m.kwargs)
+    own_config = getattr(model, "config", None)  # CMAF-Net's and the task models' own config dataclass
+    kwargs = own_config.to_dict() if (m.is_cmaf or m.is_task_model) and own_config is not None else dict(m.kwargs)
     model_config = ModelConfig(
         architecture=m.name, num_classes=m.num_classes, class_names=list(m.class_names),
         positive_class=m.positive_class, spacing_um_px=float(m.spacing_um_px),
-        patch_size_pixels=int(m.patch_size_pixels), input_size=int(m.input_size), mean=tuple(m.mean),
-        std=tuple(m.std), stain_normalization=m.stain_normalization, model_kwargs=kwargs, weights_note=note,
+        patch_size_pixels=int(m.patch_size_pixels), input_size=int(m.input_size), mean=(*m.mean,),
+        std=(*m.std,), stain_normalization=m.stain_normalization, model_kwargs=kwargs, weights_note=note,
     )
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -102,7 +102,8 @@ class TrainResult:
     def from_dict(cls, data: dict[str, Any]) -> TrainResult:
         """Inverse of :meth:`to_dict`."""
         paths = {"output_dir", "model_dir", "val_history_path"}
-        return cls(**{k: Path(v) if k in paths else v for k, v in data.items()})
+        fields: dict[str, Any] = {k: Path(v) if k in paths else v for k, v in data.items()}
+        return cls(**fields)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -187,7 +188,8 @@ def stage_objective(ctx: RunContext, loss_cfg: LossConfig, stage: StageConfig, s
 
 def stage_runtime(ctx: RunContext, loss_cfg: LossConfig, index: int) -> StageRuntime:
     """Freeze/unfreeze for the stage and build its optimiser, schedule and objective."""
-    stage = ctx.config.stages[index]  # type: ignore[index]
+    assert ctx.config.stages is not None  # TrainConfig.__post_init__ fills the default stages
+    stage = ctx.config.stages[index]
     configure_trainable(ctx.model, ctx.heads, stage.trainable)
     optimizer = build_optimizer({"model": ctx.model, "heads": ctx.heads}, ctx.config.optim, stage.lr)
     spe = steps_per_epoch(ctx.bundle, ctx.config)

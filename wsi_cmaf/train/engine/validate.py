@@ -125,8 +125,8 @@ def eval_dataset(source: str | Path, split: str, target: str, class_names: Seque
         if views is not None and store.views != views:
             raise DataError(f"{source}: the model takes views {views} but the store holds "
                             f"{store.views or 'no context views'}; rebuild the store with the model's views")
-        ds = PatchStoreDataset(store, rows=rows, return_index=True, views=views is not None)
-        return ds, pd.DataFrame({"label": ds.labels, "patient_id": ds.patient_ids})
+        store_ds = PatchStoreDataset(store, rows=rows, return_index=True, views=views is not None)
+        return store_ds, pd.DataFrame({"label": store_ds.labels, "patient_id": store_ds.patient_ids})
     require = () if split == "all" else (split,)
     manifest = read_manifest(source, check_images=check_images, require_splits=require)
     frame = manifest.frame
@@ -184,7 +184,7 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, *, split: 
         return pipeline(x if own_views is not None else anchor_image(x), pids[idx.cpu().numpy()], train=False)
 
     bar = tqdm(loader, disable=not progress, desc="evaluate", unit="batch", dynamic_ncols=True)
-    probs, labels, idx = predict(model, bar, prepare, dev, name=str(model_dir))  # type: ignore[arg-type]
+    probs, labels, idx = predict(model, bar, prepare, dev, name=str(model_dir))
     meta_rows = meta.iloc[idx].reset_index(drop=True) if meta is not None else None
     report = full_report(probs, labels, list(mc.class_names), out, positive_class=mc.positive_class,
                          groups=pids[idx], meta=meta_rows, n_boot=n_boot, seed=seed, prefix=split)
@@ -224,7 +224,7 @@ def _compare_with(other: tuple[Path, nn.Module, ModelConfig, list[dict] | None],
 
     loader = eval_loader(ds, batch_size)
     bar = tqdm(loader, disable=not progress, desc="evaluate (compare)", unit="batch", dynamic_ncols=True)
-    probs_b, _labels_b, idx_b = predict(model_b, bar, prepare, device)  # type: ignore[arg-type]
+    probs_b, _labels_b, idx_b = predict(model_b, bar, prepare, device)
     # pair the rows by dataset index, whatever order each pass produced them in
     order_a, order_b = np.argsort(idx, kind="stable"), np.argsort(idx_b, kind="stable")
     if not np.array_equal(idx[order_a], idx_b[order_b]):

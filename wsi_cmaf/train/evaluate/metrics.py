@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn import metrics as skm
 
 from wsi_cmaf.errors import DataError
@@ -34,7 +35,7 @@ def _check(y_true: np.ndarray, other: np.ndarray, name: str) -> tuple[np.ndarray
     return y_true, other
 
 
-def binary_metrics(y_true: Sequence[int], y_score: Sequence[float], *, threshold: float = 0.5) -> dict[str, float]:
+def binary_metrics(y_true: ArrayLike, y_score: ArrayLike, *, threshold: float = 0.5) -> dict[str, float]:
     """Binary metrics for positive class 1; ``y_score`` = P(positive) (thresholded at ``threshold``).
 
     Returns sensitivity, specificity, balanced_accuracy, precision, f1, mcc, accuracy,
@@ -59,7 +60,7 @@ def binary_metrics(y_true: Sequence[int], y_score: Sequence[float], *, threshold
     }
 
 
-def multiclass_metrics(y_true: Sequence[int], y_pred: Sequence[int], *, labels: Sequence[int]) -> dict:
+def multiclass_metrics(y_true: ArrayLike, y_pred: ArrayLike, *, labels: Sequence[int]) -> dict:
     """Macro/weighted F1, balanced accuracy, MCC, accuracy and per-class recall (keyed by label)."""
     y, p = _check(np.asarray(y_true).astype(int), np.asarray(y_pred).astype(int), "y_pred")
     labels = list(labels)
@@ -90,15 +91,15 @@ def _binary_from_counts(tp: np.ndarray, fp: np.ndarray, tn: np.ndarray, fn: np.n
             "precision": prec, "f1": f1, "mcc": mcc, "accuracy": (tp + tn) / n}
 
 
-def bootstrap_indices(n: int, n_boot: int, seed: int, groups: Sequence | None = None) -> list[np.ndarray]:
+def bootstrap_indices(n: int, n_boot: int, seed: int, groups: ArrayLike | None = None) -> list[np.ndarray]:
     """Seeded bootstrap resamples of ``range(n)``; with ``groups``, whole groups are resampled."""
     rng = np.random.default_rng(seed)
     if groups is None:
         return list(rng.integers(0, n, size=(n_boot, n)))
-    groups = np.asarray(groups)
-    if len(groups) != n:
-        raise DataError(f"groups has {len(groups)} entries for {n} samples")
-    _, codes = np.unique(groups, return_inverse=True)
+    group_of = np.asarray(groups)
+    if len(group_of) != n:
+        raise DataError(f"groups has {len(group_of)} entries for {n} samples")
+    _, codes = np.unique(group_of, return_inverse=True)
     members = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)]
     picks = rng.integers(0, len(members), size=(n_boot, len(members)))
     return [np.concatenate([members[g] for g in row]) for row in picks]
@@ -113,14 +114,14 @@ def _ci(values: np.ndarray, alpha: float) -> tuple[float, float]:
 
 
 def bootstrap_binary_metrics(
-    y_true: Sequence[int],
-    y_score: Sequence[float],
+    y_true: ArrayLike,
+    y_score: ArrayLike,
     *,
     threshold: float = 0.5,
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
-    groups: Sequence | None = None,
+    groups: ArrayLike | None = None,
 ) -> dict[str, dict[str, float]]:
     """Point estimate and percentile bootstrap CI per metric: ``{name: {value, ci_low, ci_high}}``."""
     y, s = _check(np.asarray(y_true).astype(int), np.asarray(y_score, dtype=float), "y_score")
@@ -143,13 +144,13 @@ def bootstrap_binary_metrics(
 
 def bootstrap_metric(
     metric: Callable[[np.ndarray, np.ndarray], float],
-    y_true: Sequence,
-    y_other: Sequence,
+    y_true: ArrayLike,
+    y_other: ArrayLike,
     *,
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
-    groups: Sequence | None = None,
+    groups: ArrayLike | None = None,
 ) -> dict[str, float]:
     """Bootstrap CI of any ``metric(y_true, y_other)`` (e.g. multi-class macro F1)."""
     y, o = _check(np.asarray(y_true), np.asarray(y_other), "y_other")
@@ -159,8 +160,8 @@ def bootstrap_metric(
 
 
 def save_confusion_matrix(
-    y_true: Sequence[int],
-    y_pred: Sequence[int],
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
     path: str | Path,
     *,
     class_names: Sequence[str],
@@ -200,7 +201,7 @@ def save_confusion_matrix(
     return path
 
 
-def mcnemar_test(y_true: Sequence[int], pred_a: Sequence[int], pred_b: Sequence[int]) -> dict[str, float | int]:
+def mcnemar_test(y_true: ArrayLike, pred_a: ArrayLike, pred_b: ArrayLike) -> dict[str, float | int]:
     """Exact (binomial) McNemar test of two classifiers' correctness on the same samples.
 
     Only the discordant pairs carry information: ``b`` = samples A gets right and B wrong, ``c`` =
@@ -222,7 +223,7 @@ def mcnemar_test(y_true: Sequence[int], pred_a: Sequence[int], pred_b: Sequence[
             "accuracy_a": float(right_a.mean()), "accuracy_b": float(right_b.mean()), "p_value": p}
 
 
-def threshold_at_specificity(y_true: Sequence[int], y_score: Sequence[float], specificity: float) -> float:
+def threshold_at_specificity(y_true: ArrayLike, y_score: ArrayLike, specificity: float) -> float:
     """Smallest threshold ``t`` whose rule "positive iff score > t" keeps ``specificity`` on the negatives.
 
     ``t`` is the ⌈specificity·n_neg⌉-th smallest negative score, so at least that share of the
@@ -238,7 +239,7 @@ def threshold_at_specificity(y_true: Sequence[int], y_score: Sequence[float], sp
     return float(neg[max(k, 1) - 1])
 
 
-def expected_calibration_error(y_true: Sequence[int], y_score: Sequence[float], bins: int = 15) -> float:
+def expected_calibration_error(y_true: ArrayLike, y_score: ArrayLike, bins: int = 15) -> float:
     """Binary ECE: Σ_b (n_b / N)·|mean(y) − mean(score)| over ``bins`` equal-width bins of P(positive)."""
     y, s = _check(np.asarray(y_true).astype(float), np.asarray(y_score, dtype=float), "y_score")
     which = np.minimum((s * bins).astype(int), bins - 1)
