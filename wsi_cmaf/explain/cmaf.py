@@ -23,6 +23,7 @@ from wsi_cmaf.explain.common import (
     to_tile,
     unwrap,
 )
+from wsi_cmaf.models.cmaf_block import CMAFBlock
 from wsi_cmaf.models.cmaf_net import CMAFNet
 
 
@@ -38,13 +39,24 @@ def require_cmaf(model: nn.Module, part: str) -> CMAFNet:
     return net
 
 
+def _hw(x: torch.Tensor) -> tuple[int, int]:
+    """(H, W) of an image batch."""
+    return int(x.shape[-2]), int(x.shape[-1])
+
+
+def _block(net: CMAFNet) -> CMAFBlock:
+    """The CMAF block (require_cmaf(model, "cmaf") has checked that there is one)."""
+    assert net.cmaf is not None
+    return net.cmaf
+
+
 def _gradcam(model: nn.Module, x: torch.Tensor, target: Target, part: str, relu: bool) -> np.ndarray:
     check_batch(x)
     net = require_cmaf(model, part)
     with eval_mode(net):
         tgt = resolve_target(net, x, target)
         cam = LayerGradCam(net, getattr(net, part)).attribute(x, target=tgt, relu_attributions=relu)
-    return to_tile(cam[:, 0], tuple(x.shape[-2:]))
+    return to_tile(cam[:, 0], _hw(x))
 
 
 def gradcam_spatial(model: nn.Module, x: torch.Tensor, target: Target = None, relu: bool = True) -> np.ndarray:
@@ -77,7 +89,7 @@ class AttentionMaps:
 def _aux_with_grid(net: CMAFNet, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
     grid: list[tuple[int, int]] = []
     # The token grid is F_s's, read from the block's input (it depends on size rounding).
-    hook = net.cmaf.register_forward_pre_hook(lambda _m, args: grid.append(tuple(args[0].shape[-2:])))
+    hook = _block(net).register_forward_pre_hook(lambda _m, args: grid.append(tuple(args[0].shape[-2:])))
     try:
         with eval_mode(net), torch.no_grad():
             _, aux = net.forward_with_aux(x)
@@ -103,7 +115,7 @@ def cross_attention_maps(model: nn.Module, x: torch.Tensor) -> AttentionMaps:
     check_batch(x)
     net = require_cmaf(model, "cmaf")
     aux, grid = _aux_with_grid(net, x)
-    return _attention_from_aux(aux, grid, tuple(x.shape[-2:]))
+    return _attention_from_aux(aux, grid, _hw(x))
 
 
 def gate_map(model: nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -111,10 +123,10 @@ def gate_map(model: nn.Module, x: torch.Tensor) -> np.ndarray:
     features, 0 = it kept its spatial-branch features."""
     check_batch(x)
     net = require_cmaf(model, "cmaf")
-    if net.cmaf.gate is None:
+    if _block(net).gate is None:
         raise ExplainError("this CMAF-Net has no gate (the 'no_gating' ablation mixes 50:50)")
     aux, _ = _aux_with_grid(net, x)
-    return to_tile(aux["gate"].float().mean(dim=1), tuple(x.shape[-2:]))
+    return to_tile(aux["gate"].float().mean(dim=1), _hw(x))
 
 
 def attention_and_gate(model: nn.Module, x: torch.Tensor) -> tuple[AttentionMaps, np.ndarray | None]:
@@ -123,6 +135,6 @@ def attention_and_gate(model: nn.Module, x: torch.Tensor) -> tuple[AttentionMaps
     check_batch(x)
     net = require_cmaf(model, "cmaf")
     aux, grid = _aux_with_grid(net, x)
-    size = tuple(x.shape[-2:])
-    gate = None if net.cmaf.gate is None else to_tile(aux["gate"].float().mean(dim=1), size)
+    size = _hw(x)
+    gate = None if _block(net).gate is None else to_tile(aux["gate"].float().mean(dim=1), size)
     return _attention_from_aux(aux, grid, size), gate

@@ -108,12 +108,14 @@ def render_gallery(expl: SlideExplanation, out: str | Path) -> Path:
                 continue
             ax.imshow(grey, cmap="gray", extent=extent, vmin=0, vmax=255, interpolation="bilinear")
             if key == "gate":
+                assert expl.gate is not None  # the column is there only with a gate
                 ax.imshow(expl.gate[i], cmap="cividis", vmin=0, vmax=1, alpha=0.75, extent=extent)
                 g = expl.gate[i]
                 ax.text(2, s - 2, f"mean {g.mean():.2f} ({g.min():.2f}-{g.max():.2f})", color="white",
                         fontsize=7.5, va="bottom",
                         bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "linewidth": 0})
             elif key == "attention":
+                assert expl.attention is not None  # the column is there only with attention maps
                 a = expl.attention[i]
                 ax.imshow(a, cmap="viridis", vmin=float(a.min()), vmax=float(a.max()), alpha=0.7, extent=extent)
             else:

@@ -112,7 +112,8 @@ class SlideExplanation:
     @property
     def map_size(self) -> tuple[int, int]:
         """(H, W) of every map: the model's input size."""
-        return tuple(next(iter(self.saliency.values())).shape[1:])  # type: ignore[return-value]
+        shape = next(iter(self.saliency.values())).shape
+        return int(shape[1]), int(shape[2])
 
 
 def open_finished_store(path: str | Path):
@@ -154,7 +155,8 @@ def _cmaf_maps(module, x: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray |
 
 def _saliency(method: str, module, x: torch.Tensor, target: int, s: ExplainSettings,
               forward_args: tuple = ()) -> np.ndarray:
-    nt = {"nt_samples": s.nt_samples, "nt_stdev": s.nt_stdev, "nt_type": s.nt_type, "forward_args": forward_args}
+    nt: dict[str, Any] = {"nt_samples": s.nt_samples, "nt_stdev": s.nt_stdev, "nt_type": s.nt_type,
+                          "forward_args": forward_args}
     if method == "ig":
         return integrated_gradients(module, x, target, n_steps=s.steps, internal_batch_size=x.shape[0] * s.steps, **nt)
     if method == "occlusion":
@@ -254,8 +256,11 @@ def explain_slide(store_path: str | Path, slide: str | Path | None = None, model
         positive_class=pos, threshold=thr, location=location,
         tile_um=float(grid.config.tile_size * grid.config.mpp), tiles=tiles, recomputed=recomputed,
         saliency={k: np.concatenate(v).astype(np.float32) for k, v in sal.items()},
-        attention=None if not att or att[0] is None else np.concatenate(att).astype(np.float32),
-        gate=None if not gate or gate[0] is None else np.concatenate(gate).astype(np.float32),
+        # one model made every batch, so a map is there for all of them or for none
+        attention=None if not att or att[0] is None else np.concatenate([a for a in att if a is not None]
+                                                                        ).astype(np.float32),
+        gate=None if not gate or gate[0] is None else np.concatenate([g for g in gate if g is not None]
+                                                                     ).astype(np.float32),
         tau=tau, cmaf_note=note,
         model={"name": resolved.name, "architecture": architecture,
                "weights_sha256": resolved.weights_sha256, "weights_note": resolved.note,

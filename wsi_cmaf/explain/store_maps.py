@@ -38,6 +38,7 @@ from wsi_cmaf.explain.slide import SlideExplanation
 from wsi_cmaf.output._json import jsonable
 from wsi_cmaf.output.codecs import heatmap_compressors
 from wsi_cmaf.output.ngff import NGFF_VERSION
+from wsi_cmaf.zarr_nodes import attrs_dict, member_array, member_group, read
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def write_explanation_group(expl: SlideExplanation, name: str, attrs: dict[str, 
             if old.exists():  # put the previous group back: the store stays as it was
                 os.replace(old, target)
             raise
-        names = sorted(set(parent.attrs.get("wsi_cmaf", {}).get("maps", [])) | {name})
+        names = sorted(set(attrs_dict(parent).get("wsi_cmaf", {}).get("maps", [])) | {name})
         parent.attrs["wsi_cmaf"] = {"maps": names}
     except OSError as exc:
         raise OutputError(f"cannot write the explanation maps into {store}: {exc}") from exc
@@ -130,11 +131,11 @@ def read_explanation_group(store: str | Path, name: str) -> dict[str, np.ndarray
     from wsi_cmaf.output.store import HeatmapStore
 
     root = zarr.open_group(str(Path(store) / GROUP / name), mode="r", zarr_format=3)
-    out = {"tiles": np.asarray(root["tiles"][...]), "probability": np.asarray(root["probability"][...])}
+    out = {"tiles": read(member_array(root, "tiles")), "probability": read(member_array(root, "probability"))}
     for kind in ("saliency", "attention", "gate"):
         if kind in root:
-            out[kind] = np.asarray(root[f"{kind}/0"][...])
-    scale = float(root["saliency"].attrs["ome"]["multiscales"][0]["datasets"][0]
+            out[kind] = read(member_array(root, f"{kind}/0"))
+    scale = float(attrs_dict(member_group(root, "saliency"))["ome"]["multiscales"][0]["datasets"][0]
                   ["coordinateTransformations"][0]["scale"][1])
     mx, my = HeatmapStore.open(store).geometry.slide_mpp or (float("nan"),) * 2
     t = out["tiles"]

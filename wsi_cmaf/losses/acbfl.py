@@ -96,6 +96,10 @@ class ACBFL(ImbalanceLoss):
     Call :meth:`set_progress` once per step (or epoch) with ``t ∈ [0, 1]``.
     """
 
+    # buffers (register_buffer), typed here: nn.Module types unknown attributes Tensor | Module
+    priors: torch.Tensor
+    gammas: torch.Tensor
+
     def __init__(
         self,
         class_counts: Sequence[float] | Tensor,

@@ -63,6 +63,9 @@ class CrossEntropy(ImbalanceLoss):
     ``"inverse"`` (w ∝ 1/π_c) or ``"sqrt_inverse"`` (w ∝ 1/√π_c), see :func:`prior_power_weights`.
     """
 
+    # buffers (register_buffer), typed here: nn.Module types unknown attributes Tensor | Module
+    weight: torch.Tensor
+
     def __init__(self, class_counts: Sequence[float] | Tensor, weighting: str | None = None,
                  reduction: str = "mean") -> None:
         if weighting not in CE_WEIGHTINGS:
@@ -83,6 +86,9 @@ class FocalLoss(ImbalanceLoss):
 
     ``alpha``: optional per-class weights (length C); ``None`` means 1 for every class.
     """
+
+    # buffers (register_buffer), typed here: nn.Module types unknown attributes Tensor | Module
+    alpha: torch.Tensor
 
     def __init__(
         self,
@@ -128,6 +134,9 @@ class ClassBalancedLoss(ImbalanceLoss):
     Weights from :func:`effective_number_weights`; ``gamma`` is used only for ``base="focal"``.
     """
 
+    # buffers (register_buffer), typed here: nn.Module types unknown attributes Tensor | Module
+    weights: torch.Tensor
+
     def __init__(
         self,
         class_counts: Sequence[float] | Tensor,
@@ -169,6 +178,10 @@ class LDAMLoss(ImbalanceLoss):
     ``weight``: optional per-class weights (e.g. the deferred re-weighting stage of LDAM-DRW).
     """
 
+    # buffers (register_buffer), typed here: nn.Module types unknown attributes Tensor | Module
+    margins: torch.Tensor
+    weight: torch.Tensor
+
     def __init__(
         self,
         class_counts: Sequence[float] | Tensor,
@@ -200,6 +213,9 @@ class BalancedSoftmax(ImbalanceLoss):
 
     At test time the raw logits ``z`` are used, which estimates the class-balanced posterior.
     """
+
+    # buffers (register_buffer), typed here: nn.Module types unknown attributes Tensor | Module
+    log_prior: torch.Tensor
 
     def __init__(self, class_counts: Sequence[float] | Tensor, reduction: str = "mean") -> None:
         pi = class_priors(class_counts)

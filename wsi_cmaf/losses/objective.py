@@ -208,6 +208,9 @@ class IBObjective(nn.Module):
     ``out = objective(logits, target, aux)`` and ``out.total.backward()``.
     """
 
+    # buffers (register_buffer), typed here: nn.Module types unknown attributes Tensor | Module
+    ib_weights: torch.Tensor
+
     def __init__(self, config: LossConfig, class_counts: Sequence[float] | Tensor) -> None:
         super().__init__()
         self.config = config.validate()

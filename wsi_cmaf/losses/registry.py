@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import Tensor
@@ -15,7 +15,8 @@ from wsi_cmaf.losses.baselines import BalancedSoftmax, ClassBalancedLoss, CrossE
 __all__ = ["ALIASES", "LOSSES", "canonical_loss_name", "create_loss"]
 
 # name -> (class, preset keyword arguments). Ablation variants are presets of A-CBFL.
-_REGISTRY: dict[str, tuple[type[ImbalanceLoss], dict[str, Any]]] = {
+#: name -> (loss class, called with the class counts first; its preset keyword arguments)
+_REGISTRY: dict[str, tuple[Callable[..., ImbalanceLoss], dict[str, Any]]] = {
     "cross_entropy": (CrossEntropy, {}),
     "weighted_cross_entropy": (CrossEntropy, {"weighting": "inverse"}),
     "sqrt_weighted_cross_entropy": (CrossEntropy, {"weighting": "sqrt_inverse"}),
