@@ -68,4 +68,4 @@ def test_lazy_exports_resolve() -> None:
         for name in pkg.__all__:
             assert getattr(pkg, name) is not None, (pkg.__name__, name)
         with pytest.raises(AttributeError):
-            getattr(pkg, "no_such_export")
+            pkg.no_such_export

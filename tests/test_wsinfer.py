@@ -16,12 +16,15 @@ from wsi_cmaf.infer.config import InferenceConfig
 from wsi_cmaf.infer.modelspec import quick_weights_sha256, resolve_model
 from wsi_cmaf.models.config import ModelConfig
 from wsi_cmaf.models.wsinfer import (
-    UnsupportedTransformError, WSInferConfigError, model_config_from_dict, translate_wsinfer_config,
+    UnsupportedTransformError,
+    WSInferConfigError,
+    model_config_from_dict,
+    translate_wsinfer_config,
 )
 from wsi_cmaf.preprocess import TilePreprocessor
 from wsi_cmaf.slide.grid import GridConfig, TileGrid
-from wsi_cmaf.slide.reads import read_block, read_tile
 from wsi_cmaf.slide.reader import open_slide
+from wsi_cmaf.slide.reads import read_block, read_tile
 from wsi_cmaf.slide.synthetic import write_synthetic_slide
 
 MEAN, STD = [0.7, 0.6, 0.75], [0.15, 0.2, 0.12]

@@ -11,8 +11,7 @@ import torch
 
 from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.cli import build_parser, exit_code, main
-from wsi_cmaf.errors import (DeviceUnavailableError, OutputNotADirectoryError, SlideNotFoundError,
-                             UnreadableSlideError)
+from wsi_cmaf.errors import DeviceUnavailableError, OutputNotADirectoryError, SlideNotFoundError, UnreadableSlideError
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.slide.synthetic import write_synthetic_slide
 

@@ -16,8 +16,13 @@ from wsi_cmaf.cluster.batch import analyze_slides, slide_task
 from wsi_cmaf.cluster.engine import connect
 from wsi_cmaf.cluster.inputs import collect_slides
 from wsi_cmaf.cluster.worker_model import make_model_ref
-from wsi_cmaf.cluster.worker_pool import (close_reader_clients, pools_created, reader_client,
-                                          shared_reader_pool, thread_reader_pool)
+from wsi_cmaf.cluster.worker_pool import (
+    close_reader_clients,
+    pools_created,
+    reader_client,
+    shared_reader_pool,
+    thread_reader_pool,
+)
 from wsi_cmaf.errors import ConfigError
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.infer.modelspec import resolve_model

@@ -32,7 +32,7 @@ def test_lifetime_leaves_a_margin_before_the_walltime():
     assert lifetime_for_walltime("00:05:00") == (150, 15)
     for w in ("00:05:00", "00:20:00", "04:00:00", "2-00:00:00"):
         life, stagger = lifetime_for_walltime(w)
-        assert 0 < life - stagger and life + stagger < walltime_seconds(w)
+        assert life - stagger > 0 and life + stagger < walltime_seconds(w)
 
 
 def test_job_script_has_lifetime_tls_python_and_no_dashboard():

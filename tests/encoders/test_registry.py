@@ -14,8 +14,13 @@ from tests.helpers.encoders import hf_reference_cls, random_encoder, random_hf_s
 from wsi_cmaf.encoders import get_encoder, list_encoders
 from wsi_cmaf.encoders.build import build_encoder, embedding_dim, parameter_count
 from wsi_cmaf.encoders.loader import find_weights, load_encoder
-from wsi_cmaf.errors import (CheckpointKeyError, CheckpointShapeError, EncoderError, EncoderWeightsNotFoundError,
-                             UnknownEncoderError)
+from wsi_cmaf.errors import (
+    CheckpointKeyError,
+    CheckpointShapeError,
+    EncoderError,
+    EncoderWeightsNotFoundError,
+    UnknownEncoderError,
+)
 
 
 def vit_params(D, depth, hidden, patch, n_pos, reg=0, ls=True, glu=False):

@@ -176,9 +176,8 @@ def test_slides_without_jpeg_tiles_fall_back_to_the_cpu(tmp_path, caplog):
     raw = tmp_path / "raw.tiff"
     tifffile.imwrite(raw, np.full((400, 400, 3), 200, np.uint8), tile=(256, 256), photometric="rgb",
                      resolution=(1e4, 1e4), resolutionunit="CENTIMETER")
-    with open_slide(raw, backend="tiffslide") as r:
-        with caplog.at_level("INFO", logger="wsi_cmaf.infer.device_decode"):
-            plan = plan_decode(r, GridConfig(), InferenceConfig(decode="device"), torch.device("cpu"))
+    with open_slide(raw, backend="tiffslide") as r, caplog.at_level("INFO", logger="wsi_cmaf.infer.device_decode"):
+        plan = plan_decode(r, GridConfig(), InferenceConfig(decode="device"), torch.device("cpu"))
     assert plan is None and decode_identity(plan) == {}
     assert any("decoded on the CPU" in rec.getMessage() for rec in caplog.records)
 

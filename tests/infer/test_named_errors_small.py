@@ -3,7 +3,6 @@ and ``out=`` pointing at an existing file (both before any slide work)."""
 
 from __future__ import annotations
 
-
 import pytest
 
 from tests.helpers.models import DarknessClassifier, tiny_config

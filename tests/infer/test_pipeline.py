@@ -15,8 +15,7 @@ import pytest
 import zarr
 
 from tests.helpers.models import DarknessClassifier, tiny_config
-from wsi_cmaf.errors import (ModelConfigError, OutputExistsError, SlideNotFoundError,
-                             StoreMismatchError)
+from wsi_cmaf.errors import ModelConfigError, OutputExistsError, SlideNotFoundError, StoreMismatchError
 from wsi_cmaf.infer import InferenceConfig, analyze_slide
 from wsi_cmaf.slide.synthetic import write_synthetic_slide
 

@@ -17,8 +17,8 @@ import torch
 from tests.helpers.wsinfer import IMAGENET_MEAN, IMAGENET_STD, analyze_on_lattice, zoo_folder
 from wsi_cmaf.errors import ConfigError, StoreFormatError
 from wsi_cmaf.slide.grid import GridConfig, TileGrid
-from wsi_cmaf.slide.reads import read_tile
 from wsi_cmaf.slide.level0 import level0_tile_px, wsinfer_level0_px
+from wsi_cmaf.slide.reads import read_tile
 
 CMU = Path(__file__).resolve().parents[3] / "shared" / "data" / "slides" / "cmu_small_region.svs"
 PROB_TOL = 0.005  # the bound on probabilities

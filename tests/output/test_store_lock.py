@@ -104,9 +104,8 @@ def test_stale_lock_of_a_dead_writer_is_taken_over_with_a_log_line(slide, tmp_pa
 
 def test_lock_in_one_process_excludes_another_handle(tmp_path) -> None:
     """Two acquisitions in one process (two slides of a batch on one store) exclude each other too."""
-    with acquire_store_lock(tmp_path / "s.zarr"):
-        with pytest.raises(StoreLockedError, match=f"pid {os.getpid()}"):
-            acquire_store_lock(tmp_path / "s.zarr")
+    with acquire_store_lock(tmp_path / "s.zarr"), pytest.raises(StoreLockedError, match=f"pid {os.getpid()}"):
+        acquire_store_lock(tmp_path / "s.zarr")
     acquire_store_lock(tmp_path / "s.zarr").release()
 
 

@@ -19,8 +19,8 @@ from wsi_cmaf.output.store import HeatmapStore
 from wsi_cmaf.output.tiles import tiles_geojson
 from wsi_cmaf.preprocess import TilePreprocessor
 from wsi_cmaf.slide.grid import GridConfig, TileGrid
-from wsi_cmaf.slide.reads import read_tile
 from wsi_cmaf.slide.reader import open_slide
+from wsi_cmaf.slide.reads import read_tile
 from wsi_cmaf.slide.synthetic import write_synthetic_slide
 from wsi_cmaf.slide.tissue import TissueMask
 

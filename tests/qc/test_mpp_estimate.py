@@ -13,8 +13,15 @@ from PIL import Image
 from skimage.draw import disk
 
 from wsi_cmaf.errors import MissingResolutionError, MppEstimateError
-from wsi_cmaf.qc.mpp_estimate import (DISAGREE_FACTOR, ESTIMATED_SOURCE, REFERENCE_DIAMETER_UM, MppEstimate,
-                                      estimate_from_tiles, estimate_mpp, mpp_disagreement)
+from wsi_cmaf.qc.mpp_estimate import (
+    DISAGREE_FACTOR,
+    ESTIMATED_SOURCE,
+    REFERENCE_DIAMETER_UM,
+    MppEstimate,
+    estimate_from_tiles,
+    estimate_mpp,
+    mpp_disagreement,
+)
 from wsi_cmaf.slide import open_slide
 
 PINK, PURPLE = (232, 168, 200), (80, 48, 140)

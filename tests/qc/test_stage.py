@@ -47,7 +47,7 @@ def test_analyze_stores_qc_and_excludes_blurred_tiles(real_slide, tmp_path: Path
     cfg = InferenceConfig(progress=False, overlay=True, geojson=False)
     res = analyze_slide(path, out=tmp_path / "a", config=cfg)
     qc = res.qc
-    assert REPORT_KEYS <= set(qc)
+    assert set(qc) >= REPORT_KEYS
     assert qc["mpp_metadata"] == pytest.approx([0.499, 0.499], rel=1e-3)
     assert abs(qc["mpp_estimate"] / 0.499 - 1) <= 0.25  # the check ran, and agrees: no warning
     assert not any("disagree" in w or "differ" in w for w in res.warnings)
@@ -100,7 +100,7 @@ def test_qc_cli_on_every_real_slide(real_slide, tmp_path: Path, key: str) -> Non
     path = real_slide(key)
     assert main(["qc", str(path), "--out", str(tmp_path), "-q"]) == 0
     report = json.loads((tmp_path / f"{path.stem}_qc.json").read_text())
-    assert REPORT_KEYS <= set(report)
+    assert set(report) >= REPORT_KEYS
     png = tmp_path / f"{path.stem}_qc.png"
     assert png.is_file() and Image.open(png).size[0] > 500
     lo, hi = report["mpp_estimate_interval"]

@@ -129,6 +129,5 @@ def test_implausible_sizes_are_named_errors(clean_slide):
     assert issubclass(RequestTooLargeError, (ConfigError, ValueError, WsiCmafError))
     # 100 µm/px is plausible, but a 8 µm/px thumbnail of this slide at that scale would be
     # 25,600² px (655 Mpx): a named error, where it used to be a bare MemoryError
-    with open_slide(clean_slide, mpp=100.0) as r:
-        with pytest.raises(RequestTooLargeError, match="655 Mpx"):
-            r.thumbnail(8.0)
+    with open_slide(clean_slide, mpp=100.0) as r, pytest.raises(RequestTooLargeError, match="655 Mpx"):
+        r.thumbnail(8.0)

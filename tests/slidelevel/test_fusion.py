@@ -12,8 +12,13 @@ from wsi_cmaf.slidelevel.clinical import ClinicalEncoder, ClinicalSchema
 from wsi_cmaf.slidelevel.data import PatientData
 from wsi_cmaf.slidelevel.fusion import KINDS, SlideModel
 from wsi_cmaf.slidelevel.mil import pad_bags
-from wsi_cmaf.slidelevel.train import (SlideTrainConfig, fit_slide_model, load_slide_model, predict_patients,
-                                       save_slide_model)
+from wsi_cmaf.slidelevel.train import (
+    SlideTrainConfig,
+    fit_slide_model,
+    load_slide_model,
+    predict_patients,
+    save_slide_model,
+)
 
 GROUPS = [(0, 4), (4, 6)]  # grade (3 categories + missing), age (value + missing)
 

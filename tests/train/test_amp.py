@@ -15,17 +15,17 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers.train import tiny_config
 from wsi_cmaf.errors import ConfigError
+from wsi_cmaf.train.config import OptimConfig, StageConfig, TrainConfig
 from wsi_cmaf.train.engine import loop as trainer_loop
 from wsi_cmaf.train.engine import trainer
+from wsi_cmaf.train.engine.amp import DIVERGENCE_STREAK, Amp, SkipMonitor, resolve_precision
+from wsi_cmaf.train.engine.loop import StageRuntime, optimizer_update
 from wsi_cmaf.train.engine.sam import SAM
-from wsi_cmaf.train.config import OptimConfig, StageConfig, TrainConfig
 from wsi_cmaf.train.engine.schedules import build_scheduler
 from wsi_cmaf.train.engine.stages import AdaptiveGradClip, build_optimizer
 from wsi_cmaf.train.engine.trainer import train
-from wsi_cmaf.train.engine.amp import DIVERGENCE_STREAK, Amp, SkipMonitor, resolve_precision
-from wsi_cmaf.train.engine.loop import StageRuntime, optimizer_update
-from tests.helpers.train import tiny_config
 
 CPU = torch.device("cpu")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from skimage.color import hed2rgb, rgb2hed
 
-from wsi_cmaf.train.data.augment import AugmentConfig, BatchAugment, PatientStainNormalizer, hed_to_rgb, rgb_to_hed
 from wsi_cmaf.stain import MacenkoNormalizer, fit_macenko
+from wsi_cmaf.train.data.augment import AugmentConfig, BatchAugment, PatientStainNormalizer, hed_to_rgb, rgb_to_hed
 from wsi_cmaf.train.data.synthetic_patches import SyntheticPatchConfig, generate_patches
 
 OFF = dict(flips=False, rot90=False, rotation_deg=0.0, elastic_px=0.0, hed_sigma=0.0, hed_bias=0.0,

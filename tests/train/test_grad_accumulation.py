@@ -10,9 +10,9 @@ from torch import nn
 
 from wsi_cmaf.errors import ConfigError
 from wsi_cmaf.train.config import DataConfig, StageConfig
+from wsi_cmaf.train.engine.loop import Amp, StageRuntime, micro_batches, optimizer_update
 from wsi_cmaf.train.engine.sam import SAM
 from wsi_cmaf.train.engine.schedules import build_scheduler
-from wsi_cmaf.train.engine.loop import Amp, StageRuntime, micro_batches, optimizer_update
 
 CPU = torch.device("cpu")
 

@@ -87,7 +87,7 @@ def test_build_dataloaders(synth, kind):
     bundle = build_dataloaders(synth[kind], batch_size=32, seed=0, return_index=True)
     x, y, idx = next(iter(bundle.loaders["train"]))
     assert x.shape == (32, 3, 50, 50) and x.dtype == torch.float32
-    assert 0 <= float(x.min()) and float(x.max()) <= 255 and float(x.max()) > 1  # [0,255], not rescaled
+    assert float(x.min()) >= 0 and float(x.max()) <= 255 and float(x.max()) > 1  # [0,255], not rescaled
     ds = bundle.datasets["train"]
     assert torch.equal(y, torch.as_tensor(ds.labels[idx.numpy()]))
     sizes = {k: len(v) for k, v in bundle.datasets.items()}

@@ -104,8 +104,8 @@ def test_evaluate_compare_reports_mcnemar(tmp_path, capsys) -> None:
     import pandas as pd
 
     from wsi_cmaf.cli import main
-    from wsi_cmaf.train.evaluate.metrics import mcnemar_test
     from wsi_cmaf.train.data.synthetic_patches import SyntheticPatchConfig, write_synthetic_dataset
+    from wsi_cmaf.train.evaluate.metrics import mcnemar_test
 
     written = write_synthetic_dataset(tmp_path / "syn", SyntheticPatchConfig(n_patients=4, patches_per_patient=6,
                                                                               ratio="50:50"))
@@ -301,8 +301,8 @@ def test_stain_transfer_needs_macenko_normalisation(tmp_path) -> None:
     import torch
 
     from wsi_cmaf.train.config import DataConfig, ModelSection
-    from wsi_cmaf.train.data.setup import build_pipeline
     from wsi_cmaf.train.data.datasets import DataBundle
+    from wsi_cmaf.train.data.setup import build_pipeline
 
     data = DataConfig(augment_kwargs={"stain_transfer_p": 0.5})
     model = ModelSection(stain_normalization=None)
@@ -318,8 +318,8 @@ def test_resumed_run_continues_the_clip_history(tmp_path, monkeypatch: pytest.Mo
     """Stopped after epoch 1 and resumed, a history-clipped run gives the uninterrupted numbers
     (a fresh, empty history would leave the first resumed step unclipped)."""
     from tests.helpers.train import tiny_config
-    from wsi_cmaf.train.engine import trainer
     from wsi_cmaf.train.config import TrainConfig
+    from wsi_cmaf.train.engine import trainer
     from wsi_cmaf.train.engine.trainer import train
 
     stage = {"name": "fusion", "epochs": 2, "lr": 1e-3, "trainable": "fusion", "loss": "objective", "ib": "ramp",
@@ -355,9 +355,9 @@ def test_stain_transfer_references_are_the_training_patients(monkeypatch: pytest
     import torch
 
     from wsi_cmaf.stain import MacenkoNormalizer
+    from wsi_cmaf.train.config import DataConfig, ModelSection
     from wsi_cmaf.train.data import setup as data_setup
     from wsi_cmaf.train.data.augment import PatientStainNormalizer
-    from wsi_cmaf.train.config import DataConfig, ModelSection
     from wsi_cmaf.train.data.datasets import DataBundle
 
     stains = {"t1": _stain((0.5, 0.8, 0.35), (0.15, 0.9, 0.4), (1.4, 0.7)),

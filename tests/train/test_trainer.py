@@ -20,8 +20,8 @@ from wsi_cmaf.cli import main
 from wsi_cmaf.errors import ConfigError, ManifestError, OutputExistsError
 from wsi_cmaf.infer.modelspec import resolve_model
 from wsi_cmaf.models import load_model
-from wsi_cmaf.train.engine import trainer
 from wsi_cmaf.train.config import TrainConfig, merge_dicts
+from wsi_cmaf.train.engine import trainer
 from wsi_cmaf.train.engine.logging_utils import read_jsonl
 from wsi_cmaf.train.engine.trainer import TrainResult, train
 
