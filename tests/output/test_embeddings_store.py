@@ -83,7 +83,7 @@ def test_off_by_default(slide, tmp_path):
     res = analyze_slide(slide.path, model=DarknessClassifier(), model_config=tiny_config(), out=tmp_path / "o",
                         config=CFG)
     root = zarr.open_group(str(res.store), mode="r")
-    assert "embeddings" not in root and "embedding_dim" not in root.attrs["wsi_cmaf"]["layout"]
+    assert "embeddings" not in root and root.attrs["wsi_cmaf"]["layout"]["embedding_dim"] is None
     assert HeatmapStore.open(res.store).embeddings() is None
     with pytest.raises(DataError, match="--embeddings"):
         read_embeddings(res.store)

@@ -120,19 +120,16 @@ def test_verify_of_a_folder_that_is_no_store_is_a_named_error(tmp_path, capsys) 
     assert "not a wsi-cmaf" in capsys.readouterr().err
 
 
-def test_store_from_before_manifests_is_checked_for_missing_chunks(slide, tmp_path) -> None:
-    """No manifest array (an older wsi-cmaf): a tissue block without its chunk is still found."""
-    import shutil
-
+def test_a_done_block_whose_manifest_row_was_lost_is_reported_and_recomputed(slide, tmp_path) -> None:
+    """The row goes in before the done flag: a done block without one lost its manifest chunk."""
     first = run(slide, tmp_path / "o")
     store = HeatmapStore.open(first.outputs["store"])
     want = store.probabilities(0)
-    shutil.rmtree(store.path / "wsi_cmaf" / "manifest")
-    assert verify_store(store.path).ok  # whole as far as an old store can tell
     by, bx = _tissue_block(store)
-    (store.path / f"0/c/0/{by}/{bx}").unlink()
+    (store.path / "wsi_cmaf" / "manifest" / "c" / str(by) / str(bx) / "0").unlink()
     (problem,) = verify_store(store.path).problems
-    assert problem.index == (by, bx) and "written before manifests" in problem.reason
+    assert problem.index == (by, bx) and "manifest row is missing" in problem.reason
     again = run(slide, tmp_path / "o")
     assert again.blocks_computed == 1
     np.testing.assert_array_equal(HeatmapStore.open(again.outputs["store"]).probabilities(0), want)
+    assert verify_store(store.path, deep=True).ok

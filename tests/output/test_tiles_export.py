@@ -44,7 +44,7 @@ def test_tile_table_columns_and_numbers(tmp_path):
     frame = tile_table(make_store(tmp_path / "s.zarr"))
     assert list(frame.columns) == ["row", "col", "x", "y", "w", "h", "x_um", "y_um", "tissue", "tissue_fraction",
                                    "inside_fraction", "partial", "prob_benign", "prob_Tumor_cells"]
-    # a store without the inside_fraction array holds whole tiles only
+    # a store given no inside fractions holds whole tiles only
     assert (frame["inside_fraction"] == 1.0).all() and not frame["partial"].any()
     assert len(frame) == 11  # tissue tiles only: (0, 0) has none
     t = frame.set_index(["row", "col"]).loc[(2, 3)]

@@ -66,7 +66,7 @@ def load_inputs(path: Path, identity: dict[str, Any], reader: Any, grid_config: 
     store = HeatmapStore.open(path, "r")
     facts = store.inputs().get("tissue")
     stored_mask, fraction = store.tissue_mask(), store.tissue_fraction()
-    if not facts or not facts.get("complete") or stored_mask is None or fraction is None:
+    if not facts or not facts.get("complete") or stored_mask is None:
         logger.info("%s: no stored tissue mask and grid; computing them", path)
         return None
     mask, mpp = stored_mask

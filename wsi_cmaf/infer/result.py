@@ -45,7 +45,7 @@ class SlideResult:
     #: counts the grid tiles without a probability)
     tissue_stage_failed_tiles: int = 0
     #: a multi-task model's tasks, primary first: {task: {"classes", "store_group", "mean_probability"
-    #: per class over the tissue tiles with a value}}; empty (and left out of the JSON) for one task
+    #: per class over the tissue tiles with a value}}; empty for a single-task model
     tasks: dict[str, Any] = field(default_factory=dict)
     #: the slide QC (µm/px check, ink, out-of-focus tiles; keys in wsi_cmaf.qc.report); {} when off
     qc: dict[str, Any] = field(default_factory=dict)
@@ -73,10 +73,6 @@ class SlideResult:
         d = asdict(self)
         d["slide"] = str(Path(self.slide).absolute())
         d["outputs"] = {k: str(Path(v).absolute()) for k, v in self.outputs.items()}
-        if not d["tasks"]:  # single-task summaries keep their old keys
-            del d["tasks"]
-        if not d["qc"]:
-            del d["qc"]
         return d
 
     def to_json(self, path: str | Path) -> Path:

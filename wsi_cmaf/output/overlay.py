@@ -268,8 +268,8 @@ def render_overlay(
 
     lw = max(1, round(2 * s))
     failed = store.failed & ~store.done
-    # undecodable tiles inside written blocks (stores that record them) are hatched like failed blocks
-    bad_tiles = np.asarray(getattr(store, "failed_tiles", np.zeros(prob.shape, bool)), bool)
+    # undecodable tiles inside written blocks are hatched like failed blocks
+    bad_tiles = np.asarray(store.failed_tiles, bool)
     if (failed.any() or bad_tiles.any()) and prob.size:
         block_rows, block_cols = store.chunk
         fmap = D.lookup(np.where(ri >= 0, ri // block_rows, -1), np.where(ci >= 0, ci // block_cols, -1), failed, False)
@@ -292,7 +292,7 @@ def render_overlay(
         mask_map = D.lookup(D.cell_index(yc, 0.0, mask_mpp / my, mask.shape[0]),
                             D.cell_index(xc, 0.0, mask_mpp / mx, mask.shape[1]), mask, False)
         outline_source = "tissue mask"
-    else:  # older stores: the tiles' footprint is the best outline there is
+    else:  # no slide-level mask stored (a store written without the tissue stage): the tiles' footprint
         mask_map = D.lookup(ri, ci, store.tissue(0), False) if prob.size else np.zeros((map_h, map_w), bool)
         outline_source = "tissue tiles"
     rgb[D.edges(mask_map, lw)] = D.TISSUE_LINE

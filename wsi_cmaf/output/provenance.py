@@ -90,7 +90,8 @@ def run_provenance(*, model_name: str, weights_sha256: str | None, weights_note:
 
 
 def store_provenance(store: Any) -> dict[str, Any]:
-    """The analysis provenance recorded in ``store`` (rebuilt from its attributes for older stores)."""
+    """The analysis provenance recorded in ``store`` at finalize; rebuilt from its attributes for a
+    store that records none (one written through :class:`HeatmapStore` directly, not by an analysis)."""
     attrs = store.attrs
     recorded = attrs.get("provenance")
     if isinstance(recorded, dict):

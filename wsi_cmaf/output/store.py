@@ -2,8 +2,9 @@
 
 Its on-disk layout (an OME-Zarr (NGFF 0.5) pyramid of class probabilities in one Zarr v3 store,
 plus bookkeeping arrays) is described and created in :mod:`wsi_cmaf.output.store_layout`; the
-per-block manifest and its checks are in :mod:`wsi_cmaf.output.store_verify`, the extra tasks of
-multi-task models in :mod:`wsi_cmaf.output.task_groups`. Blocks written by different threads
+per-block manifest and its checks are in :mod:`wsi_cmaf.output.store_verify`, a block's data
+chunks in :mod:`wsi_cmaf.output.store_blocks`, the extra tasks of multi-task models in
+:mod:`wsi_cmaf.output.task_groups`. Blocks written by different threads
 never share a chunk; the in-memory copies of the flags (read once at open) and the message
 attributes (one JSON document, keyed ``"by,bx"``) are updated under the store's lock.
 """
@@ -22,13 +23,24 @@ import zarr
 from wsi_cmaf.errors import OutputError, OutputExistsError
 from wsi_cmaf.output._json import jsonable
 from wsi_cmaf.output.geometry import TileGeometry
+from wsi_cmaf.output.store_blocks import block_slices, failed_tile_mask, write_block_data
 from wsi_cmaf.output.store_layout import (
-    META, RESERVED, block_messages, check_attrs, create_store, existing_meta, make_layout, prepare_location,
-    put_meta_array, set_block_message, write_pyramid,
+    META,
+    RESERVED,
+    block_messages,
+    check_attrs,
+    create_store,
+    data_arrays,
+    existing_meta,
+    make_layout,
+    prepare_location,
+    put_meta_array,
+    set_block_message,
+    write_pyramid,
 )
-from wsi_cmaf.output.store_verify import MANIFEST, BlockProblem, check_blocks, chunk_key, create_manifest, manifest_row
+from wsi_cmaf.output.store_verify import MANIFEST, BlockProblem, check_blocks, chunk_key, manifest_row
 from wsi_cmaf.output.store_verify import nonfinite_tiles as _nonfinite_tiles
-from wsi_cmaf.output.task_groups import check_task, task_array, task_group_path, write_task_chunks
+from wsi_cmaf.output.task_groups import check_task, task_array
 
 logger = logging.getLogger(__name__)
 
@@ -48,19 +60,18 @@ class HeatmapStore:
         self._root = root
         self._writable = writable
         meta = root.attrs[META]
-        layout = meta["layout"]
+        self._layout = layout = meta["layout"]
         self.grid_shape: tuple[int, int] = tuple(layout["grid_shape"])
         self.chunk: tuple[int, int] = tuple(layout["chunk"])
         self.class_names: list[str] = list(layout["class_names"])
         self.um_per_tile: tuple[float, float] = tuple(layout["um_per_tile"])
-        self.embedding_dim: int | None = layout.get("embedding_dim")
+        self.embedding_dim: int | None = layout["embedding_dim"]
         #: {task: class names}, primary task (the main image) first; {} for a single-task store
-        self.tasks: dict[str, list[str]] = {k: list(v) for k, v in (layout.get("tasks") or {}).items()}
+        self.tasks: dict[str, list[str]] = {k: list(v) for k, v in layout["tasks"].items()}
         self._emb = root["embeddings"] if self.embedding_dim else None
         self.identity: dict[str, Any] = meta.get("identity", {})
         self.geometry = TileGeometry.from_dict(meta["geometry"])
         self._meta_group = root[META]
-        self._probs = root["0"]
         self._tissue = root["labels/tissue/0"]
         self._done_arr = self._meta_group["done"]
         self._failed_arr = self._meta_group["failed"]
@@ -70,11 +81,8 @@ class HeatmapStore:
         self._failed_tiles_arr = self._meta_group["failed_tiles"]
         self._failed_tiles = np.asarray(self._failed_tiles_arr[...], dtype=bool)
         self._lock = threading.Lock()  # guards the caches and the "errors" attributes only
-        # what each block wrote, for resume and ``verify`` (store_verify.py); a store from before
-        # manifests gets one on writing (its done blocks can only be checked for presence)
-        self._manifest = self._meta_group.get(MANIFEST)
-        if self._manifest is None and writable:
-            self._manifest = create_manifest(self._meta_group, self._done.shape, [n for n, _ in self._data_arrays()])
+        self._data = data_arrays(root, layout)  # the arrays a block owns one chunk of
+        self._manifest = self._meta_group[MANIFEST]  # what each block wrote (store_verify.py)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -83,7 +91,7 @@ class HeatmapStore:
         class_names: list[str], identity: dict, attrs: dict, um_per_tile: tuple[float, float],
         resume: bool = True, overwrite: bool = False, embedding_dim: int | None = None,
         tasks: dict[str, list[str]] | None = None,
-    ) -> "HeatmapStore":
+    ) -> HeatmapStore:
         """Open the store at ``path`` for writing, creating it if needed.
 
         An existing store is resumed only if ``identity`` (slide fingerprint, model, weights,
@@ -103,25 +111,22 @@ class HeatmapStore:
         meta = prepare_location(path, layout, identity, overwrite=overwrite)
         if meta is not None:
             if not resume:
-                raise OutputExistsError(f"{path} already exists (pass resume to continue it or overwrite to replace it)")
+                raise OutputExistsError(f"{path} already exists (pass resume to continue it or overwrite to "
+                                        "replace it)")
             store = cls(path, zarr.open_group(str(path), mode="r+", zarr_format=3), writable=True)
             store.recheck_done()  # a done block whose chunks are gone or differ is computed again
             store._set_meta(jsonable(attrs))
             logger.info("%s: resuming, %d/%d blocks already done", path, store._done.sum(), store._done.size)
             return store
-        return cls._create(path, layout, identity, attrs)
+        return cls(path, create_store(path, layout, identity, jsonable(attrs)), writable=True)
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> "HeatmapStore":
+    def open(cls, path: str | Path, mode: str = "r") -> HeatmapStore:
         """Open an existing store (``mode`` "r" or "r+"); :class:`OutputError` if it is not one,
         :class:`StoreFormatError` if it was written in another format version."""
         path = Path(path)
         existing_meta(path)
         return cls(path, zarr.open_group(str(path), mode=mode, zarr_format=3), writable=mode != "r")
-
-    @classmethod
-    def _create(cls, path: Path, layout: dict, identity: dict, attrs: dict) -> "HeatmapStore":
-        return cls(path, create_store(path, layout, identity, jsonable(attrs)), writable=True)
 
     # ------------------------------------------------------------------ state
     @property
@@ -141,11 +146,7 @@ class HeatmapStore:
 
     def block_slices(self, block_index: tuple[int, int]) -> tuple[slice, slice]:
         """Tile-row and tile-column ranges of block ``block_index`` (edge blocks are smaller)."""
-        by, bx = (int(v) for v in block_index)
-        if not (0 <= by < self._done.shape[0] and 0 <= bx < self._done.shape[1]):
-            raise IndexError(f"block {block_index} outside the {self._done.shape} block grid")
-        (k0, k1), (rows, cols) = self.chunk, self.grid_shape
-        return slice(by * k0, min(rows, (by + 1) * k0)), slice(bx * k1, min(cols, (bx + 1) * k1))
+        return block_slices(block_index, self._done.shape, self.chunk, self.grid_shape)
 
     @property
     def done(self) -> np.ndarray:
@@ -189,7 +190,9 @@ class HeatmapStore:
 
     def task_class_names(self, task: str | None = None) -> list[str]:
         """Class names of ``task`` (None or the primary task: the main image's)."""
-        return list(self.class_names) if self._is_primary(task) else list(self.tasks[check_task(self.tasks, task, self.path)])
+        if self._is_primary(task):
+            return list(self.class_names)
+        return list(self.tasks[check_task(self.tasks, task, self.path)])
 
     def _is_primary(self, task: str | None) -> bool:
         return task is None or task == self.primary_task
@@ -209,32 +212,15 @@ class HeatmapStore:
         ``embeddings`` array. ``tasks``: {task: (C_task, h, w)} for every extra task of a
         multi-task store. ``nonfinite``: how many of the failed tiles failed because the model's
         output was not finite (kept in the block's manifest row). The chunks, the tile mask and
-        the manifest row are written before
-        the flag, so a crash in between only costs the recomputation of this block. Safe to call
-        from several threads for distinct blocks.
+        the manifest row are written before the flag, so a crash in between only costs the
+        recomputation of this block. Safe to call from several threads for distinct blocks.
         """
         self._check_writable()
         rs, cs = self.block_slices(block_index)
-        probs = np.asarray(probs, dtype=np.float32)
-        expected = (len(self.class_names), rs.stop - rs.start, cs.stop - cs.start)
-        if probs.shape != expected:
-            raise ValueError(f"block {tuple(block_index)} needs probabilities of shape {expected}, got {probs.shape}")
-        by, bx = (int(v) for v in block_index)
-        if embeddings is not None:
-            want = (*probs.shape[1:], int(self.embedding_dim or 0))
-            if self._emb is None or embeddings.shape != want:
-                raise ValueError(f"block {tuple(block_index)} needs embeddings of shape {want}, got {embeddings.shape}"
-                                 if self._emb is not None else f"{self.path} has no embeddings array "
-                                 "(create it with embedding_dim)")
-            self._emb[rs, cs] = np.asarray(embeddings, dtype=np.float16)
-        if self.tasks or tasks:
-            write_task_chunks(self._root, self.tasks, block_index, rs, cs, tasks)
-        self._probs[:, rs, cs] = probs
+        values = write_block_data(self._root, self._layout, block_index, rs, cs, probs, embeddings, tasks, self.path)
         self._write_failed_tiles(block_index, rs, cs, failed_tiles, tile_error)
-        values = {"0": probs, **{f"{task_group_path(t)}/0": v for t, v in (tasks or {}).items()}}
-        if self._emb is not None:
-            values["embeddings"] = embeddings if embeddings is not None else self._emb[rs, cs]
-        self._manifest[by, bx] = manifest_row(self.path, self._data_arrays(), values, by, bx, nonfinite)
+        by, bx = (int(v) for v in block_index)
+        self._manifest[by, bx] = manifest_row(self.path, self._data, values, by, bx, nonfinite)
         self._done_arr[by, bx] = True
         with self._lock:
             self._done[by, bx] = True
@@ -249,10 +235,7 @@ class HeatmapStore:
         """Store a block's failed-tile mask (bool, the block's shape; None: none failed) and its
         ``tile_error``; a clean rewrite clears what an earlier attempt recorded."""
         by, bx = (int(v) for v in block_index)
-        shape = (rs.stop - rs.start, cs.stop - cs.start)
-        bad = np.zeros(shape, bool) if failed_tiles is None else np.asarray(failed_tiles, dtype=bool)
-        if bad.shape != shape:
-            raise ValueError(f"block {tuple(block_index)} needs a failed-tile mask of shape {shape}, got {bad.shape}")
+        bad = failed_tile_mask(block_index, rs, cs, failed_tiles)
         if bad.any() or self._failed_tiles[rs, cs].any():  # untouched chunks stay absent (fill value)
             self._failed_tiles_arr[rs, cs] = bad
             with self._lock:
@@ -352,9 +335,9 @@ class HeatmapStore:
         """bool (rows, cols) tile tissue mask of ``level``."""
         return np.asarray(self._root[f"labels/tissue/{level}"][0]).astype(bool)
 
-    def tissue_fraction(self) -> np.ndarray | None:
-        """float32 (rows, cols) tissue area fraction of each tile, or None (older stores)."""
-        return np.asarray(self._meta_group["tissue_fraction"][...]) if "tissue_fraction" in self._meta_group else None
+    def tissue_fraction(self) -> np.ndarray:
+        """float32 (rows, cols) tissue area fraction of each tile (NaN until :meth:`write_tissue` gave one)."""
+        return np.asarray(self._meta_group["tissue_fraction"][...])
 
     def tissue_mask(self) -> tuple[np.ndarray, float] | None:
         """(slide-level bool tissue mask, its µm/px), or None when the store has none."""
@@ -367,11 +350,10 @@ class HeatmapStore:
         """float16 (rows, cols, D) tile embeddings (NaN where none), or None when not stored."""
         return None if self._emb is None else np.asarray(self._emb[...])
 
-    def inside_fraction(self) -> np.ndarray | None:
-        """float32 (rows, cols) share of each tile inside the slide, or None (stores from before
-        partial edge tiles were analysed: they hold whole tiles only)."""
-        arr = self._meta_group.get("inside_fraction")
-        return None if arr is None else np.asarray(arr[...])
+    def inside_fraction(self) -> np.ndarray:
+        """float32 (rows, cols) share of each tile inside the slide (1 until
+        :meth:`write_inside_fraction` stored the grid's)."""
+        return np.asarray(self._meta_group["inside_fraction"][...])
 
     def background(self) -> np.ndarray | None:
         """The overlay background stored by :meth:`write_background`, or None."""
@@ -384,27 +366,19 @@ class HeatmapStore:
         return dict(self._meta_group.attrs.get("inputs", {}))
 
     # ------------------------------------------------------------------ manifest (store_verify.py)
-    def _data_arrays(self) -> list[tuple[str, Any]]:
-        """(path in the store, zarr array) of every data array a block owns one chunk of."""
-        arrays = [("0", self._root["0"])]
-        arrays += [(f"{task_group_path(t)}/0", self._root[task_group_path(t)]["0"]) for t in self.extra_tasks]
-        return arrays + ([("embeddings", self._emb)] if self._emb is not None else [])
-
     def chunk_keys(self, block_index: tuple[int, int]) -> list[str]:
         """The store keys of the data chunks block ``block_index`` owns (e.g. ``0/c/0/1/2``)."""
         by, bx = (int(v) for v in block_index)
-        return [chunk_key(name, arr, by, bx) for name, arr in self._data_arrays()]
+        return [chunk_key(name, arr, by, bx) for name, arr in self._data]
 
     def nonfinite_tiles(self) -> int:
         """Tiles of done blocks whose model output was NaN or Inf (recorded per block)."""
-        return _nonfinite_tiles(self._meta_group.get(MANIFEST), self._done)
+        return _nonfinite_tiles(self._manifest, self._done)
 
     def check_blocks(self, deep: bool = False) -> list[BlockProblem]:
         """Every done block whose chunks do not match its manifest row (missing, other size, and
-        with ``deep`` another CRC, tile count or an unreadable chunk); a block written before
-        manifests only needs its level-0 chunk where it has tissue tiles that did not fail."""
-        return check_blocks(self.path, self._meta_group.get(MANIFEST), self._done, self._data_arrays(),
-                            self.block_slices, lambda: self.tissue() & ~self._failed_tiles, deep)
+        with ``deep`` another CRC, tile count or an unreadable chunk) or that has no row."""
+        return check_blocks(self.path, self._manifest, self._done, self._data, self.block_slices, deep)
 
     def recheck_done(self) -> list[BlockProblem]:
         """On resume: clear the done flag of every done block that fails the cheap check, so the
@@ -415,7 +389,8 @@ class HeatmapStore:
             with self._lock:
                 self._done[p.index] = False
         if problems:
-            shown = "; ".join(str(p) for p in problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
+            more = f"; ... {len(problems) - 5} more" if len(problems) > 5 else ""
+            shown = "; ".join(str(p) for p in problems[:5]) + more
             logger.warning("%s: %d done block(s) do not match what was written and are computed again: %s",
                            self.path, len(problems), shown)
         return problems

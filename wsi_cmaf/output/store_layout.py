@@ -19,8 +19,10 @@ Layout (``<slide>.zarr``)::
                          holds (tile count, CRC-32 and stored size of its data chunks), checked on
                          resume and by ``wsi-cmaf verify`` (store_verify.py)
     wsi_cmaf/inside_fraction  float32 (rows, cols): share of each tile inside the slide; < 1 marks a
-                         partial edge tile, padded with white (the "edge_tiles" attribute says how)
-    wsi_cmaf/tissue_mask, tissue_fraction, overlay_background   the tissue stage's outputs, and
+                         partial edge tile, padded with white (the "edge_tiles" attribute says how);
+                         1 until the tissue stage writes it
+    wsi_cmaf/tissue_fraction  float32 (rows, cols): tissue area fraction of each tile (NaN until written)
+    wsi_cmaf/tissue_mask, overlay_background   the tissue stage's other outputs, and
                          the group's "inputs" attribute (tissue facts, stain fit): a resumed run
                          reuses them instead of recomputing them
 
@@ -46,7 +48,8 @@ from wsi_cmaf.output.codecs import heatmap_compressors
 from wsi_cmaf.output.geometry import TileGeometry
 from wsi_cmaf.output.ngff import AXES, image_metadata, label_image_metadata, labels_group_metadata
 from wsi_cmaf.output.pyramid import drop_levels, max_pool2, write_nan_mean_levels
-from wsi_cmaf.output.task_groups import check_task_layout, create_task_groups, finalize_task_groups
+from wsi_cmaf.output.store_verify import create_manifest
+from wsi_cmaf.output.task_groups import check_task_layout, create_task_groups, finalize_task_groups, task_group_path
 
 logger = logging.getLogger("wsi_cmaf.output.store")  # the store's messages keep the store's logger name
 
@@ -87,19 +90,16 @@ def make_layout(grid_shape: tuple[int, int], chunk: tuple[int, int], class_names
                 tasks: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """The ``layout`` attribute of a store of these dimensions (ValueError when they cannot be one).
 
-    ``embedding_dim`` and ``tasks`` appear only when given, so the layouts of stores without
-    embeddings or of single-task models have no such keys.
+    ``embedding_dim`` is null for a store without embeddings, ``tasks`` empty for a single-task model.
     """
     layout = jsonable({"grid_shape": [int(v) for v in grid_shape], "chunk": [int(v) for v in chunk],
                        "class_names": list(class_names), "um_per_tile": [float(v) for v in um_per_tile]})
-    if embedding_dim:
-        layout["embedding_dim"] = int(embedding_dim)
-    task_layout = check_task_layout(tasks)
-    if task_layout:
-        if next(iter(task_layout.values())) != list(class_names):
-            raise ValueError(f"the first task's classes {next(iter(task_layout.values()))} must be "
-                             f"the store's class_names {list(class_names)}")
-        layout["tasks"] = task_layout
+    layout["embedding_dim"] = int(embedding_dim) if embedding_dim else None
+    task_layout = check_task_layout(tasks) or {}
+    if task_layout and next(iter(task_layout.values())) != list(class_names):
+        raise ValueError(f"the first task's classes {next(iter(task_layout.values()))} must be "
+                         f"the store's class_names {list(class_names)}")
+    layout["tasks"] = task_layout
     if min(layout["chunk"]) < 1 or min(layout["grid_shape"]) < 0 or not class_names:
         raise ValueError(f"bad store layout {layout}")
     return layout
@@ -134,18 +134,32 @@ def create_store(path: Path, layout: dict[str, Any], identity: dict[str, Any], a
                            dimension_names=("block_y", "block_x"))
     group.create_array("failed_tiles", shape=(rows, cols), chunks=(k0, k1), dtype="bool", fill_value=False,
                        compressors=heatmap_compressors(), dimension_names=("y", "x"))
-    if layout.get("embedding_dim"):
+    if layout["embedding_dim"]:
         # float16: embeddings are compared by similarity and pooled, not read to 7 digits; half
         # the bytes of float32, which matters at D ~ 500 per tile
         dim = int(layout["embedding_dim"])
         root.create_array("embeddings", shape=(rows, cols, dim), chunks=(k0, k1, dim), dtype="float16",
                           fill_value=np.nan, compressors=heatmap_compressors(), dimension_names=("y", "x", "feature"))
-    if layout.get("tasks"):
+    if layout["tasks"]:
         create_task_groups(root, layout["tasks"], (rows, cols), (k0, k1), geometry.pyramid())
+    # the tissue stage's per-tile arrays exist from the start: unknown fractions, whole tiles
+    for name, fill in (("tissue_fraction", np.nan), ("inside_fraction", 1.0)):
+        group.create_array(name, shape=(rows, cols), chunks=(max(1, min(rows, 2048)), max(1, min(cols, 2048))),
+                           dtype="float32", fill_value=fill, compressors=heatmap_compressors(),
+                           dimension_names=("y", "x"))
+    create_manifest(group, nb, [name for name, _ in data_arrays(root, layout)])
     meta["layout_complete"] = True
     root.attrs.update({"ome": image_metadata(layout["class_names"], 1, geometry.pyramid()), META: meta})
     logger.info("%s: created heatmap store %s, %d×%d blocks", path, (c, rows, cols), *nb)
     return root
+
+
+def data_arrays(root: zarr.Group, layout: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(path in the store, zarr array) of every data array a block owns one chunk of: level 0,
+    each extra task's level 0, the embeddings."""
+    arrays = [("0", root["0"])]
+    arrays += [(f"{task_group_path(t)}/0", root[task_group_path(t)]["0"]) for t in list(layout["tasks"])[1:]]
+    return arrays + ([("embeddings", root["embeddings"])] if layout["embedding_dim"] else [])
 
 
 def write_pyramid(root: zarr.Group, levels: int, chunk: tuple[int, int], pyramid: Any, class_names: list[str],

@@ -83,40 +83,29 @@ def manifest_row(store_path: Path, arrays: list[tuple[str, Any]], values: dict[s
     return np.asarray(row, dtype=np.int64)
 
 
-def nonfinite_tiles(manifest: Any | None, done: np.ndarray) -> int:
+def nonfinite_tiles(manifest: Any, done: np.ndarray) -> int:
     """Tiles of ``done`` blocks whose model output was NaN or Inf (recorded per block)."""
-    if manifest is None or not done.any():
+    if not done.any():
         return 0
-    rows = np.asarray(manifest[...])
-    return int(rows[..., 2][done & (rows[..., 0] > 0)].sum())
+    return int(np.asarray(manifest[...])[..., 2][done].sum())
 
 
-def check_blocks(store_path: Path, manifest: Any | None, done: np.ndarray, arrays: list[tuple[str, Any]],
+def check_blocks(store_path: Path, manifest: Any, done: np.ndarray, arrays: list[tuple[str, Any]],
                  block_slices: Callable[[tuple[int, int]], tuple[slice, slice]],
-                 expected: Callable[[], np.ndarray], deep: bool = False) -> list[BlockProblem]:
+                 deep: bool = False) -> list[BlockProblem]:
     """Every ``done`` block whose chunks do not match its manifest row (missing, other size, and
-    with ``deep`` another CRC, tile count or an unreadable chunk).
-
-    A block without a manifest row is checked for what can still be known: where ``expected()``
-    (bool, grid shape: tiles that must have a value) holds, its level-0 chunk must exist.
-    """
+    with ``deep`` another CRC, tile count or an unreadable chunk), or whose row is gone (the row
+    is written before the done flag, so a done block without one lost its manifest chunk)."""
     blocks = np.argwhere(done)
     if not len(blocks):
         return []
-    rows = np.asarray(manifest[...]) if manifest is not None else None
-    must = None
+    rows = np.asarray(manifest[...])
     problems = []
     for by, bx in blocks.tolist():
-        rs, cs = block_slices((by, bx))
-        if rows is None or rows[by, bx, 0] == 0:
-            must = expected() if must is None else must
-            name, arr = arrays[0]
-            why = None
-            if must[rs, cs].any() and not chunk_nbytes(store_path, name, arr, by, bx):
-                why = (f"chunk {chunk_key(name, arr, by, bx)} is missing (a block written before manifests: "
-                       "only its presence is checked)")
+        if rows[by, bx, 0] == 0:
+            why = "its manifest row is missing (the manifest chunk was lost), so what it holds is unknown"
         else:
-            why = _block_problem(store_path, by, bx, rows[by, bx], arrays, (rs, cs), deep)
+            why = _block_problem(store_path, by, bx, rows[by, bx], arrays, block_slices((by, bx)), deep)
         if why:
             problems.append(BlockProblem((by, bx), why))
     return problems

@@ -59,10 +59,10 @@ def tile_table(store: HeatmapStore | str | Path, *, tissue_only: bool = True) ->
 
     ``x, y, w, h`` are the tile's level-0 top-left corner and size in pixels (int64);
     ``x_um, y_um`` its centre in µm (the heatmap's NGFF coordinates); ``tissue_fraction`` the
-    share of the tile covered by the tissue mask (of its area inside the slide; NaN for stores
-    written before it was kept); ``inside_fraction`` the share of the tile inside the slide and
+    share of the tile covered by the tissue mask (of its area inside the slide; NaN where the
+    store was given none); ``inside_fraction`` the share of the tile inside the slide and
     ``partial`` whether it reaches past the slide's edge (``w, h`` stay the analysed tile's size;
-    stores from before edge tiles were analysed have whole tiles only: 1.0 and false).
+    a store given no inside fractions holds whole tiles: 1.0 and false).
     Probabilities are NaN where nothing was computed (no tissue, failed block).
     Stores written with the slide QC add ``blurred`` (flagged as out of focus) and ``sharpness``
     (its band ratio, NaN where not measured) before the probabilities.
@@ -81,17 +81,15 @@ def tile_table(store: HeatmapStore | str | Path, *, tissue_only: bool = True) ->
     ox, oy = geo.origin_level0
     pyr = geo.pyramid()
     uy, ux = store.um_per_tile
-    fraction = store.tissue_fraction()
-    inside = store.inside_fraction()
-    inside = np.ones(rows * cols) if inside is None else inside.ravel().astype(np.float64)
+    fraction = store.tissue_fraction().ravel().astype(np.float64)
+    inside = store.inside_fraction().ravel().astype(np.float64)
     data: dict[str, Any] = {
         "row": rr, "col": cc,
         "x": np.round(ox + cc * sx).astype(np.int64), "y": np.round(oy + rr * sy).astype(np.int64),
         "w": np.full(rr.shape, int(round(tx)), np.int64), "h": np.full(rr.shape, int(round(ty)), np.int64),
         "x_um": pyr.centre_um[1] + cc * ux, "y_um": pyr.centre_um[0] + rr * uy,
         "tissue": tissue[keep],
-        "tissue_fraction": (fraction.ravel()[keep].astype(np.float64) if fraction is not None
-                            else np.full(rr.shape, np.nan)),
+        "tissue_fraction": fraction[keep],
         "inside_fraction": inside[keep], "partial": inside[keep] < 1.0,
     }
     from wsi_cmaf.qc.report import read_store as read_qc
