@@ -180,10 +180,10 @@ def test_exact_mode_is_softmax_attention_and_auto_switches_by_length():
     assert not use_exact("nystrom", 196, 64, 1024) and use_exact("nystrom", 64, 64, 0)
 
 
-def test_attention_field_default_and_legacy_configs():
+def test_attention_field_default():
     assert CMAFConfig().attention == "auto"
     assert CMAFConfig.from_dict({}).attention == "auto"
-    assert CMAFConfig.from_dict({"nystrom_landmarks": 32}).attention == "nystrom"  # written before the field
+    assert CMAFConfig.from_dict({"nystrom_landmarks": 32}).attention == "auto"  # an ordinary field
     assert CMAFConfig.from_dict({"nystrom_landmarks": 32, "attention": "exact"}).attention == "exact"
     with pytest.raises(Exception):
         CMAFConfig(attention="linear")

@@ -14,7 +14,7 @@ from wsi_cmaf.models.multiview import GatedViewAttention
 # A small CMAF-Net (the packaged demo model's widths) so the tests run in seconds on CPU.
 SMALL = dict(spatial_backbone="test_resnet", context_dim=96, num_heads=4, mvit_channels=(16, 24, 32, 48, 64),
              mvit_dims=(48, 64, 80), mvit_depths=(1, 1, 1), bottleneck_dim=32, head_hidden=(64,),
-             nystrom_landmarks=16)
+             nystrom_landmarks=16, attention="nystrom")
 SIZE = 40
 
 

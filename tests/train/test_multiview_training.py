@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 
 TINY = dict(spatial_backbone="test_resnet", mvit_stem_channels=8, mvit_channels=[8, 16, 16, 16, 16],
             mvit_dims=[16, 16, 16], mvit_depths=[1, 1, 1], mvit_heads=2, context_dim=32, num_heads=2,
-            bottleneck_dim=8, head_hidden=[16], nystrom_landmarks=16)
+            bottleneck_dim=8, head_hidden=[16], nystrom_landmarks=16, attention="nystrom")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from wsi_cmaf.train.paper.report import aggregate, markdown_table, plot_tau_entr
 
 TINY_CMAF = {"spatial_backbone": "test_resnet", "mvit_stem_channels": 8, "mvit_channels": [8, 8, 16, 16, 16],
              "mvit_dims": [16, 16, 16], "mvit_depths": [1, 1, 1], "mvit_heads": 2, "context_dim": 32,
-             "num_heads": 4, "bottleneck_dim": 8, "head_hidden": [16], "nystrom_landmarks": 8}
+             "num_heads": 4, "bottleneck_dim": 8, "head_hidden": [16], "nystrom_landmarks": 8,
+             "attention": "nystrom"}
 
 
 def tiny_base() -> dict:

@@ -79,7 +79,7 @@ def test_protocol_default_is_five_seeds() -> None:
 
 TINY = dict(spatial_backbone="test_resnet", mvit_stem_channels=8, mvit_channels=[8, 16, 16, 16, 16],
             mvit_dims=[16, 16, 16], mvit_depths=[1, 1, 1], mvit_heads=2, context_dim=32, num_heads=2,
-            bottleneck_dim=8, head_hidden=[16], nystrom_landmarks=16)
+            bottleneck_dim=8, head_hidden=[16], nystrom_landmarks=16, attention="nystrom")
 
 
 def _saved_tiny(directory, seed: int, bias: float = 0.0):

@@ -125,20 +125,18 @@ def _rebuild_inputs(store: Any, reader: SlideReader, resolved: Any,
     if inputs is None:
         problems = json_diff(ident, jsonable(identity))
         raise StoreMismatchError(f"{store.path}: cannot rebuild the analysis's tile grid from it ("
-                                 + ("; ".join(problems[:4]) or "the store keeps no tissue grid: an older store; "
-                                    "analyse the slide again") + ")")
+                                 + ("; ".join(problems[:4]) or "the store keeps no complete tissue grid; "
+                                    "analyse the slide again with overwrite") + ")")
     return inputs.grid, ident["stain"], inputs.stain
 
 
 def _stain_module(reader: SlideReader, grid: TileGrid, method: str, facts: Any, warnings: list[str]) -> Any:
     if method != "macenko":
         return None
-    if facts is not None:
-        module, warning = restore_stain(facts)
-    else:  # a store from before stain fits were kept: fit again the way the analysis did
-        warnings.append("the store keeps no stain fit; fitted again from a tile sample (may differ slightly)")
-        rng, rows, cols = sample_tiles(grid)
-        module, warning = fit_from_tiles(read_sample(reader, grid, rows, cols), rng)
+    if facts is None:  # the analysis stores its stain fit before any block uses it
+        raise StoreMismatchError("the store keeps no stain fit although its analysis used Macenko normalisation; "
+                                 "analyse the slide again with overwrite")
+    module, warning = restore_stain(facts)
     if warning:
         warnings.append(f"stain: {warning}")
     return module

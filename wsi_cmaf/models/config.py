@@ -154,7 +154,6 @@ def read_config_json(source: str | Path) -> Any:
 _TAU_RE = re.compile(r"^\s*(fixed|uniform|normal|lognormal)\s*\(([^)]*)\)\s*$", re.IGNORECASE)
 _TAU_NARGS = {"fixed": 1, "uniform": 2, "normal": 2, "lognormal": 2}
 _ATTENTION_MODES = ("nystrom", "exact", "auto")  # = models.nystrom.ATTENTION_MODES
-_NYSTROM_KEYS = frozenset({"nystrom_landmarks", "nystrom_pinv_iters"})
 _CONTEXT_BRANCHES = ("mobilevit", "vssm")
 
 #: Table 7 of the paper: the temperature initialisations that were compared.
@@ -223,8 +222,7 @@ class CMAFConfig:
     nystrom_landmarks: int = 64  # exact attention when a sequence has <= this many tokens
     nystrom_pinv_iters: int = 6
     # "nystrom" (the paper), "exact" (fused SDPA), or "auto": exact for sequences of at most
-    # attention_exact_max_tokens tokens, where it is cheaper than Nyström, Nyström beyond. Configs
-    # that set nystrom_* options but predate this field keep "nystrom" (see from_dict).
+    # attention_exact_max_tokens tokens, where it is cheaper than Nyström, Nyström beyond
     attention: str = "auto"
     attention_exact_max_tokens: int = 784  # CPU crossover measured at d_h=16, m=64 (MODEL.md)
     scale_aware_pos: bool = True  # gradient-magnitude positional embedding
@@ -352,15 +350,7 @@ class CMAFConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CMAFConfig:
-        """Build from a dict, rejecting unknown keys (they are usually typos).
-
-        A dict that sets Nyström options but has no ``attention`` key was written before the
-        field existed (every saved ``config.json`` names ``nystrom_landmarks``): its weights were
-        trained with Nyström attention, so it keeps ``attention="nystrom"`` and computes exactly
-        what it computed before.
-        """
-        if "attention" not in data and _NYSTROM_KEYS & set(data):
-            data = {**data, "attention": "nystrom"}
+        """Build from a dict, rejecting unknown keys (they are usually typos)."""
         return from_dict(cls, data, where="CMAF-Net options", error=ModelConfigError)
 
     @classmethod

@@ -216,10 +216,8 @@ class TrainLossConfig(LossConfig):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """LossConfig's dict; ``task_weights`` only when set (a single-task config names no task fields)."""
+        """LossConfig's dict, ``task_weights`` included (empty for a single-task model)."""
         out = super().to_dict()
-        if not out.get("task_weights"):
-            out.pop("task_weights", None)
         out.pop("ramp_steps", None)  # set per stage by the trainer; refused in training configs
         return out
 
@@ -350,9 +348,6 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["loss"] = self.loss.to_dict()
         out["loss"].pop("ramp_steps", None)  # the trainer sets it per stage; from_dict refuses it
-        for key in ("tasks", "task_class_names"):  # a single-task config names no task fields
-            if out["model"].get(key) is None:
-                out["model"].pop(key, None)
         return json.loads(json.dumps(out))
 
     def to_json(self, path: str | Path) -> Path:
