@@ -3,7 +3,7 @@
 :func:`resolve_precision` turns ``precision`` into fp32/bf16/fp16 for a device; :class:`Amp` holds the
 autocast dtype and (fp16 only) the GradScaler; :class:`SkipMonitor` counts updates skipped for
 non-finite gradients and tells loss-scale calibration from divergence.
-:mod:`wsi_cmaf.train.engine.loop` uses them (and re-exports them, so older imports keep working).
+:mod:`wsi_cmaf.train.engine.loop` uses them.
 """
 
 from __future__ import annotations
