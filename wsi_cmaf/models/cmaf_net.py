@@ -75,7 +75,8 @@ class CMAFNet(nn.Module):
         self.head_hidden_size = width
         self.head_hidden = nn.Sequential(*layers)
         self.head_drop = nn.Dropout(cfg.dropout)
-        self.fc = nn.Linear(width, num_classes)
+        # a Module, not a Linear: multi-view fusion replaces it by nn.Identity (it uses pre-logits)
+        self.fc: nn.Module = nn.Linear(width, num_classes)
         if self.dfa_dims and self.cmaf is not None:
             # Built after everything else so a DFA model and a DFA-off model with the same seed
             # start from identical weights everywhere else (paired ablations).

@@ -84,6 +84,10 @@ def sincos_2d(h: int, w: int, dim: int, device: torch.device, dtype: torch.dtype
 class GradientPyramid(nn.Module):
     """Sobel gradient magnitude of the grey image at several scales (fixed filters, no weights)."""
 
+    # buffers (register_buffer), typed here: nn.Module types unknown attributes Tensor | Module
+    kernel: torch.Tensor
+    grey: torch.Tensor
+
     def __init__(self, scales: tuple[int, ...] = (1, 2, 4)) -> None:
         super().__init__()
         self.scales = tuple(scales)

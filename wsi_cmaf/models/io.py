@@ -37,9 +37,9 @@ def save_model(model: nn.Module, config: ModelConfig, directory: str | Path) -> 
         raise ModelConfigError(
             f"model has {n} outputs but the config declares {config.num_classes} classes {config.class_names}"
         )
-    arch_cfg = getattr(model, "config", None)
-    if hasattr(arch_cfg, "to_dict"):
-        actual = arch_cfg.to_dict()
+    arch_to_dict = getattr(getattr(model, "config", None), "to_dict", None)
+    if callable(arch_to_dict):
+        actual = arch_to_dict()
         if config.model_kwargs and config.model_kwargs != actual:
             logger.warning("config.model_kwargs differ from the model's own config; saving the model's")
         config = ModelConfig.from_dict({**config.to_dict(), "model_kwargs": actual})

@@ -32,7 +32,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -82,6 +82,14 @@ class ViewBatch:
 
 
 ViewsInput = torch.Tensor | Sequence[torch.Tensor] | ViewBatch
+
+
+class _SplitBackbone(Protocol):
+    """The features/head split every backbone has (checked when the net is built), as timm names it."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -219,11 +227,11 @@ class MultiViewNet(nn.Module):
         # The backbone's own classifier is replaced by the task heads on the fused embedding.
         if isinstance(backbone, CMAFNet):
             backbone.fc = nn.Identity()
-        elif hasattr(backbone, "reset_classifier"):
-            backbone.reset_classifier(0)
-        backbone_cfg = getattr(backbone, "config", None)
-        if hasattr(backbone_cfg, "to_dict"):  # save the backbone's full architecture, not the overrides
-            config = dataclasses.replace(config, backbone_kwargs=backbone_cfg.to_dict())
+        elif callable(reset := getattr(backbone, "reset_classifier", None)):
+            reset(0)
+        backbone_to_dict = getattr(getattr(backbone, "config", None), "to_dict", None)
+        if callable(backbone_to_dict):  # save the backbone's full architecture, not the overrides
+            config = dataclasses.replace(config, backbone_kwargs=backbone_to_dict())
         self.config = config
         self.num_classes = num_classes
         self.tasks = dict(tasks)
@@ -236,7 +244,7 @@ class MultiViewNet(nn.Module):
         self.heads = TaskHeads(self.embed_dim, self.tasks, config.head_dropout)
 
     # ------------------------------------------------------------------ views and masks
-    def _as_views(self, views: ViewsInput) -> list[torch.Tensor]:
+    def _as_views(self, views: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if isinstance(views, torch.Tensor):
             if views.dim() == 4 and self.config.num_views == 1:
                 return [views]
@@ -271,7 +279,9 @@ class MultiViewNet(nn.Module):
     def _embed(self, x: torch.Tensor, aux: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         if aux is not None and isinstance(self.backbone, CMAFNet):  # keep its KL/regulariser terms
             return self.backbone.forward_head(self.backbone.forward_features(x, aux), pre_logits=True, aux=aux)
-        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        # nn.Module types the split's methods as Tensor | Module; __init__ refused backbones without it
+        backbone = cast(_SplitBackbone, self.backbone)
+        return backbone.forward_head(backbone.forward_features(x), pre_logits=True)
 
     def _embed_views(self, views: list[torch.Tensor], present: torch.Tensor,
                      aux: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -304,14 +314,15 @@ class MultiViewNet(nn.Module):
         if isinstance(views, ViewBatch):
             if missing is not None:
                 raise ModelError("a ViewBatch carries its missing mask; do not pass `missing` as well")
-            views, missing = views.views, views.missing
-        views = self._as_views(views)
-        present = self.view_mask(views[0].shape[0], missing, views[0].device)
+            missing = views.missing
+            views = views.views
+        view_list = self._as_views(views)
+        present = self.view_mask(view_list[0].shape[0], missing, view_list[0].device)
         if self.config.all_missing == "error" and not bool(present.any(dim=1).all()):
             bad = (~present.any(dim=1)).nonzero().flatten().tolist()
             raise ModelError(f"every view is missing for sample(s) {bad[:10]} of the batch; drop those "
                              "tiles or build the model with all_missing='zeros' (head bias as output)")
-        return present, self._embed_views(views, present, aux)
+        return present, self._embed_views(view_list, present, aux)
 
     def fuse(self, views: ViewsInput, missing: torch.Tensor | None = None,
              aux: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

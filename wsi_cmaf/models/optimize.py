@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from typing import Any, TypeGuard, cast
 
 import torch
 from torch import nn
@@ -47,23 +48,23 @@ _NAMED_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
 _SEQUENTIAL_CLASSES = ("Sequential", "FeatureListNet")
 
 
-def _foldable_conv(m: nn.Module | None) -> bool:
+def _foldable_conv(m: object) -> TypeGuard[nn.Conv2d]:
     # Plain convolutions only (timm's Conv2dSame only pads first): weight-standardising or
     # otherwise re-parameterised convs (StdConv2d, ScaledStdConv2d) would fold wrongly.
     return m is not None and type(m).__name__ in ("Conv2d", "Conv2dSame") and isinstance(m, nn.Conv2d)
 
 
-def _foldable_bn(m: nn.Module | None) -> bool:
-    if m is None or type(m).__name__ not in ("BatchNorm2d", "BatchNormAct2d"):
+def _foldable_bn(m: object) -> TypeGuard[nn.BatchNorm2d]:
+    # timm's BatchNormAct2d subclasses BatchNorm2d; other subclasses (SyncBatchNorm...) are left alone
+    if not isinstance(m, nn.BatchNorm2d) or type(m).__name__ not in ("BatchNorm2d", "BatchNormAct2d"):
         return False
-    bn = m  # type: ignore[assignment]
-    return bool(bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None)
+    return bool(m.track_running_stats and m.running_mean is not None and m.running_var is not None)
 
 
 def _after_bn(bn: nn.Module) -> nn.Module:
     """What stays of a BN once folded: nothing, or timm BatchNormAct2d's drop + activation."""
     if type(bn).__name__ == "BatchNormAct2d":
-        return nn.Sequential(bn.drop, bn.act)
+        return nn.Sequential(bn.get_submodule("drop"), bn.get_submodule("act"))
     return nn.Identity()
 
 
@@ -133,7 +134,7 @@ class _CudaGraphModule(nn.Module):
         out = self.compiled(*args, **kwargs)
         return out.clone() if isinstance(out, torch.Tensor) else out
 
-    def __getattr__(self, name: str) -> object:
+    def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -232,7 +233,8 @@ def prepare_for_inference(
                 type(model).__name__, device, n_folded, channels_last, mode or "off")
     if mode is None:
         return prepared
-    compiled = torch.compile(prepared, mode=mode, dynamic=False)
+    # torch.compile of a Module returns an OptimizedModule (a Module); its stubs say only "callable"
+    compiled = cast(nn.Module, torch.compile(prepared, mode=mode, dynamic=False))
     if mode == "reduce-overhead" and device.type == "cuda":
         return _CudaGraphModule(compiled)
     return compiled

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models import FeatureInfo
 from timm.models._features import FeatureListNet
 from torch import nn
 
@@ -65,19 +67,17 @@ class SpatialBranch(nn.Module):
         self.trunk = timm.create_model(
             backbone, pretrained=False, features_only=True, out_indices=(1, 2, 3, 4)
         )
-        channels = self.trunk.feature_info.channels()
+        # every features_only model carries feature_info; timm types create_model as a plain Module
+        channels = cast(FeatureInfo, self.trunk.feature_info).channels()
         self.out_channels = channels[-1]
         self.skip_stages = tuple(sorted(set(skip_stages)))
-        self.skips = nn.ModuleList(
-            nn.Sequential(
-                nn.Conv2d(channels[s - 1], self.out_channels, 1, bias=False),
-                nn.BatchNorm2d(self.out_channels),
-            )
-            for s in self.skip_stages
-        )
-        for skip in self.skips:
+        skips = []
+        for s in self.skip_stages:
+            bn = nn.BatchNorm2d(self.out_channels)
             # Start as plain ResNet: zero-init the BN scale so skips are learned in, not forced in.
-            nn.init.zeros_(skip[1].weight)
+            nn.init.zeros_(bn.weight)
+            skips.append(nn.Sequential(nn.Conv2d(channels[s - 1], self.out_channels, 1, bias=False), bn))
+        self.skips = nn.ModuleList(skips)
         self.attention = SpatialAttention(attention_kernel) if spatial_attention else None
         #: Images per chunk for the trunk's stem and first stage on CPU in eval mode
         #: (``blocking.cpu_chunk_size``; 0 turns blocking off).

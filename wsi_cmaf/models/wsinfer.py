@@ -34,9 +34,11 @@ logger = logging.getLogger(__name__)
 
 WSINFER_SPEC_VERSIONS = ("1.0",)
 SUPPORTED_TRANSFORMS = ("Resize", "ToTensor", "Normalize")
-_REQUIRED = {"spec_version": str, "architecture": str, "num_classes": int, "class_names": list,
-             "patch_size_pixels": int, "spacing_um_px": (int, float), "transform": list}
-_OPTIONAL = {"description": str}
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "spec_version": str, "architecture": str, "num_classes": int, "class_names": list,
+    "patch_size_pixels": int, "spacing_um_px": (int, float), "transform": list,
+}
+_OPTIONAL: dict[str, type | tuple[type, ...]] = {"description": str}
 
 
 class WSInferConfigError(ModelConfigError):
