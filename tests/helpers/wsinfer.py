@@ -31,7 +31,8 @@ def zoo_folder(root: Path, net: nn.Module, patch_px: int, spacing: float, input_
     folder = root / "zoo"
     folder.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
-        torch.jit.trace(net.eval(), torch.zeros(1, 3, input_size, input_size)).save(str(folder / "torchscript_model.pt"))
+        traced = torch.jit.trace(net.eval(), torch.zeros(1, 3, input_size, input_size))
+        traced.save(str(folder / "torchscript_model.pt"))
     config = {"spec_version": "1.0", "architecture": "test", "num_classes": 2, "class_names": ["a", "b"],
               "patch_size_pixels": patch_px, "spacing_um_px": spacing,
               "transform": [{"name": "Resize", "arguments": {"size": input_size}}, {"name": "ToTensor"},

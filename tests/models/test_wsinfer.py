@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
+from tests.helpers.wsinfer import TinyNet
 from wsi_cmaf.errors import ConfigError, ModelError
 from wsi_cmaf.infer.callargs import merge_run_config
 from wsi_cmaf.infer.config import InferenceConfig
@@ -33,18 +33,6 @@ MEAN, STD = [0.7, 0.6, 0.75], [0.15, 0.2, 0.12]
 #: torch's uint8 kernel. Measured: max 1 level, mean 0.006 (64 px) / 0.0005 (224 px); float bilinear: mean 0.27.
 GREY_MAX, GREY_MEAN = 1.0 + 1e-3, 0.05
 PROB_TOL = 0.005  # the issue's bound on probabilities
-
-
-class TinyNet(nn.Module):
-    """A small conv net: fast on 2 CPU cores, still sensitive to every input pixel."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 5, stride=4)
-        self.fc = nn.Linear(8, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
 
 
 def wsinfer_config(size: int, **extra) -> dict:
@@ -190,7 +178,7 @@ def test_level0_pixels_match_wsinfer_synthetic(slide, input_size) -> None:
 
 
 def test_level0_pixels_match_wsinfer_real_slide() -> None:
-    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "cmu_small_region.svs"
+    path = Path(__file__).resolve().parents[3] / "shared" / "data" / "slides" / "cmu_small_region.svs"
     if not path.is_file():
         print(f"skipped: {path} not present")
         pytest.skip(f"{path} not present")
