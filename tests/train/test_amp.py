@@ -21,10 +21,11 @@ from wsi_cmaf.train.config import OptimConfig, StageConfig, TrainConfig
 from wsi_cmaf.train.engine import loop as trainer_loop
 from wsi_cmaf.train.engine import trainer
 from wsi_cmaf.train.engine.amp import DIVERGENCE_STREAK, Amp, SkipMonitor, resolve_precision
+from wsi_cmaf.train.engine.clipping import AdaptiveGradClip
 from wsi_cmaf.train.engine.loop import StageRuntime, optimizer_update
 from wsi_cmaf.train.engine.sam import SAM
 from wsi_cmaf.train.engine.schedules import build_scheduler
-from wsi_cmaf.train.engine.stages import AdaptiveGradClip, build_optimizer
+from wsi_cmaf.train.engine.stages import build_optimizer
 from wsi_cmaf.train.engine.trainer import train
 
 CPU = torch.device("cpu")

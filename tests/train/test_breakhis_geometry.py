@@ -76,7 +76,7 @@ def test_evaluate_feeds_the_model_the_whole_image(tmp_path, monkeypatch: pytest.
     normalised by the model's mean/std, with no further resize (it is already at the input size)."""
     from wsi_cmaf.models import ModelConfig, create_model, save_model
     from wsi_cmaf.preprocess import TilePreprocessor
-    from wsi_cmaf.train.engine import validate
+    from wsi_cmaf.train.evaluate import checkpoint as validate
 
     size = 32
     mc = ModelConfig(architecture="timm:resnet18", num_classes=2, class_names=["benign", "malignant"],

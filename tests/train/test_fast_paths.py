@@ -17,8 +17,9 @@ from wsi_cmaf.errors import ConfigError
 from wsi_cmaf.models import create_model, load_model
 from wsi_cmaf.models.bottleneck import _gaussian_gram
 from wsi_cmaf.train.config import TrainConfig
+from wsi_cmaf.train.engine.clipping import AdaptiveGradClip
 from wsi_cmaf.train.engine.sam import nonfinite_flag
-from wsi_cmaf.train.engine.stages import AdaptiveGradClip, BranchHeads, compile_for_training, compile_mode
+from wsi_cmaf.train.engine.stages import BranchHeads, compile_for_training, compile_mode
 from wsi_cmaf.train.engine.trainer import train
 
 SHAPES = [(6, 3, 3, 3), (4, 6), (4,), (1,), (), (5, 2, 7)]

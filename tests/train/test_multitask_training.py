@@ -23,7 +23,7 @@ from wsi_cmaf.train.data.synthetic_patches import SyntheticPatchConfig, write_sy
 from wsi_cmaf.train.engine import loop, trainer
 from wsi_cmaf.train.engine.logging_utils import read_jsonl
 from wsi_cmaf.train.engine.trainer import build_model, train
-from wsi_cmaf.train.engine.validate import evaluate_checkpoint
+from wsi_cmaf.train.evaluate.checkpoint import evaluate_checkpoint
 
 torch.set_num_threads(1)
 

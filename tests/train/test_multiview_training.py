@@ -243,7 +243,7 @@ def test_slide_patches_command_builds_a_view_store(slides, tmp_path, capsys):
 
 
 def test_evaluate_reproduces_the_runs_test_metrics(mv_run, view_store, tmp_path):
-    from wsi_cmaf.train.engine.validate import evaluate_checkpoint
+    from wsi_cmaf.train.evaluate.checkpoint import evaluate_checkpoint
 
     result, _ = mv_run
     report, _ = evaluate_checkpoint(result.model_dir, view_store, out_dir=tmp_path / "eval", device="cpu",

@@ -127,7 +127,7 @@ def test_evaluate_compare_reports_mcnemar(tmp_path, capsys) -> None:
     # a model with another class set cannot be paired
     from wsi_cmaf.errors import ConfigError
     from wsi_cmaf.models import ModelConfig, create_model, save_model
-    from wsi_cmaf.train.engine.validate import evaluate_checkpoint
+    from wsi_cmaf.train.evaluate.checkpoint import evaluate_checkpoint
 
     other = save_model(create_model("cmaf_net", num_classes=2, **TINY).eval(),
                        ModelConfig(architecture="cmaf_net", num_classes=2, class_names=["normal", "tumour"],
@@ -151,7 +151,7 @@ def test_history_clip_follows_the_median_of_recent_norms() -> None:
     """window 3, 2x: a spike is cut to 2x the median; a sustained rise becomes the new normal."""
     import torch
 
-    from wsi_cmaf.train.engine.stages import HistoryGradClip
+    from wsi_cmaf.train.engine.clipping import HistoryGradClip
 
     p = _one_param(1.0)
     clip = HistoryGradClip([p], window=3, multiplier=2.0)
@@ -169,7 +169,7 @@ def test_history_clip_follows_the_median_of_recent_norms() -> None:
 def test_history_clip_ignores_nonfinite_norms_and_round_trips_state() -> None:
     import torch
 
-    from wsi_cmaf.train.engine.stages import HistoryGradClip
+    from wsi_cmaf.train.engine.clipping import HistoryGradClip
 
     p = _one_param(1.0)
     clip = HistoryGradClip([p], window=4, multiplier=2.0)
@@ -191,7 +191,7 @@ def test_history_clip_never_reads_back_to_the_host(monkeypatch: pytest.MonkeyPat
     """No .item()/float()/bool() on a tensor inside a call: the training loop stays sync-free."""
     import torch
 
-    from wsi_cmaf.train.engine.stages import HistoryGradClip
+    from wsi_cmaf.train.engine.clipping import HistoryGradClip
 
     params = [_one_param(1.0), _one_param(3.0)]
     clip = HistoryGradClip(params, window=5)
@@ -212,7 +212,7 @@ def test_clip_mode_in_optim_config() -> None:
     import torch
 
     from wsi_cmaf.train.config import OptimConfig
-    from wsi_cmaf.train.engine.stages import AdaptiveGradClip, HistoryGradClip, build_clipper
+    from wsi_cmaf.train.engine.clipping import AdaptiveGradClip, HistoryGradClip, build_clipper
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     assert OptimConfig().clip == "agc"  # the default is unchanged

@@ -44,7 +44,7 @@ def _fmt(entry: object) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the headline metrics and where the files are."""
-    from wsi_cmaf.train.engine.validate import evaluate_checkpoint
+    from wsi_cmaf.train.evaluate.checkpoint import evaluate_checkpoint
 
     report, out = evaluate_checkpoint(
         args.checkpoint, args.manifest, split=args.split, out_dir=args.out, target=args.target,

@@ -35,9 +35,10 @@ from wsi_cmaf.train.config import StageConfig, TrainConfig
 from wsi_cmaf.train.data.datasets import DataBundle
 from wsi_cmaf.train.data.setup import BatchPipeline, batch_patient_ids
 from wsi_cmaf.train.engine.amp import Amp, SkipMonitor
+from wsi_cmaf.train.engine.clipping import AdaptiveGradClip, HistoryGradClip
 from wsi_cmaf.train.engine.logging_utils import RunLogger, aux_statistics, per_class_grad_norms
 from wsi_cmaf.train.engine.sam import SAM, nonfinite_flag, step_unless_nonfinite
-from wsi_cmaf.train.engine.stages import AdaptiveGradClip, HistoryGradClip, frozen_bn_stats, set_train_mode
+from wsi_cmaf.train.engine.stages import frozen_bn_stats, set_train_mode
 from wsi_cmaf.train.engine.tasks import (
     add_task_losses,
     is_multitask,

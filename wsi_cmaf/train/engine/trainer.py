@@ -34,6 +34,7 @@ from wsi_cmaf.models import ABLATIONS, create_model
 from wsi_cmaf.train.config import StageConfig, TrainConfig
 from wsi_cmaf.train.data.setup import build_data, build_pipeline, split_frame
 from wsi_cmaf.train.engine.checkpoint import save_checkpoint
+from wsi_cmaf.train.engine.clipping import build_clipper, classifier_parameters
 from wsi_cmaf.train.engine.logging_utils import RunLogger
 from wsi_cmaf.train.engine.loop import (
     Amp,
@@ -46,10 +47,8 @@ from wsi_cmaf.train.engine.loop import (
 )
 from wsi_cmaf.train.engine.stages import (
     BranchHeads,
-    build_clipper,
     build_optimizer,
     build_stage_scheduler,
-    classifier_parameters,
     compile_for_training,
     compile_mode,
     configure_trainable,
@@ -73,7 +72,7 @@ from wsi_cmaf.train.engine.state import (
     write_json,
 )
 from wsi_cmaf.train.engine.tasks import is_multitask, predict_tasks, primary_view, secondary_metrics
-from wsi_cmaf.train.engine.validate import split_report
+from wsi_cmaf.train.evaluate.checkpoint import split_report
 
 logger = logging.getLogger(__name__)
 
