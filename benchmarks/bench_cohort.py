@@ -16,9 +16,9 @@ Models (``--models``):
 * ``default``: the project's packaged model.
 
 Per model one JSON line: slides/hour of the CLI (a subprocess) and of the Python call (both on
-the default local cluster: 2 worker processes, each with 1 reader thread and 2 slides in flight),
-the decode bound (every tissue block of the same grids read by :func:`wsi_cmaf.slide.read_block`
-and its tiles resized to the model's input by the project's preprocessor, on the same number of
+the default local cluster: 2 worker processes, each with 2 slides in flight and 1 reader thread
+per slide, so 4 reader threads in all), the decode bound (every tissue block of the same grids
+read by :func:`wsi_cmaf.slide.read_block` and its tiles resized to the model's input by the project's preprocessor, on the same number of
 threads, nothing else; measured before and after the two runs and averaged, with their spread),
 the model bound (model-only tiles/s on the same cores, for models that are not free), each ratio
 to the lower bound, and the median per-slide seconds of each stage from the slides' summary JSON
@@ -276,8 +276,9 @@ def main() -> None:
     ap.add_argument("--distinct", type=int, default=4, help="distinct synthetic slides (at least 4)")
     ap.add_argument("--size", type=int, nargs=2, default=None, help="level-0 px (default 24000 20000)")
     ap.add_argument("--models", nargs="+", default=None, choices=["zero", "cmaf_net@224", "default"])
-    ap.add_argument("--threads", type=int, default=2,
-                    help="decode-bound threads: the default local cluster's 2 workers x 1 reader thread")
+    ap.add_argument("--threads", type=int, default=4,
+                    help="decode-bound threads: the batch's reader threads (default local cluster: 2 workers "
+                         "x 2 slides in flight x 1 reader thread)")
     ap.add_argument("--keep", type=Path, default=None, help="keep the outputs in this folder")
     args = ap.parse_args()
     if args.distinct < 4:

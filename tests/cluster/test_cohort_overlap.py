@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from distributed import Client, LocalCluster
 
 from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.cluster import batch
@@ -88,6 +89,9 @@ def test_reader_pool_is_made_once_per_process_and_only_inside_batch_tasks():
     seen[0].close()
     assert reader_client(1) is not seen[0]  # a closed pool is replaced
     assert pools_created() - before == 2
+    with shared_reader_pool(3):  # three slides in flight, one reader thread each: one pool of three
+        pool = thread_reader_pool(1)
+    assert [w["nthreads"] for w in pool.scheduler_info()["workers"].values()] == [3]
     close_reader_clients()
     with pytest.raises(ConfigError, match="reader_threads"):
         reader_client(0)
@@ -116,3 +120,16 @@ def test_local_workers_run_at_most_slides_per_worker_slides(monkeypatch, slides,
     with connect(cluster="local", workers=1, threads_per_worker=3) as c:
         (info,) = c.scheduler_info()["workers"].values()
         assert info["nthreads"] == 3
+
+
+def _pool_threads_in_task() -> int:
+    with shared_reader_pool():
+        pool = thread_reader_pool(1)
+    return sum(w["nthreads"] for w in pool.scheduler_info()["workers"].values())
+
+
+def test_pool_has_reader_threads_for_each_slide_a_worker_runs():
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cl, \
+            Client(cl) as c:
+        assert c.submit(_pool_threads_in_task, pure=False).result() == 2
+    close_reader_clients()

@@ -57,24 +57,38 @@ def reader_client(threads: int) -> Client:
 
 
 @contextmanager
-def shared_reader_pool() -> Iterator[None]:
+def shared_reader_pool(slides_in_flight: int | None = None) -> Iterator[None]:
     """Within this block, analyses on the calling thread read through the process's reader pool.
 
     ``analyze_slide`` asks :func:`thread_reader_pool` for it instead of starting a pool of its own.
+    The pool has ``reader_threads`` threads for each of the process's ``slides_in_flight`` slides
+    (default: the enclosing dask worker's thread count, 1 outside a worker), so slides sharing it
+    decode on as many threads as they would have alone, and a slide left on its own gets them all.
     The pool is not handed over as ``client=``: inside a dask worker task, ``Client.scatter``
     sends data to the enclosing worker instead of the pool's.
     """
-    before = getattr(_THREAD, "shared", False)
-    _THREAD.shared = True
+    slots = slides_in_flight if slides_in_flight is not None else _worker_threads()
+    before = getattr(_THREAD, "slots", None)
+    _THREAD.slots = max(1, int(slots))
     try:
         yield
     finally:
-        _THREAD.shared = before
+        _THREAD.slots = before
+
+
+def _worker_threads() -> int:
+    from distributed import get_worker
+
+    try:
+        return int(get_worker().state.nthreads)
+    except ValueError:  # not inside a dask worker task
+        return 1
 
 
 def thread_reader_pool(threads: int) -> Client | None:
     """The process's reader pool when the calling thread is inside :func:`shared_reader_pool`, else None."""
-    return reader_client(threads) if getattr(_THREAD, "shared", False) else None
+    slots = getattr(_THREAD, "slots", None)
+    return reader_client(threads * slots) if slots else None
 
 
 def pools_created() -> int:
