@@ -143,6 +143,6 @@ def test_resumed_run_keeps_the_ink_exclusion(real_slide, tmp_path: Path) -> None
 
 @pytest.mark.realdata
 def test_tiles_verb_takes_an_estimated_mpp(real_slide, capsys) -> None:
-    assert main(["tiles", str(real_slide("svs")), "--slide-mpp", "estimate"]) == 0
+    assert main(["tiles", str(real_slide("svs")), "--mpp", "estimate"]) == 0
     out = capsys.readouterr().out
     assert "estimated from nuclei" in out and "marker ink: " in out

@@ -161,7 +161,7 @@ def build_clipper(optim: OptimConfig, model: nn.Module,
                   heads: nn.Module | None) -> AdaptiveGradClip | HistoryGradClip | None:
     """The gradient clipper the optim config asks for (None: no clipping).
 
-    ``clip: agc`` with ``agc_clip_factor: null`` also means no clipping (the older spelling).
+    ``clip: agc`` with ``agc_clip_factor: null`` also means no clipping.
     History clipping covers every trainable parameter, as a global-norm clip does.
     """
     if optim.clip == "history":
