@@ -18,12 +18,14 @@ Models (``--models``):
 Per model one JSON line: slides/hour of the CLI (a subprocess) and of the Python call (both on
 the default local cluster: 2 worker processes, each with 2 slides in flight and 1 reader thread
 per slide, so 4 reader threads in all), the decode bound (every tissue block of the same grids
-read by :func:`wsi_cmaf.slide.read_block` and its tiles resized to the model's input by the project's preprocessor, on the same number of
-threads, nothing else; measured before and after the two runs and averaged, with their spread),
-the model bound (model-only tiles/s on the same cores, for models that are not free), each ratio
-to the lower bound, and the median per-slide seconds of each stage from the slides' summary JSON
-(``timings``). The last line holds ``ratio_to_decode_bound`` of the zero-cost model (the lower of
-the CLI's and the Python call's) and the 0.8 floor.
+read by :func:`wsi_cmaf.slide.read_block` and its tiles resized to the model's input by the
+project's preprocessor, on the same number of threads, nothing else; measured before and after
+the two runs and averaged, with their spread), the model bound (model-only tiles/s on the same
+cores, for models that are not free), each ratio to the lower bound, the CPU seconds of the CLI
+run (all its processes) against those of the decode bound, and the median per-slide seconds of
+each stage from the slides' summary JSON (``timings``). The last line holds
+``ratio_to_decode_bound`` of the zero-cost model (the lower of the CLI's and the Python call's)
+and the 0.8 floor.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -176,13 +179,13 @@ def decode_bound(slides: list[Path], model: Path | None, threads: int) -> dict:
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the batch's worker processes (dask sets OMP_NUM_THREADS=1)
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with ThreadPoolExecutor(threads) as pool:
             tiles = sum(pool.map(read, work))
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         torch.set_num_threads(before)
-    return {"tiles": tiles, "tiles_per_s": tiles / wall, "slides_per_hour": 3600 * len(slides) / wall,
+    return {"tiles": tiles, "tiles_per_s": tiles / wall, "slides_per_hour": 3600 * len(slides) / wall, "cpu_s": cpu,
             "threads": threads}
 
 
@@ -200,18 +203,19 @@ def model_bound(model: Path | None, tiles: int, n_slides: int) -> dict | None:
     return {"tiles_per_s": tps, "slides_per_hour": 3600 * n_slides / (tiles / tps)}
 
 
-def run_cli(slides: list[Path], model: Path | None, out: Path) -> float:
-    """Wall seconds of ``wsi-cmaf batch`` over ``slides`` (a fresh process, as a user runs it)."""
+def run_cli(slides: list[Path], model: Path | None, out: Path) -> tuple[float, float]:
+    """Wall and CPU seconds (the process and every process it started) of ``wsi-cmaf batch`` over
+    ``slides``, in a fresh process as a user runs it."""
     cmd = [str(Path(sys.executable).with_name("wsi-cmaf")), "-q", "batch", *map(str, slides), "--out", str(out),
            "--no-progress"]
     if model is not None:
         cmd += ["--model", str(model)]
-    t0 = time.perf_counter()
+    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
+    wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise RuntimeError(f"wsi-cmaf batch failed ({done.returncode}): {done.stdout[-2000:]}{done.stderr[-2000:]}")
-    return wall
+    return wall, (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
 
 
 def run_api(slides: list[Path], model: Path | None, out: Path) -> float:
@@ -241,10 +245,10 @@ def bench_model(name: str, model: Path | None, slides: list[Path], work: Path, t
         shutil.rmtree(work / f"{name}_{kind}", ignore_errors=True)
     # the bound before and after the runs, averaged: a shared machine's speed drifts
     first = decode_bound(slides, model, threads)
-    cli_wall = run_cli(slides, model, work / f"{name}_cli")
+    cli_wall, cli_cpu = run_cli(slides, model, work / f"{name}_cli")
     api_wall = run_api(slides, model, work / f"{name}_api")
     last = decode_bound(slides, model, threads)
-    decode = {k: (first[k] + last[k]) / 2 for k in ("tiles_per_s", "slides_per_hour")}
+    decode = {k: (first[k] + last[k]) / 2 for k in ("tiles_per_s", "slides_per_hour", "cpu_s")}
     spread = abs(first["tiles_per_s"] - last["tiles_per_s"]) / decode["tiles_per_s"]
     decode.update(tiles=first["tiles"], spread=spread)
     model_b = None if name == "zero" else model_bound(model, decode["tiles"], len(slides))
@@ -259,6 +263,9 @@ def bench_model(name: str, model: Path | None, slides: list[Path], work: Path, t
         "decode_threads": threads, "decode_tiles_per_s": round(decode["tiles_per_s"], 1),
         "decode_bound_slides_per_hour": round(decode["slides_per_hour"], 1),
         "decode_before_after_spread": round(decode["spread"], 3),
+        # CPU seconds are less disturbed by other load than wall time: the batch's extra work itself
+        "cli_cpu_s": round(cli_cpu, 2), "decode_cpu_s": round(decode["cpu_s"], 2),
+        "decode_cpu_over_cli_cpu": round(decode["cpu_s"] / cli_cpu, 3),
         "model_bound_slides_per_hour": round(model_b["slides_per_hour"], 1) if model_b else None,
         "model_only_tiles_per_s": round(model_b["tiles_per_s"], 1) if model_b else None,
         "cli_ratio_to_bound": round(cli_sph / bound, 3), "api_ratio_to_bound": round(api_sph / bound, 3),
