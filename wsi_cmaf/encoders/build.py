@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, SupportsIndex, cast
 
 import torch
 from torch import nn
 
 from wsi_cmaf.encoders.registry import EncoderSpec, timm_kwargs
 from wsi_cmaf.errors import EncoderDimensionError, EncoderError
+
+if TYPE_CHECKING:  # the models package imports every architecture; only its type is needed here
+    from wsi_cmaf.models.registry import SplitModel
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ class EncoderModule(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The trunk's feature map: final normalised tokens (B, N, C) for a ViT."""
-        return self.trunk.forward_features(x)
+        return cast("SplitModel", self.trunk).forward_features(x)  # timm trunks have the split
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """The (B, D) tile embedding with ``pre_logits``; else one logit per tile that is 0
@@ -55,7 +58,7 @@ class EncoderModule(nn.Module):
         shows as a hole in the coverage map and in the engine's non-finite checks instead of
         passing as covered."""
         if self.pooling == "timm" or x.ndim != 3:
-            emb = self.trunk.forward_head(x, pre_logits=True)
+            emb = cast("SplitModel", self.trunk).forward_head(x, pre_logits=True)
         elif self.pooling == "cls":
             emb = x[:, 0]
         else:
@@ -76,7 +79,7 @@ class EncoderModule(nn.Module):
     #: loader when the weights came from a file
     rebuild_from: tuple[Callable[..., nn.Module], tuple] | None = None
 
-    def __reduce_ex__(self, protocol: int):
+    def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
         # A batch hands its model to every worker as a pickle; an encoder whose weights are a
         # file travels as that file's path and hash (bytes, not gigabytes) and each worker reads
         # the checkpoint itself, checking the hash.

@@ -124,6 +124,9 @@ def _download(spec: EncoderSpec) -> Path:
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise EncoderWeightsNotFoundError(f"encoder {spec.name}: --allow-download was given but HF_HUB_OFFLINE is "
                                           "set; unset it or pass --weights")
+    if not spec.hf_repo:
+        raise EncoderWeightsNotFoundError(f"encoder {spec.name}: its registry entry names no Hugging Face repository "
+                                          "to download from; pass --weights with a local checkpoint")
     from huggingface_hub import hf_hub_download
 
     last: Exception | None = None

@@ -67,8 +67,8 @@ class EncoderSpec:
         check_keys(ckpt, ("format", "files", "hf_repo"), where=f"{where}: checkpoint")
         spec = cls(name=d["name"], title=d.get("title", d["name"]), timm_arch=d["timm_arch"],
                    timm_kwargs=dict(d.get("timm_kwargs") or {}), input_size=int(d["input_size"]),
-                   mpp=float(d["mpp"]), mean=tuple(float(v) for v in d["mean"]),
-                   std=tuple(float(v) for v in d["std"]), dim=int(emb["dim"]), pooling=emb["pooling"],
+                   mpp=float(d["mpp"]), mean=_rgb(d["mean"], f"{where}: mean"),
+                   std=_rgb(d["std"], f"{where}: std"), dim=int(emb["dim"]), pooling=emb["pooling"],
                    checkpoint_format=ckpt["format"], checkpoint_files=tuple(ckpt.get("files") or ()),
                    hf_repo=ckpt.get("hf_repo"), params=d.get("params"), licence=d.get("licence", "unknown"),
                    gated=bool(d.get("gated", False)), gating=d.get("gating", ""), resize=d.get("resize", "bilinear"),
@@ -86,6 +86,14 @@ class EncoderSpec:
                 "input_size": self.input_size, "mpp": self.mpp, "mean": list(self.mean), "std": list(self.std),
                 "dim": self.dim, "pooling": self.pooling, "checkpoint_format": self.checkpoint_format,
                 "hf_repo": self.hf_repo, "licence": self.licence, "gated": self.gated}
+
+
+def _rgb(values: Any, where: str) -> tuple[float, float, float]:
+    """Three per-channel numbers (R, G, B) of a registry entry; ConfigError otherwise."""
+    numbers = tuple(float(v) for v in values)
+    if len(numbers) != 3:
+        raise ConfigError(f"{where} must list 3 numbers (R, G, B), got {list(values)}")
+    return numbers[0], numbers[1], numbers[2]
 
 
 @lru_cache(maxsize=1)

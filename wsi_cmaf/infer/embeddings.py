@@ -13,11 +13,15 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from wsi_cmaf.errors import ModelError
+
+if TYPE_CHECKING:  # the models package imports every architecture; only its type is needed here
+    from wsi_cmaf.models.registry import SplitModel
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +42,12 @@ class WithEmbeddings(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         # *inputs: a tile batch, or (views, missing) for a multi-view model
-        feats = self.model.forward_features(*inputs)
-        logits = self.model.forward_head(feats)
+        model = cast("SplitModel", self.model)  # embeddings_model refuses models without the split
+        feats = model.forward_features(*inputs)
+        logits = model.forward_head(feats)
         if isinstance(logits, dict):  # a multi-task model: every task's logits, in task order
             logits = torch.cat([logits[t] for t in (self.tasks or list(logits))], dim=1)
-        embedding = self.model.forward_head(feats, pre_logits=True)
+        embedding = model.forward_head(feats, pre_logits=True)
         return torch.cat([logits, embedding.to(logits.dtype)], dim=1)
 
 
@@ -78,8 +83,9 @@ def with_embeddings(model: nn.Module, input_size: int, name: str = "model", *,
     try:
         with torch.inference_mode():
             out = wrapper(*x)
+            split = cast("SplitModel", model)
             n_classes = (sum(len(c) for c in tasks.values()) if tasks
-                         else model.forward_head(model.forward_features(*x)).shape[1])
+                         else split.forward_head(split.forward_features(*x)).shape[1])
     except Exception as exc:  # a user's module: report it as a model problem, before any slide work
         raise EmbeddingsUnavailableError(f"{name}: taking embeddings failed on a 1x3x{input_size}x{input_size} "
                                          f"input: {type(exc).__name__}: {exc}") from exc

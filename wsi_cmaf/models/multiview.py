@@ -32,7 +32,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ from wsi_cmaf.config_dict import from_dict
 from wsi_cmaf.errors import ModelConfigError, ModelError
 from wsi_cmaf.models.cmaf_net import CMAFNet
 from wsi_cmaf.models.heads import TaskHeads, check_tasks
-from wsi_cmaf.models.registry import create_model, register_model
+from wsi_cmaf.models.registry import SplitModel, create_model, register_model
 
 logger = logging.getLogger(__name__)
 
@@ -82,14 +82,6 @@ class ViewBatch:
 
 
 ViewsInput = torch.Tensor | Sequence[torch.Tensor] | ViewBatch
-
-
-class _SplitBackbone(Protocol):
-    """The features/head split every backbone has (checked when the net is built), as timm names it."""
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -279,8 +271,7 @@ class MultiViewNet(nn.Module):
     def _embed(self, x: torch.Tensor, aux: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         if aux is not None and isinstance(self.backbone, CMAFNet):  # keep its KL/regulariser terms
             return self.backbone.forward_head(self.backbone.forward_features(x, aux), pre_logits=True, aux=aux)
-        # nn.Module types the split's methods as Tensor | Module; __init__ refused backbones without it
-        backbone = cast(_SplitBackbone, self.backbone)
+        backbone = cast(SplitModel, self.backbone)  # __init__ refused backbones without the split
         return backbone.forward_head(backbone.forward_features(x), pre_logits=True)
 
     def _embed_views(self, views: list[torch.Tensor], present: torch.Tensor,

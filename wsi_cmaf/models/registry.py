@@ -9,8 +9,9 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 from wsi_cmaf.errors import ModelConfigError, ModelError
@@ -18,6 +19,19 @@ from wsi_cmaf.errors import ModelConfigError, ModelError
 logger = logging.getLogger(__name__)
 
 TIMM_PREFIX = "timm:"
+
+
+class SplitModel(Protocol):
+    """timm's features/head split, which registry models, encoders and timm models share.
+
+    nn.Module types attributes it does not declare as ``Tensor | Module``; callers that checked a
+    model has the split ``cast`` it to this. ``forward_head`` gives a tensor, or ``{task: tensor}``
+    for a multi-task model's logits (``pre_logits=True`` is always one tensor).
+    """
+
+    def forward_features(self, *inputs: Any) -> torch.Tensor: ...
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> Any: ...
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
