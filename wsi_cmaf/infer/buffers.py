@@ -101,6 +101,8 @@ class PendingProbs:
                 try:
                     if self.event is not None:
                         self.event.synchronize()
+                    # without an array the runner filled a host slot (it never submits 0 tiles)
+                    assert self.host is not None
                     self.array = self.host[: self.n].numpy().copy()
                 finally:
                     self._free_slot()

@@ -135,7 +135,7 @@ def _decode_streams(streams: dict[int, bytes | None], level: JpegLevel,
     from torchvision.io import ImageReadMode, decode_jpeg
 
     present = [i for i, s in streams.items() if s is not None]
-    data = [torch.frombuffer(bytearray(streams[i]), dtype=torch.uint8) for i in present]
+    data = [torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in streams.values() if s is not None]
     images: dict[int, torch.Tensor] = {}
     failed: dict[int, str] = {}
     if not data:
@@ -197,16 +197,17 @@ def decode_block(raw: RawBlock, grid: TileGrid, level: JpegLevel, device: torch.
     for win in raw.windows:
         index = torch.tensor([pos[(int(r), int(c))] for r, c in zip(win.rows, win.cols)], device=device)
         tiles[index] = cut_strip(grid, win, _canvas(win, level, images, device))
+    out: np.ndarray | torch.Tensor = tiles
     if host or (host is None and device.type == "cpu"):
-        tiles = tiles.cpu().numpy()
+        out = tiles.cpu().numpy()
     cells = _failed_cells(raw.windows, level, failed)
     if not cells:
-        return BlockTiles(raw.block, tiles, rows, cols)
+        return BlockTiles(raw.block, out, rows, cols)
     bad = tiles_touching(grid, rows, cols, [c[:4] for c in cells])
     logger.warning("block %s of %s: %d of %d tissue tile(s) undecodable (%s)", raw.block.index, level.path,
                    int(bad.sum()), bad.size, cells[0][4])
     keep = ~bad
-    kept = tiles[keep] if isinstance(tiles, np.ndarray) else tiles[torch.from_numpy(keep).to(device)]
+    kept = out[keep] if isinstance(out, np.ndarray) else out[torch.from_numpy(keep).to(device)]
     return PartialBlock(raw.block, kept, rows[keep], cols[keep], rows[bad], cols[bad], cells[0][4])
 
 
@@ -266,7 +267,7 @@ class DeviceTilesRunner(BatchRunner):
                     if self.padded(m) > m:  # zero rows: deterministic, and their outputs are dropped
                         batch = torch.cat([batch, batch.new_zeros((self.padded(m) - m, *batch.shape[1:]))])
                     probs = self._forward(batch)[:m]
-                    if pending.ring is None:
+                    if pending.host is None:  # the class count is known after the first batch
                         pending.slot, pending.host = self.outputs.acquire((n, probs.shape[1]), torch.float32)
                         pending.ring = self.outputs
                     pending.host[sl].copy_(probs, non_blocking=True)

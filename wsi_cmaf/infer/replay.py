@@ -50,7 +50,7 @@ def pixel_reader(reader: SlideReader, cfg: InferenceConfig, stack: ExitStack) ->
     if backend == reader.backend:
         return reader
     logger.info("pixels of %s are read with %s (metadata from %s)", reader.path.name, backend, reader.backend)
-    return stack.enter_context(open_slide(reader.path, backend=backend, mpp=tuple(reader.mpp)))
+    return stack.enter_context(open_slide(reader.path, backend=backend, mpp=reader.mpp))
 
 
 @dataclass

@@ -149,7 +149,7 @@ class BatchRunner:
                         # at once; the handler below synchronises the stream before any retry.
                         self.inputs.release(slot, copied)
                     probs = self._forward(batch)[:m]
-                    if pending.ring is None:  # the class count is known after the first batch
+                    if pending.host is None:  # the class count is known after the first batch
                         pending.slot, pending.host = self.outputs.acquire((n, probs.shape[1]), torch.float32)
                         pending.ring = self.outputs
                     pending.host[sl].copy_(probs, non_blocking=True)

@@ -61,15 +61,16 @@ def failed_tile_chunk(item: PartialBlock) -> np.ndarray:
 def _failed_tiles(item: BlockTiles, nonfinite: np.ndarray) -> tuple[np.ndarray | None, str | None]:
     """The block's failed-tile mask (undecodable tiles, and tiles whose model output was not
     finite, ``nonfinite`` over ``item.tiles``) and its message; (None, None) when none failed."""
-    partial = isinstance(item, PartialBlock)
-    if not partial and not nonfinite.any():
+    partial = item if isinstance(item, PartialBlock) else None
+    if partial is None and not nonfinite.any():
         return None, None
     rs, cs = item.block.rows, item.block.cols
-    bad = failed_tile_chunk(item) if partial else np.zeros((rs.stop - rs.start, cs.stop - cs.start), bool)
+    bad = (failed_tile_chunk(partial) if partial is not None
+           else np.zeros((rs.stop - rs.start, cs.stop - cs.start), bool))
     n = int(nonfinite.sum())
     if n:
         bad[np.asarray(item.rows)[nonfinite] - rs.start, np.asarray(item.cols)[nonfinite] - cs.start] = True
-    reasons = ([item.reason] if partial else []) + ([f"{NONFINITE_REASON} ({n} tile(s))"] if n else [])
+    reasons = ([partial.reason] if partial is not None else []) + ([f"{NONFINITE_REASON} ({n} tile(s))"] if n else [])
     return bad, "; ".join(reasons)
 
 

@@ -41,8 +41,8 @@ def failure_records(grid: TileGrid, store: HeatmapStore, mask: TissueMask) -> tu
     block_errors = store.errors
     k0, k1 = grid.block_shape
     for by, bx in zip(*np.nonzero(store.failed & ~store.done)):
-        rows, cols = slice(by * k0, (by + 1) * k0), slice(bx * k1, (bx + 1) * k1)
-        bad[rows, cols] |= grid.tissue[rows, cols]
+        block_rows, block_cols = slice(by * k0, (by + 1) * k0), slice(bx * k1, (bx + 1) * k1)
+        bad[block_rows, block_cols] |= grid.tissue[block_rows, block_cols]
     tile_errors = store.tile_errors
     rows, cols = np.nonzero(bad)
     size = _tile_size_level0(grid)
