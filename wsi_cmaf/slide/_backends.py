@@ -176,7 +176,7 @@ class OpenSlideBackend(Backend):
         self._slide = openslide.OpenSlide(str(path))
         props = self._slide.properties
         self.properties = {str(k): str(v) for k, v in props.items()}
-        self.level_dimensions = tuple(tuple(map(int, d)) for d in self._slide.level_dimensions)
+        self.level_dimensions = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
         vendor = props.get(openslide.PROPERTY_NAME_VENDOR)
         self.vendor = vendor or None
@@ -247,7 +247,7 @@ class OpenSlideBackend(Backend):
         self, location: tuple[int, int], level: int, size: tuple[int, int]
     ) -> np.ndarray:
         """Reference path through openslide-python's public API (used when ctypes is absent)."""
-        img = self._slide.read_region(tuple(map(int, location)), level, tuple(map(int, size)))
+        img = self._slide.read_region((int(location[0]), int(location[1])), level, (int(size[0]), int(size[1])))
         return composite_straight_rgba(np.asarray(img))
 
     def read_associated(self, name: str) -> np.ndarray:
@@ -274,7 +274,7 @@ class TiffSlideBackend(Backend):
         self._slide = tiffslide.TiffSlide(str(path))
         props = self._slide.properties
         self.properties = {str(k): str(v) for k, v in props.items() if v is not None}
-        self.level_dimensions = tuple(tuple(map(int, d)) for d in self._slide.level_dimensions)
+        self.level_dimensions = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
         self.vendor = props.get("tiffslide.vendor") or None
         self.objective_power = positive_float(props.get("tiffslide.objective-power"))

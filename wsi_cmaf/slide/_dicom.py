@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_cmaf.slide._backends import Backend, composite_straight_rgba, level_origin, paste_clipped
+from wsi_cmaf.slide._backends import Backend
 from wsi_cmaf.slide._mpp import positive_float
+from wsi_cmaf.slide._pixels import composite_straight_rgba, level_origin, paste_clipped
 
 logger = logging.getLogger(__name__)
 

@@ -133,9 +133,10 @@ def parse_description(desc: str) -> tuple[tuple[float, float] | None, float | No
     if "PhysicalSizeX" in desc:
         sizes = {m["axis"]: positive_float(m["value"]) for m in _OME_SIZE.finditer(desc)}
         units = {m["axis"]: m["unit"] for m in _OME_UNIT.finditer(desc)}
-        scale = [_OME_UNIT_UM.get(units.get(a, "µm")) for a in "XY"]
-        if sizes.get("X") and sizes.get("Y") and all(scale):
-            return (sizes["X"] * scale[0], sizes["Y"] * scale[1]), None, "ome"
+        size_x, size_y = sizes.get("X"), sizes.get("Y")
+        scale_x, scale_y = (_OME_UNIT_UM.get(units.get(a, "µm")) for a in "XY")
+        if size_x and size_y and scale_x and scale_y:
+            return (size_x * scale_x, size_y * scale_y), None, "ome"
     m = _PHILIPS_SPACING.search(desc) if "DICOM_PIXEL_SPACING" in desc else None
     if m:
         x, y = positive_float(m["x"]), positive_float(m["y"])
@@ -173,8 +174,8 @@ def _plausible(pair: tuple[float, float]) -> bool:
     return all(MPP_RANGE[0] <= v <= MPP_RANGE[1] for v in pair)
 
 
-def normalise_override(mpp: float | tuple[float, float] | None) -> tuple[float, float] | None:
-    """Validate an ``mpp=`` override; a single number means isotropic pixels.
+def normalise_override(mpp: float | tuple[float, float] | str | None) -> tuple[float, float] | None:
+    """Validate an ``mpp=`` override; a single number (or its text) means isotropic pixels.
 
     Raises ConfigError for non-numbers and ImplausibleResolutionError (a ConfigError) for
     values outside :data:`MPP_RANGE`.
@@ -223,11 +224,11 @@ def resolve_mpp(
                            path, source, value, *MPP_RANGE)
             continue
         measured.append((source, value))
-    estimate = None
+    estimate: tuple[float, float] | None = None
     if objective_power is not None:
-        value = _UM_AT_1X / objective_power
-        if _plausible((value, value)):
-            estimate = (value, value)
+        power_mpp = _UM_AT_1X / objective_power
+        if _plausible((power_mpp, power_mpp)):
+            estimate = (power_mpp, power_mpp)
     if override is not None:
         chosen: tuple[str, tuple[float, float]] | None = ("override", override)
     elif measured:

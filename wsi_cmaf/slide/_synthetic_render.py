@@ -236,8 +236,7 @@ def bank_for(seed: int, mpp: float, d: int, tile: int) -> Bank:
             small = _block_mean(f, d)
             # Wrapped by one tile so any tile window is a plain slice (no modulo gather).
             fibres.append((small.shape[0], np.pad(small, (0, tile), mode="wrap")))
-    fibres = tuple(fibres)
-    return Bank(d, cell, benign, tumour, float(benign0.mean()), float(tumour0.mean()), fibres)
+    return Bank(d, cell, benign, tumour, float(benign0.mean()), float(tumour0.mean()), tuple(fibres))
 
 
 def _quantise(a: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ import hashlib
 import importlib.util
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,7 @@ MAX_PIXELS = 1 << 28
 
 
 def _make_backend(name: str, path: Path) -> Backend:
+    cls: Callable[[Path], Backend]
     if name == "openslide":
         from wsi_cmaf.slide._backends import OpenSlideBackend as cls
     elif name == "tiffslide":
@@ -114,14 +115,14 @@ def _check_pixel_format(path: Path, facts: _mpp.TiffFacts | None) -> None:
 def open_slide(
     path: str | Path,
     backend: str = "auto",
-    mpp: float | tuple[float, float] | None = None,
+    mpp: float | tuple[float, float] | str | None = None,
 ) -> SlideReader:
     """Open a whole-slide image.
 
     Args:
         path: slide file (SVS, pyramidal TIFF, DICOM ...) or a folder of DICOM files.
         backend: ``"auto"`` or one of :data:`BACKENDS`.
-        mpp: level-0 µm/px override (one value or ``(x, y)``); always wins over metadata.
+        mpp: level-0 µm/px override (one value, its text, or ``(x, y)``); always wins over metadata.
             ``mpp="estimate"`` (measured from the nuclei) is :func:`wsi_cmaf.slide.open_slide`'s.
 
     Raises:

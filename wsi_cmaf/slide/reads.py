@@ -203,7 +203,7 @@ def block_read_backend(reader: SlideReader) -> str:
 
     try:
         # the reader's own µm/px as the override: a made-up one would be logged as disagreeing with the file
-        mpp = tuple(reader.mpp) if getattr(reader, "has_mpp", False) else 1.0
+        mpp = reader.mpp if getattr(reader, "has_mpp", False) else 1.0
         with open_slide(reader.path, backend="tiffslide", mpp=mpp) as other:
             same = (other.level_dimensions == reader.level_dimensions
                     and all(abs(a - b) < 1e-6 * max(a, 1.0)
