@@ -50,6 +50,10 @@ class TilePreprocessor(nn.Module):
     matrix products with :func:`resize_matrix` (same result as ``F.interpolate``, faster).
     """
 
+    # buffers (register_buffer), typed here: nn.Module types unknown attributes Tensor | Module
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(
         self,
         input_size: int,

@@ -171,6 +171,13 @@ class MacenkoNormalizer(nn.Module):
     moves them with the module.
     """
 
+    # buffers (register_buffer), typed here: nn.Module types unknown attributes Tensor | Module
+    ref_matrix: torch.Tensor
+    ref_max_conc: torch.Tensor
+    src_pinv: torch.Tensor
+    src_scale: torch.Tensor
+    od_map: torch.Tensor
+
     def __init__(self, reference: StainFit | None = None, io: float = IO) -> None:
         super().__init__()
         ref = reference if reference is not None else reference_fit()

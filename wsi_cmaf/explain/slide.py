@@ -214,13 +214,14 @@ def explain_slide(store_path: str | Path, slide: str | Path | None = None, model
         fargs: tuple[torch.Tensor, ...] = ()
         weights, context = None, None
         if multi_view:
+            assert resolved.views is not None  # resolve_model reads them from the same model_kwargs
             view_pixels, views, missing = replay.read_views(resolved.views, choice.rows, choice.cols)
             tiles, context = view_pixels[0], view_pixels[1:]
             views = [v.to(device) for v in views]
             x_all, fargs = views[0], (*views[1:], missing.to(device))
             from wsi_cmaf.explain.views import view_weights
 
-            weights = view_weights(unwrap(module).model.to(device), views, fargs[-1]).cpu().numpy()
+            weights = view_weights(resolved.module.to(device), views, fargs[-1]).cpu().numpy()
         else:
             tiles = replay.read_tiles(choice.rows, choice.cols)
     module = module.to(device)

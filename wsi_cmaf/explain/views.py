@@ -37,5 +37,16 @@ class TileViewForward(nn.Module):
 
 @torch.no_grad()
 def view_weights(model: nn.Module, views: list[torch.Tensor], missing: torch.Tensor) -> torch.Tensor:
-    """Gated attention weight of each view per tile (B, V); 0 where a view is missing."""
-    return model.fuse(views, missing)[1]
+    """Gated attention weight of each view per tile (B, V); 0 where a view is missing.
+
+    ``model``: a :class:`~wsi_cmaf.models.multiview.MultiViewNet`, compiled or not; any other
+    model raises :class:`~wsi_cmaf.explain.common.ExplainError`.
+    """
+    from wsi_cmaf.explain.common import ExplainError, unwrap
+    from wsi_cmaf.models.multiview import MultiViewNet
+
+    net = unwrap(model)
+    if not isinstance(net, MultiViewNet):
+        raise ExplainError(f"view weights come from a multi-view model's gated attention; "
+                           f"{type(net).__name__} has none")
+    return net.fuse(views, missing)[1]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,7 @@ from wsi_cmaf.output.codecs import heatmap_compressors
 from wsi_cmaf.output.ngff import AXES, NGFF_VERSION, multiscales_metadata
 from wsi_cmaf.output.pyramid import write_nan_mean_levels
 from wsi_cmaf.output.store import HeatmapStore
+from wsi_cmaf.zarr_nodes import member_array, read
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +77,11 @@ def write_attention_map(store: HeatmapStore | str | Path, rows: np.ndarray, cols
         del root[ATTENTION_GROUP]
     group = root.create_group(ATTENTION_GROUP)
     write_nan_mean_levels(group, img, levels, st.chunk, compressors=heatmap_compressors(), dimension_names=AXES)
-    channels = [{"label": name, "active": name == "attention_relative", "color": "FF00FF", "coefficient": 1,
-                 "family": "linear", "inverted": False,
-                 "window": {"min": 0.0, "max": hi, "start": 0.0, "end": hi}}
-                for name, hi in (("attention", float(np.nanmax(img[0])) if len(weights) else 1.0),
-                                 ("attention_relative", 1.0))]
+    channels: list[dict[str, Any]] = [
+        {"label": name, "active": name == "attention_relative", "color": "FF00FF", "coefficient": 1,
+         "family": "linear", "inverted": False, "window": {"min": 0.0, "max": hi, "start": 0.0, "end": hi}}
+        for name, hi in (("attention", float(np.nanmax(img[0])) if len(weights) else 1.0), ("attention_relative", 1.0))
+    ]
     group.attrs.update({
         "ome": {"version": NGFF_VERSION,
                 "multiscales": multiscales_metadata(ATTENTION_GROUP, levels, st.geometry.pyramid(), method="nan_mean",
@@ -98,4 +100,4 @@ def read_attention_map(store: HeatmapStore | str | Path, level: int = 0) -> np.n
     root = zarr.open_group(str(st.path), mode="r", zarr_format=3)
     if f"{ATTENTION_GROUP}/{level}" not in root:
         raise DataError(f"{st.path} has no MIL attention map (run `wsi-cmaf predict-slide` first)")
-    return np.asarray(root[f"{ATTENTION_GROUP}/{level}"][...])
+    return read(member_array(root, f"{ATTENTION_GROUP}/{level}"))

@@ -53,9 +53,10 @@ class SlideModel(nn.Module):
         if kind != "image" and not clin_groups:
             raise ValueError(f"a {kind!r} model needs clinical variables (clin_groups)")
         self.kind, self.in_dim, self.hidden = kind, int(in_dim), int(hidden)
-        self.clin_groups = [tuple(g) for g in (clin_groups or [])]
+        self.clin_groups = [(int(start), int(stop)) for start, stop in (clin_groups or [])]
         self.clin_width = self.clin_groups[-1][1] if self.clin_groups else 0
         self.modality_dropout = float(modality_dropout)
+        self.dropout = float(dropout)
         self.mil = GatedAttentionMIL(in_dim, hidden, attn_dim, dropout) if kind != "clinical" else None
         if kind == "fusion":
             self.tokens = ClinicalTokens(self.clin_groups, hidden)
@@ -86,20 +87,25 @@ class SlideModel(nn.Module):
         """Logits (B,) and aux: ``attention`` (B, N) tile weights, ``clinical_attention`` (B, V),
         ``modality`` (B,) the mask actually used."""
         aux: dict[str, torch.Tensor] = {}
-        batch = x.shape[0] if x is not None else clin.shape[0]
+        if x is not None:
+            batch = x.shape[0]
+        elif clin is not None:
+            batch = clin.shape[0]
+        else:
+            raise ValueError("SlideModel.forward needs tile embeddings (x), clinical variables (clin) or both")
         if present is None:
             present = torch.zeros(batch, dtype=torch.bool) if clin is None else torch.ones(batch, dtype=torch.bool)
         if clin is None:
             clin = torch.zeros(batch, self.clin_width)
         m = self.modality_mask(present.to(clin.device)) if self.kind != "image" else torch.zeros(batch)
         aux["modality"] = m
-        z = None
-        if self.mil is not None:
-            z, aux["attention"] = self.mil(x, mask)
+        if self.kind == "clinical":
+            return self.head(self.clin_mlp(clin) * m[:, None]).squeeze(-1), aux
+        if self.mil is None or x is None or mask is None:
+            raise ValueError(f"a {self.kind!r} model needs tile embeddings (x) and their mask")
+        z, aux["attention"] = self.mil(x, mask)
         if self.kind == "image":
             h = z
-        elif self.kind == "clinical":
-            h = self.clin_mlp(clin) * m[:, None]
         elif self.kind == "concat":
             h = torch.cat([z, clin * m[:, None], m[:, None]], dim=1)
         else:
@@ -114,7 +120,7 @@ class SlideModel(nn.Module):
         return {"kind": self.kind, "in_dim": self.in_dim, "clin_groups": [list(g) for g in self.clin_groups],
                 "hidden": self.hidden, "attn_dim": self.mil.attn_v.out_features if self.mil is not None else 32,
                 "heads": self.cross.num_heads if self.kind == "fusion" else 4,
-                "dropout": float(self.head[2].p), "modality_dropout": self.modality_dropout}
+                "dropout": self.dropout, "modality_dropout": self.modality_dropout}
 
     @classmethod
     def from_config(cls, cfg: dict) -> SlideModel:

@@ -39,6 +39,10 @@ class GatedAttentionMIL(nn.Module):
     training tiles with :meth:`set_standardisation`; identity by default).
     """
 
+    # buffers (register_buffer), typed here: nn.Module types unknown attributes Tensor | Module
+    feature_mean: torch.Tensor
+    feature_std: torch.Tensor
+
     def __init__(self, in_dim: int, hidden: int = 64, attn_dim: int = 32, dropout: float = 0.1) -> None:
         super().__init__()
         self.in_dim, self.hidden = int(in_dim), int(hidden)

@@ -93,6 +93,7 @@ def train_slide(manifest: str | Path, out: str | Path, *, kind: str | None = Non
     if clinical is not None:
         table = read_clinical(clinical)
         train_ids = [p for p, s in zip(data.patients, data.split) if s == "train"]
+        assert schema is not None  # given together with the clinical table (checked above)
         encoder = ClinicalEncoder(ClinicalSchema.load(schema)).fit(table.reindex(train_ids).reset_index(drop=True))
         attach_clinical(data, table, encoder)
     is_train = np.array([s == "train" for s in data.split])
