@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if slide is None:
         print(f"writing the synthetic demo slide {slide_path} ({DEMO_SLIDE['width']}x{DEMO_SLIDE['height']} px "
               f"at {DEMO_SLIDE['mpp']} µm/px) ...", flush=True)
-        slide = write_synthetic_slide(slide_path, DEMO_SLIDE["width"], DEMO_SLIDE["height"],
-                                      DEMO_SLIDE["mpp"], seed=DEMO_SLIDE["seed"], tumour=True)
+        slide = write_synthetic_slide(slide_path, int(DEMO_SLIDE["width"]), int(DEMO_SLIDE["height"]),
+                                      DEMO_SLIDE["mpp"], seed=int(DEMO_SLIDE["seed"]), tumour=True)
         params_path.write_text(json.dumps(DEMO_SLIDE))
     cfg = InferenceConfig(device=args.device, batch_size=args.batch_size, progress=not args.no_progress)
     result = analyze_slide(slide_path, model=args.model, out=out / "results", overwrite=True, config=cfg)

@@ -56,7 +56,8 @@ def _preview(reader, grid, tissue, out: Path) -> None:
         segs = np.stack([np.stack([x0, y0], 1), np.stack([x0 + tile_um, y0], 1),
                          np.stack([x0 + tile_um, y0 + tile_um], 1), np.stack([x0, y0 + tile_um], 1),
                          np.stack([x0, y0], 1)], axis=1)
-        ax.add_collection(LineCollection(segs, colors="lime", linewidths=0.2))
+        # list(): LineCollection takes an (N, 5, 2) array too, but its stubs type only a sequence of lines
+        ax.add_collection(LineCollection(list(segs), colors="lime", linewidths=0.2))
     block_um = grid.config.block_tiles * step_um
     for block in grid.blocks:
         by, bx = block.index

@@ -59,7 +59,7 @@ def _from_csv(csv_path: Path) -> list[tuple[Path, float | str | None]]:
     return rows
 
 
-def _expand(item: str | Path) -> list[tuple[Path, float | None]]:
+def _expand(item: str | Path) -> list[tuple[Path, float | str | None]]:
     p = Path(item).expanduser()
     if p.is_dir():
         return [(f, None) for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in WSI_EXTENSIONS]
@@ -150,7 +150,7 @@ def collect_slides(slides: str | Path | list[str | Path]) -> list[SlideJob]:
     that earlier input: they are analysed once and reported under each name, never dropped.
     """
     items = slides if isinstance(slides, list | tuple) else [slides]
-    found: list[tuple[Path, float | None]] = []
+    found: list[tuple[Path, float | str | None]] = []
     for item in items:
         found.extend(_expand(item))
     seen: set[str] = set()

@@ -32,7 +32,8 @@ def walltime_seconds(walltime: str) -> int:
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
     if not m:
         raise ConfigError(f"walltime {walltime!r} is not [D-]HH:MM:SS, MM:SS or minutes")
-    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
+    a = int(m.group(2))  # the one number every form has
+    days, b, c = (int(g) if g is not None else None for g in m.group(1, 3, 4))
     if days is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
         h, mi, s = a, b or 0, c or 0
         total = days * 86400 + h * 3600 + mi * 60 + s

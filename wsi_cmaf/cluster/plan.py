@@ -71,7 +71,8 @@ class BatchPlan:
 
     def result(self, t0: float, dashboard: str | None = None) -> BatchResult:
         """The batch result as the status table now records it (``t0``: ``perf_counter`` at the start)."""
-        rows = [self.table.get(j.key) for j in self.jobs]
+        # a job the run never reached (interrupted before its first write) has no row to report
+        rows = [row for j in self.jobs if (row := self.table.get(j.key)) is not None]
         return BatchResult(self.table.path, rows, self.table.counts(), self.skipped,
                            time.perf_counter() - t0, dashboard)
 

@@ -46,8 +46,9 @@ def write_picture(thumb: np.ndarray, extent_um: tuple[float, float], grid: TileG
         rgba = np.zeros(mask.ink.shape + (4,), np.float32)
         rgba[mask.ink] = INK_RGBA
         ax.imshow(rgba, extent=m_extent, interpolation="nearest")
-    ax.add_collection(LineCollection(_tile_boxes(grid, qc.blurred), colors=BLUR_COLOUR, linewidths=0.9))
-    ax.add_collection(LineCollection(_tile_boxes(grid, qc.ink_tiles), colors=INK_TILE_COLOUR, linewidths=0.9))
+    # list(): LineCollection takes an (N, 5, 2) array too, but its stubs type only a sequence of lines
+    ax.add_collection(LineCollection(list(_tile_boxes(grid, qc.blurred)), colors=BLUR_COLOUR, linewidths=0.9))
+    ax.add_collection(LineCollection(list(_tile_boxes(grid, qc.ink_tiles)), colors=INK_TILE_COLOUR, linewidths=0.9))
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
     ax.set_xlabel("µm")

@@ -79,7 +79,7 @@ def metadata_mpp(reader: SlideReader) -> tuple[float, float] | None:
         return getattr(reader, "metadata_mpp", None)
     if reader.mpp_source in (None, "override"):
         return None
-    return tuple(reader.mpp)
+    return reader.mpp
 
 
 def check_mpp(reader: SlideReader, *, check: bool = True,
@@ -103,7 +103,7 @@ def check_mpp(reader: SlideReader, *, check: bool = True,
         logger.info("µm/px check skipped: %s", exc)
         return None, warnings
     # an uncertain estimate warns nobody about a value that may well be right
-    if est.confident and (message := mpp_disagreement(tuple(reader.mpp), est)):
+    if est.confident and (message := mpp_disagreement(reader.mpp, est)):
         warnings.append(message)
     return est, warnings
 
@@ -121,7 +121,7 @@ def run_qc(reader: SlideReader, grid: TileGrid, mask: TissueMask, *, mpp_check: 
         logger.warning("%s: %s", reader.path.name, message)
     sharp = blur.tile_sharpness(pixels or reader, grid, spacing_um=blur.FOCUS_SPACING_UM)
     ink_px = int(np.count_nonzero(mask.ink)) if mask.ink is not None else 0
-    qc = SlideQC(mpp_metadata=metadata_mpp(reader), mpp_used=tuple(reader.mpp), mpp_source=reader.mpp_source,
+    qc = SlideQC(mpp_metadata=metadata_mpp(reader), mpp_used=reader.mpp, mpp_source=reader.mpp_source,
                  estimate=est, ink_fraction=mask.ink_fraction(), ink_area_mm2=ink_px * mask.mpp ** 2 / 1e6,
                  ink_tiles=np.asarray(grid.ink_tiles, bool).copy(), sharpness=sharp, tissue=grid.tissue.copy(),
                  warnings=warnings)

@@ -54,6 +54,7 @@ def slide_levels(reader: Any, chunk: int = SLIDE_CHUNK) -> list[Any]:
         ds = float(reader.level_downsamples[level])
 
         def read(block_info: dict | None = None) -> np.ndarray:
+            assert block_info is not None  # map_blocks passes it to a function taking the argument
             (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
             loc = (_level0_location(x0, ds), _level0_location(y0, ds))
             return np.asarray(reader.read_region(loc, level, (x1 - x0, y1 - y0)))[..., :3]
@@ -148,10 +149,11 @@ def heatmap_layers(store: Any, *, classes: list[str | int] | None = None, tissue
 
     from wsi_cmaf.output.geojson import positive_class
     from wsi_cmaf.output.store import HeatmapStore
+    from wsi_cmaf.zarr_nodes import attrs_dict, member_group
 
     store = store if isinstance(store, HeatmapStore) else HeatmapStore.open(store)
     root = zarr.open_group(str(store.path), mode="r", zarr_format=3)
-    scale, translate = ngff_transform(dict(root.attrs["ome"]), "0")
+    scale, translate = ngff_transform(dict(attrs_dict(root)["ome"]), "0")
     names = list(store.class_names)
     shown = _class_indices(names, classes)
     positive = positive_class(store)
@@ -170,7 +172,7 @@ def heatmap_layers(store: Any, *, classes: list[str | int] | None = None, tissue
         }
         layers.append((probs[k], kwargs, "image"))
     if tissue:
-        t_scale, t_translate = ngff_transform(dict(root["labels/tissue"].attrs["ome"]), "0")
+        t_scale, t_translate = ngff_transform(dict(attrs_dict(member_group(root, "labels/tissue"))["ome"]), "0")
         layers.insert(0, (store.tissue(0).astype(np.uint8),
                           {"name": "tissue tiles", "scale": t_scale, "translate": t_translate,
                            "opacity": 0.3, "visible": False, "metadata": {"wsi_cmaf": provenance}},
@@ -208,7 +210,7 @@ def open_slide_for_store(store: Any, slide: str | Path | None = None) -> Any | N
         logger.warning("%s: the analysed slide %s is not there any more: showing the heatmap alone",
                        store.path, path)
         return None
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if src.get("mpp_source") in ("override", "estimated from nuclei") and src.get("mpp"):
         kwargs["mpp"] = tuple(src["mpp"])  # the slide has no µm/px of its own
     try:
@@ -253,14 +255,14 @@ def layer_data(slide: Any = None, store: Any = None, *, mpp: tuple[float, float]
 
     if slide is None and store is None:
         raise OutputError("nothing to show: give a slide, a heatmap store, or both")
-    if mpp is not None and np.ndim(mpp) == 0:
+    if mpp is not None and not isinstance(mpp, tuple | list | np.ndarray):  # one value: square pixels
         mpp = (float(mpp), float(mpp))
     hm = None if store is None else (store if isinstance(store, HeatmapStore) else HeatmapStore.open(store))
     reader = slide
     if slide is None or isinstance(slide, (str, Path)):
         if hm is not None:
             reader = open_slide_for_store(hm, slide)
-        else:
+        elif slide is not None:  # always, without a store (checked above)
             from wsi_cmaf.slide.reader import open_slide
 
             reader = open_slide(slide, mpp=mpp)
