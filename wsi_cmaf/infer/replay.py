@@ -23,7 +23,6 @@ import torch
 from wsi_cmaf.errors import StoreMismatchError
 from wsi_cmaf.infer.config import InferenceConfig
 from wsi_cmaf.infer.inputs import load_inputs, restore_stain, run_identity
-from wsi_cmaf.infer.stainfit import fit_from_tiles, read_sample, sample_tiles
 from wsi_cmaf.output._json import json_diff, jsonable
 from wsi_cmaf.preprocess import TilePreprocessor, ViewsPreprocessor, pack_views
 from wsi_cmaf.qc.stage import qc_identity
