@@ -14,6 +14,7 @@ import pytest
 import zarr
 from distributed import Client, LocalCluster
 
+from tests.helpers.batch import status_rows
 from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.cluster import analyze_slides, collect_slides
 from wsi_cmaf.cluster.engine import make_jobqueue_cluster
@@ -88,7 +89,7 @@ def test_batch_good_bad_rerun_and_identical_heatmaps(archive, client, tmp_path, 
     assert by_path[str(bad)]["status"] == "failed" and by_path[str(bad)]["error"]
     good = [r for r in res.rows if r["slide"] != str(bad)]
     assert all(r["status"] == "done" for r in good), [(r["slide"], r["status"], r["error"]) for r in good]
-    table = list(csv.DictReader(open(out / "status.csv")))
+    table = status_rows(out / "status.csv")
     assert len(table) == len(rows)
     # same result as the single-process API on the same slide
     single = analyze_slide(paths[3], model=model, out=tmp_path / "single", config=CFG)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import threading
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
+from tests.helpers.batch import status_rows
 from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.cluster import analyze_slides
 from wsi_cmaf.cluster.engine import connect
@@ -54,7 +54,7 @@ def local_client():
 
 def _check_consistent(out: Path, res, slides, reference) -> None:
     """Every slide done, one row each, heatmaps bit-identical to the undisturbed run."""
-    rows = list(csv.DictReader(open(out / "status.csv")))
+    rows = status_rows(out / "status.csv")
     assert sorted(r["slide"] for r in rows) == sorted(str(p) for p in slides)
     assert all(r["status"] == "done" for r in rows), [(r["key"], r["status"], r["error"]) for r in rows]
     for r in rows:
@@ -113,7 +113,7 @@ def test_one_killed_worker_gives_identical_heatmaps_and_status(slides, reference
     t.join()
     assert killed
     _check_consistent(out, res, slides, reference)
-    attempts = {r["key"]: r for r in csv.DictReader(open(out / "status.csv"))}
+    attempts = {r["key"]: r for r in status_rows(out / "status.csv")}
     assert all(int(r["attempts"]) == 1 for r in attempts.values())  # rescheduled by dask, not resubmitted
 
 
@@ -161,9 +161,9 @@ def test_sigterm_of_the_client_leaves_a_batch_a_rerun_finishes(slides, tmp_path)
     t.join()
     assert sent and rc == 143
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
-    rows = list(csv.DictReader(open(out / "status.csv")))
+    rows = status_rows(out / "status.csv")
     assert rows and not any(r["status"] == "running" for r in rows)  # nothing in flight looks finished
     assert any(r["status"] == "interrupted" for r in rows), rows
     assert main(argv) == 0
-    rows = list(csv.DictReader(open(out / "status.csv")))
+    rows = status_rows(out / "status.csv")
     assert len(rows) == len(slides) and all(r["status"] == "done" for r in rows), rows

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
+from tests.helpers.batch import status_rows
 from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.cluster import analyze_slides, collect_slides
 from wsi_cmaf.infer import InferenceConfig
@@ -45,7 +45,7 @@ def test_same_stem_different_extension_are_two_slides(client, tmp_path):
     model = resolve_model(DarknessClassifier(), tiny_config())
     res = analyze_slides(tmp_path, tmp_path / "out", model=model, client=client, config=CFG, progress=False)
     assert res.counts == {"done": 3}, res.rows
-    rows = list(csv.DictReader(open(tmp_path / "out" / "status.csv")))
+    rows = status_rows(tmp_path / "out" / "status.csv")
     assert sorted(r["slide"] for r in rows) == sorted(map(str, (one, two, three)))
     shapes = {r["slide"]: np.asarray(zarr.open_group(r["output"], mode="r")["0"]).shape for r in rows}
     assert shapes[str(one)] != shapes[str(two)]  # two stores, each of its own slide
@@ -67,7 +67,7 @@ def test_links_and_copies_are_analysed_once_and_reported_under_each_name(client,
     model = resolve_model(DarknessClassifier(), tiny_config())
     out = tmp_path / "out"
     res = analyze_slides(inputs, out, model=model, client=client, config=CFG, progress=False)
-    rows = list(csv.DictReader(open(out / "status.csv")))
+    rows = status_rows(out / "status.csv")
     assert len(rows) == 5 and sorted(r["slide"] for r in rows) == sorted(map(str, inputs))  # none dropped
     by_key = {r["key"]: r for r in rows}
     assert all(r["status"] == "done" for r in rows), rows

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import time
 
 import pytest
 
 import wsi_cmaf.cluster.batch as batch_mod
+from tests.helpers.batch import status_rows
 from tests.helpers.models import DarknessClassifier, tiny_config
 from wsi_cmaf.cluster import analyze_slides
 from wsi_cmaf.cluster.plan import failed_for_good, is_permanent_error
@@ -125,5 +125,5 @@ def test_cli_rerun_with_only_permanent_failures_starts_nothing(client, tmp_path)
     assert report["rc"] == 1 and report["heavy"] == [], report
     assert report["work"] < 1.0, report
     assert "--retry-failed" in report["out"] and "2 skipped" in report["out"]
-    rows = list(csv.DictReader(open(out / "status.csv")))
+    rows = status_rows(out / "status.csv")
     assert len(rows) == 2

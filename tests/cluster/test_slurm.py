@@ -5,7 +5,6 @@ Skips with the reason when SLURM cannot be brought up here (not root, no apt, no
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import zarr
 
+from tests.helpers.batch import status_rows
 from tests.helpers.models import DarknessClassifier, tiny_config
 from tests.helpers.slurm import ensure_slurm, jobs_named, node_gpus, running_jobs_named
 from wsi_cmaf.cluster import analyze_slides
@@ -80,7 +80,7 @@ def test_scancel_of_a_job_mid_batch_costs_only_its_slides(slurm, slides, tmp_pat
                          cluster_kwargs=_job_options(name))
     t.join(timeout=60)
     assert cancelled, "no job was cancelled mid-batch: the test did not exercise a lost job"
-    rows = list(csv.DictReader(open(out / "status.csv")))
+    rows = status_rows(out / "status.csv")
     assert len(rows) == len(slides) and all(r["status"] == "done" for r in rows), rows
     assert res.counts == {"done": len(slides)}
     for p in slides:
@@ -144,7 +144,7 @@ def test_cli_batch_on_slurm_runs_the_projects_python(slurm, slides, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "1 slides (done: 1)" in proc.stdout
-    rows = list(csv.DictReader(open(out / "status.csv")))
+    rows = status_rows(out / "status.csv")
     for row in rows:
         p = Path(row["slide"])
         single = analyze_slide(p, model=model_dir, out=tmp_path / "single" / p.stem, config=CFG)
