@@ -42,7 +42,8 @@ def test_cli_help_loads_no_heavy_module() -> None:
     # --help exits through SystemExit(0) from argparse after printing; catch it to inspect sys.modules
     code = ("import contextlib, io\nfrom wsi_cmaf.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
-            "    try:\n        main(['--help'])\n    except SystemExit as exc:\n        assert exc.code == 0, exc.code\n"
+            "    try:\n        main(['--help'])\n"
+            "    except SystemExit as exc:\n        assert exc.code == 0, exc.code\n"
             "assert 'usage: wsi-cmaf' in out.getvalue()")
     assert _heavy_loaded_by(code) == []
 
@@ -68,4 +69,4 @@ def test_lazy_exports_resolve() -> None:
         for name in pkg.__all__:
             assert getattr(pkg, name) is not None, (pkg.__name__, name)
         with pytest.raises(AttributeError):
-            pkg.no_such_export
+            _ = pkg.no_such_export

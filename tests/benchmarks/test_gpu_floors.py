@@ -69,7 +69,8 @@ def test_values_and_reasons_for_all_six_floors(tmp_path):
     second = tmp_path / "second"
     _write(second, [
         {"bench": "preflight", "cuda": True, "gpu": "NVIDIA H200"},
-        {"bench": "batch", "slides": 20, "distinct_slides": 4, "slides_per_hour": 630.0, "bound_slides_per_hour": 1000.0,
+        {"bench": "batch", "slides": 20, "distinct_slides": 4, "slides_per_hour": 630.0,
+         "bound_slides_per_hour": 1000.0,
          "ratio_to_bound": 0.63, "bound_applies": "model", "model_only_tiles_per_s": 3000.0,
          "decode_tiles_per_s": 9000.0, "fixed_s_per_slide": 2.5, "slides_in_flight": 4, "device": "cuda"},
     ], [{"stage": "batch", "event": "finished", "rc": 0}])

@@ -99,8 +99,8 @@ def hf_reference_cls(st: dict, x: torch.Tensor, layout: str, heads: int, depth: 
     """The final class token of HF's ViTModel / Dinov2Model(-WithRegisters), written out in torch ops."""
     eps = 1e-12 if layout == "hf_vit" else 1e-6
     g = lambda k: st[k]  # noqa: E731
-    t = F.conv2d(x, g("embeddings.patch_embeddings.projection.weight"), g("embeddings.patch_embeddings.projection.bias"),
-                 stride=patch).flatten(2).transpose(1, 2)
+    proj = "embeddings.patch_embeddings.projection"
+    t = F.conv2d(x, g(f"{proj}.weight"), g(f"{proj}.bias"), stride=patch).flatten(2).transpose(1, 2)
     t = torch.cat([g("embeddings.cls_token").expand(len(x), -1, -1), t], dim=1) + g("embeddings.position_embeddings")
     if "embeddings.register_tokens" in st:  # registers go in after the class token, after positions
         reg = g("embeddings.register_tokens").expand(len(x), -1, -1)

@@ -180,7 +180,8 @@ def test_predict_refuses_nonfinite_outputs_by_name() -> None:
 
     x = torch.tensor([[0.1], [0.9], [0.2], [0.3]])
     loader = [(x[:2], torch.tensor([0, 1]), torch.tensor([0, 1])), (x[2:], torch.tensor([0, 0]), torch.tensor([2, 3]))]
-    with pytest.raises(NonFiniteOutputError, match=r"'net-a' returned NaN/Inf for 1 of 4 samples \(dataset indices 1\)"):
+    message = r"'net-a' returned NaN/Inf for 1 of 4 samples \(dataset indices 1\)"
+    with pytest.raises(NonFiniteOutputError, match=message):
         predict(SomeNaN(), loader, lambda b, i: b, torch.device("cpu"), name="net-a")
     probs, _, _ = predict(SomeNaN(), loader[1:], lambda b, i: b, torch.device("cpu"))
     assert np.isfinite(probs).all() and probs.shape == (2, 2)

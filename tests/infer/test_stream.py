@@ -25,7 +25,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def test_ring_reuses_its_buffers_and_waits_for_release():
     ring = HostBufferRing(3, pin=False)
     seen = set()
-    for i in range(30):  # many batches, three buffers
+    for _ in range(30):  # many batches, three buffers
         slot, buf = ring.acquire((4, 5), torch.uint8)
         seen.add(buf.data_ptr())
         ring.release(slot)

@@ -149,7 +149,8 @@ def test_entropy_term_is_a_confidence_penalty() -> None:
     smooth = ACBFL(BREAKHIS_COUNTS, lambda_smooth=0.3)
     p = torch.softmax(logits.double(), 1)
     entropy = -(p * p.log()).sum(1).mean()
-    torch.testing.assert_close(smooth(logits, target).double(), base(logits, target).double() - 0.3 * entropy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(smooth(logits, target).double(), base(logits, target).double() - 0.3 * entropy,
+                               rtol=1e-5, atol=1e-6)
     # a gradient step on the penalty alone raises the entropy of the predictions (smoothing)
     x = logits.clone().requires_grad_(True)
     (smooth(x, target) - base(x, target)).backward()

@@ -50,7 +50,8 @@ def test_objective_ramp_and_fixed_beta_ablation() -> None:
     logits, target = _batch()
     aux = _aux()
     ramped = IBObjective(LossConfig(loss="cross_entropy", ramp_steps=100, class_weighted_ib=False), COUNTS)
-    fixed = IBObjective(LossConfig(loss="cross_entropy", ramp_steps=100, fixed_beta=True, class_weighted_ib=False), COUNTS)
+    fixed = IBObjective(LossConfig(loss="cross_entropy", ramp_steps=100, fixed_beta=True, class_weighted_ib=False),
+                        COUNTS)
     ce = F.cross_entropy(logits, target)
     out0 = ramped(logits, target, aux, step=0)
     torch.testing.assert_close(out0.total, ce)  # every IB weight starts at 0

@@ -20,6 +20,7 @@ import timm
 import torch
 from torch import nn
 
+from wsi_cmaf.errors import ModelConfigError
 from wsi_cmaf.models import CMAFConfig, create_model, load_model
 from wsi_cmaf.models.contextual import ContextualBlock, GradientPyramid, _sincos_2d, sincos_2d
 from wsi_cmaf.models.nystrom import NystromAttention, iterative_pinv, nystrom_attention, use_exact
@@ -185,7 +186,7 @@ def test_attention_field_default():
     assert CMAFConfig.from_dict({}).attention == "auto"
     assert CMAFConfig.from_dict({"nystrom_landmarks": 32}).attention == "auto"  # an ordinary field
     assert CMAFConfig.from_dict({"nystrom_landmarks": 32, "attention": "exact"}).attention == "exact"
-    with pytest.raises(Exception):
+    with pytest.raises(ModelConfigError, match="attention must be one of"):
         CMAFConfig(attention="linear")
 
 

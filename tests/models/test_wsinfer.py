@@ -91,7 +91,8 @@ def test_saved_configs_name_every_field() -> None:
 
 
 @pytest.mark.parametrize("step,match", [
-    ({"name": "CenterCrop", "arguments": {"size": 50}}, r"'CenterCrop' is not supported; supported transforms: \['Resize', 'ToTensor', 'Normalize'\]"),
+    ({"name": "CenterCrop", "arguments": {"size": 50}},
+     r"'CenterCrop' is not supported; supported transforms: \['Resize', 'ToTensor', 'Normalize'\]"),
     ({"name": "Resize", "arguments": {"size": 64, "interpolation": "bicubic"}}, "only bilinear"),
 ])
 def test_unknown_transforms_are_refused(step, match) -> None:

@@ -14,8 +14,8 @@ from wsi_cmaf.infer.embeddings import EmbeddingsUnavailableError
 from wsi_cmaf.output.store import HeatmapStore
 from wsi_cmaf.preprocess import TilePreprocessor
 from wsi_cmaf.slide.grid import GridConfig, TileGrid
-from wsi_cmaf.slide.reads import read_tile
 from wsi_cmaf.slide.reader import open_slide
+from wsi_cmaf.slide.reads import read_tile
 from wsi_cmaf.slide.synthetic import write_synthetic_slide
 from wsi_cmaf.slide.tissue import TissueMask
 from wsi_cmaf.slidelevel import read_embeddings

@@ -146,7 +146,8 @@ def test_tile_table_open_heatmap_and_summary(result):
     main = open_heatmap(result.store)
     assert np.array_equal(da["x"].values, main["x"].values) and np.array_equal(da["y"].values, main["y"].values)
     assert list(open_heatmap(result.store, task="malignancy")["class"].values) == ["benign", "malignant"]
-    assert open_heatmap(result.store, level=2, task="subtype").shape[1:] == open_heatmap(result.store, level=2).shape[1:]
+    subtype = open_heatmap(result.store, level=2, task="subtype")
+    assert subtype.shape[1:] == open_heatmap(result.store, level=2).shape[1:]
     with pytest.raises(OutputError, match="no task 'grade'.*malignancy"):
         open_heatmap(result.store, task="grade")
     # QuPath measurements carry every task

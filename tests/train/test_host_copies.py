@@ -65,12 +65,14 @@ def test_cuda_runs_get_page_locked_loader_batches(tmp_path, monkeypatch):
     from wsi_cmaf.train.config import TrainConfig
 
     with pytest.raises(RuntimeError, match="stop after the data step"):
-        trainer.train(TrainConfig.from_dict(tiny_config(tmp_path / "run", tmp_path / "syn", device="cpu", precision="off")))
+        trainer.train(TrainConfig.from_dict(tiny_config(tmp_path / "run", tmp_path / "syn", device="cpu",
+                                                        precision="off")))
     assert seen["pin_memory"] is False  # CPU runs: nothing to page-lock for
     monkeypatch.setattr(trainer, "resolve_device", lambda _d: torch.device("cuda"))
     seen.clear()
     with pytest.raises(RuntimeError, match="stop after the data step"):
-        trainer.train(TrainConfig.from_dict(tiny_config(tmp_path / "run2", tmp_path / "syn", device="cpu", precision="off")))
+        trainer.train(TrainConfig.from_dict(tiny_config(tmp_path / "run2", tmp_path / "syn", device="cpu",
+                                                        precision="off")))
     assert seen["pin_memory"] is True
 
 

@@ -250,7 +250,8 @@ def test_evaluate_reproduces_the_runs_test_metrics(mv_run, view_store, tmp_path)
                                     n_boot=20, progress=False)
     assert report["n"] == result.test_metrics["n"]
     for name in ("auroc", "auprc", "balanced_accuracy"):
-        assert report["metrics"][name]["value"] == pytest.approx(result.test_metrics["metrics"][name]["value"], abs=1e-9)
+        expected = result.test_metrics["metrics"][name]["value"]
+        assert report["metrics"][name]["value"] == pytest.approx(expected, abs=1e-9)
     # --compare with a single-view model: it sees view 0 of the same rows (McNemar on paired rows)
     torch.manual_seed(1)
     single_cfg = ModelConfig(architecture="timm:test_resnet", num_classes=2, class_names=["benign", "malignant"],
