@@ -101,7 +101,9 @@ class BatchRunner:
         return min(max(self.batch_size, m), -(-m // q) * q)
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        x = self.preprocess(batch)
+        return self._model_probs(self.preprocess(batch))
+
+    def _model_probs(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
         with self._autocast():
             logits = self.model(*x) if isinstance(x, tuple) else self.model(x)
         # A row with any NaN/Inf output becomes all NaN here, on the device, so the flag comes back
@@ -121,9 +123,14 @@ class BatchRunner:
         for sl in self._batches(len(tiles)):
             batch = torch.from_numpy(np.ascontiguousarray(tiles[sl]))
             m = len(batch)
-            if self.padded(m) > m:  # zero rows: deterministic, and their outputs are dropped
-                batch = torch.cat([batch, batch.new_zeros((self.padded(m) - m, *batch.shape[1:]))])
-            out.append(self._forward(batch)[:m])
+            x = self.preprocess(batch)
+            if self.padded(m) > m:
+                # Padding rows are added to the model's input, after the preprocessing: each tile is
+                # preprocessed on its own (the resize and normalisation do not mix rows), so only the
+                # model needs the fixed shape, and a block's padding (up to ~half of a small block's
+                # rows) costs no resize. Zero rows: deterministic, and their outputs are dropped.
+                x = _pad_rows(x, self.padded(m))
+            out.append(self._model_probs(x)[:m])
         return torch.cat(out).numpy()
 
     @torch.inference_mode()
@@ -185,3 +192,16 @@ class BatchRunner:
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         """``tiles`` uint8 (N, H, W, 3) -> float32 probabilities (N, C), synchronously."""
         return self.submit(tiles).result()
+
+
+def _pad_rows(x: torch.Tensor | tuple[torch.Tensor, ...], rows: int) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """``x`` (or each tensor of a multi-view input) with zero rows appended up to ``rows``."""
+    if isinstance(x, tuple):
+        return tuple(_pad_tensor(t, rows) for t in x)
+    return _pad_tensor(x, rows)
+
+
+def _pad_tensor(x: torch.Tensor, rows: int) -> torch.Tensor:
+    full = x.new_zeros((rows, *x.shape[1:]))
+    full[: len(x)] = x
+    return full
