@@ -165,6 +165,8 @@ def analyze_slide(
         store_path = out_dir / cfg.extra.get("store_name", "{stem}.zarr").format(stem=slide_path.stem)
         identity = run_identity(reader, resolved, gcfg, tcfg, _stain_method(resolved, cfg))
         identity.update(qc_identity(cfg))  # a store analysed with blurred tiles left out resumes only so
+        decoding = plan_decode(pixels, gcfg, cfg, dev, resolved.views)  # None: the CPU path
+        identity.update(decode_identity(decoding))  # a store never resumes with the other decoder
         stack.enter_context(output_write_errors(out_dir, store_path))
         stack.callback(writer_lock(out_dir, store_path, wait_lock).release)  # held until the summary is written
         with timer("inputs"):  # a resumed run takes tissue mask, grid and stain fit from its store
