@@ -231,7 +231,7 @@ class TileGrid:
         else:
             m = float(tissue_mask.mpp)
             fraction = mask_tile_fractions(tissue_mask.mask, m, (w0, h0), (mx, my), config, shape)
-            if getattr(tissue_mask, "ink", None) is not None:
+            if tissue_mask.ink is not None:
                 ink = mask_tile_fractions(tissue_mask.ink, m, (w0, h0), (mx, my), config, shape)
         grid = cls(config, level, float(reader.level_downsamples[level]), (float(mx), float(my)),
                    (int(w0), int(h0)), fraction, ink)
@@ -272,7 +272,8 @@ class TileGrid:
     @property
     def shape(self) -> tuple[int, int]:
         """(n_rows, n_cols) of tiles."""
-        return tuple(self.tissue_fraction.shape)  # type: ignore[return-value]
+        rows, cols = self.tissue_fraction.shape
+        return rows, cols
 
     @property
     def block_shape(self) -> tuple[int, int]:
