@@ -19,8 +19,13 @@ from wsi_cmaf.infer.callargs import merge_run_config
 from wsi_cmaf.infer.checks import check_device, check_inputs
 from wsi_cmaf.infer.config import InferenceConfig
 from wsi_cmaf.infer.dask_tasks import BlockFailure, SlideSpec, read_block_task
-from wsi_cmaf.infer.device_decode import (DecodedFeed, DeviceTilesRunner, decode_identity, plan_decode,
-                                          read_jpeg_block_task)
+from wsi_cmaf.infer.device_decode import (
+    DecodedFeed,
+    DeviceTilesRunner,
+    decode_identity,
+    plan_decode,
+    read_jpeg_block_task,
+)
 from wsi_cmaf.infer.guards import check_nonfinite, check_output_space, output_write_errors, writer_lock
 from wsi_cmaf.infer.inputs import RunInputs, load_inputs, restore_stain, run_identity, save_inputs, save_stain
 from wsi_cmaf.infer.modelspec import ResolvedModel, resolve_model
@@ -28,6 +33,7 @@ from wsi_cmaf.infer.multitask import segments, task_outputs
 from wsi_cmaf.infer.multiview import read_block_views_task
 from wsi_cmaf.infer.replay import pixel_reader
 from wsi_cmaf.infer.result import SlideResult
+from wsi_cmaf.infer.run import SlideRun, StageTimer
 from wsi_cmaf.infer.runner import BatchRunner
 from wsi_cmaf.infer.stainfit import fit_from_blocks, fit_from_tiles, read_sample, sample_is_all_tissue, sample_tiles
 from wsi_cmaf.infer.stream import BlockFeed, stream_blocks
@@ -42,16 +48,6 @@ from wsi_cmaf.slide.opener import open_slide
 from wsi_cmaf.slide.tissue import TissueConfig, tissue_mask_from_rgb
 
 logger = logging.getLogger(__name__)
-
-
-class _Timer(dict):
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self[name] = self.get(name, 0.0) + time.perf_counter() - t0
 
 
 _CLIENT_LOCK = threading.Lock()
@@ -136,7 +132,7 @@ def analyze_slide(
     is an :class:`~wsi_cmaf.errors.OutputWriteError` that leaves the store resumable.
     """
     cfg = merge_run_config(config, overrides)
-    timer = _Timer()
+    timer = StageTimer()
     warn: list[str] = []
     slide_path = Path(path)
     out_dir = Path(out) if out is not None else default_output_dir(slide_path)
@@ -188,6 +184,7 @@ def analyze_slide(
         if not reused:
             save_inputs(store, inputs)  # tissue label image, masks, background: before any block
         qc_into_store(store, qc)
+        run = SlideRun(slide_path, reader, pixels, resolved, cfg, dev, grid, mask, store, timer, warn)
         # blocks written with undecodable tiles are retried: a transfer error may be gone now
         todo = [b for b in grid.blocks if not store.done[b.index] or store.block_has_failed_tiles(b.index)]
         skipped = len(grid.blocks) - len(todo)
@@ -195,8 +192,7 @@ def analyze_slide(
             warn.append("no tissue found: the result is empty")
             logger.warning("%s: no tissue tiles found; writing an empty result", slide_path)
         try:
-            failed = _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer, warn, inputs.stain,
-                            embed[0] if embed is not None else None, decoding)
+            failed = _infer(run, todo, client, inputs.stain, embed[0] if embed is not None else None, decoding)
         except KeyboardInterrupt:
             logger.warning("%s: interrupted; %d of %d blocks are stored: rerun the same call to resume",
                            store.path, int(store.done.sum()), len(grid.blocks))
@@ -219,8 +215,7 @@ def analyze_slide(
                 f"(first error: {first}); the file is corrupt: re-export or re-transfer it")
         outputs = {"store": store.path}
         exports = _Exports(store, slide_path, out_dir, pixels, cfg, inputs.background)
-        result = summarise(slide_path, reader, grid, mask, store, resolved, cfg, dev, timer,
-                           warn, outputs, computed=len(todo) - failed, skipped=skipped,
+        result = summarise(run, outputs, computed=len(todo) - failed, skipped=skipped,
                            failures=(n_failed_tiles, failures))
         result.outputs.update(exports.join(result.warnings))
         result.provenance = prov
@@ -233,7 +228,7 @@ def analyze_slide(
 
 
 def _tissue_and_grid(reader, pixels, tcfg: TissueConfig, gcfg: GridConfig, cfg: InferenceConfig,
-                     timer: _Timer) -> RunInputs:
+                     timer: StageTimer) -> RunInputs:
     """Tissue mask (from a thumbnail that tolerates undecodable tiles), tile grid, overlay background."""
     with timer("tissue"):
         thumb = pixels.thumbnail(tcfg.mpp)
@@ -263,8 +258,8 @@ def _embedding_model(resolved: ResolvedModel):
                            tasks=resolved.tasks or None, views=resolved.views)
 
 
-def _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer, warn, stored_stain=None,
-           embed_module=None, decoding=None) -> int:
+def _infer(run: SlideRun, todo: list, client: Client | None, stored_stain: Any = None,
+           embed_module: Any = None, decoding: Any = None) -> int:
     """Fit the stain matrix and stream the ``todo`` blocks through the model; return #failed.
 
     Reads run on dask reader threads (``pixels``' file reopened with its backend). The first
@@ -275,6 +270,8 @@ def _infer(reader, pixels, grid, resolved, cfg, dev, store, todo, client, timer,
     """
     if not todo:
         return 0
+    reader, pixels, grid, resolved, cfg = run.reader, run.pixels, run.grid, run.resolved, run.cfg
+    dev, store, timer, warn = run.device, run.store, run.timer, run.warnings
     mc = resolved.config
     spec = SlideSpec(str(pixels.path), pixels.backend, _mpp_override(pixels))
     n_tiles = int(sum(int(grid.tissue[b.rows, b.cols].sum()) for b in todo))

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from wsi_cmaf.infer.result import SlideResult
+from wsi_cmaf.infer.run import SlideRun
 from wsi_cmaf.output.store import HeatmapStore
 from wsi_cmaf.slide.grid import TileGrid
 from wsi_cmaf.slide.tissue import TissueMask
@@ -57,9 +58,12 @@ def failure_records(grid: TileGrid, store: HeatmapStore, mask: TissueMask) -> tu
     return int(rows.size), records
 
 
-def summarise(slide_path, reader, grid, mask, store, resolved, cfg, dev, timer, warn, outputs,
-              computed: int, skipped: int, failures: tuple[int, list]) -> SlideResult:
-    """The :class:`SlideResult` of a finished run (counts, probabilities, failures, timings)."""
+def summarise(run: SlideRun, outputs: dict[str, Any], computed: int, skipped: int,
+              failures: tuple[int, list]) -> SlideResult:
+    """The :class:`SlideResult` of a finished run (counts, probabilities, failures, timings); the
+    decoding warnings join ``run.warnings``."""
+    slide_path, reader, grid, mask, store = run.path, run.reader, run.grid, run.mask, run.store
+    resolved, cfg, dev, timer, warn = run.resolved, run.cfg, run.device, run.timer, run.warnings
     probs = store.probabilities(0)
     pos = probs[resolved.config.positive_class]
     valid = grid.tissue & np.isfinite(pos)
