@@ -24,6 +24,7 @@ from wsi_cmaf.slide.faults import TileFailure
 from wsi_cmaf.slide.grid import GridConfig, TileGrid, level0_grid_config, mask_tile_fractions
 from wsi_cmaf.slide.tissue import TissueConfig, TissueMask
 from wsi_cmaf.stain import MacenkoNormalizer, StainFit
+from wsi_cmaf.zarr_nodes import member_array, read
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ def load_inputs(path: Path, identity: dict[str, Any], reader: Any, grid_config: 
     level = reader.level_for_mpp(grid_config.mpp, grid_config.mpp_tolerance)
     w0, h0 = reader.level_dimensions[0]
     # the marker ink the first run cut out: the same tiles stay out, the same ink area is reported
-    ink = np.asarray(store._meta_group["ink_mask"][...], bool) if "ink_mask" in store._meta_group else None
+    meta_group = store._meta_group
+    ink = read(member_array(meta_group, "ink_mask")).astype(bool) if "ink_mask" in meta_group else None
     ink_fraction = None
     if ink is not None:
         cfg = level0_grid_config(grid_config, reader.mpp) if grid_config.source == "level0" else grid_config

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -41,6 +41,7 @@ from wsi_cmaf.output.store_layout import (
 from wsi_cmaf.output.store_verify import MANIFEST, BlockProblem, check_blocks, chunk_key, manifest_row
 from wsi_cmaf.output.store_verify import nonfinite_tiles as _nonfinite_tiles
 from wsi_cmaf.output.task_groups import check_task, task_array
+from wsi_cmaf.zarr_nodes import attrs_dict, member_array, member_group, read
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,12 @@ def _read_only(a: np.ndarray) -> np.ndarray:
     return v
 
 
+def _pair(values: Any) -> tuple[Any, Any]:
+    """A two-entry layout field (a JSON list) as a tuple."""
+    first, second = values
+    return first, second
+
+
 class HeatmapStore:
     """Writer/reader of one slide's heatmap store (see module docstring for the layout)."""
 
@@ -59,30 +66,30 @@ class HeatmapStore:
         self.path = Path(path)
         self._root = root
         self._writable = writable
-        meta = root.attrs[META]
+        meta = attrs_dict(root)[META]
         self._layout = layout = meta["layout"]
-        self.grid_shape: tuple[int, int] = tuple(layout["grid_shape"])
-        self.chunk: tuple[int, int] = tuple(layout["chunk"])
+        self.grid_shape: tuple[int, int] = _pair(layout["grid_shape"])
+        self.chunk: tuple[int, int] = _pair(layout["chunk"])
         self.class_names: list[str] = list(layout["class_names"])
-        self.um_per_tile: tuple[float, float] = tuple(layout["um_per_tile"])
+        self.um_per_tile: tuple[float, float] = _pair(layout["um_per_tile"])
         self.embedding_dim: int | None = layout["embedding_dim"]
         #: {task: class names}, primary task (the main image) first; {} for a single-task store
         self.tasks: dict[str, list[str]] = {k: list(v) for k, v in layout["tasks"].items()}
-        self._emb = root["embeddings"] if self.embedding_dim else None
+        self._emb = member_array(root, "embeddings") if self.embedding_dim else None
         self.identity: dict[str, Any] = meta.get("identity", {})
         self.geometry = TileGeometry.from_dict(meta["geometry"])
-        self._meta_group = root[META]
-        self._tissue = root["labels/tissue/0"]
-        self._done_arr = self._meta_group["done"]
-        self._failed_arr = self._meta_group["failed"]
+        self._meta_group = member_group(root, META)
+        self._tissue = member_array(root, "labels/tissue/0")
+        self._done_arr = member_array(self._meta_group, "done")
+        self._failed_arr = member_array(self._meta_group, "failed")
         # Cached flags: the pipeline asks done[b] for every block; one read at open is enough.
-        self._done = np.asarray(self._done_arr[...], dtype=bool)
-        self._failed = np.asarray(self._failed_arr[...], dtype=bool)
-        self._failed_tiles_arr = self._meta_group["failed_tiles"]
-        self._failed_tiles = np.asarray(self._failed_tiles_arr[...], dtype=bool)
+        self._done = read(self._done_arr).astype(bool)
+        self._failed = read(self._failed_arr).astype(bool)
+        self._failed_tiles_arr = member_array(self._meta_group, "failed_tiles")
+        self._failed_tiles = read(self._failed_tiles_arr).astype(bool)
         self._lock = threading.Lock()  # guards the caches and the "errors" attributes only
         self._data = data_arrays(root, layout)  # the arrays a block owns one chunk of
-        self._manifest = self._meta_group[MANIFEST]  # what each block wrote (store_verify.py)
+        self._manifest = member_array(self._meta_group, MANIFEST)  # what each block wrote (store_verify.py)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -121,7 +128,7 @@ class HeatmapStore:
         return cls(path, create_store(path, layout, identity, jsonable(attrs)), writable=True)
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> HeatmapStore:
+    def open(cls, path: str | Path, mode: Literal["r", "r+"] = "r") -> HeatmapStore:
         """Open an existing store (``mode`` "r" or "r+"); :class:`OutputError` if it is not one,
         :class:`StoreFormatError` if it was written in another format version."""
         path = Path(path)
@@ -132,17 +139,17 @@ class HeatmapStore:
     @property
     def attrs(self) -> dict[str, Any]:
         """Provenance attributes given by the pipeline (slide, model, timings ...)."""
-        return {k: v for k, v in self._root.attrs[META].items() if k not in RESERVED}
+        return {k: v for k, v in attrs_dict(self._root)[META].items() if k not in RESERVED}
 
     @property
     def n_levels(self) -> int:
         """Number of pyramid levels currently described in the NGFF metadata."""
-        return len(self._root.attrs["ome"]["multiscales"][0]["datasets"])
+        return len(attrs_dict(self._root)["ome"]["multiscales"][0]["datasets"])
 
     @property
     def finalized(self) -> bool:
         """True once :meth:`finalize` ran."""
-        return bool(self._root.attrs[META].get("finalized"))
+        return bool(attrs_dict(self._root)[META].get("finalized"))
 
     def block_slices(self, block_index: tuple[int, int]) -> tuple[slice, slice]:
         """Tile-row and tile-column ranges of block ``block_index`` (edge blocks are smaller)."""
@@ -190,12 +197,9 @@ class HeatmapStore:
 
     def task_class_names(self, task: str | None = None) -> list[str]:
         """Class names of ``task`` (None or the primary task: the main image's)."""
-        if self._is_primary(task):
+        if task is None or task == self.primary_task:
             return list(self.class_names)
         return list(self.tasks[check_task(self.tasks, task, self.path)])
-
-    def _is_primary(self, task: str | None) -> bool:
-        return task is None or task == self.primary_task
 
     # ------------------------------------------------------------------ writing
     def _check_writable(self) -> None:
@@ -290,14 +294,14 @@ class HeatmapStore:
         """Merge ``facts`` (JSON-able) into the run's stored inputs (see :meth:`inputs`)."""
         self._check_writable()
         with self._lock:  # one JSON document with the "errors" attributes: serialise updates
-            self._meta_group.attrs["inputs"] = {**self._meta_group.attrs.get("inputs", {}), **jsonable(facts)}
+            self._meta_group.attrs["inputs"] = {**attrs_dict(self._meta_group).get("inputs", {}), **jsonable(facts)}
 
     def _put_meta_array(self, name: str, data: np.ndarray, shape: tuple | None, attrs: dict | None = None,
                         dims: tuple[str, ...] = ("y", "x")) -> None:
         put_meta_array(self._meta_group, name, data, shape, attrs, dims)
 
     def _set_meta(self, updates: dict[str, Any]) -> None:
-        meta = dict(self._root.attrs[META])
+        meta = dict(attrs_dict(self._root)[META])
         meta.update(updates)
         self._root.attrs[META] = meta
 
@@ -325,45 +329,46 @@ class HeatmapStore:
     def probabilities(self, level: int = 0, task: str | None = None) -> np.ndarray:
         """float32 (C, rows, cols) probabilities of pyramid ``level`` (NaN = no value); ``task``
         names another task of a multi-task store (None or the primary task: the main image)."""
-        if not self._is_primary(task):
-            return np.asarray(task_array(self._root, self.tasks, task, level, self.path)[...])
+        if task is not None and task != self.primary_task:
+            return read(task_array(self._root, self.tasks, task, level, self.path))
         if str(level) not in self._root:
             raise OutputError(f"{self.path} has no pyramid level {level} (finalize builds levels >= 1)")
-        return np.asarray(self._root[str(level)][...])
+        return read(member_array(self._root, str(level)))
 
     def tissue(self, level: int = 0) -> np.ndarray:
         """bool (rows, cols) tile tissue mask of ``level``."""
-        return np.asarray(self._root[f"labels/tissue/{level}"][0]).astype(bool)
+        return read(member_array(self._root, f"labels/tissue/{level}"), 0).astype(bool)
 
     def tissue_fraction(self) -> np.ndarray:
         """float32 (rows, cols) tissue area fraction of each tile (NaN until :meth:`write_tissue` gave one)."""
-        return np.asarray(self._meta_group["tissue_fraction"][...])
+        return read(member_array(self._meta_group, "tissue_fraction"))
 
     def tissue_mask(self) -> tuple[np.ndarray, float] | None:
         """(slide-level bool tissue mask, its µm/px), or None when the store has none."""
         if "tissue_mask" not in self._meta_group:
             return None
-        arr = self._meta_group["tissue_mask"]
-        return np.asarray(arr[...], dtype=bool), float(arr.attrs["mpp"])
+        arr = member_array(self._meta_group, "tissue_mask")
+        return read(arr).astype(bool), float(attrs_dict(arr)["mpp"])
 
     def embeddings(self) -> np.ndarray | None:
         """float16 (rows, cols, D) tile embeddings (NaN where none), or None when not stored."""
-        return None if self._emb is None else np.asarray(self._emb[...])
+        return None if self._emb is None else read(self._emb)
 
     def inside_fraction(self) -> np.ndarray:
         """float32 (rows, cols) share of each tile inside the slide (1 until
         :meth:`write_inside_fraction` stored the grid's)."""
-        return np.asarray(self._meta_group["inside_fraction"][...])
+        return read(member_array(self._meta_group, "inside_fraction"))
 
     def background(self) -> np.ndarray | None:
         """The overlay background stored by :meth:`write_background`, or None."""
-        arr = self._meta_group.get("overlay_background")
-        return None if arr is None else np.asarray(arr[...])
+        if "overlay_background" not in self._meta_group:
+            return None
+        return read(member_array(self._meta_group, "overlay_background"))
 
     def inputs(self) -> dict[str, Any]:
         """What the pipeline stored to resume without recomputing (tissue stage facts, stain fit);
         the store's identity check guarantees they belong to the same slide, model and settings."""
-        return dict(self._meta_group.attrs.get("inputs", {}))
+        return dict(attrs_dict(self._meta_group).get("inputs", {}))
 
     # ------------------------------------------------------------------ manifest (store_verify.py)
     def chunk_keys(self, block_index: tuple[int, int]) -> list[str]:

@@ -16,6 +16,7 @@ import numpy as np
 import zarr
 
 from wsi_cmaf.output.task_groups import task_group_path, write_task_chunks
+from wsi_cmaf.zarr_nodes import member_array, read
 
 
 def block_slices(block_index: tuple[int, int], block_grid: tuple[int, int], chunk: tuple[int, int],
@@ -61,11 +62,12 @@ def write_block_data(root: zarr.Group, layout: dict[str, Any], block_index: tupl
         want = (*probs.shape[1:], int(dim))
         if embeddings.shape != want:
             raise ValueError(f"block {tuple(block_index)} needs embeddings of shape {want}, got {embeddings.shape}")
-        root["embeddings"][rs, cs] = np.asarray(embeddings, dtype=np.float16)
+        member_array(root, "embeddings")[rs, cs] = np.asarray(embeddings, dtype=np.float16)
     if layout["tasks"] or tasks:
         write_task_chunks(root, layout["tasks"], block_index, rs, cs, tasks)
-    root["0"][:, rs, cs] = probs
+    member_array(root, "0")[:, rs, cs] = probs
     values = {"0": probs, **{f"{task_group_path(t)}/0": v for t, v in (tasks or {}).items()}}
     if dim:
-        values["embeddings"] = embeddings if embeddings is not None else root["embeddings"][rs, cs]
+        stored = embeddings if embeddings is not None else read(member_array(root, "embeddings"), (rs, cs))
+        values["embeddings"] = stored
     return values

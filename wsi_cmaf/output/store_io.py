@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeGuard
 
 from wsi_cmaf.errors import InsufficientSpaceError, OutputWriteError
 
@@ -34,7 +35,7 @@ _ADVICE = {errno.ENOSPC: "free some space or write elsewhere (--out)",
            errno.EPERM: "write to a folder you may write to (--out) or fix its permissions"}
 
 
-def is_write_error(exc: BaseException) -> bool:
+def is_write_error(exc: BaseException) -> TypeGuard[OSError]:
     """Whether ``exc`` is an OS error of the output location (see :data:`WRITE_ERRNOS`)."""
     return isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS
 
@@ -43,9 +44,10 @@ def write_error(exc: OSError, path: str | Path, kept: str = "") -> OutputWriteEr
     """An :class:`OutputWriteError` for ``exc`` raised while writing ``path``; ``kept`` says what
     of the output is still good (e.g. which blocks a rerun resumes from)."""
     target = Path(exc.filename) if getattr(exc, "filename", None) else Path(path)
-    meaning = WRITE_ERRNOS.get(exc.errno, exc.strerror or str(exc))
-    code = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno is not None else "?"
-    advice = _ADVICE.get(exc.errno, "check the output folder")
+    number = exc.errno
+    meaning = (WRITE_ERRNOS.get(number) if number is not None else None) or exc.strerror or str(exc)
+    code = errno.errorcode.get(number, str(number)) if number is not None else "?"
+    advice = (_ADVICE.get(number) if number is not None else None) or "check the output folder"
     return OutputWriteError(target, exc.errno,
                             f"cannot write {target}: {meaning} ({code}); {advice}" + (f"; {kept}" if kept else ""))
 
@@ -150,7 +152,7 @@ def check_free_space(path: str | Path, need: int) -> None:
     logger.debug("%s: %s free, the store needs at least %s", path, _human(free), _human(need))
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -50,6 +50,7 @@ from wsi_cmaf.output.ngff import AXES, image_metadata, label_image_metadata, lab
 from wsi_cmaf.output.pyramid import drop_levels, max_pool2, write_nan_mean_levels
 from wsi_cmaf.output.store_verify import create_manifest
 from wsi_cmaf.output.task_groups import check_task_layout, create_task_groups, finalize_task_groups, task_group_path
+from wsi_cmaf.zarr_nodes import attrs_dict, member_array, member_group, read
 
 logger = logging.getLogger("wsi_cmaf.output.store")  # the store's messages keep the store's logger name
 
@@ -157,9 +158,9 @@ def create_store(path: Path, layout: dict[str, Any], identity: dict[str, Any], a
 def data_arrays(root: zarr.Group, layout: dict[str, Any]) -> list[tuple[str, Any]]:
     """(path in the store, zarr array) of every data array a block owns one chunk of: level 0,
     each extra task's level 0, the embeddings."""
-    arrays = [("0", root["0"])]
-    arrays += [(f"{task_group_path(t)}/0", root[task_group_path(t)]["0"]) for t in list(layout["tasks"])[1:]]
-    return arrays + ([("embeddings", root["embeddings"])] if layout["embedding_dim"] else [])
+    paths = ["0", *(f"{task_group_path(t)}/0" for t in list(layout["tasks"])[1:])]
+    paths += ["embeddings"] if layout["embedding_dim"] else []
+    return [(p, member_array(root, p)) for p in paths]
 
 
 def write_pyramid(root: zarr.Group, levels: int, chunk: tuple[int, int], pyramid: Any, class_names: list[str],
@@ -167,10 +168,10 @@ def write_pyramid(root: zarr.Group, levels: int, chunk: tuple[int, int], pyramid
     """Levels 1 .. ``levels - 1`` of the probabilities (2×2 NaN-mean), of the tissue label (2×2
     max) and of every extra task, rebuilt from level 0, with their NGFF metadata."""
     # One pixel per tile: even a 10 cm slide at 50 µm tiles is 2000², a few MB per class.
-    tissue = np.asarray(root["labels/tissue/0"][...])
-    tissue_group = root["labels/tissue"]
+    tissue = read(member_array(root, "labels/tissue/0"))
+    tissue_group = member_group(root, "labels/tissue")
     k0, k1 = chunk
-    write_nan_mean_levels(root, np.asarray(root["0"][...]), levels, chunk, compressors=heatmap_compressors(),
+    write_nan_mean_levels(root, read(member_array(root, "0")), levels, chunk, compressors=heatmap_compressors(),
                           dimension_names=AXES, first=1)
     for level in range(1, levels):
         tissue = max_pool2(tissue)
@@ -248,13 +249,17 @@ def put_meta_array(group: zarr.Group, name: str, data: np.ndarray, shape: tuple 
 
 def block_messages(group: zarr.Group, key: str) -> dict[tuple[int, int], str]:
     """The per-block messages of attribute ``key`` ("errors", "tile_errors") by block index."""
-    return {tuple(int(v) for v in k.split(",")): msg for k, msg in group.attrs.get(key, {}).items()}
+    out: dict[tuple[int, int], str] = {}
+    for k, msg in attrs_dict(group).get(key, {}).items():
+        by, bx = k.split(",")
+        out[int(by), int(bx)] = msg
+    return out
 
 
 def set_block_message(group: zarr.Group, by: int, bx: int, message: str | None, key: str) -> None:
     """Record (None: clear) block ``(by, bx)``'s message in attribute ``key``; the caller
     serialises updates, since the attributes are one JSON document."""
-    messages = dict(group.attrs.get(key, {}))
+    messages = dict(attrs_dict(group).get(key, {}))
     if message is None and f"{by},{bx}" not in messages:
         return
     if message is None:

@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 
-
 MANIFEST = "manifest"
 MANIFEST_VERSION = 1
 _HEAD = ("version", "n_values", "n_nonfinite")  # then (crc32, nbytes) per data array
@@ -102,6 +101,7 @@ def check_blocks(store_path: Path, manifest: Any, done: np.ndarray, arrays: list
     rows = np.asarray(manifest[...])
     problems = []
     for by, bx in blocks.tolist():
+        why: str | None
         if rows[by, bx, 0] == 0:
             why = "its manifest row is missing (the manifest chunk was lost), so what it holds is unknown"
         else:
@@ -129,6 +129,7 @@ def _block_problem(store_path: Path, by: int, bx: int, row: np.ndarray, arrays: 
                 return f"chunk {key} cannot be read: {type(exc).__name__}: {exc}"
             if crc32(data) != want_crc:
                 return f"chunk {key} holds other values than were written (CRC-32 differs)"
-            if i == 0 and int(np.isfinite(data[0]).sum()) != int(row[1]):
-                return f"chunk {key} has {int(np.isfinite(data[0]).sum())} tiles with a value, {int(row[1])} were written"
+            with_value = int(np.isfinite(data[0]).sum())
+            if i == 0 and with_value != int(row[1]):
+                return f"chunk {key} has {with_value} tiles with a value, {int(row[1])} were written"
     return None

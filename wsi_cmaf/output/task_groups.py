@@ -27,6 +27,7 @@ from wsi_cmaf.errors import OutputError
 from wsi_cmaf.output.codecs import heatmap_compressors
 from wsi_cmaf.output.ngff import AXES, image_metadata
 from wsi_cmaf.output.pyramid import drop_levels, write_nan_mean_levels
+from wsi_cmaf.zarr_nodes import member_array, member_group, read
 
 #: group under the store root that holds one image group per extra task
 TASKS_GROUP = "tasks"
@@ -77,33 +78,34 @@ def check_task(tasks: dict[str, list[str]], task: str, where: Path) -> str:
 
 def task_array(root: zarr.Group, tasks: dict[str, list[str]], task: str, level: int, where: Path) -> zarr.Array:
     """Pyramid ``level`` of extra task ``task``; :class:`OutputError` when either does not exist."""
-    group = root[task_group_path(check_task(tasks, task, where))]
+    group = member_group(root, task_group_path(check_task(tasks, task, where)))
     if str(level) not in group:
         raise OutputError(f"{where}: task {task!r} has no pyramid level {level} (finalize builds levels >= 1)")
-    return group[str(level)]
+    return member_array(group, str(level))
 
 
 def write_task_chunks(root: zarr.Group, tasks: dict[str, list[str]], block_index: tuple[int, int],
                       rs: slice, cs: slice, chunks: dict[str, np.ndarray] | None) -> None:
     """Write every extra task's (C_task, h, w) chunk of a block (all of them, or a ValueError)."""
     extra = list(tasks)[1:]
-    got = sorted(chunks or {})
+    chunks = chunks or {}
+    got = sorted(chunks)
     if got != sorted(extra):
         raise ValueError(f"block {tuple(block_index)} needs probabilities of the tasks {extra}, got {got}")
     for task in extra:
-        data = np.asarray(chunks[task], dtype=np.float32)  # type: ignore[index]
+        data = np.asarray(chunks[task], dtype=np.float32)
         want = (len(tasks[task]), rs.stop - rs.start, cs.stop - cs.start)
         if data.shape != want:
             raise ValueError(f"block {tuple(block_index)}, task {task!r}: needs shape {want}, got {data.shape}")
-        root[task_group_path(task)]["0"][:, rs, cs] = data
+        member_array(root, f"{task_group_path(task)}/0")[:, rs, cs] = data
 
 
 def finalize_task_groups(root: zarr.Group, tasks: dict[str, list[str]], levels: int, chunk: tuple[int, int],
                          pyramid: Any) -> None:
     """Pyramid levels and NGFF metadata of every extra task (as finalize does for the main image)."""
     for task in list(tasks)[1:]:
-        group = root[task_group_path(task)]
-        write_nan_mean_levels(group, np.asarray(group["0"][...]), levels, chunk,
+        group = member_group(root, task_group_path(task))
+        write_nan_mean_levels(group, read(member_array(group, "0")), levels, chunk,
                               compressors=heatmap_compressors(), dimension_names=AXES, first=1)
         drop_levels(group, levels)
         group.attrs["ome"] = image_metadata(tasks[task], levels, pyramid, name=f"{task}_probabilities")

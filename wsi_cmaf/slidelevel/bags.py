@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 ATTENTION_GROUP = "mil_attention"
 
 
-def _open(store: HeatmapStore | str | Path, mode: str = "r") -> HeatmapStore:
-    return store if isinstance(store, HeatmapStore) else HeatmapStore.open(store, mode)
+def _open(store: HeatmapStore | str | Path) -> HeatmapStore:
+    return store if isinstance(store, HeatmapStore) else HeatmapStore.open(store)
 
 
 def read_embeddings(store: HeatmapStore | str | Path) -> tuple[pd.DataFrame, np.ndarray]:
