@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +129,7 @@ def cell_index(centres: np.ndarray, start: float, step: float, n: int) -> np.nda
     return i
 
 
-@lru_cache(maxsize=None)
+@cache
 def _font_path(bold: bool) -> str | None:
     # DejaVu (matplotlib's bundled font) has µ, ≥ and —; found without importing matplotlib.
     spec = importlib.util.find_spec("matplotlib")

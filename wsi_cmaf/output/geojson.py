@@ -129,7 +129,7 @@ def regions_geojson(
     ``properties``.
     """
     store = _as_store(store)
-    store.geometry.require_level0()
+    slide_mpp, _ = store.geometry.require_level0()
     if not 0.0 <= threshold <= 1.0:
         raise OutputError(f"threshold must be in [0, 1], got {threshold}")
     k = positive_class(store, class_index)
@@ -140,7 +140,7 @@ def regions_geojson(
     # share edges, so its union is one polygon)
     labels = measure.label(above, connectivity=1)
     tile_um2 = float(store.um_per_tile[0] * store.um_per_tile[1])
-    px_um2 = float(store.geometry.slide_mpp[0] * store.geometry.slide_mpp[1])
+    px_um2 = float(slide_mpp[0] * slide_mpp[1])
     fid_base = store.identity.get("slide_fingerprint") or str(store.path.resolve())
     features = []
     for region in (measure.regionprops(labels) if above.any() else []):

@@ -26,7 +26,7 @@ class TileGeometry:
     tile_level0: tuple[float, float] | None = None
 
     @classmethod
-    def from_attrs(cls, attrs: dict[str, Any], um_per_tile: tuple[float, float]) -> "TileGeometry":
+    def from_attrs(cls, attrs: dict[str, Any], um_per_tile: tuple[float, float]) -> TileGeometry:
         """Derive the geometry from the pipeline's attributes.
 
         Reads ``attrs["slide"]["mpp"]`` (x, y µm/px), ``attrs["grid"]["tile_origin_level0"]``
@@ -63,7 +63,7 @@ class TileGeometry:
         return cls((uy, ux), (mx, my), (origin[0], origin[1]), stride, tile)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TileGeometry":
+    def from_dict(cls, d: dict[str, Any]) -> TileGeometry:
         """Inverse of :meth:`to_dict`."""
         def pair(v):
             return None if v is None else (float(v[0]), float(v[1]))
@@ -81,17 +81,19 @@ class TileGeometry:
         """True when tile indices can be mapped to slide pixels."""
         return self.slide_mpp is not None and self.stride_level0 is not None
 
-    def require_level0(self) -> None:
-        """Raise :class:`~wsi_cmaf.errors.OutputError` if level-0 mapping is unavailable."""
+    def require_level0(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """(slide (x, y) µm/px, (x, y) level-0 stride); :class:`~wsi_cmaf.errors.OutputError` when
+        the store cannot map tiles to slide pixels."""
         from wsi_cmaf.errors import OutputError
 
-        if not self.has_level0:
+        if self.slide_mpp is None or self.stride_level0 is None:
             raise OutputError("the store does not record the slide's µm/px (attrs['slide']['mpp']); "
                               "cannot map tiles to slide pixels")
+        return self.slide_mpp, self.stride_level0
 
     def pyramid(self) -> PyramidGeometry:
         """NGFF placement: µm per heatmap pixel and the centre of tile (0, 0) in µm."""
-        if not self.has_level0:
+        if self.slide_mpp is None or self.stride_level0 is None:  # not has_level0
             return PyramidGeometry(self.um_per_tile, (self.um_per_tile[0] / 2, self.um_per_tile[1] / 2))
         mx, my = self.slide_mpp
         tx, ty = self.tile_level0 or self.stride_level0
@@ -105,9 +107,9 @@ class TileGeometry:
         Integer indices give tile centres; ``i ± 0.5`` gives the boundary between
         neighbouring tiles (the tile edge when stride == tile size).
         """
-        self.require_level0()
-        tx, ty = self.tile_level0 or self.stride_level0
-        sx, sy = self.stride_level0
+        _, stride = self.require_level0()
+        tx, ty = self.tile_level0 or stride
+        sx, sy = stride
         x = self.origin_level0[0] + tx / 2 + np.asarray(cols, dtype=float) * sx
         y = self.origin_level0[1] + ty / 2 + np.asarray(rows, dtype=float) * sy
         return x, y

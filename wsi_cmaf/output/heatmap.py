@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     import xarray
 
 
-def open_heatmap(store: HeatmapStore | str | Path, level: int = 0, task: str | None = None) -> "xarray.DataArray":
+def open_heatmap(store: HeatmapStore | str | Path, level: int = 0, task: str | None = None) -> xarray.DataArray:
     """Probabilities of pyramid ``level`` as a DataArray ``probability`` with dims (class, y, x).
 
     ``task`` picks another task of a multi-task model's store (its ``tasks/<task>`` group, with

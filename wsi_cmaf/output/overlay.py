@@ -23,8 +23,8 @@ from PIL import Image, ImageDraw
 
 from wsi_cmaf.errors import OutputError, WsiCmafError
 from wsi_cmaf.output import _draw as D
-from wsi_cmaf.output._png import write_png
 from wsi_cmaf.output._overlay_panel import draw_header, draw_panel, draw_scale_bar, weights_warning
+from wsi_cmaf.output._png import write_png
 from wsi_cmaf.output.geojson import positive_class
 from wsi_cmaf.output.geometry import slide_size
 from wsi_cmaf.output.provenance import export_provenance
@@ -115,7 +115,7 @@ def _open_slide(slide: Any, store: HeatmapStore, stack: ExitStack) -> tuple[Any,
     try:
         from wsi_cmaf.slide.reader import open_slide
 
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         src = store.attrs.get("slide") or {}
         # the file itself has no (or another) µm/px: reopen it with the one the run used
         if src.get("mpp_source") in ("override", "estimated from nuclei") and src.get("mpp"):
@@ -186,7 +186,7 @@ def _grid_axes(store: HeatmapStore) -> tuple[tuple[float, float], tuple[float, f
     if geo.has_level0:
         xs, ys = geo.tile_to_level0(np.array([-0.5, 0.5]), np.array([-0.5, 0.5]))
         start, step = (float(xs[0]), float(ys[0])), (float(xs[1] - xs[0]), float(ys[1] - ys[0]))
-        return start, step, geo.slide_mpp[0], "level-0 px"
+        return start, step, geo.require_level0()[0][0], "level-0 px"
     uy, ux = store.um_per_tile
     return (0.0, 0.0), (ux, uy), 1.0, "µm"
 
@@ -288,7 +288,7 @@ def render_overlay(
     stored_mask = store.tissue_mask() if store.geometry.has_level0 else None
     if stored_mask is not None:
         mask, mask_mpp = stored_mask
-        mx, my = store.geometry.slide_mpp
+        mx, my = store.geometry.require_level0()[0]  # has_level0: a stored mask was read
         mask_map = D.lookup(D.cell_index(yc, 0.0, mask_mpp / my, mask.shape[0]),
                             D.cell_index(xc, 0.0, mask_mpp / mx, mask.shape[1]), mask, False)
         outline_source = "tissue mask"

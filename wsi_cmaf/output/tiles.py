@@ -70,14 +70,14 @@ def tile_table(store: HeatmapStore | str | Path, *, tissue_only: bool = True) ->
     """
     store = _as_store(store)
     geo = store.geometry
-    geo.require_level0()
+    _, stride = geo.require_level0()
     rows, cols = store.grid_shape
     rr, cc = np.divmod(np.arange(rows * cols, dtype=np.int64), max(cols, 1))
     tissue = store.tissue(0).ravel()
     keep = tissue if tissue_only else np.ones(rr.shape, bool)
     rr, cc = rr[keep], cc[keep]
-    sx, sy = geo.stride_level0
-    tx, ty = geo.tile_level0 or geo.stride_level0
+    sx, sy = stride
+    tx, ty = geo.tile_level0 or stride
     ox, oy = geo.origin_level0
     pyr = geo.pyramid()
     uy, ux = store.um_per_tile
