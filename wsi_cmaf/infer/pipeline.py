@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from wsi_cmaf.output.provenance import api_call, run_provenance
 from wsi_cmaf.output.store import HeatmapStore
 from wsi_cmaf.preprocess import TilePreprocessor, ViewsPreprocessor
 from wsi_cmaf.qc.stage import qc_before_inference, qc_identity, qc_into_store, qc_summary
-from wsi_cmaf.slide.grid import GridConfig, TileGrid
+from wsi_cmaf.slide.grid import BlockTiles, GridConfig, TileGrid
 from wsi_cmaf.slide.level0 import block_tiles_for_level0
 from wsi_cmaf.slide.opener import open_slide
 from wsi_cmaf.slide.tissue import TissueConfig, tissue_mask_from_rgb
@@ -156,7 +156,7 @@ def analyze_slide(
         gcfg = GridConfig(mpp=mc.spacing_um_px, tile_size=mc.patch_size_pixels,
                           tissue_threshold=cfg.tissue_threshold, source=mc.patch_source,
                           block_tiles=cfg.block_tiles if mc.patch_source == "pyramid" else block_tiles_for_level0(
-                              cfg.block_tiles, mc.patch_size_pixels, mc.spacing_um_px, tuple(slide_mpp)))
+                              cfg.block_tiles, mc.patch_size_pixels, mc.spacing_um_px, slide_mpp))
         # extra["store_name"]: a store inside another one (an encoder's embeddings beside a heatmap)
         store_path = out_dir / cfg.extra.get("store_name", "{stem}.zarr").format(stem=slide_path.stem)
         identity = run_identity(reader, resolved, gcfg, tcfg, _stain_method(resolved, cfg))
@@ -284,15 +284,19 @@ def _infer(run: SlideRun, todo: list, client: Client | None, stored_stain: Any =
     bar = None
     with _dask_client(client, cfg.reader_threads) as dc:
         grid_ref = dc.scatter(grid, broadcast=True, hash=False) if client is not None else grid
+        read: Callable[..., object]
+        read_args: tuple[Any, ...]
         read, read_args = ((read_block_views_task, (spec, grid_ref, resolved.views)) if resolved.views
                            else (read_block_task, (spec, grid_ref)))
         if decoding is not None:  # device decoding (infer.device_decode): raw JPEG tiles are read instead
             read, read_args = read_jpeg_block_task, (decoding.source, grid_ref)
-        feed = BlockFeed(dc, read, read_args, grid.blocks if from_blocks else todo, cfg.prefetch_blocks)
+        blocks = grid.blocks if from_blocks else todo
+        feed: BlockFeed | DecodedFeed = BlockFeed(dc, read, read_args, blocks, cfg.prefetch_blocks)
         if decoding is not None:
             feed = DecodedFeed(feed, decoding, grid, host=from_blocks)
         try:
-            source, stain_module = feed, None
+            source: Iterable[BlockTiles | BlockFailure] = feed
+            stain_module = None
             if use_stain and stored_stain is not None:
                 stain_module, stain_warning = restore_stain(stored_stain)
                 if stain_warning:
@@ -315,6 +319,7 @@ def _infer(run: SlideRun, todo: list, client: Client | None, stored_stain: Any =
                 timer["stain_fit"] = time.perf_counter() - t_fit
                 if stain_warning:
                     warn.append(stain_warning)
+            preprocess: TilePreprocessor | ViewsPreprocessor
             preprocess = TilePreprocessor(mc.input_size, tuple(mc.mean), tuple(mc.std), mc.resize_interpolation,
                                           stain_module)
             if resolved.views:  # each view preprocessed like a tile; the model gets (views, missing)
@@ -375,8 +380,9 @@ class _Exports:
         t0 = time.perf_counter()
         try:
             if cfg.overlay:
-                self.outputs["overlay"] = overlay(store, slide=reader, out_png=out_dir / f"{slide_path.stem}_overlay.png",
-                                                  threshold=cfg.decision_threshold, thumbnail=background)
+                png = out_dir / f"{slide_path.stem}_overlay.png"
+                self.outputs["overlay"] = overlay(store, slide=reader, out_png=png, threshold=cfg.decision_threshold,
+                                                  thumbnail=background)
             if cfg.geojson:
                 self.outputs["geojson"] = write_geojson(store, out_dir / f"{slide_path.stem}_regions.geojson",
                                                         threshold=cfg.decision_threshold)
