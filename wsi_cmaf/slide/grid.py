@@ -43,6 +43,8 @@ from wsi_cmaf.slide.level0 import level0_extent, level0_grid_config, wsinfer_lev
 from wsi_cmaf.slide.tissue import inside_fractions, tissue_fractions  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
+    import torch
+
     from wsi_cmaf.slide.reader import SlideReader
     from wsi_cmaf.slide.tissue import TissueMask
 
@@ -117,7 +119,7 @@ class BlockTiles:
     """Tissue tiles of one block: ``tiles`` (N, t, t, 3) uint8 with their global indices."""
 
     block: Block
-    tiles: np.ndarray
+    tiles: np.ndarray | torch.Tensor
 def level0_for_level_px(px: int, downsample: float) -> int:
     """Smallest level-0 coordinate that backends map to level pixel ``px`` (int(loc / ds))."""
     loc = int(round(px * downsample))
