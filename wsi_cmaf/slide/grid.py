@@ -120,6 +120,10 @@ class BlockTiles:
 
     block: Block
     tiles: np.ndarray | torch.Tensor
+    rows: np.ndarray
+    cols: np.ndarray
+
+
 def level0_for_level_px(px: int, downsample: float) -> int:
     """Smallest level-0 coordinate that backends map to level pixel ``px`` (int(loc / ds))."""
     loc = int(round(px * downsample))
@@ -128,10 +132,6 @@ def level0_for_level_px(px: int, downsample: float) -> int:
     while loc > 0 and int((loc - 1) / downsample) >= px:
         loc -= 1
     return loc
-
-
-    rows: np.ndarray
-    cols: np.ndarray
 
 
 def _target_extent(level0_size: tuple[int, int], slide_mpp: tuple[float, float],
