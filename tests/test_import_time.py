@@ -62,9 +62,9 @@ def test_lazy_exports_resolve() -> None:
     import wsi_cmaf.cluster
     import wsi_cmaf.infer
     import wsi_cmaf.slide
-    from wsi_cmaf.slide.reader import open_slide
+    from wsi_cmaf.slide.opener import open_slide
 
-    assert wsi_cmaf.slide.open_slide is open_slide
+    assert wsi_cmaf.slide.open_slide is open_slide  # the opener that also resolves mpp="estimate"
     for pkg in (wsi_cmaf, wsi_cmaf.slide, wsi_cmaf.infer, wsi_cmaf.cluster):
         for name in pkg.__all__:
             assert getattr(pkg, name) is not None, (pkg.__name__, name)

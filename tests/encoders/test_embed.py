@@ -82,10 +82,10 @@ def test_a_heatmap_and_two_encoders_share_one_slide_store(slide, virchow, tmp_pa
     embed_slide(slide.path, phikon, tmp_path, config=CFG)  # embeddings first: the heatmap store comes after
     heat = analyze_slide(slide.path, model=DarknessClassifier(), model_config=tiny_config(), out=tmp_path,
                          config=dataclasses.replace(CFG, overlay=False, geojson=False))
-    before = np.asarray(HeatmapStore.open(heat.store)._probs[...])
+    before = HeatmapStore.open(heat.store).probabilities(0)
     embed_slide(slide.path, virchow, tmp_path, config=CFG)
     h = HeatmapStore.open(heat.store)
-    np.testing.assert_array_equal(np.asarray(h._probs[...]), before)
+    np.testing.assert_array_equal(h.probabilities(0), before)
     assert h.class_names == ["benign", "malignant"] and h.embedding_dim is None
     a = HeatmapStore.open(find_encoder_store(heat.store, "phikon-small"))
     b = HeatmapStore.open(find_encoder_store(heat.store, "virchow2-small"))
