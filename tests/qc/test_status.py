@@ -100,3 +100,9 @@ def test_batch_cli_qc_options_reach_the_config(monkeypatch, tmp_path: Path) -> N
             batch.run(args)
         cfg = seen["config"]
         assert (cfg.qc, cfg.mpp_check, cfg.exclude_blurred) == want
+        assert seen["slides_per_worker"] == 2
+    args = p.parse_args([str(tmp_path / "s.svs"), "--out", str(tmp_path / "o"), "--model", "cmaf_net",
+                         "--slides-per-worker", "3"])
+    with pytest.raises(Stop):
+        batch.run(args)
+    assert seen["slides_per_worker"] == 3

@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-worker", type=int, default=0, help="GPU resource per worker (0: CPU only)")
     p.add_argument("--slides-per-gpu", type=int, default=2,
                    help="slides in flight per GPU, so one's CPU stages overlap another's model (default 2)")
+    p.add_argument("--slides-per-worker", type=int, default=2,
+                   help="slides each CPU worker process of a local cluster analyses at once (default 2: one "
+                        "slide's fixed work overlaps the other's decoding)")
     p.add_argument("--cluster-options", default=None,
                    help="JSON of extra dask-jobqueue/LocalCluster options, e.g. "
                         "'{\"queue\": \"gpu\", \"walltime\": \"04:00:00\"}'")
@@ -104,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
             inputs, args.out, model=args.model,
             scheduler=args.scheduler, cluster=args.cluster, workers=args.workers,
             gpus_per_worker=args.gpus_per_worker, slides_per_gpu=args.slides_per_gpu,
+            slides_per_worker=args.slides_per_worker,
             cluster_kwargs=json.loads(args.cluster_options) if args.cluster_options else None,
             config=cfg, retries=args.retries, retry_failed=args.retry_failed, adapt=adapt,
             dashboard=args.dashboard, lifetime=lifetime, lifetime_stagger=stagger,
