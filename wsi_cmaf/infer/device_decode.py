@@ -266,11 +266,7 @@ class DeviceTilesRunner(BatchRunner):
                     batch = tiles[sl]
                     if self.padded(m) > m:  # zero rows: deterministic, and their outputs are dropped
                         batch = torch.cat([batch, batch.new_zeros((self.padded(m) - m, *batch.shape[1:]))])
-                    probs = self._forward(batch)[:m]
-                    if pending.host is None:  # the class count is known after the first batch
-                        pending.slot, pending.host = self.outputs.acquire((n, probs.shape[1]), torch.float32)
-                        pending.ring = self.outputs
-                    pending.host[sl].copy_(probs, non_blocking=True)
+                    self._copy_out(pending, sl, self._forward(batch)[:m])
                 pending.event = sync_event()
                 pending.event.record(self.stream)
         except BaseException:

@@ -155,11 +155,7 @@ class BatchRunner:
                         # the retry would wait on it for ever. Without an event the slot is free
                         # at once; the handler below synchronises the stream before any retry.
                         self.inputs.release(slot, copied)
-                    probs = self._forward(batch)[:m]
-                    if pending.host is None:  # the class count is known after the first batch
-                        pending.slot, pending.host = self.outputs.acquire((n, probs.shape[1]), torch.float32)
-                        pending.ring = self.outputs
-                    pending.host[sl].copy_(probs, non_blocking=True)
+                    self._copy_out(pending, sl, self._forward(batch)[:m])
                 pending.event = sync_event()
                 pending.event.record(self.stream)
         except BaseException:
@@ -167,6 +163,14 @@ class BatchRunner:
             pending.discard()
             raise
         return pending
+
+    def _copy_out(self, pending: PendingProbs, sl: slice, probs: torch.Tensor) -> None:
+        """Queue the copy of one batch's probabilities into ``pending``'s pinned host rows ``sl``
+        (the host buffer is taken from the output ring at the first batch: then the class count is known)."""
+        if pending.host is None:
+            pending.slot, pending.host = self.outputs.acquire((pending.n, probs.shape[1]), torch.float32)
+            pending.ring = self.outputs
+        pending.host[sl].copy_(probs, non_blocking=True)
 
     def submit(self, tiles: np.ndarray) -> PendingProbs:
         """Start the model on ``tiles`` uint8 (N, H, W, 3); ``.result()`` gives float32 (N, C)."""
